@@ -1,0 +1,389 @@
+"""Everything that turns files (or nothing at all) into tensors.
+
+- The shapes world (../shared/EVAL.md): a procedurally rendered text-to-image world whose prompts follow GenEval's
+  six task templates, so that the paper's evaluation (Table 1) can be answered exactly from pixels.
+  Every scene is a `spec` (GenEval-style metadata: include clauses with class, count, colour, position) laid out and
+  rendered anti-aliased; sample i of a stream is seeded by (seed, i) alone, so streams are unlimited and reproducible.
+- The byte-level tokenizer of the tiny preset's frozen stand-in encoders.
+- The TSV manifest dataset for real data (image path <TAB> prompt).
+"""
+import math
+import os
+import random
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The shapes world
+
+PALETTE = {  # sRGB; every pair at least 38 CIE76 delta-E apart (EVAL.md)
+    "red": (225, 25, 35), "orange": (250, 140, 0), "yellow": (250, 230, 40), "green": (20, 170, 60),
+    "blue": (20, 90, 240), "purple": (150, 30, 190), "pink": (255, 120, 200), "brown": (125, 70, 25),
+    "black": (10, 10, 10), "white": (250, 250, 250),
+}
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars", "cross": "crosses"}
+NUMBERS = {2: "two", 3: "three", 4: "four"}
+RELATIONS = ("left of", "right of", "above", "below")
+TASKS = ("single", "two", "counting", "colors", "position", "color_attr")
+
+
+@dataclass(frozen=True)
+class World:
+    """One shapes world. Box sides are fractions of the image side, per task (EVAL.md 'Sizes')."""
+    name: str
+    resolution: int
+    shapes: tuple
+    colors: tuple
+    heldout: tuple  # (color, shape) pairs that training never shows, in captions nor in images
+    size_single: tuple = (0.30, 0.50)
+    size_two: tuple = (0.22, 0.38)
+    size_position: tuple = (0.22, 0.36)
+    size_counting: tuple = (0.20, 0.30)
+    max_free_objects: int = 4
+
+    def pairs(self, seen=True):
+        """The (color, shape) pairs training may show (seen=True) or never shows (seen=False)."""
+        return [(c, s) for c in self.colors for s in self.shapes if ((c, s) in self.heldout) != seen]
+
+
+WORLDS = {
+    # The CPU demo: 32 px, three shapes that stay distinct at that size, six colours, larger objects.
+    "small": World("small", 32, ("circle", "square", "triangle"), ("red", "green", "blue", "yellow", "purple", "white"),
+                   heldout=(("green", "square"), ("yellow", "triangle")),
+                   size_single=(0.38, 0.56), size_two=(0.30, 0.42), size_position=(0.30, 0.40),
+                   size_counting=(0.24, 0.32), max_free_objects=3),
+    # The reference world for GPU runs: 64 px, five shapes, ten colours.
+    "full": World("full", 64, ("circle", "square", "triangle", "star", "cross"), tuple(PALETTE),
+                  heldout=(("green", "square"), ("yellow", "triangle"), ("purple", "star"), ("orange", "cross"),
+                           ("pink", "circle"))),
+}
+
+
+def article(word):
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def phrase(color, shape):
+    """'a red circle', 'an orange star', 'a circle'."""
+    words = f"{color} {shape}" if color else shape
+    return f"{article(words)} {words}"
+
+
+def caption(spec):
+    """GenEval's prompt templates (all start 'a photo of'); free scenes read 'a red circle to the left of ...'."""
+    inc, task = spec["include"], spec["tag"]
+    if task == "counting":
+        return f"a photo of {NUMBERS[inc[0]['count']]} {PLURAL[inc[0]['class']]}"
+    if task == "position":  # GenEval: include[1] is `relation` of include[0]
+        a, b = inc[1], inc[0]
+        return f"a photo of {phrase(a.get('color'), a['class'])} {a['position'][0]} {phrase(b.get('color'), b['class'])}"
+    names = [phrase(o.get("color"), o["class"]) for o in inc]
+    if task == "free":
+        if len(inc) == 2 and "position" in inc[1]:
+            rel = inc[1]["position"][0]
+            rel = {"left of": "to the left of", "right of": "to the right of"}.get(rel, rel)
+            return f"{names[1]} {rel} {names[0]}"
+        return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return "a photo of " + " and ".join(names)
+
+
+def sample_spec(world, rng, task=None, seen=True):
+    """Draw a scene description (GenEval metadata plus 'prompt'). Training draws seen=True: no held-out pair, not even
+    through a colour the caption leaves open. seen=False draws a prompt that names at least one held-out pair."""
+    pairs = world.pairs(seen=True)
+    named_pairs = pairs if seen else world.pairs(seen=False)
+    if task is None:  # about three quarters in the evaluation templates, a quarter free scenes (EVAL.md)
+        task = rng.choice(TASKS) if rng.random() < 0.75 else "free"
+    shape = lambda: rng.choice(world.shapes)
+    if task == "single":
+        inc = [{"class": shape(), "count": 1}]
+    elif task == "two":
+        a, b = rng.sample(world.shapes, 2)
+        inc = [{"class": a, "count": 1}, {"class": b, "count": 1}]
+    elif task == "counting":
+        inc = [{"class": shape(), "count": rng.randint(2, 4)}]
+    elif task == "colors":
+        c, s = rng.choice(named_pairs)
+        inc = [{"class": s, "count": 1, "color": c}]
+    elif task == "position":
+        a, b = rng.sample(world.shapes, 2)
+        inc = [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [rng.choice(RELATIONS), 0]}]
+    elif task in ("color_attr", "free"):
+        n = 2 if task == "color_attr" else rng.choice((1, 2, 2, 3, 4)[:world.max_free_objects + 1])
+        while True:
+            objs = [rng.choice(pairs) for _ in range(n)]
+            if not seen:
+                objs[rng.randrange(n)] = rng.choice(named_pairs)
+            if task == "free" or objs[0][1] != objs[1][1]:  # color_attr: two different classes, as in GenEval
+                break
+        inc = [{"class": s, "count": 1, "color": c} for c, s in objs]
+        if task == "free" and n == 2 and rng.random() < 0.5:
+            inc[1]["position"] = [rng.choice(RELATIONS), 0]
+    else:
+        raise ValueError(f"unknown task {task!r}; choose from {TASKS + ('free',)}")
+    spec = {"tag": task, "include": inc, "exclude": []}
+    if task == "counting":
+        spec["exclude"] = [{"class": inc[0]["class"], "count": inc[0]["count"] + 1}]
+    spec["prompt"] = caption(spec)
+    return spec
+
+
+def relations(box_a, box_b, threshold=0.1):
+    """GenEval's rule: the set of relations of box A to box B; boxes are [x1, y1, x2, y2], y down."""
+    ca = np.array([(box_a[0] + box_a[2]) / 2, (box_a[1] + box_a[3]) / 2])
+    cb = np.array([(box_b[0] + box_b[2]) / 2, (box_b[1] + box_b[3]) / 2])
+    dim_a = np.array([box_a[2] - box_a[0], box_a[3] - box_a[1]])
+    dim_b = np.array([box_b[2] - box_b[0], box_b[3] - box_b[1]])
+    offset = ca - cb
+    revised = np.maximum(np.abs(offset) - threshold * (dim_a + dim_b), 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return set()
+    dx, dy = revised / np.linalg.norm(offset)
+    out = set()
+    if dx < -0.5: out.add("left of")
+    if dx > 0.5: out.add("right of")
+    if dy < -0.5: out.add("above")
+    if dy > 0.5: out.add("below")
+    return out
+
+
+def layout(spec, world, rng, max_tries=500):
+    """Place the objects a spec asks for: a list of (shape, color, [x1, y1, x2, y2]) in pixels. Boxes never touch
+    (gap max(2 px, 0.05 R)); a stated relation holds under GenEval's rule with the stricter margin 0.15."""
+    R = world.resolution
+    sizes = {"single": world.size_single, "colors": world.size_single, "counting": world.size_counting,
+             "position": world.size_position}.get(spec["tag"], world.size_two)
+    allowed = world.pairs(seen=True)
+    objects = []  # (shape, color) with open colours filled from the seen pairs of that shape
+    for clause in spec["include"]:
+        for _ in range(clause["count"]):
+            color = clause.get("color") or rng.choice([c for c, s in allowed if s == clause["class"]])
+            objects.append((clause["class"], color))
+    n = len(objects)
+    margin, gap = max(1.0, 0.03 * R), max(2.0, 0.05 * R)
+    for attempt in range(max_tries):
+        shrink = 1.0 - 0.3 * attempt / max_tries  # crowded scenes fall back to smaller objects
+        boxes = []
+        for _ in range(n):
+            side = rng.uniform(*sizes) * R * shrink
+            for _ in range(50):
+                x, y = rng.uniform(margin, R - margin - side), rng.uniform(margin, R - margin - side)
+                box = [x, y, x + side, y + side]
+                if all(box[0] >= b[2] + gap or b[0] >= box[2] + gap or box[1] >= b[3] + gap or b[1] >= box[3] + gap
+                       for b in boxes):
+                    boxes.append(box)
+                    break
+            else:
+                break
+        if len(boxes) < n:
+            continue
+        ok = True
+        for i, clause in enumerate(spec["include"]):
+            if "position" in clause:  # clause i is `rel` of clause j; one object each (GenEval position prompts)
+                rel, j = clause["position"]
+                ok = ok and relations(boxes[i], boxes[j], threshold=0.15) == {rel}
+        if ok:
+            return [(s, c, b) for (s, c), b in zip(objects, boxes)]
+    raise RuntimeError(f"could not lay out {spec['prompt']!r} at {R} px in {max_tries} tries")
+
+
+def _star_triangles():
+    """The 5-point star (inner radius 0.5 of outer, apex up) as 10 triangles around its centre, rescaled so that its
+    tight box is the unit square [-1, 1]^2 (u right, v down)."""
+    ang = [math.pi / 2 + k * math.pi / 5 for k in range(10)]
+    pts = [((1.0 if k % 2 == 0 else 0.5) * math.cos(a), -(1.0 if k % 2 == 0 else 0.5) * math.sin(a))
+           for k, a in enumerate(ang)]
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    cx, cy, hx, hy = (max(xs) + min(xs)) / 2, (max(ys) + min(ys)) / 2, (max(xs) - min(xs)) / 2, (max(ys) - min(ys)) / 2
+    pts = [((x - cx) / hx, (y - cy) / hy) for x, y in pts]
+    centre = (-cx / hx, -cy / hy)
+    return [(centre, pts[k], pts[(k + 1) % 10]) for k in range(10)]
+
+
+_STAR = _star_triangles()
+
+
+def _in_triangle(u, v, a, b, c):
+    def side(p, q):
+        return (u - q[0]) * (p[1] - q[1]) - (p[0] - q[0]) * (v - q[1])
+    d1, d2, d3 = side(a, b), side(b, c), side(c, a)
+    neg = (d1 < 0) | (d2 < 0) | (d3 < 0)
+    pos = (d1 > 0) | (d2 > 0) | (d3 > 0)
+    return ~(neg & pos)
+
+
+def inside(shape, u, v):
+    """Inside test in box coordinates: the shape's tight box is [-1, 1]^2, u right, v down (EVAL.md)."""
+    box = (u.abs() <= 1) & (v.abs() <= 1)
+    if shape == "circle":
+        return u * u + v * v <= 1
+    if shape == "square":
+        return box
+    if shape == "triangle":  # apex up
+        return box & (u.abs() <= (v + 1) / 2)
+    if shape == "cross":  # plus sign, arm width 1/3 of the box side
+        return box & ((u.abs() <= 1 / 3) | (v.abs() <= 1 / 3))
+    if shape == "star":
+        hit = torch.zeros_like(u, dtype=torch.bool)
+        for tri in _STAR:
+            hit |= _in_triangle(u, v, *tri)
+        return box & hit
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def shape_alpha(shape, box, R, supersample=4):
+    """Anti-aliased coverage (R, R) in [0, 1] of one shape in its box, from supersample^2 inside-tests per pixel."""
+    x1, y1, x2, y2 = box
+    sub = (torch.arange(R * supersample, dtype=torch.float32) + 0.5) / supersample  # sub-pixel centres, pixels
+    u = (sub[None, :] - (x1 + x2) / 2) / ((x2 - x1) / 2)
+    v = (sub[:, None] - (y1 + y2) / 2) / ((y2 - y1) / 2)
+    hit = inside(shape, u.expand(len(sub), -1), v.expand(-1, len(sub))).float()
+    return hit.view(R, supersample, R, supersample).mean(dim=(1, 3))
+
+
+def render(objects, R, rng):
+    """One scene -> (3, R, R) float image in [-1, 1]: flat neutral gray with an optional mild vertical gradient,
+    shapes composited over it."""
+    level = rng.uniform(108, 136)
+    grad = rng.uniform(-6, 6) if rng.random() < 0.5 else 0.0
+    ramp = torch.linspace(-1, 1, R) * grad
+    img = (level + ramp)[None, :, None].expand(3, R, R).clone()
+    for shape, color, box in objects:
+        a = shape_alpha(shape, box, R)
+        img = img * (1 - a) + torch.tensor(PALETTE[color], dtype=torch.float32)[:, None, None] * a
+    return img / 127.5 - 1
+
+
+def sample_rng(seed, index):
+    """Sample `index` of stream `seed` has its own generator: independent of batch size, workers and order."""
+    return random.Random(seed * 1_000_003 + index)
+
+
+def shapes_batch(world, indices, seed=0):
+    """Training batch of the shapes world: (images (B, 3, R, R) in [-1, 1], captions)."""
+    images, captions = [], []
+    for i in indices:
+        rng = sample_rng(seed, int(i))
+        spec = sample_spec(world, rng)
+        images.append(render(layout(spec, world, rng), world.resolution, rng))
+        captions.append(spec["prompt"])
+    return torch.stack(images), captions
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Byte-level tokenizer for the tiny preset's stand-in encoders
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens. ids: 0 pad, 1 end, 2 start, 3 + byte. Two framings, as the real encoders use:
+    'pad-end' (T5: text, end, pad...) and 'start-end' (CLIP: start, text, end, end...; pooled at the first end)."""
+    pad_id, eos_id, bos_id, vocab_size = 0, 1, 2, 3 + 256
+
+    def __init__(self, max_len, framing="pad-end"):
+        assert framing in ("pad-end", "start-end"), framing
+        self.max_len, self.framing = max_len, framing
+
+    def __call__(self, prompts):
+        ids = torch.full((len(prompts), self.max_len), self.pad_id if self.framing == "pad-end" else self.eos_id)
+        for i, p in enumerate(prompts):
+            body = [3 + b for b in p.encode("utf-8")]
+            room = self.max_len - (1 if self.framing == "pad-end" else 2)
+            if len(body) > room:
+                warn(f"prompt of {len(body)} bytes truncated to {room}: {p[:60]!r}...")
+                body = body[:room]
+            seq = body + [self.eos_id] if self.framing == "pad-end" else [self.bos_id] + body + [self.eos_id]
+            ids[i, :len(seq)] = torch.tensor(seq)
+        return ids  # (B, max_len)
+
+
+def warn(msg):
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Real data: a TSV manifest of (image path, prompt)
+
+class ManifestError(ValueError):
+    pass
+
+
+def read_manifest(path, base_dir=None, skip_bad=False):
+    """Lines 'image_path<TAB>prompt'; relative paths resolve against base_dir (default: the manifest's folder).
+    A malformed line or a missing image stops with file and line, or is skipped with a warning if skip_bad."""
+    base_dir = base_dir or os.path.dirname(os.path.abspath(path))
+    entries = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n\r")
+            if not line.strip() or line.startswith("#"):
+                continue
+            parts = line.split("\t")
+            problem = None
+            if len(parts) != 2 or not parts[0] or not parts[1].strip():
+                problem = f"expected 'image_path<TAB>prompt', got {len(parts)} field(s)"
+            else:
+                img = parts[0] if os.path.isabs(parts[0]) else os.path.join(base_dir, parts[0])
+                if not os.path.isfile(img):
+                    problem = f"image not found: {img}"
+            if problem:
+                if not skip_bad:
+                    raise ManifestError(f"{path}:{n}: {problem} (pass --skip-bad to skip such lines)")
+                warn(f"{path}:{n}: {problem}; skipped")
+                continue
+            entries.append((img, parts[1].strip(), n))
+    if not entries:
+        raise ManifestError(f"{path}: no usable lines")
+    return entries
+
+
+def load_image(path, resolution, where=""):
+    """Image file -> (3, R, R) in [-1, 1]: resize the short side to R, centre crop."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            scale = resolution / min(w, h)
+            im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+            w, h = im.size
+            left, top = (w - resolution) // 2, (h - resolution) // 2
+            im = im.crop((left, top, left + resolution, top + resolution))
+            arr = np.asarray(im, dtype=np.float32)
+    except Exception as e:
+        raise ManifestError(f"{where}cannot read image {path}: {e}") from e
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1
+
+
+class ManifestData:
+    """Indexable real-data source with the same batch interface as the shapes world."""
+
+    def __init__(self, path, resolution, base_dir=None, skip_bad=False):
+        self.path, self.resolution, self.skip_bad = path, resolution, skip_bad
+        self.entries = read_manifest(path, base_dir, skip_bad)
+
+    def batch(self, indices):
+        images, captions = [], []
+        for i in indices:
+            for j in range(int(i), int(i) + len(self.entries)):  # with skip_bad, an unreadable image yields its next
+                img, prompt, line = self.entries[j % len(self.entries)]
+                try:
+                    images.append(load_image(img, self.resolution, where=f"{self.path}:{line}: "))
+                    captions.append(prompt)
+                    break
+                except ManifestError as e:
+                    if not self.skip_bad:
+                        raise
+                    warn(f"{e}; skipped")
+            else:
+                raise ManifestError(f"{self.path}: no readable image")
+        return torch.stack(images), captions
+
+
+class ShapesData:
+    def __init__(self, world, seed=0):
+        self.world, self.seed = world, seed
+
+    def batch(self, indices):
+        return shapes_batch(self.world, indices, self.seed)

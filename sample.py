@@ -1,0 +1,179 @@
+"""The any-step sampler (../shared/METHOD.md section 7) and its command line.
+
+    python sample.py --steps 4 "a red circle to the left of a blue square"
+    python sample.py --sweep 1,2,4,8,50 "a photo of a red circle" "a photo of two squares"
+
+N steps over a linear grid 1 = t_0 > ... > t_N = 0 warped by mu(L) (s.12); at step k the network sees (t_k, s_k) with
+s_k = t_{k+1} by default (Sec. 3.4); guidance is energy-preserving CFG (w = 5); the update is DDIM-style with eta = 1
+(S.2; eta = 0 is Eq. 22). One step without guidance uses s = 0.5 (S.3.1). EMA weights by default.
+"""
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+import selfe
+
+
+def time_grid(steps, L, anchor=512):
+    """t_0 = 1 > t_1 > ... > t_N = 0: linspace(1, 0, N + 1) warped with mu(L) (s.12). (N + 1,)"""
+    return selfe.warp(torch.linspace(1, 0, steps + 1, dtype=torch.float64), selfe.mu_of_length(L, anchor)).float()
+
+
+def second_times(ts, schedule="next"):
+    """s_k for each step: 'next' s_k = t_{k+1} (default), 'current' s_k = t_k (plain FM), or a number a in [0, 1]:
+    s_k = t_{k+1} + a (t_k - t_{k+1}) (for one step, a = 0.5 gives the paper's s = 0.5)."""
+    if schedule == "next":
+        return ts[1:].clone()
+    if schedule == "current":
+        return ts[:-1].clone()
+    a = float(schedule)
+    if not 0 <= a <= 1:
+        raise ValueError(f"--s-schedule {schedule!r}: use next, current or a number in [0, 1]")
+    return ts[1:] + a * (ts[:-1] - ts[1:])
+
+
+def ep_cfg(v_c, v_u, w):
+    """Energy-preserving CFG [EPCFG]: v = v_c + (w - 1)(v_c - v_u), rescaled per sample to the norm of v_c."""
+    v = v_c + (w - 1) * (v_c - v_u)
+    return v * (v_c.flatten(1).norm(dim=1) / v.flatten(1).norm(dim=1).clamp_min(1e-8)).view(-1, 1, 1)
+
+
+def ddim_step(x, v, t, t_next, eta, noise):
+    """DDIM-style update from t to t_next < t (METHOD.md 7.4, minFM's heuristic form). eta = 0 is Euler (Eq. 22);
+    eta = 1 re-injects fresh noise; t_next = 0 returns the x0 estimate."""
+    x0_hat = x - t * v
+    if t_next <= 0:
+        return x0_hat
+    e_hat = x + (1 - t) * v
+    b = max(t_next - eta * (t - t_next) * (t_next / t), 0.0)
+    return (1 - t_next) * x0_hat + b * e_hat + math.sqrt(max(t_next ** 2 - b ** 2, 0.0)) * noise
+
+
+def resolve_defaults(steps, cfg, s_schedule):
+    """One step with no explicit settings: no guidance and s = 0.5 (S.3.1, Fig. S.4); otherwise w = 5, s_k = t_{k+1}."""
+    if steps == 1:
+        return (1.0 if cfg is None else cfg), ("0.5" if s_schedule is None else s_schedule)
+    return (5.0 if cfg is None else cfg), ("next" if s_schedule is None else s_schedule)
+
+
+@torch.no_grad()
+def sample(system, prompts, steps=4, cfg=None, eta=1.0, s_schedule=None, seeds=None, model=None, anchor=512,
+           progress=False):
+    """prompts (B) -> images (B, 3, H, W) in [-1, 1]. Each image's noise comes from its own seed (default 0..B-1),
+    so an image does not depend on what else is in the batch. `model` defaults to the EMA weights if present."""
+    model = model or system.ema or system.denoiser
+    cfg, s_schedule = resolve_defaults(steps, cfg, s_schedule)
+    dev = system.device
+    B = len(prompts)
+    h, w = system.grid
+    L, C = h * w, system.cfg.in_channels
+    seeds = list(range(B)) if seeds is None else list(seeds)
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    randn = lambda: torch.stack([torch.randn(L, C, generator=g) for g in gens]).to(dev)  # (B, L, C)
+    cond = system.encode_text(prompts)
+    if cfg != 1:  # both guidance branches in one batched call per step
+        null = tuple(c.expand(B, *c.shape[1:]) for c in system.null_cond())
+        cond = tuple(torch.cat(pair) for pair in zip(cond, null))
+    ts = time_grid(steps, L, anchor)
+    ss = second_times(ts, s_schedule)
+    x = randn()
+    for k in range(steps):
+        t, t_next, s = ts[k].item(), ts[k + 1].item(), ss[k].item()
+        xin = torch.cat((x, x)) if cfg != 1 else x
+        tt = torch.full((len(xin),), t, device=dev)
+        v = system.velocity(model, xin, tt, torch.full_like(tt, s), cond, h, w).float()
+        if cfg != 1:
+            v = ep_cfg(v[:B], v[B:], cfg)
+        x = ddim_step(x, v, t, t_next, eta, randn() if (eta > 0 and t_next > 0) else None)
+        if progress:
+            print(f"\r  step {k + 1}/{steps}", end="" if k + 1 < steps else "\n", file=sys.stderr, flush=True)
+    return system.decode_tokens(x, h, w)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Images and grids
+
+def to_uint8(images):
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu()
+
+
+def save_grid(rows, path, upscale=1, labels=None, pad=2):
+    """rows: list of (n, 3, H, W) image batches, one grid row each; optional text label per row, drawn on the left."""
+    from PIL import Image, ImageDraw
+    rows = [to_uint8(r) for r in rows]
+    H, W = rows[0].shape[1] * upscale, rows[0].shape[2] * upscale
+    ncol = max(len(r) for r in rows)
+    left = 64 if labels else 0
+    canvas = Image.new("RGB", (left + ncol * (W + pad) + pad, len(rows) * (H + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, r in enumerate(rows):
+        for j, im in enumerate(r):
+            tile = Image.fromarray(im.numpy()).resize((W, H), Image.NEAREST)
+            canvas.paste(tile, (left + pad + j * (W + pad), pad + i * (H + pad)))
+        if labels:
+            draw.text((4, pad + i * (H + pad) + H // 2 - 6), labels[i], fill=(0, 0, 0))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def parse_steps(text):
+    try:
+        steps = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--sweep {text!r}: expected step counts like 1,2,4,8,50")
+    if not steps or min(steps) < 1:
+        raise SystemExit(f"--sweep {text!r}: step counts must be positive integers")
+    return steps
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompts", nargs="+", metavar="PROMPT")
+    p.add_argument("--ckpt", default="runs/tiny", help="run folder (uses its `latest`) or a step folder")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--cfg", type=float, default=None, help="EP-CFG scale (default 5; 1 = no guidance; 1 step: 1)")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1 = the paper's setting, 0 = Euler, Eq. 22)")
+    p.add_argument("--s-schedule", default=None, help="next (s_k = t_{k+1}), current (s_k = t_k) or a in [0, 1]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=1, help="images per prompt")
+    p.add_argument("--out", default=None, help="PNG path (default sample.png, or sweep.png with --sweep)")
+    p.add_argument("--sweep", default=None, help="comma-separated step counts: one grid row per step count")
+    p.add_argument("--weights", default="ema", choices=("ema", "model"))
+    p.add_argument("--anchor", type=int, default=None, help="mu(L) anchor length (default: the run's)")
+    p.add_argument("--upscale", type=int, default=None, help="nearest-neighbour zoom of the PNG (default: to >= 256 px)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+    try:
+        system, meta = selfe.load_checkpoint(args.ckpt, args.device, args.weights)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e))
+    anchor = args.anchor or meta["flags"].get("anchor", 512)
+    upscale = args.upscale or max(1, 256 // system.cfg.resolution)
+    prompts = [pr for pr in args.prompts for _ in range(args.n)]
+    seeds = [args.seed * 1000 + i for i in range(len(prompts))]
+    print(f"checkpoint {selfe.resolve_checkpoint(args.ckpt)} (step {meta['step']}, {args.weights} weights)",
+          file=sys.stderr)
+    if args.sweep:
+        rows, labels = [], []
+        for n in parse_steps(args.sweep):
+            print(f"{n} step(s):", file=sys.stderr)
+            rows.append(sample(system, prompts, n, args.cfg, args.eta, args.s_schedule, seeds, anchor=anchor,
+                               progress=True))
+            labels.append(f"{n} step" + ("s" if n > 1 else ""))
+        out = save_grid(rows, args.out or "sweep.png", upscale, labels)
+    else:
+        images = sample(system, prompts, args.steps, args.cfg, args.eta, args.s_schedule, seeds, anchor=anchor,
+                        progress=True)
+        out = save_grid(list(images.split(args.n)), args.out or "sample.png", upscale)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
