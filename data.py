@@ -7,10 +7,14 @@
 - The byte-level tokenizer of the tiny preset's frozen stand-in encoders.
 - The TSV manifest dataset for real data (image path <TAB> prompt).
 """
+import functools
+import json
 import math
 import os
 import random
+import re
 import sys
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -300,6 +304,129 @@ class ByteTokenizer:
 
 def warn(msg):
     print(f"warning: {msg}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The real tokenizers (FLUX's framing): T5 through sentencepiece, CLIP's byte-level BPE by hand
+
+class T5Tokenizer:
+    """sentencepiece ids of `spiece.model`, then the end token 1, padded with 0 to max_len (256 schnell, 512 dev)."""
+    pad_id, eos_id = 0, 1
+
+    def __init__(self, spiece_path, max_len):
+        import sentencepiece  # a runtime dependency, needed only with the real encoders
+        if not os.path.isfile(spiece_path):
+            raise FileNotFoundError(f"{spiece_path}: T5 sentencepiece model not found")
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=spiece_path)
+        self.max_len = max_len
+
+    def __call__(self, prompts):
+        ids = torch.full((len(prompts), self.max_len), self.pad_id)
+        for i, p in enumerate(prompts):
+            body = self.sp.encode(p)
+            if len(body) > self.max_len - 1:
+                warn(f"prompt of {len(body)} T5 tokens truncated to {self.max_len - 1}: {p[:60]!r}...")
+                body = body[:self.max_len - 1]
+            ids[i, :len(body) + 1] = torch.tensor(body + [self.eos_id])
+        return ids  # (B, max_len)
+
+
+def bytes_to_unicode():
+    """GPT-2/CLIP's reversible map from the 256 bytes to printable characters: printable Latin-1 bytes map to
+    themselves, the others to 256, 257, ... in order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    extra = [b for b in range(256) if b not in keep]
+    return {b: chr(b) for b in keep} | {b: chr(256 + n) for n, b in enumerate(extra)}
+
+
+def _category_class(major):
+    """A `re` character class body of every code point whose Unicode general category starts with `major` ('L' is
+    regex's \\p{L}, 'N' is \\p{N}); Python's `re` has no such classes. Exact at Python's Unicode version."""
+    ranges, start = [], None
+    for cp in range(sys.maxunicode + 2):
+        hit = cp <= sys.maxunicode and unicodedata.category(chr(cp))[0] == major
+        if hit and start is None:
+            start = cp
+        elif not hit and start is not None:
+            ranges.append(re.escape(chr(start)) + ("-" + re.escape(chr(cp - 1)) if cp - 1 > start else ""))
+            start = None
+    return "".join(ranges)
+
+
+CLIP_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"  # Unicode White_Space
+
+
+@functools.cache
+def clip_pattern():
+    """CLIP's pre-split: special tokens, contractions, runs of letters, single digits, runs of other non-space
+    characters (OpenAI's `'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+`), built once."""
+    L, N, S = _category_class("L"), _category_class("N"), CLIP_WHITESPACE
+    return re.compile(rf"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[{L}]+|[{N}]|[^{S}{L}{N}]+")
+
+
+class CLIPTokenizer:
+    """CLIP's byte-level BPE from `vocab.json` + `merges.txt` (HF layout), framed as FLUX does: start 49406, at most
+    75 tokens, end 49407, padded with 49407 to 77. Text is NFC-normalised, whitespace-collapsed and lower-cased, as
+    OpenAI's tokenizer with ftfy reduced to NFC, and as transformers' CLIPTokenizer; HTML entities are not unescaped
+    (OpenAI does, transformers does not)."""
+
+    def __init__(self, vocab_path, merges_path, max_len=77):
+        for p in (vocab_path, merges_path):
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"{p}: CLIP tokenizer file not found")
+        with open(vocab_path, encoding="utf-8") as f:
+            self.vocab = json.load(f)
+        with open(merges_path, encoding="utf-8") as f:
+            merges = [tuple(line.split()) for line in f.read().split("\n")
+                      if line.strip() and not line.startswith("#version")]
+        self.ranks = {m: i for i, m in enumerate(merges)}
+        self.bos_id, self.eos_id = self.vocab["<|startoftext|>"], self.vocab["<|endoftext|>"]
+        self.byte_char = bytes_to_unicode()
+        self.max_len = max_len
+        self.cache = {}
+
+    def bpe(self, word):
+        """One pre-split word (already byte-mapped) -> its BPE symbols; the last symbol carries '</w>'."""
+        if word in self.cache:
+            return self.cache[word]
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pairs = {(a, b) for a, b in zip(symbols, symbols[1:])}
+            best = min(pairs, key=lambda p: self.ranks.get(p, math.inf))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(symbols):  # merge every occurrence, left to right
+                if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        self.cache[word] = symbols
+        return symbols
+
+    def encode(self, text):
+        """text -> BPE ids without the start and end tokens."""
+        text = re.sub(f"[{CLIP_WHITESPACE}]+", " ", unicodedata.normalize("NFC", text)).strip().lower()
+        ids = []
+        for word in clip_pattern().findall(text):
+            if word in ("<|startoftext|>", "<|endoftext|>"):
+                ids.append(self.vocab[word])
+                continue
+            ids += [self.vocab[s] for s in self.bpe("".join(self.byte_char[b] for b in word.encode("utf-8")))]
+        return ids
+
+    def __call__(self, prompts):
+        ids = torch.full((len(prompts), self.max_len), self.eos_id)
+        for i, p in enumerate(prompts):
+            body = self.encode(p)
+            if len(body) > self.max_len - 2:
+                warn(f"prompt of {len(body)} CLIP tokens truncated to {self.max_len - 2}: {p[:60]!r}...")
+                body = body[:self.max_len - 2]
+            ids[i, :len(body) + 2] = torch.tensor([self.bos_id] + body + [self.eos_id])
+        return ids  # (B, max_len)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

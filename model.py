@@ -8,8 +8,14 @@ BFL checkpoint loads by name. The network outputs V; the sample head G = x_t - t
 
 The text encoders (T5 v1.1 encoder, CLIP text transformer) use the Hugging Face parameter names, so the public
 safetensors load by name too. The tiny preset builds small random ones of the same classes as frozen stand-ins.
+
+The second half of this file holds the real frozen parts: the FLUX.1 autoencoder, the loaders of the public
+safetensors (T5, CLIP, autoencoder, FLUX transformer; strict, checked before any weight is read) and `find_pretrained`.
 """
+import json
 import math
+import os
+import re
 from dataclasses import dataclass, field, asdict
 
 import torch
@@ -114,6 +120,11 @@ CONFIGS = {
     "0.5b": Config(hidden_size=1024, num_heads=16, axes_dim=(8, 28, 28), resolution=256),
     # The paper's main model (S.2): d 2048, 16 x 128 heads, 8 + 16 blocks; phase 1 at 256^2.
     "2b": Config(hidden_size=2048, num_heads=16, axes_dim=(16, 56, 56), resolution=256),
+    # The public FLUX.1 transformers (12B; FORMATS.md), to load flux1-{schnell,dev}.safetensors into our MMDiT.
+    "flux-schnell": Config(hidden_size=3072, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=(16, 56, 56),
+                           dual_time=False, guidance_embed=False, resolution=1024, t5_max_len=256),
+    "flux-dev": Config(hidden_size=3072, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=(16, 56, 56),
+                       dual_time=False, guidance_embed=True, resolution=1024, t5_max_len=512),
 }
 
 
@@ -578,3 +589,447 @@ def init_text_encoder(module, seed):
         else:
             p.fill_(1.0)
     return module
+
+
+# ======================================================================================================================
+# Second half: the real frozen parts and the loaders of the public safetensors (layouts: ../shared/FORMATS.md)
+# ======================================================================================================================
+# FLUX.1 autoencoder (BFL's flux/modules/autoencoder.py parameter names, so ae.safetensors loads by name)
+
+@dataclass
+class AutoEncoderConfig:
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+
+
+def group_norm(channels):
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(in_channels), nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(out_channels), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class AttnBlock(nn.Module):
+    """One head over all H*W positions; q, k, v, out are 1x1 convs."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (f(h).flatten(2).transpose(1, 2)[:, None] for f in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric: pad right and bottom only
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.block_1, self.attn_1, self.block_2 = ResnetBlock(channels, channels), AttnBlock(channels), \
+            ResnetBlock(channels, channels)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: AutoEncoderConfig):
+        super().__init__()
+        self.conv_in = nn.Conv2d(c.in_channels, c.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        block_in = c.ch
+        for i, mult in enumerate(c.ch_mult):
+            level = nn.Module()
+            level.block = nn.ModuleList(ResnetBlock(block_in if j == 0 else c.ch * mult, c.ch * mult)
+                                        for j in range(c.num_res_blocks))
+            block_in = c.ch * mult
+            if i < len(c.ch_mult) - 1:
+                level.downsample = Downsample(block_in)
+            self.down.append(level)
+        self.mid = MidBlock(block_in)
+        self.norm_out = group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, 2 * c.z_channels, 3, padding=1)  # mean and log-variance
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, 2 z, H/8, W/8)
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: AutoEncoderConfig):
+        super().__init__()
+        block_in = c.ch * c.ch_mult[-1]
+        self.conv_in = nn.Conv2d(c.z_channels, block_in, 3, padding=1)
+        self.mid = MidBlock(block_in)
+        up = []
+        for i in reversed(range(len(c.ch_mult))):  # built top-down, stored by level index as BFL does
+            level = nn.Module()
+            level.block = nn.ModuleList(ResnetBlock(block_in if j == 0 else c.ch * c.ch_mult[i], c.ch * c.ch_mult[i])
+                                        for j in range(c.num_res_blocks + 1))
+            block_in = c.ch * c.ch_mult[i]
+            if i > 0:
+                level.upsample = Upsample(block_in)
+            up.insert(0, level)
+        self.up = nn.ModuleList(up)
+        self.norm_out = group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, c.out_ch, 3, padding=1)
+
+    def forward(self, z):  # (B, z, h, w) -> (B, 3, 8h, 8w)
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):  # from the highest level index down to 0
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AutoEncoder(nn.Module):
+    """FLUX.1 autoencoder: images (B, 3, H, W) in [-1, 1] <-> normalised latents (B, 16, H/8, W/8)."""
+
+    def __init__(self, c: AutoEncoderConfig = AutoEncoderConfig()):
+        super().__init__()
+        self.c = c
+        self.encoder, self.decoder = Encoder(c), Decoder(c)
+
+    def encode(self, x, sample=False):
+        """z = scale (z_raw - shift), z_raw the Gaussian's mean (sample=True draws from it, as some training code does)."""
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if sample else mean
+        return self.c.scale_factor * (z - self.c.shift_factor)
+
+    def decode(self, z):
+        return self.decoder(z / self.c.scale_factor + self.c.shift_factor)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading safetensors by hand: the header first (every key, shape and dtype checked before any weight is read), then
+# each tensor read straight into its parameter, so a 9.5 GB T5 costs 9.5 GB of memory, not twice that.
+# The format: 8 bytes little-endian header length N, N bytes of JSON {key: {dtype, shape, data_offsets}}, the data.
+
+class CheckpointError(ValueError):
+    pass
+
+
+FILE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+@dataclass
+class Entry:
+    """Where one tensor lives: file, dtype name, shape, absolute byte offset, byte length."""
+    path: str
+    dtype: str
+    shape: tuple
+    offset: int
+    nbytes: int
+
+
+def read_header(path):
+    """{key: Entry} of one .safetensors file, from its header alone. A missing, truncated or foreign file -> error."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: file not found")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > size - 8:
+            raise CheckpointError(f"{path}: not a safetensors file (header length {n}, file {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: not a safetensors file (bad JSON header: {e})") from e
+    entries = {}
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        a, b = v["data_offsets"]
+        entries[k] = Entry(path, v["dtype"], tuple(v["shape"]), 8 + n + a, b - a)
+        if 8 + n + b > size:
+            raise CheckpointError(f"{path}: truncated: tensor {k!r} ends at byte {8 + n + b}, the file has {size}")
+    return entries
+
+
+def check_entries(module, entries, where):
+    """One error naming `where` and the first offending keys: missing, unexpected, wrong shape, not a float dtype."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in entries]
+    unexpected = [k for k in entries if k not in own]
+    wrong = [f"{k}: file {e.shape} vs model {tuple(own[k].shape)} ({os.path.basename(e.path)})"
+             for k, e in entries.items() if k in own and e.shape != tuple(own[k].shape)]
+    dtypes = [f"{k}: {e.dtype} ({os.path.basename(e.path)})" for k, e in entries.items()
+              if k in own and (e.dtype not in FILE_DTYPES or e.nbytes != math.prod(e.shape) *
+                               FILE_DTYPES[e.dtype].itemsize)]
+    if missing or unexpected or wrong or dtypes:
+        raise CheckpointError(
+            f"{where}: cannot load: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}, wrong shapes "
+            f"{wrong[:5]}, unsupported dtypes or sizes {dtypes[:5]} ({len(missing)} missing, {len(unexpected)} "
+            f"unexpected, {len(wrong)} wrong shapes, {len(dtypes)} bad dtypes in all; floats F32/F16/BF16 expected)")
+
+
+def load_strict(module, sd, where):
+    """load_state_dict from an in-memory dict that names `where` and the first offending keys, checking every key,
+    shape and dtype before copying anything (the in-memory twin of check_entries)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in own
+             if k in sd and sd[k].shape != own[k].shape]
+    dtypes = [f"{k}: {sd[k].dtype}" for k in own if k in sd and own[k].is_floating_point() != sd[k].is_floating_point()]
+    if missing or unexpected or wrong or dtypes:
+        raise CheckpointError(f"{where}: cannot load: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}, "
+                              f"wrong shapes {wrong[:5]}, wrong dtypes {dtypes[:5]} ({len(missing)} missing, "
+                              f"{len(unexpected)} unexpected, {len(wrong)} wrong shapes, {len(dtypes)} wrong dtypes)")
+    module.load_state_dict(sd)
+
+
+def _read_into(f, entry, out):
+    """Read one tensor's bytes into the contiguous CPU tensor `out` (its dtype is the file's)."""
+    f.seek(entry.offset)
+    buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+    got = 0
+    while got < entry.nbytes:
+        n = f.readinto(buf[got:])
+        if not n:
+            raise CheckpointError(f"{entry.path}: truncated while reading")
+        got += n
+
+
+def materialize(module, entries, where, dtype, device):
+    """Check `entries` against `module` (built on the meta device), then allocate it on `device` in `dtype` and read
+    every tensor into place, file by file. Nothing is read before the check passes; no second copy is held."""
+    check_entries(module, entries, where)
+    module = module.to(dtype).to_empty(device=device)
+    own = module.state_dict()
+    by_file = {}
+    for k, e in entries.items():
+        by_file.setdefault(e.path, []).append((e.offset, k, e))
+    with torch.no_grad():
+        for path, items in by_file.items():
+            with open(path, "rb") as f:
+                for _, k, e in sorted(items):
+                    dst, src_dtype = own[k], FILE_DTYPES[e.dtype]
+                    if dst.device.type == "cpu" and dst.dtype == src_dtype and dst.is_contiguous():
+                        _read_into(f, e, dst)  # straight into the parameter
+                    else:
+                        tmp = torch.empty(e.shape, dtype=src_dtype)
+                        _read_into(f, e, tmp)
+                        dst.copy_(tmp)  # converts dtype, moves device; one tensor at a time
+    return module.eval().requires_grad_(False)
+
+
+def read_config(folder):
+    """The folder's config.json as a dict, or None when there is none."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loaders, one per part. Each takes a file or the part's folder of a FLUX snapshot, a dtype and a device.
+
+def t5_config_from_hf(d):
+    """Hugging Face T5Config fields -> our T5Config. Only v1.1's gated-GELU feed-forward is implemented."""
+    if d.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
+        raise CheckpointError(f"T5 config feed_forward_proj={d['feed_forward_proj']!r}: only T5 v1.1's 'gated-gelu'")
+    return T5Config(**{k: d[k] for k in ("vocab_size", "d_model", "d_kv", "num_heads", "d_ff", "num_layers",
+                                         "relative_attention_num_buckets", "relative_attention_max_distance",
+                                         "layer_norm_epsilon") if k in d})
+
+
+def t5_entries(path):
+    """{key: Entry} of a T5 checkpoint: one .safetensors file, or a folder with model.safetensors or the sharded
+    model.safetensors.index.json (HF's layout: {"weight_map": {key: shard file}})."""
+    if os.path.isfile(path):
+        return read_header(path), path
+    index = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.isfile(index):
+        return read_header(os.path.join(path, "model.safetensors")), os.path.join(path, "model.safetensors")
+    with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+    shards = sorted(set(weight_map.values()))
+    absent = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+    if absent:
+        raise CheckpointError(f"{index}: shard files missing: {absent}")
+    entries = {}
+    for s in shards:
+        entries.update(read_header(os.path.join(path, s)))
+    lost = [k for k, s in weight_map.items() if k not in entries]
+    if lost:
+        raise CheckpointError(f"{index}: keys listed in the index but absent from their shards: {lost[:5]}")
+    return entries, index
+
+
+def load_t5(path, dtype=torch.bfloat16, device="cpu", config=None):
+    """T5 v1.1 encoder from HF safetensors (e.g. FLUX's text_encoder_2/: 2 bf16 shards + index), config from the
+    folder's config.json when present. `encoder.embed_tokens.weight` is tied to `shared.weight`: used only if
+    `shared.weight` is absent."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    hf = read_config(folder)
+    config = config or (t5_config_from_hf(hf) if hf else T5Config())
+    entries, where = t5_entries(path)
+    tied = entries.pop("encoder.embed_tokens.weight", None)
+    if "shared.weight" not in entries and tied is not None:
+        entries["shared.weight"] = tied
+    with torch.device("meta"):
+        model = T5Encoder(config)
+    return materialize(model, entries, where, dtype, device)
+
+
+def clip_config_from_hf(d):
+    """Hugging Face CLIPTextConfig fields -> our CLIPConfig. The public config says eos_token_id 2 (legacy); transformers
+    then pools at argmax(ids), i.e. the first 49407 = vocab_size - 1: our first-end-token rule with that id."""
+    if d.get("hidden_act", "quick_gelu") != "quick_gelu":
+        raise CheckpointError(f"CLIP config hidden_act={d['hidden_act']!r}: only 'quick_gelu' is implemented")
+    c = CLIPConfig(**{k: d[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                        "intermediate_size", "max_position_embeddings", "layer_norm_eps") if k in d})
+    c.eos_token_id = d["eos_token_id"] if d.get("eos_token_id", 2) != 2 else c.vocab_size - 1
+    return c
+
+
+def load_clip(path, dtype=torch.bfloat16, device="cpu", config=None):
+    """CLIP text model from HF safetensors (FLUX's text_encoder/), keys with or without the `text_model.` prefix
+    (transformers 4.x writes it, 5.x does not); the `position_ids` buffer some files carry is ignored."""
+    file = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
+    hf = read_config(os.path.dirname(file))
+    config = config or (clip_config_from_hf(hf) if hf else CLIPConfig())
+    entries = {(k if k.startswith("text_model.") else "text_model." + k): e for k, e in read_header(file).items()
+               if not k.endswith("embeddings.position_ids")}
+    with torch.device("meta"):
+        model = CLIPTextEncoder(config)
+    return materialize(model, entries, file, dtype, device)
+
+
+def ae_key_from_diffusers(key, n_levels):
+    """One diffusers AutoencoderKL key -> its BFL name (FORMATS.md). diffusers numbers up_blocks the other way round."""
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+            "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}  # new and deprecated diffusers names
+    m = re.fullmatch(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)", key)
+    if m:
+        part, kind, i, sub, j, rest = m.groups()
+        i = int(i) if kind == "down" else n_levels - 1 - int(i)
+        if sub == "resnets":
+            return f"{part}.{kind}.{i}.block.{j}.{rest.replace('conv_shortcut', 'nin_shortcut')}"
+        return f"{part}.{kind}.{i}.{kind}sample.{rest}"  # downsamplers.0.conv -> downsample.conv
+    m = re.fullmatch(r"(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.+)\.(weight|bias)", key)
+    if m:
+        part, sub, j, name, wb = m.groups()
+        if sub == "resnets":
+            return f"{part}.mid.block_{int(j) + 1}.{name.replace('conv_shortcut', 'nin_shortcut')}.{wb}"
+        return f"{part}.mid.attn_1.{attn.get(name, name)}.{wb}"
+    return key.replace("conv_norm_out", "norm_out")  # conv_in, conv_out keep their names
+
+
+def ae_config_from_diffusers(d):
+    ch = d["block_out_channels"][0]
+    if d.get("norm_num_groups", 32) != 32:
+        raise CheckpointError(f"autoencoder config norm_num_groups={d['norm_num_groups']}: only 32 is implemented")
+    return AutoEncoderConfig(in_channels=d.get("in_channels", 3), out_ch=d.get("out_channels", 3), ch=ch,
+                             ch_mult=tuple(c // ch for c in d["block_out_channels"]),
+                             num_res_blocks=d.get("layers_per_block", 2), z_channels=d.get("latent_channels", 16),
+                             scale_factor=d.get("scaling_factor", 0.3611), shift_factor=d.get("shift_factor", 0.1159))
+
+
+def load_autoencoder(path, dtype=torch.float32, device="cpu", config=None):
+    """FLUX.1 autoencoder from `ae.safetensors` (BFL layout) or from diffusers' `vae/` folder or its
+    `diffusion_pytorch_model.safetensors` (layout told by the keys; config from vae/config.json when present)."""
+    file = os.path.join(path, "diffusion_pytorch_model.safetensors") if os.path.isdir(path) else path
+    entries = read_header(file)
+    if any(".down_blocks." in k or ".up_blocks." in k or ".mid_block." in k for k in entries):
+        hf = read_config(os.path.dirname(file))
+        config = config or (ae_config_from_diffusers(hf) if hf else AutoEncoderConfig())
+        renamed = {}
+        for k, e in entries.items():
+            k = ae_key_from_diffusers(k, len(config.ch_mult))
+            if re.search(r"attn_1\.(q|k|v|proj_out)\.weight$", k) and len(e.shape) == 2:
+                e = Entry(e.path, e.dtype, e.shape + (1, 1), e.offset, e.nbytes)  # Linear -> 1x1 conv, same bytes
+            renamed[k] = e
+        entries = renamed
+    with torch.device("meta"):
+        model = AutoEncoder(config or AutoEncoderConfig())
+    return materialize(model, entries, file, dtype, device)
+
+
+def load_flux_transformer(path, cfg=None, dtype=torch.bfloat16, device="cpu"):
+    """FLUX.1 transformer (BFL layout: flux1-schnell.safetensors / flux1-dev.safetensors) into our MMDiT, whose
+    parameter names are BFL's. Without cfg the preset is told by the keys: guidance_in.* means flux-dev."""
+    entries = read_header(path)
+    if cfg is None:
+        cfg = CONFIGS["flux-dev" if any(k.startswith("guidance_in.") for k in entries) else "flux-schnell"]
+    with torch.device("meta"):
+        model = MMDiT(cfg)
+    return materialize(model, entries, path, dtype, device)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A FLUX.1 snapshot folder (huggingface-cli download black-forest-labs/FLUX.1-schnell --local-dir DIR)
+
+def find_pretrained(folder, transformer=False):
+    """DIR -> paths of its parts: {'t5', 'clip', 'ae', 't5_tokenizer', 'clip_vocab', 'clip_merges'} (+ 'transformer'
+    when asked). One clear error listing every expected file that is missing, if DIR is not such a snapshot."""
+    j = lambda *p: os.path.join(folder, *p)
+    first = lambda *cands: next((c for c in cands if os.path.isfile(c)), None)
+    parts = {
+        "t5": (first(j("text_encoder_2", "model.safetensors.index.json"), j("text_encoder_2", "model.safetensors")),
+               "text_encoder_2/model.safetensors.index.json (+ shards) or text_encoder_2/model.safetensors"),
+        "clip": (first(j("text_encoder", "model.safetensors")), "text_encoder/model.safetensors"),
+        "ae": (first(j("ae.safetensors"), j("vae", "diffusion_pytorch_model.safetensors")),
+               "ae.safetensors or vae/diffusion_pytorch_model.safetensors"),
+        "t5_tokenizer": (first(j("tokenizer_2", "spiece.model")), "tokenizer_2/spiece.model"),
+        "clip_vocab": (first(j("tokenizer", "vocab.json")), "tokenizer/vocab.json"),
+        "clip_merges": (first(j("tokenizer", "merges.txt")), "tokenizer/merges.txt"),
+    }
+    if transformer:
+        parts["transformer"] = (first(j("flux1-schnell.safetensors"), j("flux1-dev.safetensors")),
+                                "flux1-schnell.safetensors or flux1-dev.safetensors")
+    missing = [want for got, want in parts.values() if got is None]
+    if missing:
+        raise FileNotFoundError(f"{os.path.abspath(folder)} is not a FLUX.1 snapshot folder: missing {missing}. "
+                                f"Get one with `huggingface-cli download black-forest-labs/FLUX.1-schnell "
+                                f"--local-dir DIR`.")
+    parts = {k: got for k, (got, _) in parts.items()}
+    parts["t5"], parts["clip"] = os.path.dirname(parts["t5"]), os.path.dirname(parts["clip"])  # folders: configs too
+    return parts
