@@ -156,7 +156,8 @@ def relations(box_a, box_b, threshold=0.1):
 
 def layout(spec, world, rng, max_tries=500):
     """Place the objects a spec asks for: a list of (shape, color, [x1, y1, x2, y2]) in pixels. Boxes never touch
-    (gap max(2 px, 0.05 R)); a stated relation holds under GenEval's rule with the stricter margin 0.15."""
+    (gap max(2 px, 0.05 R)); a stated relation is never borderline: it holds under GenEval's rule with the stricter
+    margin 0.15, and no other relation appears even with the looser margin 0.05 (GenEval uses 0.1)."""
     R = world.resolution
     sizes = {"single": world.size_single, "colors": world.size_single, "counting": world.size_counting,
              "position": world.size_position}.get(spec["tag"], world.size_two)
@@ -188,7 +189,7 @@ def layout(spec, world, rng, max_tries=500):
         for i, clause in enumerate(spec["include"]):
             if "position" in clause:  # clause i is `rel` of clause j; one object each (GenEval position prompts)
                 rel, j = clause["position"]
-                ok = ok and relations(boxes[i], boxes[j], threshold=0.15) == {rel}
+                ok = ok and rel in relations(boxes[i], boxes[j], 0.15) and relations(boxes[i], boxes[j], 0.05) == {rel}
         if ok:
             return [(s, c, b) for (s, c), b in zip(objects, boxes)]
     raise RuntimeError(f"could not lay out {spec['prompt']!r} at {R} px in {max_tries} tries")

@@ -48,8 +48,9 @@ def ddim_step(x, v, t, t_next, eta, noise):
     if t_next <= 0:
         return x0_hat
     e_hat = x + (1 - t) * v
-    b = max(t_next - eta * (t - t_next) * (t_next / t), 0.0)
-    return (1 - t_next) * x0_hat + b * e_hat + math.sqrt(max(t_next ** 2 - b ** 2, 0.0)) * noise
+    b = max(t_next - eta * (t - t_next) * (t_next / t), 0.0)  # = t_next at eta 0, t_next^2 / t at eta 1
+    x = (1 - t_next) * x0_hat + b * e_hat
+    return x if eta == 0 else x + math.sqrt(max(t_next ** 2 - b ** 2, 0.0)) * noise
 
 
 def resolve_defaults(steps, cfg, s_schedule):

@@ -115,7 +115,7 @@ def main(argv=None):
         path = selfe.resolve_checkpoint(args.out)
         with open(os.path.join(path, "config.json")) as f:
             meta = json.load(f)
-        if meta["config"] != cfg.to_dict():
+        if selfe.Config.from_dict(meta["config"]) != cfg:
             raise SystemExit(f"{path} was trained with another preset than --size {args.size}")
         selfe.load_strict(model, selfe.load_file(os.path.join(path, "model.safetensors")), path)
         selfe.load_strict(ema, selfe.load_file(os.path.join(path, "ema.safetensors")), path)
