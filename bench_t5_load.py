@@ -1,4 +1,4 @@
-"""Benchmark: load a T5 v1.1 XXL encoder checkpoint with model.load_t5 and report peak host memory against the file size.
+"""Benchmark: load a T5 v1.1 XXL checkpoint with model.load_t5; report peak host memory against the file size.
 
 Writes a synthetic checkpoint with the real key names and shapes of FLUX.1's text_encoder_2/ (HF T5EncoderModel
 layout, bf16, two shards of at most 5 GB + model.safetensors.index.json + config.json; about 9.5 GB), then loads it in

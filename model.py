@@ -736,7 +736,7 @@ class AutoEncoder(nn.Module):
         self.encoder, self.decoder = Encoder(c), Decoder(c)
 
     def encode(self, x, sample=False):
-        """z = scale (z_raw - shift), z_raw the Gaussian's mean (sample=True draws from it, as some training code does)."""
+        """z = scale (z_raw - shift), z_raw the Gaussian's mean (sample=True draws from it, as some trainers do)."""
         mean, logvar = self.encoder(x).chunk(2, dim=1)
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if sample else mean
         return self.c.scale_factor * (z - self.c.shift_factor)
@@ -784,8 +784,11 @@ def read_header(path):
     for k, v in header.items():
         if k == "__metadata__":
             continue
-        a, b = v["data_offsets"]
-        entries[k] = Entry(path, v["dtype"], tuple(v["shape"]), 8 + n + a, b - a)
+        try:
+            (a, b), dtype, shape = v["data_offsets"], v["dtype"], tuple(v["shape"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a safetensors file (bad header entry {k!r}: {v!r})") from e
+        entries[k] = Entry(path, dtype, shape, 8 + n + a, b - a)
         if 8 + n + b > size:
             raise CheckpointError(f"{path}: truncated: tensor {k!r} ends at byte {8 + n + b}, the file has {size}")
     return entries
@@ -856,7 +859,7 @@ def materialize(module, entries, where, dtype, device):
                         tmp = torch.empty(e.shape, dtype=src_dtype)
                         _read_into(f, e, tmp)
                         dst.copy_(tmp)  # converts dtype, moves device; one tensor at a time
-    return module.eval().requires_grad_(False)
+    return module.eval()
 
 
 def read_config(folder):
@@ -916,12 +919,12 @@ def load_t5(path, dtype=torch.bfloat16, device="cpu", config=None):
         entries["shared.weight"] = tied
     with torch.device("meta"):
         model = T5Encoder(config)
-    return materialize(model, entries, where, dtype, device)
+    return materialize(model, entries, where, dtype, device).requires_grad_(False)
 
 
 def clip_config_from_hf(d):
-    """Hugging Face CLIPTextConfig fields -> our CLIPConfig. The public config says eos_token_id 2 (legacy); transformers
-    then pools at argmax(ids), i.e. the first 49407 = vocab_size - 1: our first-end-token rule with that id."""
+    """Hugging Face CLIPTextConfig fields -> our CLIPConfig. The public config says eos_token_id 2 (legacy):
+    transformers then pools at argmax(ids), i.e. the first 49407 = vocab_size - 1, our first-end-token rule."""
     if d.get("hidden_act", "quick_gelu") != "quick_gelu":
         raise CheckpointError(f"CLIP config hidden_act={d['hidden_act']!r}: only 'quick_gelu' is implemented")
     c = CLIPConfig(**{k: d[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -940,7 +943,7 @@ def load_clip(path, dtype=torch.bfloat16, device="cpu", config=None):
                if not k.endswith("embeddings.position_ids")}
     with torch.device("meta"):
         model = CLIPTextEncoder(config)
-    return materialize(model, entries, file, dtype, device)
+    return materialize(model, entries, file, dtype, device).requires_grad_(False)
 
 
 def ae_key_from_diffusers(key, n_levels):
@@ -990,12 +993,13 @@ def load_autoencoder(path, dtype=torch.float32, device="cpu", config=None):
         entries = renamed
     with torch.device("meta"):
         model = AutoEncoder(config or AutoEncoderConfig())
-    return materialize(model, entries, file, dtype, device)
+    return materialize(model, entries, file, dtype, device).requires_grad_(False)
 
 
 def load_flux_transformer(path, cfg=None, dtype=torch.bfloat16, device="cpu"):
     """FLUX.1 transformer (BFL layout: flux1-schnell.safetensors / flux1-dev.safetensors) into our MMDiT, whose
-    parameter names are BFL's. Without cfg the preset is told by the keys: guidance_in.* means flux-dev."""
+    parameter names are BFL's. Without cfg the preset is told by the keys: guidance_in.* means flux-dev.
+    Returned in eval mode with gradients on (the caller freezes it or fine-tunes it)."""
     entries = read_header(path)
     if cfg is None:
         cfg = CONFIGS["flux-dev" if any(k.startswith("guidance_in.") for k in entries) else "flux-schnell"]

@@ -203,9 +203,10 @@ def bfl_to_diffusers(sd, n_double, n_single, hidden):
             out[f"{dst}.{wb}"] = sd.pop(f"{src}.{wb}")
 
     move("img_in", "x_embedder"), move("txt_in", "context_embedder")
-    for src, dst in (("time_in", "timestep_embedder"), ("vector_in", "text_embedder"), ("guidance_in", "guidance_embedder")):
+    for src, dst in (("time_in", "timestep"), ("vector_in", "text"), ("guidance_in", "guidance")):
         if f"{src}.in_layer.weight" in sd:
-            move(f"{src}.in_layer", f"time_text_embed.{dst}.linear_1"), move(f"{src}.out_layer", f"time_text_embed.{dst}.linear_2")
+            move(f"{src}.in_layer", f"time_text_embed.{dst}_embedder.linear_1")
+            move(f"{src}.out_layer", f"time_text_embed.{dst}_embedder.linear_2")
     for i in range(n_double):
         b, d = f"double_blocks.{i}", f"transformer_blocks.{i}"
         move(f"{b}.img_mod.lin", f"{d}.norm1.linear"), move(f"{b}.txt_mod.lin", f"{d}.norm1_context.linear")
@@ -253,7 +254,8 @@ def test_flux_transformer_parity(guidance, tmp_path):
     ref.eval()
     g = torch.Generator().manual_seed(4)
     B, h, w, Lt = 2, 3, 4, 5
-    img, txt, y = torch.randn(B, h * w, 16, generator=g), torch.randn(B, Lt, 24, generator=g), torch.randn(B, 20, generator=g)
+    img, txt = torch.randn(B, h * w, 16, generator=g), torch.randn(B, Lt, 24, generator=g)
+    y = torch.randn(B, 20, generator=g)
     t = torch.tensor([0.3, 0.9])
     gd = torch.tensor([3.5, 1.0]) if guidance else None
     img_ids = torch.zeros(h, w, 3)
