@@ -410,6 +410,26 @@ def test_find_pretrained(tmp_path):
     assert "ae.safetensors" in str(e.value) and "spiece" not in str(e.value)
 
 
+def test_snapshot_folder_end_to_end(t5_ref, clip_ref, ae_ref, spiece, tmp_path):
+    """A FLUX-layout folder assembled from the references: find_pretrained's paths feed every loader and tokenizer."""
+    import shutil
+    for (_, src), name in ((t5_ref, "text_encoder_2"), (clip_ref, "text_encoder"), (ae_ref, "vae")):
+        shutil.copytree(src, tmp_path / name)
+    (tmp_path / "tokenizer_2").mkdir()
+    shutil.copy(spiece, tmp_path / "tokenizer_2" / "spiece.model")
+    (tmp_path / "tokenizer").mkdir()
+    vocab, merges, _ = clip_files(tmp_path / "tokenizer")
+    parts = model.find_pretrained(str(tmp_path))
+    assert parts["ae"].endswith(os.path.join("vae", "diffusion_pytorch_model.safetensors"))
+    t5, clip = model.load_t5(parts["t5"], torch.float32), model.load_clip(parts["clip"], torch.float32)
+    ae = model.load_autoencoder(parts["ae"], torch.float32)
+    t5_ids = data.T5Tokenizer(parts["t5_tokenizer"], 16)(["a red circle"])  # (1, 16), ids < the tiny vocab
+    clip_ids = data.CLIPTokenizer(parts["clip_vocab"], parts["clip_merges"], max_len=20)(["a red circle"])
+    assert t5(t5_ids).shape == (1, 16, 32) and clip_ids.shape == (1, 20)
+    assert clip(clip_ids.clamp(max=99))[1].shape == (1, 32)  # the tiny CLIP: 100 ids, 20 positions
+    assert ae.decode(ae.encode(torch.zeros(1, 3, 16, 16))).shape == (1, 3, 16, 16)
+
+
 @pytest.fixture
 def ae_file(tmp_path):
     with torch.device("meta"):
