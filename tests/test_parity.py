@@ -279,7 +279,7 @@ def test_flux_presets():
             (False, guidance, max_len, "flux-vae", "pretrained")
         with torch.device("meta"):
             n = sum(p.numel() for p in model.MMDiT(c).parameters())
-        assert 11.8e9 < n < 12.0e9  # FLUX.1 is "12B": 11.90B parameters (dev 11.90B + guidance)
+        assert 11.8e9 < n < 12.0e9  # FLUX.1 is "12B": schnell 11.89B, dev 11.90B parameters
 
 
 # ----------------------------------------------------------------------------------------------------------------------
