@@ -321,7 +321,7 @@ def summarize(specs, correct):
     """Per task, Overall (plain mean of the task scores present), % prompts with any correct image, per shape and
     per colour accuracy (over images whose prompt names it). specs and correct are per image."""
     def mean(xs):
-        return round(float(np.mean(xs)), 4) if xs else None
+        return round(float(np.mean(xs)), 6) if xs else None
     tasks = {t: mean([c for s, c in zip(specs, correct) if s["tag"] == t]) for t in data.TASKS}
     tasks = {t: v for t, v in tasks.items() if v is not None}
     by_prompt = {}

@@ -1,0 +1,322 @@
+"""The GenEval-style checker (evaluate.py) held against ../shared/EVAL.md's validation targets: ground-truth renders
+score ~1, one-fact hard negatives 0, blank and noise images 0, shuffled prompts at the chance level an oracle
+computes, 64 px robustness under noise and blur; edge cases; the CLI's errors, determinism and common random numbers.
+CPU only. Run: python -m pytest -q tests/test_evaluate.py"""
+import functools
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import evaluate as ev
+
+torch.set_num_threads(1)  # the checker's tensors are tiny; on a shared 2-core machine threads only contend
+
+N = 8  # prompts per task
+
+
+@functools.cache
+def truth(world_name):
+    """Ground-truth renders of the prompt set (seen and held-out), their oracle objects, and hard negatives."""
+    world = data.WORLDS[world_name]
+    specs = [dict(s, index=i) for i, s in enumerate(ev.prompt_set(world, N, seed=3))]
+    images, objects, negs, neg_specs, neg_kinds = [], [], [], [], []
+    for i, spec in enumerate(specs):
+        rng = data.sample_rng(11, i)
+        img, objs = ev.render_spec(spec, world, rng)
+        images.append(img)
+        objects.append(objs)
+        for kind, bad in ev.hard_negatives(spec, world, rng):
+            try:
+                negs.append(ev.render_spec(bad, world, rng)[0])
+            except RuntimeError:  # a count + 1 that does not fit the image
+                continue
+            neg_specs.append(spec)
+            neg_kinds.append(kind)
+    return world, specs, torch.stack(images), objects, torch.stack(negs), neg_specs, neg_kinds
+
+
+def accuracy(images, specs, world):
+    return float(np.mean([ok for ok, _ in ev.score(images, specs, world)]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation targets (EVAL.md)
+
+@pytest.mark.parametrize("world_name", ["small", "full"])
+def test_ground_truth_scores_high_and_sees_exactly_the_scene(world_name):
+    world, specs, images, objects, *_ = truth(world_name)
+    res = ev.score(images, specs, world)
+    acc = np.mean([ok for ok, _ in res])
+    assert acc >= 0.98, [(s["prompt"], why) for s, (ok, why) in zip(specs, res) if not ok]
+    summary = ev.summarize(specs, [ok for ok, _ in res])
+    assert set(summary["tasks"]) == set(data.TASKS) and min(summary["tasks"].values()) >= 0.9
+    # stronger than the verdict (extra objects are not penalised by GenEval): the checker finds every object, with
+    # its class and colour, and invents none (plain nearest-colour labels invented 'brown' rims)
+    exact = 0
+    for img, objs in zip(ev.to_pixels(images), objects):
+        found = sorted((o["class"], o["color"]) for o in ev.detect(img, world) if o["conf"] >= ev.KEEP_CONF)
+        exact += found == sorted((o["class"], o["color"]) for o in objs)
+    assert exact / len(objects) >= 0.98
+
+
+@pytest.mark.parametrize("world_name", ["small", "full"])
+def test_hard_negatives_score_zero(world_name):
+    world, *_, negs, neg_specs, neg_kinds = truth(world_name)
+    assert {"shape", "color", "count-1", "count+1", "relation", "swap", "missing"} <= set(neg_kinds)
+    res = ev.score(negs, neg_specs, world)
+    wrong = [(s["prompt"], k, why) for s, k, (ok, why) in zip(neg_specs, neg_kinds, res) if ok]
+    assert not wrong
+
+
+@pytest.mark.parametrize("world_name", ["small", "full"])
+def test_shuffled_prompts_score_at_chance(world_name):
+    """Each image judged against another prompt of its task: the checker must agree with an oracle that judges the
+    same pairs on the true scene; chance is what the oracle says, not 0 (two circles satisfy 'a circle')."""
+    world, specs, images, objects, *_ = truth(world_name)
+    perm = list(range(len(specs)))
+    for task in data.TASKS:
+        idx = [i for i in perm if specs[i]["tag"] == task]
+        sh = idx[1:] + idx[:1]  # a derangement within the task
+        for a, b in zip(idx, sh):
+            perm[a] = b
+    shuffled = [specs[j] for j in perm]
+    checker = [ok for ok, _ in ev.score(images, shuffled, world)]
+    oracle = [ev.judge(s, objs)[0] for s, objs in zip(shuffled, objects)]
+    assert np.mean(oracle) < 0.7  # the shuffle really changed the question
+    assert np.mean(np.array(checker) == np.array(oracle)) >= 0.95
+    assert abs(np.mean(checker) - np.mean(oracle)) <= 0.05
+
+
+@pytest.mark.parametrize("world_name", ["small", "full"])
+def test_blank_and_noise_images_score_zero(world_name):
+    world, specs, *_ = truth(world_name)
+    R, g = world.resolution, torch.Generator().manual_seed(0)
+    gray = torch.full((3, R, R), 120 / 127.5 - 1)
+    ramp = gray + torch.linspace(-6, 6, R)[None, :, None] / 127.5
+    fakes = [gray, ramp, gray + 20 / 127.5 * torch.randn(3, R, R, generator=g),
+             gray + 60 / 127.5 * torch.randn(3, R, R, generator=g), torch.rand(3, R, R, generator=g) * 2 - 1,
+             torch.full((3, R, R), 1.0), torch.full((3, R, R), -1.0)]
+    for fake in fakes:
+        assert accuracy(fake.clamp(-1, 1).expand(len(specs), 3, R, R), specs, world) == 0
+
+
+@pytest.mark.parametrize("kind", ["noise10", "noise20", "blur1", "jitter", "downup"])
+def test_robust_at_64px(kind):
+    """EVAL.md: at 64 px under noise sigma 10 or 20, blur sigma 1, colour jitter, 2x down/up: >= 0.98, hard negatives
+    0.00 (measured: 1.00 and 0.00 for every kind)."""
+    world, specs, images, _, negs, neg_specs, _ = truth("full")
+    g = torch.Generator().manual_seed(1)
+    assert accuracy(ev.perturb(images, kind, g), specs, world) >= 0.98
+    assert accuracy(ev.perturb(negs, kind, g), neg_specs, world) == 0
+
+
+def test_perturbations_do_something():
+    """The robustness test is only worth something if the perturbations damage the image."""
+    _, _, images, *_ = truth("full")
+    g = torch.Generator().manual_seed(1)
+    for kind in ["noise10", "blur1", "jitter", "downup"]:
+        assert (ev.perturb(images, kind, g) - images).abs().mean() > 0.01, kind
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Edge cases
+
+def render(objs, R, level=122.0):
+    img = torch.full((3, R, R), level)
+    for shape, color, box in objs:
+        a = data.shape_alpha(shape, box, R)
+        img = img * (1 - a) + torch.tensor(data.PALETTE[color], dtype=torch.float32)[:, None, None] * a
+    return (img / 127.5 - 1)[None]
+
+
+def found(img, world):
+    return sorted((o["class"], o["color"]) for o in ev.detect(ev.to_pixels(img)[0], world) if o["conf"] >= ev.KEEP_CONF)
+
+
+@pytest.mark.parametrize("world_name", ["small", "full"])
+def test_small_antialiased_shapes_at_subpixel_offsets(world_name):
+    """Every shape in every colour at the smallest nominal size the world draws (counting's lower bound: 7.7 px at
+    32 px), at fractional positions, so that anti-aliased rims dominate. (Crowded layouts may shrink objects to 0.7 of
+    that; at 32 px such 5 px squares read as ambiguous square/circle in 2 of 6 colours: EVAL.md's 'fragile at 32 px'.)"""
+    world = data.WORLDS[world_name]
+    R = world.resolution
+    side = world.size_counting[0] * R
+    rng = random.Random(0)
+    misses = []
+    for shape in world.shapes:
+        for color in world.colors:
+            x, y = rng.uniform(2, R - side - 2), rng.uniform(2, R - side - 2)
+            got = found(render([(shape, color, (x, y, x + side, y + side))], R), world)
+            if got != [(shape, color)]:
+                misses.append((shape, color, got))
+    assert len(misses) <= len(world.shapes) * len(world.colors) // 20, misses
+
+
+@pytest.mark.parametrize("world_name", ["small", "full"])
+def test_touching_shapes_of_two_colours_are_split(world_name):
+    """The data never lets objects touch, but a model may: two colours in one component are two objects."""
+    world = data.WORLDS[world_name]
+    R = world.resolution
+    s = 0.3 * R
+    shapes = [("square", "circle"), ("circle", "triangle"), ("triangle", "square")]
+    for (a, b), (ca, cb) in zip(shapes, [("red", "blue"), ("green", "white"), ("yellow", "purple")]):
+        x, y = 0.15 * R, 0.3 * R
+        objs = [(a, ca, (x, y, x + s, y + s)), (b, cb, (x + s, y, x + 2 * s, y + s))]  # boxes share an edge
+        assert found(render(objs, R), world) == sorted([(a, ca), (b, cb)]), (a, b)
+
+
+def test_components_match_flood_fill():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        mask = rng.random((23, 31)) < rng.uniform(0.2, 0.6)
+        lab, n = ev.components(mask)
+        ref, m = -np.ones(mask.shape, int), 0
+        for y, x in zip(*np.nonzero(mask)):
+            if ref[y, x] >= 0:
+                continue
+            stack, ref[y, x] = [(y, x)], m
+            while stack:
+                cy, cx = stack.pop()
+                for dy in (-1, 0, 1):
+                    for dx in (-1, 0, 1):
+                        ny, nx = cy + dy, cx + dx
+                        if 0 <= ny < 23 and 0 <= nx < 31 and mask[ny, nx] and ref[ny, nx] < 0:
+                            ref[ny, nx] = m
+                            stack.append((ny, nx))
+            m += 1
+        assert n == m
+        pairs = set(zip(lab[mask].tolist(), ref[mask].tolist()))
+        assert len(pairs) == n  # the two labelings are the same partition
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GenEval logic, the prompt set and the report
+
+def obj(cls, conf=0.9, iou=None, color="red", box=(0, 0, 10, 10)):
+    return {"class": cls, "color": color, "conf": conf, "iou": conf if iou is None else iou, "box": list(box),
+            "reject": ""}
+
+
+def test_judge_counting_exclude_counts_sloppy_extras():
+    spec = data.sample_spec(data.WORLDS["full"], random.Random(0), task="counting")
+    spec["include"][0].update(count=2, **{"class": "circle"})
+    spec["exclude"][0].update(count=3, **{"class": "circle"})
+    two = [obj("circle"), obj("circle"), obj("square")]
+    assert ev.judge(spec, two)[0]
+    assert not ev.judge(spec, two + [obj("circle", conf=0.0, iou=0.65)])[0]   # a sloppy third circle breaks 'two'
+    assert ev.judge(spec, two + [obj("circle", conf=0.0, iou=0.55)])[0]       # a blob is not a circle
+    assert not ev.judge(spec, [obj("circle"), obj("circle", conf=0.7)])[0]    # below the keep threshold
+
+
+def test_judge_position_uses_genevals_rule():
+    spec = {"tag": "position", "include": [{"class": "square", "count": 1},
+                                           {"class": "circle", "count": 1, "position": ["left of", 0]}], "exclude": []}
+    left = [obj("circle", box=(0, 20, 10, 30)), obj("square", box=(30, 20, 40, 30))]
+    assert ev.judge(spec, left)[0]
+    right = [obj("circle", box=(30, 20, 40, 30)), obj("square", box=(0, 20, 10, 30))]
+    assert not ev.judge(spec, right)[0]
+    overlapping = [obj("circle", box=(0, 0, 10, 10)), obj("square", box=(2, 0, 12, 10))]  # within 0.1 (dims): none
+    assert not ev.judge(spec, overlapping)[0]
+
+
+def test_prompt_set_is_seeded_and_splits_held_out_pairs():
+    world = data.WORLDS["full"]
+    a, b = ev.prompt_set(world, 6, seed=0), ev.prompt_set(world, 6, seed=0)
+    assert [s["prompt"] for s in a] == [s["prompt"] for s in b]
+    assert [s["prompt"] for s in a] != [s["prompt"] for s in ev.prompt_set(world, 6, seed=1)]
+    assert len(a) == 6 * 6 + 2 * 6
+    held = set(world.heldout)
+    for s in a:
+        pairs = {(o.get("color"), o["class"]) for o in s["include"]}
+        assert bool(pairs & held) == (not s["seen"]), s["prompt"]
+    assert {s["tag"] for s in a if not s["seen"]} == {"colors", "color_attr"}
+    with pytest.raises(ValueError):
+        ev.prompt_set(world, 0)
+
+
+def test_overall_is_the_plain_mean_of_the_six_tasks():
+    world = data.WORLDS["small"]
+    specs = [dict(s, index=i) for i, s in enumerate(ev.prompt_set(world, 2)) if s["seen"]]
+    correct = [s["tag"] in ("single", "two") or (s["tag"] == "counting" and i % 2 == 0) for i, s in enumerate(specs)]
+    summary = ev.summarize(specs, correct)
+    assert summary["tasks"]["single"] == 1 and summary["tasks"]["position"] == 0
+    assert summary["overall"] == pytest.approx(np.mean(list(summary["tasks"].values())), abs=1e-5)
+    assert summary["overall"] == pytest.approx((1 + 1 + 0.5) / 6, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The CLI
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny untrained checkpoint (no training on a shared CPU), and two that the checker must refuse."""
+    import model
+    import selfe
+    root = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    system = selfe.SelfE(model.CONFIGS["tiny"])
+    system.make_ema()
+    flags = {"world": "small", "anchor": 512, "objective": "selfe", "seed": 0, "data": "shapes"}
+    selfe.save_checkpoint(str(root / "ok"), system, 1, flags)
+    selfe.save_checkpoint(str(root / "mars"), system, 1, dict(flags, world="mars"))
+    selfe.save_checkpoint(str(root / "big"), system, 1, dict(flags, world="full"))  # a 32 px model, 64 px world
+    return root
+
+
+def run_cli(ckpt, out, *extra):
+    return ev.main(["--ckpt", str(ckpt / "ok"), "--steps", "1,2", "--prompts", "1", "--seeds", "2",
+                    "--out", str(out), "--device", "cpu", *extra])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "1,x"], "step counts"), (["--steps", "0,2"], "distinct integers"), (["--steps", ""], "step counts"),
+    (["--steps", "2,2"], "distinct"), (["--prompts", "0"], None), (["--seeds", "0"], None)])
+def test_cli_rejects_bad_arguments(ckpt, tmp_path, argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--ckpt", str(ckpt / "ok"), "--out", str(tmp_path), *argv])
+    text = str(e.value.code) + capsys.readouterr().err
+    assert e.value.code != 0 and (message is None or message in text), text
+
+
+@pytest.mark.parametrize("name, message", [("missing", "no checkpoint"), ("mars", "only knows the shapes worlds"),
+                                           ("big", "64 px but the model makes 32 px")])
+def test_cli_rejects_checkpoints_it_cannot_judge(ckpt, tmp_path, name, message):
+    with pytest.raises(SystemExit, match=message):
+        ev.main(["--ckpt", str(ckpt / name), "--steps", "1", "--prompts", "1", "--out", str(tmp_path)])
+
+
+def test_cli_scores_what_it_is_given(ckpt, tmp_path, monkeypatch):
+    """End to end with the sampler replaced by a perfect model (ground-truth renders of the very prompts it is asked
+    for): the sweep must pair images, prompts and scores correctly, seen and held-out."""
+    import sample
+    world = data.WORLDS["small"]
+    by_prompt = {s["prompt"]: s for s in ev.prompt_set(world, 2)}
+
+    def perfect(system, prompts, steps, cfg, eta, s_schedule, seeds, anchor=512):
+        return torch.stack([ev.render_spec(by_prompt[p], world, data.sample_rng(s, steps))[0]
+                            for p, s in zip(prompts, seeds)])
+    monkeypatch.setattr(sample, "sample", perfect)
+    report = ev.main(["--ckpt", str(ckpt / "ok"), "--steps", "1,4", "--prompts", "2", "--seeds", "2",
+                      "--out", str(tmp_path), "--batch", "5"])
+    for n in ("1", "4"):
+        res = json.loads(json.dumps(report))["models"][0]["results"][n]
+        assert res["seen"]["overall"] >= 0.98 and res["heldout"]["overall"] >= 0.98
+        assert res["seen"]["images"] == 6 * 2 * 2 and res["heldout"]["images"] == 2 * 2 * 2
+
+
+def test_cli_is_deterministic_and_shares_noise_across_models(ckpt, tmp_path):
+    a = json.loads(json.dumps(run_cli(ckpt, tmp_path / "a")))  # as saved: step counts become string keys
+    b = json.loads(json.dumps(run_cli(ckpt, tmp_path / "b", "--compare", str(ckpt / "ok"))))
+    with open(tmp_path / "a" / "eval.json") as f:
+        saved = json.load(f)
+    strip = lambda m: {n: [(r["seed"], r["correct"], r["reason"]) for r in v["images"]] for n, v in m["results"].items()}
+    assert strip(saved["models"][0]) == strip(b["models"][0]) == strip(b["models"][1])
+    assert saved["models"][0]["results"]["1"]["seen"] == a["models"][0]["results"]["1"]["seen"]
+    assert os.path.isfile(tmp_path / "a" / "grid.png") and os.path.isfile(tmp_path / "b" / "compare.png")
+    seeds = [r["seed"] for r in saved["models"][0]["results"]["2"]["images"]]
+    assert len(set(seeds)) == len(seeds) == (6 + 2) * 2
