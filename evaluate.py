@@ -162,6 +162,18 @@ def fit_shape(alpha, shapes, R, ss=2):
     return {s: (iou[i, best[i]].item(), boxes[i * len(BLURS) + best[i]]) for i, s in enumerate(shapes)}
 
 
+def color_labels(img, bg, pal):
+    """Mixture-aware colour labels (EVAL.md: the fix that mattered). Each pixel is bg + a (c_k - bg) for the best
+    a in [0, 1] per palette colour (least squares, closed form); the label is the colour with the smallest residual.
+    Plain nearest-colour labels read a red-on-gray rim as brown. img (H, W, 3), bg (H, 3), pal (K, 3) ->
+    (labels (H, W), a (H, W, K))."""
+    diff = img - bg[:, None, :]                                                 # (H, W, 3)
+    d = pal[None] - bg[:, None, :]                                              # (H, K, 3)
+    a = np.clip(np.einsum("hwc,hkc->hwk", diff, d) / (d * d).sum(-1)[:, None, :], 0, 1)   # (H, W, K)
+    resid = np.linalg.norm(diff[:, :, None, :] - a[..., None] * d[:, None], axis=-1)      # (H, W, K)
+    return resid.argmin(-1), a
+
+
 def detect(img, world):
     """img (H, W, 3) float 0-255 -> objects: dicts with class, color, conf (0 if rejected), iou, box [x1, y1, x2, y2],
     purity. Only the world's shapes and colours are considered."""
@@ -172,12 +184,9 @@ def detect(img, world):
         img = median3(img)
         bg, sigma = background(img)
     pal = np.array([data.PALETTE[c] for c in world.colors], np.float32)        # (K, 3)
-    diff = img - bg[:, None, :]                                                 # (H, W, 3)
-    d = pal[None] - bg[:, None, :]                                              # (H, K, 3)
-    a = np.clip(np.einsum("hwc,hkc->hwk", diff, d) / (d * d).sum(-1)[:, None, :], 0, 1)   # (H, W, K)
-    resid = np.linalg.norm(diff[:, :, None, :] - a[..., None] * d[:, None], axis=-1)      # (H, W, K)
-    label = resid.argmin(-1)
+    label, a = color_labels(img, bg, pal)
     best_a = np.take_along_axis(a, label[..., None], -1)[..., 0]
+    diff = img - bg[:, None, :]
     # Adaptive threshold: 4 noise sigmas of a 3-channel distance, and never below a faint 20% blend
     fg = (np.linalg.norm(diff, axis=-1) > max(18.0, 4 * math.sqrt(3) * sigma)) & (best_a > MIN_ALPHA)
     comp, n = components(fg)

@@ -170,6 +170,20 @@ def test_touching_shapes_of_two_colours_are_split(world_name):
         assert found(render(objs, R), world) == sorted([(a, ca), (b, cb)]), (a, b)
 
 
+def test_colour_labels_are_mixture_aware():
+    """Every palette colour blended over every background level at 25-100% coverage is labelled as itself (plain
+    nearest-colour labelling reads a 50% red rim on gray as brown, a 50% white one as gray...)."""
+    world = data.WORLDS["full"]
+    pal = np.array([data.PALETTE[c] for c in world.colors], np.float32)
+    alphas = np.linspace(0.25, 1, 13)
+    for level in (108, 122, 136):
+        bg = np.full((len(pal), 3), level, np.float32)
+        img = bg[:, None] + alphas[None, :, None] * (pal[:, None] - bg[:, None])            # (K, A, 3)
+        label, a = ev.color_labels(img.astype(np.float32), bg, pal)
+        assert (label == np.arange(len(pal))[:, None]).all(), (level, label)
+        assert np.allclose(a[np.arange(len(pal)), :, np.arange(len(pal))], alphas[None], atol=1e-3)
+
+
 def test_components_match_flood_fill():
     rng = np.random.default_rng(0)
     for _ in range(20):
