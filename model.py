@@ -93,10 +93,6 @@ class Config:
     def latent_channels(self):
         return 3 if self.latent == "pixels" else 16
 
-    @property
-    def latent_size(self):
-        return self.resolution if self.latent == "pixels" else self.resolution // 8
-
     def to_dict(self):
         return asdict(self)
 
@@ -973,7 +969,8 @@ def ae_config_from_diffusers(d):
     return AutoEncoderConfig(in_channels=d.get("in_channels", 3), out_ch=d.get("out_channels", 3), ch=ch,
                              ch_mult=tuple(c // ch for c in d["block_out_channels"]),
                              num_res_blocks=d.get("layers_per_block", 2), z_channels=d.get("latent_channels", 16),
-                             scale_factor=d.get("scaling_factor", 0.3611), shift_factor=d.get("shift_factor", 0.1159))
+                             scale_factor=d.get("scaling_factor", 0.3611),
+                             shift_factor=d.get("shift_factor", 0.1159) or 0.0)  # diffusers writes null for none
 
 
 def load_autoencoder(path, dtype=torch.float32, device="cpu", config=None):

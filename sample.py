@@ -8,18 +8,21 @@ s_k = t_{k+1} by default (Sec. 3.4); guidance is energy-preserving CFG (w = 5); 
 (S.2; eta = 0 is Eq. 22). One step without guidance uses s = 0.5 (S.3.1). EMA weights by default.
 """
 import argparse
+import dataclasses
 import math
 import os
 import sys
 
 import torch
 
+import model
 import selfe
 
 
-def time_grid(steps, L, anchor=512):
+def time_grid(steps, L, anchor=512, shift=True):
     """t_0 = 1 > t_1 > ... > t_N = 0: linspace(1, 0, N + 1) warped with mu(L) (s.12). (N + 1,)"""
-    return selfe.warp(torch.linspace(1, 0, steps + 1, dtype=torch.float64), selfe.mu_of_length(L, anchor)).float()
+    mu = selfe.mu_of_length(L, anchor) if shift else 0.0
+    return selfe.warp(torch.linspace(1, 0, steps + 1, dtype=torch.float64), mu).float()
 
 
 def second_times(ts, schedule="next"):
@@ -62,7 +65,7 @@ def resolve_defaults(steps, cfg, s_schedule):
 
 @torch.no_grad()
 def sample(system, prompts, steps=4, cfg=None, eta=1.0, s_schedule=None, seeds=None, model=None, anchor=512,
-           progress=False):
+           shift=True, progress=False):
     """prompts (B) -> images (B, 3, H, W) in [-1, 1]. Each image's noise comes from its own seed (default 0..B-1),
     so an image does not depend on what else is in the batch. `model` defaults to the EMA weights if present."""
     model = model or system.ema or system.denoiser
@@ -78,7 +81,7 @@ def sample(system, prompts, steps=4, cfg=None, eta=1.0, s_schedule=None, seeds=N
     if cfg != 1:  # both guidance branches in one batched call per step
         null = tuple(c.expand(B, *c.shape[1:]) for c in system.null_cond())
         cond = tuple(torch.cat(pair) for pair in zip(cond, null))
-    ts = time_grid(steps, L, anchor)
+    ts = time_grid(steps, L, anchor, shift)
     ss = second_times(ts, s_schedule)
     x = randn()
     for k in range(steps):
@@ -132,13 +135,41 @@ def parse_steps(text):
     return steps
 
 
+# The public FLUX.1 transformers sample as BFL does: Euler (eta 0), no CFG; schnell without the time shift, dev with
+# mu anchored at 256 tokens and its distilled guidance input.
+FLUX_SAMPLING = {"flux-schnell": dict(cfg=1.0, eta=0.0, shift=False, anchor=256),
+                 "flux-dev": dict(cfg=1.0, eta=0.0, shift=True, anchor=256)}
+
+
+def load_system(args):
+    """--ckpt DIR (a Self-E run) or --size flux-schnell|flux-dev --pretrained DIR (the public FLUX.1 transformer)."""
+    if args.size:
+        if args.size not in FLUX_SAMPLING:
+            raise SystemExit(f"--size {args.size!r}: sample.py --size takes {', '.join(FLUX_SAMPLING)} "
+                             f"(Self-E presets sample from their checkpoint: --ckpt DIR)")
+        if not args.pretrained:
+            raise SystemExit(f"--size {args.size} needs --pretrained FLUX_DIR (a FLUX.1 snapshot folder)")
+        cfg = selfe.preset(args.size)
+        if args.resolution:
+            cfg = dataclasses.replace(cfg, resolution=args.resolution)
+        weights = model.find_pretrained(args.pretrained, transformer=True)["transformer"]
+        system = selfe.SelfE(cfg, args.device, pretrained=args.pretrained, t5=args.t5, clip=args.clip, vae=args.vae,
+                             transformer=weights)
+        system.guidance = args.guidance
+        return system, {"step": 0, "flags": FLUX_SAMPLING[args.size], "source": weights}
+    system, meta = selfe.load_checkpoint(args.ckpt, args.device, args.weights, args.pretrained, args.t5, args.clip,
+                                         args.vae, args.resolution)
+    meta["source"] = f"{selfe.resolve_checkpoint(args.ckpt)} (step {meta['step']}, {args.weights} weights)"
+    return system, meta
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", nargs="+", metavar="PROMPT")
     p.add_argument("--ckpt", default="runs/tiny", help="run folder (uses its `latest`) or a step folder")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--cfg", type=float, default=None, help="EP-CFG scale (default 5; 1 = no guidance; 1 step: 1)")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1 = the paper's setting, 0 = Euler, Eq. 22)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (1 = the paper's setting, 0 = Euler, Eq. 22)")
     p.add_argument("--s-schedule", default=None, help="next (s_k = t_{k+1}), current (s_k = t_k) or a in [0, 1]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n", type=int, default=1, help="images per prompt")
@@ -147,32 +178,42 @@ def main(argv=None):
     p.add_argument("--weights", default="ema", choices=("ema", "model"))
     p.add_argument("--anchor", type=int, default=None, help="mu(L) anchor length (default: the run's)")
     p.add_argument("--upscale", type=int, default=None, help="nearest-neighbour zoom of the PNG (default: to >= 256 px)")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the preset's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    f = p.add_argument_group("real frozen parts and the public FLUX.1 transformers")
+    f.add_argument("--size", default=None, help="flux-schnell or flux-dev: sample the public FLUX.1 transformer")
+    f.add_argument("--pretrained", default=None, help="FLUX.1 snapshot folder (T5, CLIP, autoencoder, transformer)")
+    f.add_argument("--t5", default=None, help="T5 v1.1 XXL folder (weights, config.json, spiece.model)")
+    f.add_argument("--clip", default=None, help="CLIP ViT-L/14 text folder (weights, config.json, vocab, merges)")
+    f.add_argument("--vae", default=None, help="FLUX autoencoder file (ae.safetensors or diffusers layout)")
+    f.add_argument("--guidance", type=float, default=3.5, help="flux-dev's distilled guidance input")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be >= 1")
     try:
-        system, meta = selfe.load_checkpoint(args.ckpt, args.device, args.weights)
+        system, meta = load_system(args)
     except FileNotFoundError as e:
         raise SystemExit(str(e))
-    anchor = args.anchor or meta["flags"].get("anchor", 512)
+    flags = meta["flags"]
+    anchor = args.anchor or flags.get("anchor", 512)
+    shift = flags.get("shift", True)
+    cfg = args.cfg if args.cfg is not None else flags.get("cfg")
+    eta = args.eta if args.eta is not None else flags.get("eta", 1.0)
     upscale = args.upscale or max(1, 256 // system.cfg.resolution)
     prompts = [pr for pr in args.prompts for _ in range(args.n)]
     seeds = [args.seed * 1000 + i for i in range(len(prompts))]
-    print(f"checkpoint {selfe.resolve_checkpoint(args.ckpt)} (step {meta['step']}, {args.weights} weights)",
-          file=sys.stderr)
+    print(f"sampling {meta['source']}", file=sys.stderr)
+    run = lambda n: sample(system, prompts, n, cfg, eta, args.s_schedule, seeds, anchor=anchor, shift=shift,
+                           progress=True)
     if args.sweep:
         rows, labels = [], []
         for n in parse_steps(args.sweep):
             print(f"{n} step(s):", file=sys.stderr)
-            rows.append(sample(system, prompts, n, args.cfg, args.eta, args.s_schedule, seeds, anchor=anchor,
-                               progress=True))
+            rows.append(run(n))
             labels.append(f"{n} step" + ("s" if n > 1 else ""))
         out = save_grid(rows, args.out or "sweep.png", upscale, labels)
     else:
-        images = sample(system, prompts, args.steps, args.cfg, args.eta, args.s_schedule, seeds, anchor=anchor,
-                        progress=True)
-        out = save_grid(list(images.split(args.n)), args.out or "sample.png", upscale)
+        out = save_grid(list(run(args.steps).split(args.n)), args.out or "sample.png", upscale)
     print(f"wrote {out}")
 
 

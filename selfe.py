@@ -6,6 +6,7 @@
   the second time s with its tau anneal (s.13), caption dropout (METHOD.md 3), EMA, and the checkpoint format.
 Equation numbers are the paper's, as collected in ../shared/METHOD.md.
 """
+import dataclasses
 import json
 import math
 import os
@@ -15,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import data
-from model import CONFIGS, CLIPTextEncoder, Config, MMDiT, T5Encoder, init_text_encoder
+import model as M
+from model import CONFIGS, CLIPTextEncoder, Config, MMDiT, T5Encoder, init_text_encoder, load_strict
 
 NULL_PROMPT = ""  # phi: the empty prompt, through both encoders (METHOD.md 3, [ASSUMPTION] 1)
 
@@ -101,14 +103,23 @@ def image_ids(h, w, device="cpu"):
 class SelfE:
     """Denoiser + frozen text encoders (+ autoencoder) of one preset. `denoiser` is trained; `ema` is its EMA copy."""
 
-    def __init__(self, cfg: Config, device="cpu", frozen_seed=0, pretrained=None, meta=False):
+    def __init__(self, cfg: Config, device="cpu", frozen_seed=0, pretrained=None, t5=None, clip=None, vae=None,
+                 transformer=None, meta=False):
+        """Build the denoiser (random init, or on the meta device) and the frozen parts. The tiny preset makes its
+        stand-ins from `frozen_seed`; the others load the public weights from a FLUX.1 snapshot folder `pretrained`,
+        or part by part from `t5` / `clip` folders (weights, config and tokenizer files side by side) and a `vae`
+        file. `transformer` loads a public FLUX.1 transformer (BFL layout) as the denoiser."""
         self.cfg, self.device = cfg, torch.device(device)
-        with torch.device("meta" if meta else self.device):
-            self.denoiser = MMDiT(cfg)
-        if not meta:
-            self.denoiser.init_weights()
-        self.ema = None
-        self.frozen_seed = frozen_seed
+        self.guidance = 3.5  # FLUX.1-dev's distilled guidance input; unused by Self-E presets
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32  # of the pretrained parts
+        if transformer is not None:
+            self.denoiser = M.load_flux_transformer(transformer, cfg, dtype, self.device)
+        else:
+            with torch.device("meta" if meta else self.device):
+                self.denoiser = MMDiT(cfg)
+            if not meta:
+                self.denoiser.init_weights()
+        self.ema, self.ae, self._null = None, None, None
         if cfg.tokenizer == "bytes":  # the tiny preset's stand-ins: same classes as the real encoders, random, seeded
             self.t5_tokenizer = data.ByteTokenizer(cfg.t5_max_len, "pad-end")
             self.clip_tokenizer = data.ByteTokenizer(cfg.clip.max_position_embeddings, "start-end")
@@ -116,20 +127,24 @@ class SelfE:
             self.clip = init_text_encoder(CLIPTextEncoder(cfg.clip), frozen_seed + 1).to(self.device)
             self.clip.requires_grad_(False)
         else:
-            raise NotImplementedError(
-                f"the real frozen parts (T5-XXL, CLIP-L, FLUX autoencoder) are not wired in yet: preset latent "
-                f"{cfg.latent!r}, tokenizer {cfg.tokenizer!r} (pretrained={pretrained!r}). Use --size tiny.")
-        if cfg.latent != "pixels":
-            raise NotImplementedError(f"latent space {cfg.latent!r} needs the FLUX autoencoder; use --size tiny")
-        self._null = None
+            p = frozen_paths(pretrained, t5, clip, vae)
+            self.t5 = M.load_t5(p["t5"], dtype, self.device).requires_grad_(False)
+            self.clip = M.load_clip(p["clip"], dtype, self.device).requires_grad_(False)
+            self.t5_tokenizer = data.T5Tokenizer(p["t5_tokenizer"], cfg.t5_max_len)
+            self.clip_tokenizer = data.CLIPTokenizer(p["clip_vocab"], p["clip_merges"], cfg.clip.max_position_embeddings)
+        if cfg.latent == "flux-vae":
+            if cfg.tokenizer == "bytes":
+                raise ValueError("a flux-vae preset needs the pretrained frozen parts")
+            self.ae = M.load_autoencoder(p["ae"], torch.float32, self.device).requires_grad_(False)
 
     # -- text
     @torch.no_grad()
     def encode_text(self, prompts):
-        """prompts -> (txt (B, Lt, d_txt) T5 states, vec (B, d_vec) pooled CLIP)."""
+        """prompts -> (txt (B, Lt, d_txt) T5 states, vec (B, d_vec) pooled CLIP), in the denoiser's dtype."""
+        dtype = next(self.denoiser.parameters()).dtype
         txt = self.t5(self.t5_tokenizer(prompts).to(self.device))
         _, vec = self.clip(self.clip_tokenizer(prompts).to(self.device))
-        return txt, vec
+        return txt.to(dtype), vec.to(dtype)
 
     def null_cond(self):
         """The empty prompt's encoding, batch 1, computed once."""
@@ -140,17 +155,27 @@ class SelfE:
     # -- images
     @property
     def grid(self):
-        """Token grid (h, w) of the preset's resolution."""
-        n = self.cfg.latent_size // self.cfg.patch
+        """Token grid (h, w) of the preset's resolution: pixels (tiny) or latents, / patch."""
+        down = 2 ** (len(self.ae.c.ch_mult) - 1) if self.ae is not None else 1  # FLUX: 8
+        n = self.cfg.resolution // down // self.cfg.patch
         return n, n
 
+    @torch.no_grad()
     def encode_images(self, images):
-        """(B, 3, H, W) in [-1, 1] -> tokens (B, L, C p p). Pixel space in the tiny preset."""
-        return patchify(images.to(self.device), self.cfg.patch)
+        """(B, 3, H, W) in [-1, 1] -> tokens (B, L, C p p): FLUX autoencoder latents (B, 16, H/8, W/8), or the pixels
+        themselves in the tiny preset, cut into p x p patches."""
+        x = images.to(self.device)
+        if self.ae is not None:
+            x = self.ae.encode(x.float())
+        return patchify(x, self.cfg.patch)
 
+    @torch.no_grad()
     def decode_tokens(self, x, h, w):
         """tokens (B, h w, C p p) -> images (B, 3, H, W) in [-1, 1]."""
-        return unpatchify(x, h, w, self.cfg.patch).clamp(-1, 1)
+        x = unpatchify(x.float(), h, w, self.cfg.patch)
+        if self.ae is not None:
+            x = self.ae.decode(x)
+        return x.clamp(-1, 1)
 
     # -- the network
     def velocity(self, model, x, t, s, cond, h, w):
@@ -158,7 +183,8 @@ class SelfE:
         txt, vec = cond
         img_ids = image_ids(h, w, x.device)
         txt_ids = torch.zeros(1, txt.shape[1], 3, device=x.device)
-        return model(x, img_ids, txt, txt_ids, t, s, vec)
+        guidance = torch.full_like(t, self.guidance) if self.cfg.guidance_embed else None
+        return model(x.to(txt.dtype), img_ids, txt, txt_ids, t, s, vec, guidance)
 
     def G(self, model, x, t, s, cond, h, w):
         """Eq. (6): G_theta(x_t, t, s, c) = x_t - t V_theta(x_t, t, s, c), in fp32."""
@@ -166,7 +192,8 @@ class SelfE:
 
     # -- EMA
     def make_ema(self):
-        self.ema = MMDiT(self.cfg).to(self.device).requires_grad_(False)
+        with torch.device(self.device):
+            self.ema = MMDiT(self.cfg).requires_grad_(False)
         self.ema.load_state_dict(self.denoiser.state_dict())
         return self.ema
 
@@ -188,18 +215,27 @@ class SelfE:
             load_strict(mod, part, f"{where} ({name}.*)")
 
 
-def load_strict(module, sd, where):
-    """load_state_dict that names the file and the first offending keys, and checks shapes before copying anything."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in own
-             if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{where}: cannot load: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}, "
-                         f"wrong shapes {wrong[:5]} ({len(missing)} missing, {len(unexpected)} unexpected, "
-                         f"{len(wrong)} wrong in all)")
-    module.load_state_dict(sd)
+def frozen_paths(pretrained=None, t5=None, clip=None, vae=None):
+    """Where the real frozen parts come from: a FLUX.1 snapshot folder (model.find_pretrained), each part overridable;
+    or, without a folder, all three parts given: T5 and CLIP folders with their tokenizer files beside the weights
+    (as the google/t5-v1_1-xxl and openai/clip-vit-large-patch14 repositories have them) and the autoencoder file."""
+    if pretrained:
+        p = M.find_pretrained(pretrained)
+    elif t5 and clip and vae:
+        p = {}
+    else:
+        raise SystemExit("this preset uses the real frozen parts (T5-XXL, CLIP-L, FLUX autoencoder): pass "
+                         "--pretrained FLUX_DIR (a FLUX.1-schnell or -dev snapshot folder) or all of --t5, --clip, --vae")
+    if t5:
+        p.update(t5=t5, t5_tokenizer=os.path.join(t5, "spiece.model"))
+    if clip:
+        p.update(clip=clip, clip_vocab=os.path.join(clip, "vocab.json"), clip_merges=os.path.join(clip, "merges.txt"))
+    if vae:
+        p["ae"] = vae
+    for key in ("t5_tokenizer", "clip_vocab", "clip_merges", "ae"):
+        if not os.path.exists(p[key]):
+            raise FileNotFoundError(f"{p[key]} not found (needed for {key})")
+    return p
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -246,13 +282,19 @@ def resolve_checkpoint(path):
     return path
 
 
-def load_checkpoint(path, device="cpu", weights="ema"):
-    """Rebuild the system from the config saved in a checkpoint and load its weights ('ema' or 'model')."""
+def load_checkpoint(path, device="cpu", weights="ema", pretrained=None, t5=None, clip=None, vae=None,
+                    resolution=None):
+    """Rebuild the system from the config saved in a checkpoint and load its weights ('ema' or 'model'). The real
+    frozen parts come from the given paths, else from those the run was trained with; `resolution` overrides the
+    image size (the denoiser is resolution-free)."""
     path = resolve_checkpoint(path)
     with open(os.path.join(path, "config.json")) as f:
         meta = json.load(f)
-    cfg = Config.from_dict(meta["config"])
-    system = SelfE(cfg, device=device, frozen_seed=meta["flags"].get("seed", 0))
+    cfg, flags = Config.from_dict(meta["config"]), meta["flags"]
+    if resolution:
+        cfg = dataclasses.replace(cfg, resolution=resolution)
+    system = SelfE(cfg, device, flags.get("seed", 0), pretrained or flags.get("pretrained"), t5 or flags.get("t5"),
+                   clip or flags.get("clip"), vae or flags.get("vae"))
     file = os.path.join(path, f"{weights}.safetensors")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{file} missing: the checkpoint at {path} is incomplete")

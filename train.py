@@ -35,6 +35,10 @@ def get_args(argv=None):
     p.add_argument("--base-dir", default=None, help="base for relative manifest paths (default: the manifest's folder)")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed manifest lines and unreadable images")
     p.add_argument("--world", default=None, choices=list(data.WORLDS), help="shapes world (default: the preset's)")
+    p.add_argument("--pretrained", default=None, help="FLUX.1 snapshot folder: T5-XXL, CLIP-L, autoencoder")
+    p.add_argument("--t5", default=None, help="T5 v1.1 XXL folder (overrides --pretrained's)")
+    p.add_argument("--clip", default=None, help="CLIP ViT-L/14 text folder (overrides --pretrained's)")
+    p.add_argument("--vae", default=None, help="FLUX autoencoder file (overrides --pretrained's)")
     p.add_argument("--objective", default="selfe", choices=("selfe", "fm"))
     p.add_argument("--steps", type=int, default=None, help="iterations (default: the preset's)")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's)")
@@ -91,7 +95,7 @@ def main(argv=None):
     args = get_args(argv)
     torch.manual_seed(args.seed)
     cfg = CONFIGS[args.size]
-    system = selfe.SelfE(cfg, device=args.device, frozen_seed=args.seed)
+    system = selfe.SelfE(cfg, args.device, args.seed, args.pretrained, args.t5, args.clip, args.vae)
     ema = system.make_ema()
     model = system.denoiser
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -119,7 +123,8 @@ def main(argv=None):
             raise SystemExit(f"{path} was trained with another preset than --size {args.size}")
         selfe.load_strict(model, selfe.load_file(os.path.join(path, "model.safetensors")), path)
         selfe.load_strict(ema, selfe.load_file(os.path.join(path, "ema.safetensors")), path)
-        system.load_frozen_state(selfe.load_file(os.path.join(path, "frozen.safetensors")), path)
+        if cfg.tokenizer == "bytes":
+            system.load_frozen_state(selfe.load_file(os.path.join(path, "frozen.safetensors")), path)
         state = torch.load(os.path.join(path, "train_state.pt"), weights_only=False)
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
