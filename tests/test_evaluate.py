@@ -74,20 +74,23 @@ def test_hard_negatives_score_zero(world_name):
 
 
 @pytest.mark.parametrize("world_name", ["small", "full"])
-def test_shuffled_prompts_score_at_chance(world_name):
-    """Each image judged against another prompt of its task: the checker must agree with an oracle that judges the
-    same pairs on the true scene; chance is what the oracle says, not 0 (two circles satisfy 'a circle')."""
+@pytest.mark.parametrize("within_task", [True, False])
+def test_shuffled_prompts_score_at_chance(world_name, within_task):
+    """Each image judged against another prompt (of its task, or of any task): the checker must agree with an oracle
+    that judges the same pairs on the true scene; chance is what the oracle says, not 0 ('a circle' holds for an
+    image of two circles). Measured: checker = oracle within tasks (0.02 / 0.00); across tasks 0.11 vs 0.13 (small:
+    GenEval looks only at the most confident circle, which may be the wrong colour) and 0.03 vs 0.03 (full)."""
     world, specs, images, objects, *_ = truth(world_name)
     perm = list(range(len(specs)))
-    for task in data.TASKS:
-        idx = [i for i in perm if specs[i]["tag"] == task]
-        sh = idx[1:] + idx[:1]  # a derangement within the task
-        for a, b in zip(idx, sh):
+    groups = [[i for i in perm if specs[i]["tag"] == t] for t in data.TASKS] if within_task else [perm[:]]
+    for idx in groups:
+        random.Random(0).shuffle(idx)
+        for a, b in zip(idx, idx[1:] + idx[:1]):  # a derangement within the group
             perm[a] = b
     shuffled = [specs[j] for j in perm]
     checker = [ok for ok, _ in ev.score(images, shuffled, world)]
     oracle = [ev.judge(s, objs)[0] for s, objs in zip(shuffled, objects)]
-    assert np.mean(oracle) < 0.7  # the shuffle really changed the question
+    assert np.mean(oracle) < 0.5  # the shuffle really changed the question
     assert np.mean(np.array(checker) == np.array(oracle)) >= 0.95
     assert abs(np.mean(checker) - np.mean(oracle)) <= 0.05
 
