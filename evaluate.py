@@ -17,6 +17,9 @@ by an exact pixel checker (no neural network):
   6. objects kept at confidence >= 0.75; counting's exclude counts every object of the class with IoU >= 0.60 (our
      documented deviation: sloppy extras still break "exactly N"); 7. GenEval's include/exclude logic, unchanged.
 All thresholds were frozen on ground-truth renders under synthetic perturbations (`--validate`), not on model output.
+Measured (--validate, 20 prompts per task): ground truth 1.00 at 32 and 64 px, one-fact hard negatives 0.00; at 64 px
+under noise sigma 10 and 20, blur sigma 1, colour jitter, 2x down/up: 1.00 and 0.00; at 32 px under blur sigma 1 only
+0.81 (counting 0.15: blurred 8 px squares and circles fall within the 0.05 margin), EVAL.md's "fragile at 32 px".
 """
 import argparse
 import functools
