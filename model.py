@@ -366,16 +366,6 @@ class MMDiT(nn.Module):
             x = block(x, vec, pe)
         return self.final_layer(x[:, txt.shape[1]:], vec)
 
-    def flops_per_token(self, n_img, n_txt):
-        """Forward FLOPs per sample (matmuls of the token streams and attention), for throughput and MFU."""
-        d, c = self.cfg.hidden_size, self.cfg
-        mlp = int(d * c.mlp_ratio)
-        L = n_img + n_txt
-        double = 2 * L * (3 * d * d + d * d + 2 * d * mlp) + 4 * L * L * d
-        single = 2 * L * (d * (3 * d + mlp) + (d + mlp) * d) + 4 * L * L * d
-        io = 2 * n_img * c.in_channels * d * 2 + 2 * n_txt * c.context_in_dim * d
-        return c.depth * double + c.depth_single_blocks * single + io
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # T5 v1.1 encoder (Hugging Face T5EncoderModel parameter names)

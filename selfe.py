@@ -104,8 +104,8 @@ class SelfE:
     """Denoiser + frozen text encoders (+ autoencoder) of one preset. `denoiser` is trained; `ema` is its EMA copy."""
 
     def __init__(self, cfg: Config, device="cpu", frozen_seed=0, pretrained=None, t5=None, clip=None, vae=None,
-                 transformer=None, meta=False):
-        """Build the denoiser (random init, or on the meta device) and the frozen parts. The tiny preset makes its
+                 transformer=None):
+        """Build the denoiser (random init, directly on `device`) and the frozen parts. The tiny preset makes its
         stand-ins from `frozen_seed`; the others load the public weights from a FLUX.1 snapshot folder `pretrained`,
         or part by part from `t5` / `clip` folders (weights, config and tokenizer files side by side) and a `vae`
         file. `transformer` loads a public FLUX.1 transformer (BFL layout) as the denoiser."""
@@ -115,10 +115,9 @@ class SelfE:
         if transformer is not None:
             self.denoiser = M.load_flux_transformer(transformer, cfg, dtype, self.device)
         else:
-            with torch.device("meta" if meta else self.device):
+            with torch.device(self.device):
                 self.denoiser = MMDiT(cfg)
-            if not meta:
-                self.denoiser.init_weights()
+            self.denoiser.init_weights()
         self.ema, self.ae, self._null = None, None, None
         if cfg.tokenizer == "bytes":  # the tiny preset's stand-ins: same classes as the real encoders, random, seeded
             self.t5_tokenizer = data.ByteTokenizer(cfg.t5_max_len, "pad-end")

@@ -17,6 +17,7 @@ import sys
 import time
 
 import torch
+from safetensors.torch import load_file
 
 import data
 import losses
@@ -121,10 +122,10 @@ def main(argv=None):
             meta = json.load(f)
         if selfe.Config.from_dict(meta["config"]) != cfg:
             raise SystemExit(f"{path} was trained with another preset than --size {args.size}")
-        selfe.load_strict(model, selfe.load_file(os.path.join(path, "model.safetensors")), path)
-        selfe.load_strict(ema, selfe.load_file(os.path.join(path, "ema.safetensors")), path)
+        selfe.load_strict(model, load_file(os.path.join(path, "model.safetensors")), path)
+        selfe.load_strict(ema, load_file(os.path.join(path, "ema.safetensors")), path)
         if cfg.tokenizer == "bytes":
-            system.load_frozen_state(selfe.load_file(os.path.join(path, "frozen.safetensors")), path)
+            system.load_frozen_state(load_file(os.path.join(path, "frozen.safetensors")), path)
         state = torch.load(os.path.join(path, "train_state.pt"), weights_only=False)
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
