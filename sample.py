@@ -92,7 +92,7 @@ def sample(system, prompts, steps=4, cfg=None, eta=1.0, s_schedule=None, seeds=N
         if cfg != 1:
             v = ep_cfg(v[:B], v[B:], cfg)
         x = ddim_step(x, v, t, t_next, eta, randn() if (eta > 0 and t_next > 0) else None)
-        if progress:
+        if progress and (sys.stderr.isatty() or k + 1 == steps):  # a live counter on a terminal, one line in a log
             print(f"\r  step {k + 1}/{steps}", end="" if k + 1 < steps else "\n", file=sys.stderr, flush=True)
     return system.decode_tokens(x, h, w)
 
