@@ -42,14 +42,15 @@ def expand(cond, n):
     return tuple(c.expand(n, *c.shape[1:]) for c in cond)
 
 
-def self_eval_target(G, G_ema, x0_hat, s, cond, null, fake_g=None, k=0.9, eps=None):
+def self_eval_target(G, G_ema, x0_hat, s, cond, null, fake=None, k=0.9, eps=None):
     """Eq. (14) (and s.6 with the auxiliary term): the pseudo-target x_self of the samples in the batch.
 
     x0_hat (n, L, C) the generator's samples G(x_t, t, s, c), detached; s (n,) the same s that was fed to the generator.
     The sample is re-noised to level s with fresh noise ([ASSUMPTION] 3), then evaluated twice without gradient:
     g_c = G_ema(x_s, s, s, c) (S.2: the conditional branch uses the EMA model) and g_u = G(x_s, s, s, phi) (current).
-    `fake_g(x_s)` gives G(x_s, s, s, c_fake) for the auxiliary term; then
-    Delta = k (g_u - g_c) + (1 - k)(g_f - g_c) (s.6), else Delta = g_u - g_c. Returns (x_self, x_s).
+    With `fake` (the c_fake encoding) a third pass g_f = G(x_s, s, s, c_fake) runs on the current weights WITH gradient,
+    since it is also L_fake's forward (s.8); Delta = k (g_u - g_c) + (1 - k)(sg[g_f] - g_c) (s.6), else g_u - g_c.
+    Returns (x_self, g_f or None).
     """
     x0_hat = x0_hat.detach()
     eps = torch.randn_like(x0_hat) if eps is None else eps
@@ -58,9 +59,11 @@ def self_eval_target(G, G_ema, x0_hat, s, cond, null, fake_g=None, k=0.9, eps=No
         g_c = G_ema(x_s, s, s, cond)
         g_u = G(x_s, s, s, expand(null, len(s)))
     delta = g_u - g_c                                                    # classifier score direction (s.5)
-    if fake_g is not None:  # fake_g runs with gradient (it is also L_fake's forward) and returns a detached value
-        delta = k * delta + (1 - k) * (fake_g(x_s) - g_c)               # (s.6)
-    return (x0_hat.float() - delta).detach(), x_s
+    g_f = None
+    if fake is not None:
+        g_f = G(x_s, s, s, fake)
+        delta = k * delta + (1 - k) * (g_f.detach() - g_c)              # (s.6)
+    return (x0_hat.float() - delta).detach(), g_f
 
 
 def pair_loss(x0_hat, x0, x_self, lam_st, target_norm=True):
@@ -88,18 +91,12 @@ def selfe_loss(G, G_ema, x0, t, s, cond, null, fake=None, k=0.9, target_norm=Tru
     loss_fake = x0.new_zeros(())
     idx = (s < t).nonzero().squeeze(1)
     if len(idx):
-        gen, s_i, c_i = x0_hat[idx].detach(), s[idx], take(cond, idx)
-        fake_g, fake_pred = None, {}
-        if fake is not None:
-            c_f = fake(idx)
-
-            def fake_g(x_s):  # G(x_s, s, s, c_fake) with current weights and gradient; its value is reused in Delta
-                fake_pred["g"] = G(x_s, s_i, s_i, c_f)
-                return fake_pred["g"].detach()
-        x_self_i, _ = self_eval_target(G, G_ema, gen, s_i, c_i, null, fake_g, k,
-                                       eps=None if fresh_noise else eps[idx])
-        if fake is not None:  # (s.8): G(sg[x_s], s, s, c_fake) regressed onto sg[x0_hat], weight 1 ([ASSUMPTION] 8)
-            loss_fake = fake_weight * per_sample_mse(fake_pred["g"], gen).mean()
+        gen = x0_hat[idx].detach()
+        x_self_i, g_f = self_eval_target(G, G_ema, gen, s[idx], take(cond, idx), null,
+                                         fake(idx) if fake is not None else None, k,
+                                         eps=None if fresh_noise else eps[idx])
+        if g_f is not None:  # (s.8): G(sg[x_s], s, s, c_fake) regressed onto sg[x0_hat], weight 1 ([ASSUMPTION] 8)
+            loss_fake = fake_weight * per_sample_mse(g_f, gen).mean()
         self_term[idx] = per_sample_mse(gen, x_self_i)
         x_self = x_self.index_copy(0, idx, x_self_i)
     per_pair = pair_loss(x0_hat, x0, x_self, lam_st, target_norm)

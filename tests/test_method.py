@@ -127,8 +127,9 @@ def test_self_eval_target_uses_ema_for_conditional_and_current_for_unconditional
     x0, cond, null, _ = batch(B=2)
     s = torch.tensor([0.4, 0.6])
     eps = torch.randn_like(x0)
-    x_self, x_s = losses.self_eval_target(G, G_ema, x0, s, cond, null, eps=eps)
-    torch.testing.assert_close(x_s, (1 - s.view(-1, 1, 1)) * x0 + s.view(-1, 1, 1) * eps)
+    x_self, g_f = losses.self_eval_target(G, G_ema, x0, s, cond, null, eps=eps)
+    x_s = (1 - s.view(-1, 1, 1)) * x0 + s.view(-1, 1, 1) * eps
+    assert g_f is None
     g_u = G(x_s, s, s, (null[0].expand(2, -1, -1),))
     g_c = G_ema(x_s, s, s, cond)
     torch.testing.assert_close(x_self, (x0 - (g_u - g_c)).detach())
