@@ -5,7 +5,8 @@
   Every scene is a `spec` (GenEval-style metadata: include clauses with class, count, colour, position) laid out and
   rendered anti-aliased; sample i of a stream is seeded by (seed, i) alone, so streams are unlimited and reproducible.
 - The byte-level tokenizer of the tiny preset's frozen stand-in encoders.
-- The TSV manifest dataset for real data (image path <TAB> prompt).
+- Real data: the TSV manifest (image path <TAB> prompt), aspect-ratio buckets, the deterministic global batch order
+  that train.py shards across ranks, and the latent/text caches (METHOD.md 9).
 """
 import functools
 import json
@@ -466,52 +467,240 @@ def read_manifest(path, base_dir=None, skip_bad=False):
     return entries
 
 
-def load_image(path, resolution, where=""):
-    """Image file -> (3, R, R) in [-1, 1]: resize the short side to R, centre crop."""
+def buckets(area, step, max_ratio=2.0):
+    """Aspect-ratio buckets (METHOD.md 9): (H, W) of at most area^2 pixels and close to it, sides multiples of `step`
+    (patch x autoencoder downsampling, or more), aspect ratios within [1/max_ratio, max_ratio]; max_ratio 1 gives the
+    square alone."""
+    out = []
+    for h in range(step, int(area * math.sqrt(max_ratio)) + 1, step):
+        w = area * area // h // step * step
+        if w >= step and 1 / max_ratio <= w / h <= max_ratio:
+            out.append((h, w))
+    return out
+
+
+def nearest_bucket(size, options):
+    """(W, H) of an image -> the (H, W) bucket of the nearest aspect ratio (in log space)."""
+    w, h = size
+    return min(options, key=lambda b: (abs(math.log(b[1] / b[0]) - math.log(w / h)), b))
+
+
+def load_image(path, size, where=""):
+    """Image file -> (3, H, W) in [-1, 1]: scaled to cover (H, W) (an int is a square), centre-cropped."""
     from PIL import Image
+    H, W = (size, size) if isinstance(size, int) else size
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
             w, h = im.size
-            scale = resolution / min(w, h)
-            im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+            scale = max(W / w, H / h)
+            im = im.resize((max(W, round(w * scale)), max(H, round(h * scale))), Image.BICUBIC)
             w, h = im.size
-            left, top = (w - resolution) // 2, (h - resolution) // 2
-            im = im.crop((left, top, left + resolution, top + resolution))
+            left, top = (w - W) // 2, (h - H) // 2
+            im = im.crop((left, top, left + W, top + H))
             arr = np.asarray(im, dtype=np.float32)
     except Exception as e:
         raise ManifestError(f"{where}cannot read image {path}: {e}") from e
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1
 
 
-class ManifestData:
-    """Indexable real-data source with the same batch interface as the shapes world."""
+class Batches:
+    """The global batch of every step, identical on every rank and a function of (seed, step) alone, so a resumed run
+    continues exactly where it stopped. Epoch e shuffles each bucket's items with its own seed, cuts them into batches
+    of `batch` (a bucket's remainder waits for the next epoch's shuffle), and shuffles the batches: every batch holds
+    one bucket. train.py gives rank r the r-th slice of each global batch, so ranks see disjoint items."""
 
-    def __init__(self, path, resolution, base_dir=None, skip_bad=False):
-        self.path, self.resolution, self.skip_bad = path, resolution, skip_bad
+    def __init__(self, item_buckets, batch, seed=0, where="data"):
+        self.batch, self.seed = batch, seed
+        self.groups = {}
+        for i, b in enumerate(item_buckets):
+            self.groups.setdefault(b, []).append(i)
+        self.per_epoch = sum(len(g) // batch for g in self.groups.values())
+        if self.per_epoch == 0:
+            sizes = ", ".join(f"{b}: {len(g)}" for b, g in sorted(self.groups.items()))
+            raise ManifestError(f"{where}: no bucket holds a whole global batch of {batch} items ({sizes})")
+
+    @functools.lru_cache(maxsize=2)
+    def epoch(self, e):
+        rng = sample_rng(self.seed, e)
+        out = []
+        for b in sorted(self.groups):
+            items = self.groups[b][:]
+            rng.shuffle(items)
+            out += [items[k:k + self.batch] for k in range(0, len(items) - self.batch + 1, self.batch)]
+        rng.shuffle(out)
+        return out
+
+    def __call__(self, step):
+        e, j = divmod(step, self.per_epoch)
+        return self.epoch(e)[j]
+
+
+class ManifestData:
+    """A TSV manifest as training items: every (image, area) pair goes to the bucket of its aspect ratio at each area
+    of `areas` (one area: that phase; 256 and 512: METHOD.md 9's 1:1 mix). Image sizes come from the file headers
+    at start; an image smaller than its bucket is an error naming its line (or, with skip_bad, left out there)."""
+
+    def __init__(self, path, areas, step, batch, seed=0, base_dir=None, skip_bad=False, max_ratio=2.0):
+        from PIL import Image
+        self.path, self.skip_bad = path, skip_bad
         self.entries = read_manifest(path, base_dir, skip_bad)
+        self.items = []  # (entry index, (H, W))
+        for e, (img, _, line) in enumerate(self.entries):
+            try:
+                with Image.open(img) as im:
+                    size = im.size
+            except Exception as err:
+                if not skip_bad:
+                    raise ManifestError(f"{path}:{line}: cannot read image {img}: {err}") from err
+                warn(f"{path}:{line}: cannot read image {img}: {err}; skipped")
+                continue
+            for area in areas:
+                H, W = nearest_bucket(size, buckets(area, step, max_ratio))
+                if size[0] < W or size[1] < H:
+                    problem = f"{path}:{line}: image {img} is {size[0]}x{size[1]}, smaller than its {W}x{H} bucket"
+                    if not skip_bad:
+                        raise ManifestError(problem + " (pass --skip-bad to leave it out of that bucket)")
+                    warn(problem + "; left out")
+                    continue
+                self.items.append((e, (H, W)))
+        if not self.items:
+            raise ManifestError(f"{path}: no usable images")
+        self.order = Batches([b for _, b in self.items], batch, seed, path)
+
+    def __len__(self):
+        return len(self.items)
+
+    def indices(self, step):
+        return self.order(step)
 
     def batch(self, indices):
+        """-> (images (B, 3, H, W) of one bucket, captions)."""
         images, captions = [], []
         for i in indices:
-            for j in range(int(i), int(i) + len(self.entries)):  # with skip_bad, an unreadable image yields its next
-                img, prompt, line = self.entries[j % len(self.entries)]
-                try:
-                    images.append(load_image(img, self.resolution, where=f"{self.path}:{line}: "))
-                    captions.append(prompt)
-                    break
-                except ManifestError as e:
-                    if not self.skip_bad:
-                        raise
-                    warn(f"{e}; skipped")
-            else:
-                raise ManifestError(f"{self.path}: no readable image")
+            e, size = self.items[int(i)]
+            img, prompt, line = self.entries[e]
+            images.append(load_image(img, size, where=f"{self.path}:{line}: "))
+            captions.append(prompt)
         return torch.stack(images), captions
 
 
 class ShapesData:
-    def __init__(self, world, seed=0):
-        self.world, self.seed = world, seed
+    """The shapes world as an unending stream: step k's global batch is samples k B ... (k + 1) B - 1."""
+
+    def __init__(self, world, batch, seed=0):
+        self.world, self.batch_size, self.seed = world, batch, seed
+
+    def indices(self, step):
+        return list(range(step * self.batch_size, (step + 1) * self.batch_size))
 
     def batch(self, indices):
         return shapes_batch(self.world, indices, self.seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Latent and text caches: the frozen encoders run once over a manifest; training then reads shards instead.
+#   <dir>/shard-RRRRR-NNNNN.safetensors  items of one bucket: item (n,), latent (n, C, h, w), txt (n, Lt, d_txt)
+#                                        T5 states, vec (n, d_vec) CLIP pooled, and fake_txt / fake_vec for c_fake (s.8)
+#   <dir>/null.safetensors               the empty prompt phi and c_fake of it (txt, vec, fake_txt, fake_vec), batch 1
+#   <dir>/index.json                     what the cache was built with; written last, so its presence means complete
+# Items are numbered as ManifestData numbers them, so a cached run draws exactly the batches an online run draws.
+# Size: T5-XXL states are Lt x 4096 values per caption (4 MiB at 512 tokens in bf16), twice with c_fake. The text is
+# stored in the encoders' precision (bf16 on GPU), as training would see it online.
+
+CACHE_FIELDS = ("latent", "txt", "vec", "fake_txt", "fake_vec")
+
+
+def write_cache_shards(out, source, encode_latents, encode_text, fake_prefix, batch, rank=0, world=1, shard_items=256):
+    """Encode rank's share of `source` (a ManifestData; items rank, rank + world, ...) into shards, one bucket each."""
+    from safetensors.torch import save_file
+    os.makedirs(out, exist_ok=True)
+    mine = {}
+    for i in range(rank, len(source), world):
+        mine.setdefault(source.items[i][1], []).append(i)
+    n_shard = 0
+    for bucket in sorted(mine):
+        items = mine[bucket]
+        for k in range(0, len(items), shard_items):
+            part = {f: [] for f in CACHE_FIELDS}
+            for j in range(k, min(k + shard_items, len(items)), batch):
+                idx = items[j:min(j + batch, k + shard_items, len(items))]
+                images, captions = source.batch(idx)
+                txt, vec = encode_text(captions)
+                fake_txt, fake_vec = encode_text([fake_prefix + c for c in captions])
+                for f, v in zip(CACHE_FIELDS, (encode_latents(images), txt, vec, fake_txt, fake_vec)):
+                    part[f].append(v.cpu())
+            tensors = {f: torch.cat(v).contiguous() for f, v in part.items()}
+            tensors["item"] = torch.tensor(items[k:k + shard_items])
+            save_file(tensors, os.path.join(out, f"shard-{rank:05d}-{n_shard:05d}.safetensors"),
+                      metadata={"bucket": json.dumps(bucket)})
+            n_shard += 1
+            print(f"cache: rank {rank} shard {n_shard}: {len(tensors['item'])} items of {bucket[0]}x{bucket[1]}",
+                  flush=True)
+
+
+def finish_cache(out, encode_text, fake_prefix, meta, n_items):
+    """After every rank has written its shards: the null encodings, then index.json."""
+    from safetensors.torch import save_file
+    txt, vec = encode_text([""])
+    fake_txt, fake_vec = encode_text([fake_prefix])
+    save_file({"txt": txt.cpu().contiguous(), "vec": vec.cpu().contiguous(), "fake_txt": fake_txt.cpu().contiguous(),
+               "fake_vec": fake_vec.cpu().contiguous()}, os.path.join(out, "null.safetensors"))
+    with open(os.path.join(out, "index.json.tmp"), "w") as f:
+        json.dump({**meta, "items": n_items}, f, indent=1)
+    os.replace(os.path.join(out, "index.json.tmp"), os.path.join(out, "index.json"))
+
+
+def is_cache(path):
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "index.json"))
+
+
+class CachedData:
+    """Training items read from a cache. `expect` is what this run would have built it with; any difference (another
+    preset's encoders, resolution, c_fake prefix, stand-in seed) is an error naming the key."""
+
+    def __init__(self, path, expect, batch, seed=0):
+        from safetensors import safe_open
+        if not is_cache(path):
+            raise ManifestError(f"{path}: not a finished cache (no index.json); build one with train.py --build-cache")
+        self.path = path
+        with open(os.path.join(path, "index.json")) as f:
+            self.meta = json.load(f)
+        for key, want in expect.items():
+            if self.meta.get(key) != want:
+                raise ManifestError(f"{path}/index.json: the cache was built with {key} = {self.meta.get(key)!r}, "
+                                    f"this run needs {want!r}; rebuild it with this run's settings")
+        self.where = {}  # item -> (file, row)
+        item_buckets = [None] * self.meta["items"]
+        for name in sorted(os.listdir(path)):
+            if not (name.startswith("shard-") and name.endswith(".safetensors")):
+                continue
+            file = os.path.join(path, name)
+            with safe_open(file, "pt") as f:
+                bucket = tuple(json.loads(f.metadata()["bucket"]))
+                for row, i in enumerate(f.get_tensor("item").tolist()):
+                    self.where[i] = (file, row)
+                    item_buckets[i] = bucket
+        missing = [i for i, b in enumerate(item_buckets) if b is None]
+        if missing:
+            raise ManifestError(f"{path}: {len(missing)} of {len(item_buckets)} items are in no shard (first: item "
+                                f"{missing[0]}); a shard file is missing")
+        with safe_open(os.path.join(path, "null.safetensors"), "pt") as f:
+            self.null = {k: f.get_tensor(k) for k in f.keys()}
+        self.order = Batches(item_buckets, batch, seed, path)
+
+    def __len__(self):
+        return len(self.where)
+
+    def indices(self, step):
+        return self.order(step)
+
+    def batch(self, indices):
+        """-> dict of CACHE_FIELDS, each (B, ...), for the items `indices` (one bucket); reads only those rows."""
+        from safetensors import safe_open
+        rows = []
+        for i in indices:
+            file, row = self.where[int(i)]
+            with safe_open(file, "pt") as f:
+                rows.append([f.get_slice(fld)[row:row + 1] for fld in CACHE_FIELDS])
+        return {fld: torch.cat([r[k] for r in rows]) for k, fld in enumerate(CACHE_FIELDS)}

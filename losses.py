@@ -75,14 +75,18 @@ def pair_loss(x0_hat, x0, x_self, lam_st, target_norm=True):
 
 
 def selfe_loss(G, G_ema, x0, t, s, cond, null, fake=None, k=0.9, target_norm=True, t_min=1e-3, fake_weight=1.0,
-               fresh_noise=True):
+               fresh_noise=True, eps=None, eps_self=None, fake_count=None, always_evaluate=False):
     """The full objective (Eq. 21): mean over the batch of w_{s,t} L_{s,t}, plus L_fake (s.8) when `fake` is given.
 
     x0 (B, L, C) clean latent tokens; t, s (B,) with s <= t. Self-evaluation runs only on the samples with s < t
-    (the others have lambda = 0 and target x0), so no forward pass is spent on the rest. Returns a dict of the scalar
-    `loss` and per-sample terms for logging.
+    (the others have lambda = 0 and target x0), so no forward pass is spent on the rest. `eps` and `eps_self` (B, L, C)
+    are the noises of Eq. (1) and of the re-noising (drawn here if None). L_fake is a mean over the self-evaluated
+    samples; `fake_count` replaces their number here when this batch is a slice of a larger one (train.py: so that
+    the slices' losses average to the whole batch's). `always_evaluate`: run the evaluation passes even when no
+    sample has s < t, on one s = t sample with zero weight (under FSDP every rank must make the same forward calls).
+    Returns a dict of the scalar `loss` and per-sample terms.
     """
-    eps = torch.randn_like(x0)
+    eps = torch.randn_like(x0) if eps is None else eps
     x_t = forward_process(x0, t, eps)                                   # Eq. (1)
     x0_hat = G(x_t, t, s, cond)                                         # Eq. (6), with gradient
     x_self = x0.float().clone()                                         # s = t: lambda = 0, the target is x0
@@ -90,15 +94,19 @@ def selfe_loss(G, G_ema, x0, t, s, cond, null, fake=None, k=0.9, target_norm=Tru
     self_term = torch.zeros(len(t), device=x0.device)
     loss_fake = x0.new_zeros(())
     idx = (s < t).nonzero().squeeze(1)
+    real = torch.ones(len(idx), device=x0.device)
+    if len(idx) == 0 and always_evaluate:
+        idx, real = idx.new_zeros(1), real.new_zeros(1)                 # a stand-in: same calls, no effect
+    renoise = eps_self if fresh_noise else eps                          # [ASSUMPTION] 3: fresh noise by default
     if len(idx):
         gen = x0_hat[idx].detach()
         x_self_i, g_f = self_eval_target(G, G_ema, gen, s[idx], take(cond, idx), null,
                                          fake(idx) if fake is not None else None, k,
-                                         eps=None if fresh_noise else eps[idx])
+                                         eps=None if renoise is None else renoise[idx])
         if g_f is not None:  # (s.8): G(sg[x_s], s, s, c_fake) regressed onto sg[x0_hat], weight 1 ([ASSUMPTION] 8)
-            loss_fake = fake_weight * per_sample_mse(g_f, gen).mean()
-        self_term[idx] = per_sample_mse(gen, x_self_i)
-        x_self = x_self.index_copy(0, idx, x_self_i)
+            loss_fake = fake_weight * (real * per_sample_mse(g_f, gen)).sum() / (fake_count or len(idx))
+        self_term[idx] = real * per_sample_mse(gen, x_self_i)
+        x_self = x_self.index_copy(0, idx, torch.where(real.bool().view(-1, 1, 1), x_self_i, x_self[idx]))
     per_pair = pair_loss(x0_hat, x0, x_self, lam_st, target_norm)
     w = fm_weight(t, t_min)
     loss = (w * per_pair).mean() + loss_fake
@@ -106,9 +114,9 @@ def selfe_loss(G, G_ema, x0, t, s, cond, null, fake=None, k=0.9, target_norm=Tru
             "self": self_term, "lam": lam_st, "selfeval": (s < t), "fake": loss_fake.detach()}
 
 
-def fm_loss(G, x0, t, cond, t_min=1e-3):
+def fm_loss(G, x0, t, cond, t_min=1e-3, eps=None):
     """Plain flow matching (Eq. 3) with the same network: s = t, so lambda = 0 and w ||G - x0||^2 = ||V - v||^2."""
-    eps = torch.randn_like(x0)
+    eps = torch.randn_like(x0) if eps is None else eps
     x_t = forward_process(x0, t, eps)
     per = fm_weight(t, t_min) * per_sample_mse(G(x_t, t, t, cond), x0)
     return {"loss": per.mean(), "per_sample": per.detach(), "data": per.detach()}

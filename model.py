@@ -324,6 +324,29 @@ class MMDiT(nn.Module):
         self.single_blocks = nn.ModuleList(
             SingleStreamBlock(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth_single_blocks))
         self.final_layer = LastLayer(d, cfg.in_channels)
+        self.checkpointing = False  # activation checkpointing per block (train.py --act-ckpt)
+
+    def flops(self, n_img, n_txt):
+        """Forward FLOPs of one sample (a multiply-add counts 2; backward costs twice the forward): each Linear times
+        the rows it sees (image tokens, text tokens, both in single-stream blocks, or one conditioning vector), plus
+        attention's two (L x L) products per block. Norms, RoPE and activations are not counted (as in MFU)."""
+        L = n_img + n_txt
+        total = 0
+        for name, m in self.named_modules():
+            if not isinstance(m, nn.Linear):
+                continue
+            if "_mod." in name or "modulation" in name or name.split(".")[0] in ("time_in", "s_in", "guidance_in",
+                                                                                  "vector_in"):
+                rows = 1
+            elif ".img_" in name or name in ("img_in", "final_layer.linear"):
+                rows = n_img
+            elif ".txt_" in name or name == "txt_in":
+                rows = n_txt
+            else:
+                assert name.startswith("single_blocks."), name
+                rows = L
+            total += 2 * rows * m.in_features * m.out_features
+        return total + 4 * L * L * self.cfg.hidden_size * (len(self.double_blocks) + len(self.single_blocks))
 
     @torch.no_grad()
     def init_weights(self):
@@ -359,11 +382,14 @@ class MMDiT(nn.Module):
         vec = vec + self.vector_in(y)
         img, txt = self.img_in(img), self.txt_in(txt)
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
+        run = lambda block, *args: block(*args)
+        if self.checkpointing and torch.is_grad_enabled():  # keep only block inputs; recompute the rest in backward
+            run = lambda block, *args: torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
         for block in self.double_blocks:
-            img, txt = block(img, txt, vec, pe)
+            img, txt = run(block, img, txt, vec, pe)
         x = torch.cat((txt, img), 1)
         for block in self.single_blocks:
-            x = block(x, vec, pe)
+            x = run(block, x, vec, pe)
         return self.final_layer(x[:, txt.shape[1]:], vec)
 
 

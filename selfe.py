@@ -11,9 +11,15 @@ import json
 import math
 import os
 import shutil
+import warnings
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 import data
 import model as M
@@ -47,9 +53,9 @@ def warp(t, mu):
     return math.exp(mu) * t / (math.exp(mu) * t + 1 - t)
 
 
-def sample_t(n, L, anchor=512, device="cpu"):
+def sample_t(n, L, anchor=512, device="cpu", generator=None):
     """(s.11)-(s.12): t_raw = sigmoid(z), z ~ N(0, 1), then warped by mu(L)."""
-    return warp(torch.sigmoid(torch.randn(n, device=device)), mu_of_length(L, anchor))
+    return warp(torch.sigmoid(torch.randn(n, device=device, generator=generator)), mu_of_length(L, anchor))
 
 
 def tau_at(step, tau_steps):
@@ -57,19 +63,20 @@ def tau_at(step, tau_steps):
     return 1.0 if tau_steps <= 0 else min(1.0, step / tau_steps)
 
 
-def sample_s(t, tau, p_equal=0.5, force_equal=None):
+def sample_s(t, tau, p_equal=0.5, force_equal=None, generator=None):
     """(s.13): s = t with probability p_equal, else s ~ U((1 - tau) t, t). `force_equal` (B,) bool marks samples that
     must keep s = t (captions dropped: [ASSUMPTION] 2, their self-evaluation would carry no signal)."""
-    equal = torch.rand_like(t) < p_equal
+    u = torch.rand(2, *t.shape, device=t.device, generator=generator)
+    equal = u[0] < p_equal
     if force_equal is not None:
         equal |= force_equal
-    s = t - tau * t * torch.rand_like(t)
+    s = t - tau * t * u[1]
     return torch.where(equal, t, s)
 
 
-def drop_captions(captions, p):
+def drop_captions(captions, p, generator=None):
     """Classifier-free-guidance dropout ([ASSUMPTION] 1: p = 0.1, caption -> ""). Returns captions and the dropped mask."""
-    dropped = torch.rand(len(captions)) < p
+    dropped = torch.rand(len(captions), generator=generator) < p
     return [NULL_PROMPT if d else c for c, d in zip(captions, dropped.tolist())], dropped
 
 
@@ -104,11 +111,13 @@ class SelfE:
     """Denoiser + frozen text encoders (+ autoencoder) of one preset. `denoiser` is trained; `ema` is its EMA copy."""
 
     def __init__(self, cfg: Config, device="cpu", frozen_seed=0, pretrained=None, t5=None, clip=None, vae=None,
-                 transformer=None):
+                 transformer=None, encoders=True):
         """Build the denoiser (random init, directly on `device`) and the frozen parts. The tiny preset makes its
         stand-ins from `frozen_seed`; the others load the public weights from a FLUX.1 snapshot folder `pretrained`,
         or part by part from `t5` / `clip` folders (weights, config and tokenizer files side by side) and a `vae`
-        file. `transformer` loads a public FLUX.1 transformer (BFL layout) as the denoiser."""
+        file. `transformer` loads a public FLUX.1 transformer (BFL layout) as the denoiser. `encoders=False` skips the
+        real frozen parts (training from a cache, benchmarks); the tiny preset's stand-ins are always built, since
+        its checkpoints carry them."""
         self.cfg, self.device = cfg, torch.device(device)
         self.guidance = 3.5  # FLUX.1-dev's distilled guidance input; unused by Self-E presets
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32  # of the pretrained parts
@@ -125,13 +134,15 @@ class SelfE:
             self.t5 = init_text_encoder(T5Encoder(cfg.t5), frozen_seed).to(self.device).requires_grad_(False)
             self.clip = init_text_encoder(CLIPTextEncoder(cfg.clip), frozen_seed + 1).to(self.device)
             self.clip.requires_grad_(False)
+        elif not encoders:
+            self.t5 = self.clip = None
         else:
             p = frozen_paths(pretrained, t5, clip, vae)
             self.t5 = M.load_t5(p["t5"], dtype, self.device).requires_grad_(False)
             self.clip = M.load_clip(p["clip"], dtype, self.device).requires_grad_(False)
             self.t5_tokenizer = data.T5Tokenizer(p["t5_tokenizer"], cfg.t5_max_len)
             self.clip_tokenizer = data.CLIPTokenizer(p["clip_vocab"], p["clip_merges"], cfg.clip.max_position_embeddings)
-        if cfg.latent == "flux-vae":
+        if cfg.latent == "flux-vae" and encoders:
             if cfg.tokenizer == "bytes":
                 raise ValueError("a flux-vae preset needs the pretrained frozen parts")
             self.ae = M.load_autoencoder(p["ae"], torch.float32, self.device).requires_grad_(False)
@@ -160,13 +171,14 @@ class SelfE:
         return n, n
 
     @torch.no_grad()
-    def encode_images(self, images):
-        """(B, 3, H, W) in [-1, 1] -> tokens (B, L, C p p): FLUX autoencoder latents (B, 16, H/8, W/8), or the pixels
-        themselves in the tiny preset, cut into p x p patches."""
+    def encode_latents(self, images):
+        """(B, 3, H, W) in [-1, 1] -> FLUX autoencoder latents (B, 16, H/8, W/8), or the pixels themselves (tiny)."""
         x = images.to(self.device)
-        if self.ae is not None:
-            x = self.ae.encode(x.float())
-        return patchify(x, self.cfg.patch)
+        return self.ae.encode(x.float()) if self.ae is not None else x
+
+    def encode_images(self, images):
+        """(B, 3, H, W) in [-1, 1] -> tokens (B, L, C p p): the latents cut into p x p patches."""
+        return patchify(self.encode_latents(images), self.cfg.patch)
 
     @torch.no_grad()
     def decode_tokens(self, x, h, w):
@@ -201,6 +213,7 @@ class SelfE:
         """EMA of the weights (S.2: 0.9999). The decay warms up as min(decay, (1 + step) / (10 + step)) so that short
         runs get a useful EMA early: the conditional self-evaluation pass runs on it from step 0."""
         d = min(decay, (1 + step) / (10 + step))
+        reshard(self.ema)
         for e, p in zip(self.ema.parameters(), self.denoiser.parameters()):
             e.lerp_(p.detach().to(e.dtype), 1 - d)
 
@@ -238,36 +251,96 @@ def frozen_paths(pretrained=None, t5=None, clip=None, vae=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: <out>/step-NNNNNNN/{model,ema,frozen}.safetensors + config.json (+ train_state.pt); <out>/latest names
-# the newest complete one. A checkpoint is written to a temporary folder and renamed, then `latest` is replaced
-# atomically, so a crash never leaves a partial checkpoint behind `latest`.
+# Checkpoints: <out>/step-NNNNNNN/ holds
+#   dcp/               model, EMA and optimizer, sharded as they were trained (torch.distributed.checkpoint): resume
+#   ema.safetensors    the EMA weights consolidated into one file: sample.py, evaluate.py
+#   frozen.safetensors the tiny preset's random frozen stand-ins
+#   config.json        preset, flags, step
+# and <out>/latest names the newest complete one. Every rank writes its shards into step-N.tmp/; only after all have
+# finished does rank 0 rename the folder and then replace `latest` atomically, so a crash (or a rank dying under
+# torchrun) never leaves a partial checkpoint behind `latest`. Randomness is keyed by (seed, step) and the data
+# position is the step, so model, EMA, optimizer and step are the whole training state.
 
-def save_checkpoint(out, system, step, flags, train_state=None, keep=2):
-    os.makedirs(out, exist_ok=True)
-    name = f"step-{step:07d}"
-    tmp = os.path.join(out, name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    cpu = lambda sd: {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-    save_file(cpu(system.denoiser.state_dict()), os.path.join(tmp, "model.safetensors"))
+def _rank0():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def reshard(module):
+    """Under FSDP2 the root's parameters stay gathered after a forward that no backward follows (the EMA's): shard them
+    again, so parameters, EMA and state dicts are all sharded alike."""
+    if hasattr(module, "reshard"):
+        module.reshard()
+
+
+def training_state(system, optimizer=None):
+    """The sharded state dicts (DTensors under FSDP2, plain tensors otherwise) that dcp saves and loads in place."""
+    reshard(system.denoiser)
+    state = {"model": get_model_state_dict(system.denoiser)}
     if system.ema is not None:
-        save_file(cpu(system.ema.state_dict()), os.path.join(tmp, "ema.safetensors"))
-    if system.cfg.tokenizer == "bytes":  # random stand-ins travel with the checkpoint
-        save_file(cpu(system.frozen_state()), os.path.join(tmp, "frozen.safetensors"))
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump({"config": system.cfg.to_dict(), "flags": flags, "step": step}, f, indent=1)
-    if train_state is not None:
-        torch.save(train_state, os.path.join(tmp, "train_state.pt"))
-    final = os.path.join(out, name)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with open(os.path.join(out, "latest.tmp"), "w") as f:
-        f.write(name + "\n")
-    os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
-    old = sorted(d for d in os.listdir(out) if d.startswith("step-") and not d.endswith(".tmp"))
-    for d in old[:-keep]:
-        shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+        reshard(system.ema)
+        state["ema"] = get_model_state_dict(system.ema)
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(system.denoiser, optimizer)
+    return state
+
+
+def save_checkpoint(out, system, step, flags, optimizer=None, keep=2):
+    """Write step-N (collective under torchrun: every rank calls it). Returns the final folder."""
+    name = f"step-{step:07d}"
+    tmp, final = os.path.join(out, name + ".tmp"), os.path.join(out, name)
+    if _rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    with warnings.catch_warnings():  # dcp warns that one process saves alone; that is intended
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(training_state(system, optimizer), checkpoint_id=os.path.join(tmp, "dcp"),
+                 no_dist=not dist.is_initialized())
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)          # gathered onto rank 0's CPU
+    ema = get_model_state_dict(system.ema, options=full)
+    if _rank0():
+        save_file({k: v.contiguous() for k, v in ema.items()}, os.path.join(tmp, "ema.safetensors"))
+        if system.cfg.tokenizer == "bytes":  # random stand-ins travel with the checkpoint
+            save_file({k: v.detach().cpu().contiguous() for k, v in system.frozen_state().items()},
+                      os.path.join(tmp, "frozen.safetensors"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump({"config": system.cfg.to_dict(), "flags": flags, "step": step}, f, indent=1)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with open(os.path.join(out, "latest.tmp"), "w") as f:
+            f.write(name + "\n")
+        os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
+        old = sorted(d for d in os.listdir(out) if d.startswith("step-") and not d.endswith(".tmp"))
+        for d in old[:-keep]:
+            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+    _barrier()
     return final
+
+
+def load_training_state(path, system, optimizer=None):
+    """Load model, EMA (if the system has one) and optimizer from `path`/dcp into the live objects, sharded or not,
+    whatever the world size that wrote them."""
+    where = os.path.join(path, "dcp")
+    if not os.path.isfile(os.path.join(where, ".metadata")):
+        raise M.CheckpointError(f"{where}: no distributed checkpoint here (missing .metadata)")
+    state = training_state(system, optimizer)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=where, no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as e:  # a missing or foreign shard file, a shape that does not fit
+        cause = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        raise M.CheckpointError(f"{where}: cannot load the checkpoint: {cause[-1].strip()}") from e
+    set_model_state_dict(system.denoiser, state["model"])
+    if system.ema is not None:
+        set_model_state_dict(system.ema, state["ema"])
+    if optimizer is not None:
+        set_optimizer_state_dict(system.denoiser, optimizer, state["optimizer"])
 
 
 def resolve_checkpoint(path):
@@ -295,9 +368,12 @@ def load_checkpoint(path, device="cpu", weights="ema", pretrained=None, t5=None,
     system = SelfE(cfg, device, flags.get("seed", 0), pretrained or flags.get("pretrained"), t5 or flags.get("t5"),
                    clip or flags.get("clip"), vae or flags.get("vae"))
     file = os.path.join(path, f"{weights}.safetensors")
-    if not os.path.isfile(file):
+    if weights == "model" and not os.path.isfile(file):  # the raw weights live in the sharded training state
+        load_training_state(path, system)
+    elif not os.path.isfile(file):
         raise FileNotFoundError(f"{file} missing: the checkpoint at {path} is incomplete")
-    load_strict(system.denoiser, load_file(file, device=str(system.device)), file)
+    else:
+        load_strict(system.denoiser, load_file(file, device=str(system.device)), file)
     frozen = os.path.join(path, "frozen.safetensors")
     if cfg.tokenizer == "bytes":
         system.load_frozen_state(load_file(frozen, device=str(system.device)), frozen)

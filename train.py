@@ -1,23 +1,35 @@
 """Train Self-E, or the plain flow-matching baseline with the identical network and budget.
 
-    python train.py                                  # tiny preset on the built-in shapes world, CPU, minutes
-    python train.py --size 0.5b --data manifest.tsv  # real data (image path <TAB> prompt)
-    python train.py --objective fm                   # the flow-matching baseline (Table 2)
-    python train.py --resume                         # continue the run in --out from its latest checkpoint
+    python train.py                                   # tiny preset on the built-in shapes world, CPU, minutes
+    python train.py --objective fm                    # the flow-matching baseline (Table 2)
+    python train.py --resume                          # continue the run in --out from its latest checkpoint
+    torchrun --nproc_per_node 8 train.py --size 2b --data manifest.tsv --pretrained FLUX_DIR
+    torchrun --nproc_per_node 2 train.py              # also on CPU (gloo), for testing
+    python train.py --size 2b --data manifest.tsv --pretrained FLUX_DIR --build-cache CACHE  # encoders once
+    python train.py --size 2b --data CACHE            # then train from the cache, no frozen encoders loaded
+    python train.py --size 2b --bench                 # one GPU: TFLOP/s, MFU, Self-E vs FM step time, memory
 
-Read top to bottom: flags, set-up, the loop (data -> encode -> t, s -> losses.py -> backward, step, EMA), logging,
-checkpoints. The recipe is METHOD.md section 9: Adam (0.9, 0.95), warmup then linear decay to 1e-5, EMA; the tau
-anneal and the auxiliary-term start are fractions of the run (paper: 300k and 550k of 710k iterations).
+Read top to bottom: flags, distributed set-up (torchrun's environment; FSDP2 per block), data, the loop (batch ->
+encode -> t, s -> losses.py -> backward, step, EMA), logging, checkpoints; then the cache builder and the benchmark.
+The recipe is METHOD.md section 9: Adam (0.9, 0.95), warmup then linear decay to 1e-5, EMA; the tau anneal and the
+auxiliary-term start are fractions of the run (paper: 300k and 550k of 710k iterations).
+
+One code path serves 1 or N processes. The global batch is split as batch = per-rank batch x world size x --accum.
+All randomness of a step (caption dropout, t, s, both noises) is drawn for the whole global batch from generators
+seeded by (seed, step), the same on every rank, and each rank keeps its slice; the data order is a function of the
+step too. So N processes follow the 1-process trajectory, and a resumed run continues exactly.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
-import sys
 import time
+import warnings
 
 import torch
-from safetensors.torch import load_file
+import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import data
 import losses
@@ -27,14 +39,21 @@ from model import CONFIGS
 
 PREVIEW_PROMPTS = ["a red circle to the left of a blue square", "a photo of a green circle", "a photo of three squares",
                    "a photo of a triangle above a circle", "a photo of a white square and a purple triangle"]
+warnings.filterwarnings("ignore", message=".*returned a view tensor")  # FSDP2 on nn.Linear's 3-D output; we never
+                                                                      # modify the denoiser's output in place
+H100_PEAK = 789.0  # TFLOP/s: dense bf16 matmul measured on one H100 of our GPU image (the datasheet says 989)
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="tiny", choices=list(CONFIGS), help="model preset")
-    p.add_argument("--data", default="shapes", help="'shapes' (built-in world) or a TSV manifest: image path<TAB>prompt")
+    p.add_argument("--data", default="shapes", help="'shapes' (built-in world), a TSV manifest (image path<TAB>prompt) "
+                   "or a cache folder made by --build-cache")
     p.add_argument("--base-dir", default=None, help="base for relative manifest paths (default: the manifest's folder)")
-    p.add_argument("--skip-bad", action="store_true", help="skip malformed manifest lines and unreadable images")
+    p.add_argument("--skip-bad", action="store_true", help="skip malformed manifest lines and unusable images")
+    p.add_argument("--resolution", default=None, help="bucket areas in pixels, e.g. 256 or 256,512 (the 1:1 mix of "
+                   "METHOD.md 9); default: the preset's")
+    p.add_argument("--max-ratio", type=float, default=2.0, help="widest bucket aspect ratio (1: square crops)")
     p.add_argument("--world", default=None, choices=list(data.WORLDS), help="shapes world (default: the preset's)")
     p.add_argument("--pretrained", default=None, help="FLUX.1 snapshot folder: T5-XXL, CLIP-L, autoencoder")
     p.add_argument("--t5", default=None, help="T5 v1.1 XXL folder (overrides --pretrained's)")
@@ -43,18 +62,28 @@ def get_args(argv=None):
     p.add_argument("--objective", default="selfe", choices=("selfe", "fm"))
     p.add_argument("--steps", type=int, default=None, help="iterations (default: the preset's)")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's)")
+    p.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-steps per iteration")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
     p.add_argument("--lr-min", type=float, default=1e-5, help="learning rate at the last step (linear decay)")
     p.add_argument("--warmup", type=int, default=None, help="warmup iterations (default: min(1000, steps / 20))")
     p.add_argument("--grad-clip", type=float, default=1.0, help="[ASSUMPTION] 9: minFM's default")
     p.add_argument("--ema", type=float, default=None, help="EMA decay (paper 0.9999; default: the preset's)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<size>[-fm])")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/latest")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/latest (implied on a torchrun restart)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default=None, choices=("bf16", "fp32"),
+                   help="compute dtype (default: bf16 on GPU, fp32 on CPU); parameters, EMA, optimizer stay fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    p.add_argument("--act-ckpt", action="store_true", help="activation checkpointing per transformer block")
+    p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: H100 789)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--sample-every", type=int, default=1000, help="preview grid every N steps (0: never)")
+    p.add_argument("--build-cache", default=None, metavar="DIR", help="encode --data (a manifest) into DIR and exit")
+    p.add_argument("--bench", action="store_true", help="time the denoiser and a Self-E and FM step, then exit")
+    p.add_argument("--bench-batch", type=int, default=8, help="per-device batch of --bench")
+    p.add_argument("--bench-iters", type=int, default=10, help="timed iterations per measurement of --bench")
     # The method's options; each [ASSUMPTION] of METHOD.md is one flag with its stated default.
     m = p.add_argument_group("method (METHOD.md; [A] n = its section 11 item n)")
     m.add_argument("--p-drop", type=float, default=0.1, help="caption dropout for guidance [A] 1")
@@ -72,13 +101,16 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     cfg = CONFIGS[args.size]
     for name, default in (("steps", cfg.steps), ("batch", cfg.batch), ("lr", cfg.lr), ("ema", cfg.ema_decay),
-                          ("world", cfg.world)):
+                          ("world", cfg.world), ("resolution", str(cfg.resolution))):
         if getattr(args, name) is None:
             setattr(args, name, default)
+    args.resolution = [int(r) for r in str(args.resolution).split(",")]
     if args.warmup is None:
         args.warmup = min(1000, args.steps // 20)
+    if args.precision is None:
+        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
     args.out = args.out or os.path.join("runs", args.size + ("-fm" if args.objective == "fm" else ""))
-    for name in ("steps", "batch"):
+    for name in ("steps", "batch", "accum"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     return args
@@ -92,134 +124,413 @@ def lr_at(step, args):
     return args.lr + (args.lr_min - args.lr) * min(1.0, frac)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Distributed set-up: torchrun's environment decides; FSDP2 shards every transformer block and the root.
+
+def init_distributed(args):
+    """-> (rank, world size). Under torchrun: one process group (NCCL on GPUs, gloo on CPU), one GPU per process."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def parallelize(model, args, world):
+    """Activation checkpointing and torch.compile per block, then FSDP2: each block is its own shard group, so one
+    block's parameters are gathered at a time. bf16 parameters for compute, fp32 gradient reduction ([ASSUMPTION] 9);
+    the sharded fp32 parameters are what the optimizer and the EMA see."""
+    model.checkpointing = args.act_ckpt
+    blocks = [*model.double_blocks, *model.single_blocks]
+    if args.compile:
+        for block in blocks:
+            block.compile()
+    if world > 1:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if args.precision == "bf16" else None,
+                                  reduce_dtype=torch.float32)
+        for block in blocks:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+    return model
+
+
+def log0(*a, rank=0):
+    if rank == 0:
+        print(*a, flush=True)
+
+
 def main(argv=None):
     args = get_args(argv)
-    torch.manual_seed(args.seed)
+    rank, world = init_distributed(args)
+    try:
+        if args.bench:
+            return bench(args, rank, world)
+        if args.build_cache:
+            return build_cache(args, rank, world)
+        return train(args, rank, world)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args, rank, world):
     cfg = CONFIGS[args.size]
-    system = selfe.SelfE(cfg, args.device, args.seed, args.pretrained, args.t5, args.clip, args.vae)
+    B, A = args.batch, args.accum
+    if B % (world * A):
+        raise SystemExit(f"--batch {B} is not divisible by world size {world} x --accum {A}")
+    b = B // (world * A)                                                   # per-rank micro-batch
+    torch.manual_seed(args.seed)                                           # the same initial weights on every rank
+    cached = data.is_cache(args.data)
+    system = selfe.SelfE(cfg, args.device, args.seed, args.pretrained, args.t5, args.clip, args.vae,
+                         encoders=not cached)
     ema = system.make_ema()
-    model = system.denoiser
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    if args.data == "shapes":
-        world = data.WORLDS[args.world]
-        if world.resolution != cfg.resolution:
-            raise SystemExit(f"world {world.name!r} is {world.resolution} px but preset {args.size!r} is "
-                             f"{cfg.resolution} px")
-        source = data.ShapesData(world, seed=args.seed)
+    model = parallelize(system.denoiser, args, world)
+    parallelize(ema, args, world)                                          # the fp32 EMA, sharded like the model
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)  # sharded state
+    autocast = (torch.autocast("cuda", torch.bfloat16) if world == 1 and args.precision == "bf16"
+                else contextlib.nullcontext())                             # one process: fp32 weights, bf16 compute
+
+    if cached:
+        source = data.CachedData(args.data, cache_meta(args, cfg), B, args.seed)
+        null = tuple(source.null[k].to(system.device) for k in ("txt", "vec"))
+        null_fake = tuple(source.null[k].to(system.device) for k in ("fake_txt", "fake_vec"))
+    elif args.data == "shapes":
+        world_ = data.WORLDS[args.world]
+        if world_.resolution != cfg.resolution or args.resolution != [cfg.resolution]:
+            raise SystemExit(f"world {world_.name!r} is {world_.resolution} px; preset {args.size!r} is "
+                             f"{cfg.resolution} px and --resolution {args.resolution}")
+        source = data.ShapesData(world_, B, seed=args.seed)
     else:
-        source = data.ManifestData(args.data, cfg.resolution, args.base_dir, args.skip_bad)
-    h, w = system.grid
-    L = h * w
+        source = data.ManifestData(args.data, args.resolution, bucket_step(system), B, args.seed, args.base_dir,
+                                   args.skip_bad, args.max_ratio)
     tau_steps = round(args.tau_frac * args.steps)
     aux_start = round(args.aux_start_frac * args.steps)
     flags = vars(args)
     os.makedirs(args.out, exist_ok=True)
 
     start = 0
-    if args.resume:
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if args.resume or (restarted and os.path.isfile(os.path.join(args.out, "latest"))):
         path = selfe.resolve_checkpoint(args.out)
         with open(os.path.join(path, "config.json")) as f:
             meta = json.load(f)
         if selfe.Config.from_dict(meta["config"]) != cfg:
             raise SystemExit(f"{path} was trained with another preset than --size {args.size}")
-        selfe.load_strict(model, load_file(os.path.join(path, "model.safetensors")), path)
-        selfe.load_strict(ema, load_file(os.path.join(path, "ema.safetensors")), path)
+        selfe.load_training_state(path, system, opt)
         if cfg.tokenizer == "bytes":
-            system.load_frozen_state(load_file(os.path.join(path, "frozen.safetensors")), path)
-        state = torch.load(os.path.join(path, "train_state.pt"), weights_only=False)
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+            system.load_frozen_state(selfe.load_file(os.path.join(path, "frozen.safetensors")), path)
         start = meta["step"]
-        print(f"resumed from {path} at step {start}")
+        log0(f"resumed from {path} at step {start}", rank=rank)
 
-    def train_state():
-        return {"optimizer": opt.state_dict(), "rng": torch.get_rng_state()}
-
-    G = lambda x, t, s, c: system.G(model, x, t, s, c, h, w)        # current weights (with grad when enabled)
-    G_ema = lambda x, t, s, c: system.G(ema, x, t, s, c, h, w)      # EMA weights, for the conditional pass (S.2)
+    # `grid` (h, w) is the token grid of the batch in hand (buckets vary it), bound in the loop below
+    G = lambda x, t, s, c: system.G(model, x, t, s, c, *grid)             # current weights (with grad when enabled)
+    G_ema = lambda x, t, s, c: system.G(ema, x, t, s, c, *grid)            # EMA weights: the conditional pass (S.2)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{args.size}: {n_params / 1e6:.2f}M denoiser parameters, {L} image tokens, objective {args.objective}, "
-          f"{args.steps} steps x batch {args.batch} on {args.device}; tau over {tau_steps} steps, aux from {aux_start}")
+    peak = args.peak_tflops or (H100_PEAK if "H100" in device_name(system.device) else None)
+    log0(f"{args.size}: {n_params / 1e6:.2f}M denoiser parameters, objective {args.objective}, {args.steps} steps x "
+         f"batch {B} (= {b} x {world} ranks x {A} accum) on {args.device} in {args.precision}; data {args.data} "
+         f"({len(source) if hasattr(source, '__len__') else 'unlimited'} items); tau over {tau_steps} steps, aux from "
+         f"{aux_start}", rank=rank)
 
-    history, window, t0 = [], [], time.time()
-    t_window = time.time()
+    history, window = [], []
+    t0 = t_window = time.time()
     for step in range(start, args.steps):
         lr = lr_at(step, args)
         for group in opt.param_groups:
             group["lr"] = lr
-        images, captions = source.batch(range(step * args.batch, (step + 1) * args.batch))
-        x0 = system.encode_images(images)                                   # (B, L, C)
-        captions, dropped = selfe.drop_captions(captions, args.p_drop)
-        cond = system.encode_text(captions)                                 # (B, Lt, d_txt), (B, d_vec)
-        t = selfe.sample_t(args.batch, L, args.anchor, system.device)       # (s.11)-(s.12)
-        if args.objective == "fm":
-            out = losses.fm_loss(G, x0, t, cond, args.t_min)
-        else:
-            s = selfe.sample_s(t, selfe.tau_at(step, tau_steps), args.p_equal,
-                               None if args.selfeval_dropped else dropped.to(t.device))  # (s.13)
-            fake = None
-            if step >= aux_start:  # the auxiliary term of s.6-s.8, late in training
-                fake = lambda idx: system.encode_text([args.fake_prefix + captions[i] for i in idx.tolist()])
-            out = losses.selfe_loss(G, G_ema, x0, t, s, cond, system.null_cond(), fake, args.k,
-                                    not args.no_target_norm, args.t_min, args.fake_weight, not args.reuse_noise)
-        loss = out["loss"]
-        if not torch.isfinite(loss):
+        items = source.indices(step)                                       # the global batch, same on every rank
+        mine = items[rank * b * A:(rank + 1) * b * A]
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # the step's randomness, same on every rank
+        dropped = torch.rand(B, generator=gen) < args.p_drop                # caption dropout ([ASSUMPTION] 1)
+        stats, n_flops = [], 0.0
+        for micro in range(A):
+            off = (rank * A + micro) * b                                    # this slice's place in the global batch
+            sl = slice(off, off + b)
+            x0, cond, captions, grid = load_batch(source, system, mine[micro * b:(micro + 1) * b], dropped[sl],
+                                                  null if cached else None)
+            L = x0.shape[1]
+            if micro == 0:  # t, s and both noises for the whole global batch, then this rank's slices
+                noise = draw(gen, args, step, B, L, x0.shape[2], tau_steps, dropped, system.device)
+            t, s = noise["t"][sl], noise["s"][sl]
+            if world > 1:
+                model.set_requires_gradient_sync(micro == A - 1)           # reduce-scatter once per iteration
+            with autocast:
+                if args.objective == "fm":
+                    out = losses.fm_loss(G, x0, t, cond, args.t_min, eps=noise["eps"][sl])
+                else:
+                    fake = None
+                    if step >= aux_start:  # the auxiliary term of s.6-s.8, late in training
+                        if cached:
+                            ft, fv = load_fake(source, mine[micro * b:(micro + 1) * b], dropped[sl], null_fake, system)
+                            fake = lambda idx: (ft[idx], fv[idx])
+                        else:
+                            fake = lambda idx: system.encode_text([args.fake_prefix + captions[i] for i in idx.tolist()])
+                    out = losses.selfe_loss(G, G_ema, x0, t, s, cond, null if cached else system.null_cond(), fake,
+                                            args.k, not args.no_target_norm, args.t_min, args.fake_weight,
+                                            not args.reuse_noise, eps=noise["eps"][sl], eps_self=noise["eps_self"][sl],
+                                            fake_count=noise["n_self"] * b / B, always_evaluate=world > 1)
+            (out["loss"] / A).backward()
+            stats.append(torch.stack([out["per_sample"].float(), out["data"].float(),
+                                      out.get("self", torch.zeros_like(t)).float(),
+                                      out.get("fake", torch.zeros(())).float().expand(b),
+                                      out["loss"].detach().float().expand(b)]))
+        # every rank's per-sample terms, in global-batch order, for logging and the non-finite check
+        stats = gather(torch.cat(stats, 1), world)                          # (5, B)
+        fake_mean = stats[3].view(world * A, b)[:, 0].mean()               # slices' means average to the batch's
+        loss = stats[4].view(world * A, b)[:, 0].mean().item()
+        if not math.isfinite(loss):
             debug = os.path.join(args.out, f"nonfinite-step-{step}")
-            selfe.save_checkpoint(debug, system, step, flags, train_state())
-            torch.save({"captions": captions, "t": t, "x0": x0, "out": out}, os.path.join(debug, "batch.pt"))
-            raise SystemExit(f"step {step}: loss is {loss.item()}; weights before this step and the batch are in "
-                             f"{debug}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
+            selfe.save_checkpoint(debug, system, step, flags, opt)
+            if rank == 0:
+                torch.save({"items": items, "noise": noise}, os.path.join(debug, "batch.pt"))
+            raise SystemExit(f"step {step}: loss is {loss}; weights before this step and the batch are in {debug}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         opt.step()
+        opt.zero_grad(set_to_none=True)
         system.update_ema(args.ema, step)
 
-        rec = {"step": step + 1, "loss": loss.item(), "data": out["data"].mean().item(), "grad_norm": grad_norm,
-               "lr": lr}
+        t_all, s_all = noise["t"].cpu(), noise["s"].cpu()
+        sel = s_all < t_all
+        rec = {"step": step + 1, "loss": loss, "data": stats[1].mean().item(), "grad_norm": grad_norm, "lr": lr}
         if args.objective == "selfe":
-            sel = out["selfeval"]
-            rec.update(self=out["self"][sel].mean().item() if sel.any() else 0.0,
-                       lam=out["lam"][sel].mean().item() if sel.any() else 0.0,
-                       frac_s_lt_t=sel.float().mean().item(), fake=out["fake"].item())
+            lam = losses.lam(t_all, s_all)
+            rec.update(self=stats[2][sel].mean().item() if sel.any() else 0.0,
+                       lam=lam[sel].mean().item() if sel.any() else 0.0,
+                       frac_s_lt_t=sel.float().mean().item(), fake=fake_mean.item())
         history.append(rec)
-        window.append((t.detach().cpu(), out["per_sample"].cpu()))
+        F = system.denoiser.flops(L, cond[0].shape[1])                     # forward FLOPs of one sample
+        n_self = int(sel.sum()) if args.objective == "selfe" else 0
+        n_flops = 3 * F * B + 2 * F * n_self + (3 * F * n_self if args.objective == "selfe" and step >= aux_start
+                                                else 0)                    # fwd+bwd; EMA-cond + uncond; L_fake
+        window.append((t_all, stats[0].cpu(), n_flops, B * (L + cond[0].shape[1])))
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
-            log(rec, window, args, step, start, t_window)
+            if rank == 0:
+                log(rec, window, args, step, t_window, world, peak, system.device)
             window, t_window = [], time.time()
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
-            selfe.save_checkpoint(args.out, system, step + 1, flags, train_state())
+            selfe.save_checkpoint(args.out, system, step + 1, flags, opt)
         if args.sample_every and ((step + 1) % args.sample_every == 0 or step + 1 == args.steps):
-            preview(system, args, step + 1)
-    print(f"done: {args.steps - start} steps in {time.time() - t0:.0f} s; checkpoint in {args.out}")
+            if system.t5 is not None:
+                preview(system, args, step + 1, rank)
+    log0(f"done: {args.steps - start} steps in {time.time() - t0:.0f} s; checkpoint in {args.out}", rank=rank)
     return history
 
 
-def log(rec, window, args, step, start, t_window):
-    """One line: every loss term, lambda, the share of s < t, grad norm, throughput, ETA, and the loss by t-bin."""
+def bucket_step(system):
+    """Bucket sides are multiples of two patches of latent (32 px for FLUX's 8x autoencoder and patch 2)."""
+    down = 2 ** (len(system.ae.c.ch_mult) - 1) if system.ae is not None else 1
+    return 2 * system.cfg.patch * down
+
+
+def draw(gen, args, step, B, L, C, tau_steps, dropped, device):
+    """All of one step's randomness for the global batch: t (s.11-s.12), s (s.13), eps (Eq. 1), eps' (re-noising)."""
+    t = selfe.sample_t(B, L, args.anchor, generator=gen)
+    s = selfe.sample_s(t, selfe.tau_at(step, tau_steps), args.p_equal,
+                       None if args.selfeval_dropped else dropped, generator=gen)
+    if args.objective == "fm":
+        s = t
+    dgen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)
+    eps = torch.randn(2, B, L, C, device=device, generator=dgen)
+    return {"t": t.to(device), "s": s.to(device), "eps": eps[0], "eps_self": eps[1], "n_self": int((s < t).sum())}
+
+
+def load_batch(source, system, items, dropped, null):
+    """This slice's items -> (x0 tokens (b, L, C), cond (txt, vec), captions, token grid (h, w)). Online: images
+    through the autoencoder (or pixels), captions (with dropout applied) through T5 and CLIP. Cached: read, and the
+    dropped captions' encodings replaced by the cached phi."""
+    p = system.cfg.patch
+    if null is not None:
+        rows = source.batch(items)
+        lat = rows["latent"].to(system.device)
+        keep = (~dropped).to(system.device)
+        txt = torch.where(keep.view(-1, 1, 1), rows["txt"].to(system.device), null[0])
+        vec = torch.where(keep.view(-1, 1), rows["vec"].to(system.device), null[1])
+        cond, captions = (txt.float(), vec.float()), None
+    else:
+        images, captions = source.batch(items)
+        captions = [selfe.NULL_PROMPT if d else c for c, d in zip(captions, dropped.tolist())]
+        lat = system.encode_latents(images)                                # (b, C, H/8, W/8) or pixels
+        cond = system.encode_text(captions)                                # (b, Lt, d_txt), (b, d_vec)
+    grid = (lat.shape[2] // p, lat.shape[3] // p)
+    return selfe.patchify(lat.float(), p), cond, captions, grid
+
+
+def load_fake(source, items, dropped, null_fake, system):
+    """c_fake's cached encodings for this slice (of phi where the caption was dropped)."""
+    rows = source.batch(items)
+    keep = (~dropped).to(system.device)
+    txt = torch.where(keep.view(-1, 1, 1), rows["fake_txt"].to(system.device), null_fake[0])
+    vec = torch.where(keep.view(-1, 1), rows["fake_vec"].to(system.device), null_fake[1])
+    return txt.float(), vec.float()
+
+
+def gather(x, world):
+    """(k, b) on each rank -> (k, world b), rank-major (the global-batch order)."""
+    if world == 1:
+        return x.detach()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts, 1)
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def log(rec, window, args, step, t_window, world, peak, device):
+    """One line: every loss term, lambda, the share of s < t, grad norm, throughput (samples/s, tokens/s, TFLOP/s per
+    device, MFU), peak memory, ETA, and the loss by t-bin."""
     n = len(window)
     t = torch.cat([w[0] for w in window])
     per = torch.cat([w[1] for w in window])
     bins = torch.bucketize(t, torch.tensor([0.25, 0.5, 0.75]))
     by_bin = " ".join(f"{per[bins == b].mean().item():.3f}" if (bins == b).any() else "-" for b in range(4))
-    rate = n * args.batch / (time.time() - t_window)
+    dt = time.time() - t_window
+    rate = n * args.batch / dt
+    tflops = sum(w[2] for w in window) / dt / world / 1e12
+    tokens = sum(w[3] for w in window) / dt
     eta = (args.steps - step - 1) * args.batch / rate
     extra = ""
     if "self" in rec:
         extra = (f" self {rec['self']:.4f} lam {rec['lam']:.2f} s<t {rec['frac_s_lt_t']:.2f}"
                  + (f" fake {rec['fake']:.4f}" if rec["fake"] else ""))
+    speed = f"{rate:.1f} samples/s {tokens:.0f} tok/s {tflops:.3g} TFLOP/s/dev"
+    if peak:
+        speed += f" MFU {100 * tflops / peak:.1f}%"
+    if device.type == "cuda":
+        speed += f" mem {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB"
+    rec.update(samples_per_s=rate, tokens_per_s=tokens, tflops_per_device=tflops)
     print(f"step {rec['step']:>6} loss {rec['loss']:.4f} data {rec['data']:.4f}{extra} | gnorm {rec['grad_norm']:.2f} "
-          f"lr {rec['lr']:.2e} | {rate:.1f} samples/s ETA {eta / 60:.1f} min | loss by t-bin {by_bin}", flush=True)
+          f"lr {rec['lr']:.2e} | {speed} ETA {eta / 60:.1f} min | loss by t-bin {by_bin}", flush=True)
     with open(os.path.join(args.out, "log.jsonl"), "a") as f:
         f.write(json.dumps(rec) + "\n")
 
 
-def preview(system, args, step):
-    """A grid of the EMA model: rows 1, 2, 4 steps; columns the preview prompts."""
+def preview(system, args, step, rank):
+    """A grid of the EMA model: rows 1, 2, 4 steps; columns the preview prompts. Every rank samples (the sharded EMA
+    needs all of them); rank 0 writes the file."""
     rows = [sampler.sample(system, PREVIEW_PROMPTS, n, anchor=args.anchor) for n in (1, 2, 4)]
-    path = sampler.save_grid(rows, os.path.join(args.out, f"preview-{step:07d}.png"),
-                             upscale=max(1, 128 // system.cfg.resolution), labels=["1 step", "2 steps", "4 steps"])
-    print(f"preview: {path}")
+    if rank == 0:
+        path = sampler.save_grid(rows, os.path.join(args.out, f"preview-{step:07d}.png"),
+                                 upscale=max(1, 128 // system.cfg.resolution), labels=["1 step", "2 steps", "4 steps"])
+        print(f"preview: {path}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Caches: the frozen encoders run once; ranks split the manifest.
+
+def cache_meta(args, cfg):
+    """What a cache depends on; CachedData refuses a cache whose values differ from this run's."""
+    c = cfg.to_dict()
+    return {"encoders": {k: c[k] for k in ("t5", "clip", "t5_max_len", "tokenizer", "latent")},
+            "stand_in_seed": args.seed if cfg.tokenizer == "bytes" else None,
+            "resolution": args.resolution, "max_ratio": args.max_ratio, "fake_prefix": args.fake_prefix}
+
+
+def build_cache(args, rank, world):
+    cfg = CONFIGS[args.size]
+    if args.data == "shapes" or data.is_cache(args.data):
+        raise SystemExit("--build-cache needs --data MANIFEST.tsv")
+    system = selfe.SelfE(cfg, args.device, args.seed, args.pretrained, args.t5, args.clip, args.vae)
+    source = data.ManifestData(args.data, args.resolution, bucket_step(system), 1, args.seed, args.base_dir,
+                               args.skip_bad, args.max_ratio)
+    per_rank = max(1, args.batch // world)
+    store = torch.bfloat16 if system.device.type == "cuda" else torch.float32  # the encoders' own precision
+    encode_text = lambda prompts: tuple(x.to(store) for x in system.encode_text(prompts))
+    data.write_cache_shards(args.build_cache, source, system.encode_latents, encode_text, args.fake_prefix,
+                            per_rank, rank, world)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        data.finish_cache(args.build_cache, encode_text, args.fake_prefix, cache_meta(args, cfg), len(source))
+        print(f"cache: {len(source)} items in {args.build_cache}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Benchmark: synthetic latents and text of the real shapes, no frozen parts, one device (or each of N).
+
+def bench(args, rank, world):
+    cfg = CONFIGS[args.size]
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.enable_cudnn_sdp(False)  # its backward fails on our GPU image (torch 2.11 + CUDA 13)
+    torch.manual_seed(args.seed)
+    system = selfe.SelfE(cfg, args.device, args.seed, encoders=False)
+    ema = system.make_ema()
+    model = parallelize(system.denoiser, args, world)
+    parallelize(ema, args, world)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    autocast = (torch.autocast("cuda", torch.bfloat16) if world == 1 and args.precision == "bf16"
+                else contextlib.nullcontext())
+    dev, b, Lt = system.device, args.bench_batch, cfg.t5_max_len
+    peak = args.peak_tflops or (H100_PEAK if "H100" in device_name(dev) else None)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    rows = []
+    areas = sorted({cfg.resolution, 2 * cfg.resolution}) if args.size != "tiny" else [cfg.resolution]
+    for area in areas:
+        n = area // (8 if cfg.latent == "flux-vae" else 1) // cfg.patch
+        grid = (n, n)
+        L = n * n
+        x0 = torch.randn(b, L, cfg.in_channels, device=dev)
+        cond = (torch.randn(b, Lt, cfg.context_in_dim, device=dev), torch.randn(b, cfg.vec_in_dim, device=dev))
+        null = (cond[0][:1] * 0, cond[1][:1] * 0)
+        G = lambda x, t, s, c: system.G(model, x, t, s, c, *grid)
+        G_ema = lambda x, t, s, c: system.G(ema, x, t, s, c, *grid)
+        t = torch.rand(b, device=dev).clamp(0.05, 0.95)
+        s = torch.where(torch.arange(b, device=dev) < b // 2, t * 0.5, t)  # half the batch has s < t
+
+        def fwd_bwd():
+            with autocast:
+                v = system.velocity(model, x0, t, s, cond, *grid)
+            v.float().square().mean().backward()
+
+        def fm_step():
+            with autocast:
+                out = losses.fm_loss(G, x0, t, cond)
+            out["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step(), opt.zero_grad(set_to_none=True), system.update_ema(0.9999, 10 ** 6)
+
+        def selfe_step(aux):
+            with autocast:
+                fake = (lambda idx: (cond[0][idx], cond[1][idx])) if aux else None
+                out = losses.selfe_loss(G, G_ema, x0, t, s, cond, null, fake)
+            out["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step(), opt.zero_grad(set_to_none=True), system.update_ema(0.9999, 10 ** 6)
+
+        F = system.denoiser.flops(L, Lt)
+        half = b // 2
+        for name, fn, flops in (("denoiser fwd+bwd", fwd_bwd, 3 * F * b),
+                                ("FM step", fm_step, 3 * F * b),
+                                ("Self-E step", lambda: selfe_step(False), 3 * F * b + 2 * F * half),
+                                ("Self-E step + aux", lambda: selfe_step(True), 3 * F * b + 5 * F * half)):
+            for _ in range(2):  # warm-up (and compilation)
+                fn()
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.bench_iters):
+                fn()
+            sync()
+            ms = (time.perf_counter() - t0) / args.bench_iters * 1e3
+            tf = flops / ms / 1e9
+            mem = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else float("nan")
+            rows.append((area, L, name, ms, tf, 100 * tf / peak if peak else float("nan"), mem))
+            model.zero_grad(set_to_none=True)
+    if rank == 0:
+        print(f"\n{args.size} on {world} x {device_name(dev)}, per-device batch {b}, {Lt} text tokens, "
+              f"{args.precision}{', compiled' if args.compile else ''}{', act-ckpt' if args.act_ckpt else ''}; "
+              f"peak {peak or 'unknown'} TFLOP/s")
+        print("| pixels | image tokens | measurement | ms | TFLOP/s | MFU % | peak mem GiB | vs FM step |")
+        print("|---|---|---|---|---|---|---|---|")
+        fm = {r[0]: r[3] for r in rows if r[2] == "FM step"}
+        for area, L, name, ms, tf, mfu, mem in rows:
+            print(f"| {area}^2 | {L} | {name} | {ms:.1f} | {tf:.1f} | {mfu:.1f} | {mem:.1f} | {ms / fm[area]:.2f}x |")
+    return rows
 
 
 if __name__ == "__main__":
