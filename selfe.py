@@ -214,8 +214,8 @@ class SelfE:
         runs get a useful EMA early: the conditional self-evaluation pass runs on it from step 0."""
         d = min(decay, (1 + step) / (10 + step))
         reshard(self.ema)
-        for e, p in zip(self.ema.parameters(), self.denoiser.parameters()):
-            e.lerp_(p.detach().to(e.dtype), 1 - d)
+        local = lambda m: [p.to_local() if hasattr(p, "to_local") else p for p in m.parameters()]  # FSDP2 shards
+        torch._foreach_lerp_(local(self.ema), [p.detach() for p in local(self.denoiser)], 1 - d)
 
     def frozen_state(self):
         return {**{f"t5.{k}": v for k, v in self.t5.state_dict().items()},

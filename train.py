@@ -15,9 +15,9 @@ The recipe is METHOD.md section 9: Adam (0.9, 0.95), warmup then linear decay to
 auxiliary-term start are fractions of the run (paper: 300k and 550k of 710k iterations).
 
 One code path serves 1 or N processes. The global batch is split as batch = per-rank batch x world size x --accum.
-All randomness of a step (caption dropout, t, s, both noises) is drawn for the whole global batch from generators
-seeded by (seed, step), the same on every rank, and each rank keeps its slice; the data order is a function of the
-step too. So N processes follow the 1-process trajectory, and a resumed run continues exactly.
+A step's caption dropout, t and s are drawn for the whole global batch from a generator seeded by (seed, step), the
+same on every rank, and each sample's noises from one seeded by (seed, step, its position); the data order is a
+function of the step too. So N processes follow the 1-process trajectory, and a resumed run continues exactly.
 """
 import argparse
 import contextlib
@@ -251,14 +251,16 @@ def train(args, rank, world):
             x0, cond, captions, grid = load_batch(source, system, mine[micro * b:(micro + 1) * b], dropped[sl],
                                                   null if cached else None)
             L = x0.shape[1]
-            if micro == 0:  # t, s and both noises for the whole global batch, then this rank's slices
-                noise = draw(gen, args, step, B, L, x0.shape[2], tau_steps, dropped, system.device)
-            t, s = noise["t"][sl], noise["s"][sl]
+            if micro == 0:
+                t_all, s_all = draw(gen, args, step, B, L, tau_steps, dropped)
+                n_self = int((s_all < t_all).sum())
+            t, s = t_all[sl].to(system.device), s_all[sl].to(system.device)
+            eps, eps_self = noise(args.seed, step, range(off, off + b), L, x0.shape[2], system.device)
             if world > 1:
                 model.set_requires_gradient_sync(micro == A - 1)           # reduce-scatter once per iteration
             with autocast:
                 if args.objective == "fm":
-                    out = losses.fm_loss(G, x0, t, cond, args.t_min, eps=noise["eps"][sl])
+                    out = losses.fm_loss(G, x0, t, cond, args.t_min, eps=eps)
                 else:
                     fake = None
                     if step >= aux_start:  # the auxiliary term of s.6-s.8, late in training
@@ -269,8 +271,8 @@ def train(args, rank, world):
                             fake = lambda idx: system.encode_text([args.fake_prefix + captions[i] for i in idx.tolist()])
                     out = losses.selfe_loss(G, G_ema, x0, t, s, cond, null if cached else system.null_cond(), fake,
                                             args.k, not args.no_target_norm, args.t_min, args.fake_weight,
-                                            not args.reuse_noise, eps=noise["eps"][sl], eps_self=noise["eps_self"][sl],
-                                            fake_count=noise["n_self"] * b / B, always_evaluate=world > 1)
+                                            not args.reuse_noise, eps=eps, eps_self=eps_self,
+                                            fake_count=n_self * b / B, always_evaluate=world > 1)
             (out["loss"] / A).backward()
             stats.append(torch.stack([out["per_sample"].float(), out["data"].float(),
                                       out.get("self", torch.zeros_like(t)).float(),
@@ -284,7 +286,7 @@ def train(args, rank, world):
             debug = os.path.join(args.out, f"nonfinite-step-{step}")
             selfe.save_checkpoint(debug, system, step, flags, opt)
             if rank == 0:
-                torch.save({"items": items, "noise": noise}, os.path.join(debug, "batch.pt"))
+                torch.save({"items": items, "t": t_all, "s": s_all, "dropped": dropped}, os.path.join(debug, "batch.pt"))
             raise SystemExit(f"step {step}: loss is {loss}; weights before this step and the batch are in {debug}")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
@@ -292,7 +294,6 @@ def train(args, rank, world):
         opt.zero_grad(set_to_none=True)
         system.update_ema(args.ema, step)
 
-        t_all, s_all = noise["t"].cpu(), noise["s"].cpu()
         sel = s_all < t_all
         rec = {"step": step + 1, "loss": loss, "data": stats[1].mean().item(), "grad_norm": grad_norm, "lr": lr}
         if args.objective == "selfe":
@@ -302,9 +303,8 @@ def train(args, rank, world):
                        frac_s_lt_t=sel.float().mean().item(), fake=fake_mean.item())
         history.append(rec)
         F = system.denoiser.flops(L, cond[0].shape[1])                     # forward FLOPs of one sample
-        n_self = int(sel.sum()) if args.objective == "selfe" else 0
-        n_flops = 3 * F * B + 2 * F * n_self + (3 * F * n_self if args.objective == "selfe" and step >= aux_start
-                                                else 0)                    # fwd+bwd; EMA-cond + uncond; L_fake
+        n_flops = 3 * F * B + 2 * F * n_self + (3 * F * n_self if step >= aux_start else 0)  # fwd+bwd;
+        #                                                               EMA-cond + uncond passes; L_fake's fwd+bwd
         window.append((t_all, stats[0].cpu(), n_flops, B * (L + cond[0].shape[1])))
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             if rank == 0:
@@ -325,16 +325,23 @@ def bucket_step(system):
     return 2 * system.cfg.patch * down
 
 
-def draw(gen, args, step, B, L, C, tau_steps, dropped, device):
-    """All of one step's randomness for the global batch: t (s.11-s.12), s (s.13), eps (Eq. 1), eps' (re-noising)."""
+def draw(gen, args, step, B, L, tau_steps, dropped):
+    """The step's per-sample times for the whole global batch (B floats, on every rank): t (s.11-s.12), s (s.13)."""
     t = selfe.sample_t(B, L, args.anchor, generator=gen)
     s = selfe.sample_s(t, selfe.tau_at(step, tau_steps), args.p_equal,
                        None if args.selfeval_dropped else dropped, generator=gen)
-    if args.objective == "fm":
-        s = t
-    dgen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)
-    eps = torch.randn(2, B, L, C, device=device, generator=dgen)
-    return {"t": t.to(device), "s": s.to(device), "eps": eps[0], "eps_self": eps[1], "n_self": int((s < t).sum())}
+    return t, (t if args.objective == "fm" else s)
+
+
+def noise(seed, step, positions, L, C, device):
+    """eps (Eq. 1) and eps' (the re-noising of s.6), (n, L, C) each, for the samples at these global-batch positions:
+    each from its own generator seeded by (seed, step, position), so no rank draws noise it does not use, and a
+    sample's noise does not depend on how the batch is split."""
+    out = torch.empty(len(positions), 2, L, C, device=device)
+    for k, i in enumerate(positions):
+        g = torch.Generator(device).manual_seed((seed << 40) + (step << 20) + i)
+        out[k] = torch.randn(2, L, C, device=device, generator=g)
+    return out[:, 0], out[:, 1]
 
 
 def load_batch(source, system, items, dropped, null):
