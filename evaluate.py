@@ -274,6 +274,14 @@ def judge(spec, objects):
     return ok, "; ".join(reasons) or "ok"
 
 
+def colours_match(spec, objects):
+    """A diagnostic beside GenEval's six tasks, never part of Overall: are the colours of the blobs found exactly the
+    colours the prompt names (shapes, counts and positions ignored)? None when the prompt names no colour. It shows
+    whether the prompt gets through at all before a model draws shapes clean enough for the six tasks."""
+    named = {req["color"] for req in spec["include"] if req.get("color")}
+    return None if not named else named == {o["color"] for o in objects}
+
+
 def describe(objects):
     return ", ".join(f"{o['color']} {o['class']} {o['iou']:.2f}{'(' + o['reject'] + ')' if o['reject'] else ''}"
                      for o in objects) or "nothing"
@@ -284,15 +292,16 @@ def to_pixels(images):
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).cpu().numpy()
 
 
-def score(images, specs, world):
-    """Images (B, 3, H, W) in [-1, 1] against their specs -> list of (correct, reason)."""
+def score(images, specs, world, colours=False):
+    """Images (B, 3, H, W) in [-1, 1] against their specs -> list of (correct, reason), with colours_match's verdict
+    third if `colours`."""
     out, threads = [], torch.get_num_threads()
     torch.set_num_threads(1)  # the checker's tensors are tiny: extra threads only add overhead (10x on a busy CPU)
     try:
         for img, spec in zip(to_pixels(images), specs):
             objects = detect(img, world)
             ok, why = judge(spec, objects)
-            out.append((ok, f"{why} | saw: {describe(objects)}"))
+            out.append((ok, f"{why} | saw: {describe(objects)}") + ((colours_match(spec, objects),) if colours else ()))
     finally:
         torch.set_num_threads(threads)
     return out
@@ -331,9 +340,10 @@ def render_spec(spec, world, rng):
     return data.render(objs, world.resolution, rng), truth
 
 
-def summarize(specs, correct):
+def summarize(specs, correct, colours=None):
     """Per task, Overall (plain mean of the task scores present), % prompts with any correct image, per shape and
-    per colour accuracy (over images whose prompt names it). specs and correct are per image."""
+    per colour accuracy (over images whose prompt names it), and the colours_match diagnostic when given. specs,
+    correct and colours are per image."""
     def mean(xs):
         return round(float(np.mean(xs)), 6) if xs else None
     tasks = {t: mean([c for s, c in zip(specs, correct) if s["tag"] == t]) for t in data.TASKS}
@@ -348,7 +358,8 @@ def summarize(specs, correct):
                           for k in named("class")},
             "per_color": {k: mean([c for s, c in zip(specs, correct) if any(o.get("color") == k
                                                                              for o in s["include"])])
-                          for k in named("color")}}
+                          for k in named("color")},
+            "colours_match": mean([c for c in colours or () if c is not None]) if colours else None}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -497,26 +508,26 @@ def sweep(system, meta, world, specs, steps_list, args, tag):
                   file=sys.stderr, flush=True)
         images = torch.cat(images)                                          # (P K, 3, R, R), prompt-major
         gen_s = time.time() - t0
-        res = score(images, [specs[i] for i, _ in jobs], world)
+        res = score(images, [specs[i] for i, _ in jobs], world, colours=True)
         print(f" ({gen_s:.0f} s sampling, {time.time() - t0 - gen_s:.0f} s checking)", file=sys.stderr)
-        per = [(specs[i], ok) for (i, _), (ok, _) in zip(jobs, res)]
-        results[n] = {"seen": summarize(*zip(*[(s, ok) for s, ok in per if s["seen"]])),
-                      "heldout": summarize(*zip(*[(s, ok) for s, ok in per if not s["seen"]]))
+        per = [(specs[i], ok, col) for (i, _), (ok, _, col) in zip(jobs, res)]
+        results[n] = {"seen": summarize(*zip(*[p for p in per if p[0]["seen"]])),
+                      "heldout": summarize(*zip(*[p for p in per if not p[0]["seen"]]))
                       if any(not s["seen"] for s in specs) else None,
                       "sampling_s": round(gen_s, 2),
                       "images": [{"prompt": i, "image": j, "seed": noise_seed(args.seed, i, j), "correct": ok,
-                                  "reason": why} for (i, j), (ok, why) in zip(jobs, res)]}
+                                  "reason": why, "colours_match": col} for (i, j), (ok, why, col) in zip(jobs, res)]}
         rows.append(images[[i * args.seeds for i in picks]])
     return results, rows
 
 
 def table(results, which):
-    cols = COLUMNS if which == "seen" else ("colors", "color_attr", "overall", "any")
+    cols = (*COLUMNS, "colours*") if which == "seen" else ("colors", "color_attr", "overall", "any", "colours*")
     lines = [f"{'steps':>5} " + " ".join(f"{c:>10}" for c in cols)]
     for n, r in results.items():
         s = r[which]
-        vals = [s["tasks"].get(c) if c in data.TASKS else s["overall"] if c == "overall" else s["any_correct"]
-                for c in cols]
+        vals = [s["tasks"].get(c) if c in data.TASKS else s["overall"] if c == "overall" else
+                s.get("colours_match") if c == "colours*" else s["any_correct"] for c in cols]
         lines.append(f"{n:>5} " + " ".join(f"{'-' if v is None else format(v, '.3f'):>10}" for v in vals))
     for n, r in results.items():  # the per-shape view exposes a checker (or model) that reads blobs as one class
         s = r[which]
@@ -566,7 +577,9 @@ def main(argv=None):
                                  "objective": meta["flags"].get("objective"), "results": results})
         print(f"\nmodel {tag}: {path} (step {meta.get('step')}, objective {meta['flags'].get('objective')}, world "
               f"{world.name}, {args.prompts} prompts per task x {args.seeds} images)")
-        print("seen compositions (overall = mean of the 6 tasks; any = % prompts with a correct image)")
+        print("seen compositions (overall = mean of the 6 tasks; any = % prompts with a correct image; colours* = "
+              "share of colour-naming prompts' images whose blobs have exactly the named colours, a diagnostic "
+              "outside Overall)")
         print(table(results, "seen"))
         print("held-out compositions (overall = mean of colors and color_attr)")
         print(table(results, "heldout"))

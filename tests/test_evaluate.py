@@ -352,3 +352,20 @@ def test_cli_is_deterministic_and_shares_noise_across_models(ckpt, tmp_path):
     assert os.path.isfile(tmp_path / "a" / "grid.png") and os.path.isfile(tmp_path / "b" / "compare.png")
     seeds = [r["seed"] for r in saved["models"][0]["results"]["2"]["images"]]
     assert len(set(seeds)) == len(seeds) == (6 + 2) * 2
+
+
+def test_colours_diagnostic_reads_colours_but_not_shapes():
+    """colours_match accepts a render of the prompt, and a blob of the right colours but the wrong shape; it refuses
+    a missing or an extra colour, and has no verdict on a prompt that names no colour."""
+    world = data.WORLDS["full"]
+    spec = {"include": [{"class": "circle", "count": 1, "color": "red"}, {"class": "square", "count": 1,
+                                                                          "color": "blue"}], "exclude": []}
+    blob = lambda c, k: {"class": k, "color": c}
+    assert ev.colours_match(spec, [blob("red", "star"), blob("blue", "cross")])
+    assert not ev.colours_match(spec, [blob("red", "circle")])
+    assert not ev.colours_match(spec, [blob("red", "circle"), blob("blue", "square"), blob("green", "star")])
+    assert ev.colours_match({"include": [{"class": "circle", "count": 3}], "exclude": []}, []) is None
+    rng = random.Random(0)
+    s = data.sample_spec(world, rng, task="color_attr")
+    img = ev.to_pixels(data.render(data.layout(s, world, rng), world.resolution, rng)[None])[0]
+    assert ev.colours_match(s, ev.detect(img, world))
