@@ -21,6 +21,7 @@ function of the step too. So N processes follow the 1-process trajectory, and a 
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -197,11 +198,11 @@ def train(args, rank, world):
         null = tuple(source.null[k].to(system.device) for k in ("txt", "vec"))
         null_fake = tuple(source.null[k].to(system.device) for k in ("fake_txt", "fake_vec"))
     elif args.data == "shapes":
-        world_ = data.WORLDS[args.world]
-        if world_.resolution != cfg.resolution or args.resolution != [cfg.resolution]:
-            raise SystemExit(f"world {world_.name!r} is {world_.resolution} px; preset {args.size!r} is "
+        shapes = data.WORLDS[args.world]
+        if shapes.resolution != cfg.resolution or args.resolution != [cfg.resolution]:
+            raise SystemExit(f"world {shapes.name!r} is {shapes.resolution} px; preset {args.size!r} is "
                              f"{cfg.resolution} px and --resolution {args.resolution}")
-        source = data.ShapesData(world_, B, seed=args.seed)
+        source = data.ShapesData(shapes, B, seed=args.seed)
     else:
         source = data.ManifestData(args.data, args.resolution, bucket_step(system), B, args.seed, args.base_dir,
                                    args.skip_bad, args.max_ratio)
@@ -223,11 +224,13 @@ def train(args, rank, world):
             system.load_frozen_state(selfe.load_file(os.path.join(path, "frozen.safetensors")), path)
         start = meta["step"]
         log0(f"resumed from {path} at step {start}", rank=rank)
-
+    elif rank == 0 and os.path.exists(os.path.join(args.out, "log.jsonl")):
+        os.remove(os.path.join(args.out, "log.jsonl"))  # a fresh run starts a fresh log
     # `grid` (h, w) is the token grid of the batch in hand (buckets vary it), bound in the loop below
     G = lambda x, t, s, c: system.G(model, x, t, s, c, *grid)             # current weights (with grad when enabled)
     G_ema = lambda x, t, s, c: system.G(ema, x, t, s, c, *grid)            # EMA weights: the conditional pass (S.2)
     n_params = sum(p.numel() for p in model.parameters())
+    flops = functools.lru_cache(system.denoiser.flops)                    # forward FLOPs of one sample (L, Lt)
     peak = args.peak_tflops or (H100_PEAK if "H100" in device_name(system.device) else None)
     log0(f"{args.size}: {n_params / 1e6:.2f}M denoiser parameters, objective {args.objective}, {args.steps} steps x "
          f"batch {B} (= {b} x {world} ranks x {A} accum) on {args.device} in {args.precision}; data {args.data} "
@@ -244,7 +247,7 @@ def train(args, rank, world):
         mine = items[rank * b * A:(rank + 1) * b * A]
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # the step's randomness, same on every rank
         dropped = torch.rand(B, generator=gen) < args.p_drop                # caption dropout ([ASSUMPTION] 1)
-        stats, n_flops = [], 0.0
+        stats = []
         for micro in range(A):
             off = (rank * A + micro) * b                                    # this slice's place in the global batch
             sl = slice(off, off + b)
@@ -302,9 +305,9 @@ def train(args, rank, world):
                        lam=lam[sel].mean().item() if sel.any() else 0.0,
                        frac_s_lt_t=sel.float().mean().item(), fake=fake_mean.item())
         history.append(rec)
-        F = system.denoiser.flops(L, cond[0].shape[1])                     # forward FLOPs of one sample
-        n_flops = 3 * F * B + 2 * F * n_self + (3 * F * n_self if step >= aux_start else 0)  # fwd+bwd;
-        #                                                               EMA-cond + uncond passes; L_fake's fwd+bwd
+        # model FLOPs: the trained pass fwd+bwd (3 F), the two no-grad evaluation passes and L_fake's fwd+bwd on s < t
+        F = flops(L, cond[0].shape[1])
+        n_flops = 3 * F * B + 2 * F * n_self + (3 * F * n_self if step >= aux_start else 0)
         window.append((t_all, stats[0].cpu(), n_flops, B * (L + cond[0].shape[1])))
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             if rank == 0:
