@@ -497,6 +497,7 @@ def sweep(system, meta, world, specs, steps_list, args, tag):
     picks = [next(i for i, s in enumerate(specs) if s["tag"] == t and s["seen"] == seen)  # one prompt per task
              for seen, tasks in ((True, data.TASKS), (False, ("colors", "color_attr"))) for t in tasks]
     jobs = [(i, j) for i in range(len(specs)) for j in range(args.seeds)]
+    all_images = {}
     for n in steps_list:
         t0, images = time.time(), []
         for b in range(0, len(jobs), args.batch):
@@ -518,6 +519,11 @@ def sweep(system, meta, world, specs, steps_list, args, tag):
                       "images": [{"prompt": i, "image": j, "seed": noise_seed(args.seed, i, j), "correct": ok,
                                   "reason": why, "colours_match": col} for (i, j), (ok, why, col) in zip(jobs, res)]}
         rows.append(images[[i * args.seeds for i in picks]])
+        all_images[n] = images
+    # any-step consistency: how far each step count's images are from the most-steps images of the same noise
+    last = all_images[max(steps_list)]
+    for n in steps_list:
+        results[n]["rms_to_most_steps"] = round((all_images[n] - last).pow(2).mean().sqrt().item(), 4)
     return results, rows
 
 
@@ -583,6 +589,8 @@ def main(argv=None):
         print(table(results, "seen"))
         print("held-out compositions (overall = mean of colors and color_attr)")
         print(table(results, "heldout"))
+        print(f"RMS pixel distance (in [-1, 1]) to the {max(steps_list)}-step image of the same noise: " +
+              ", ".join(f"{n} steps {r['rms_to_most_steps']:.3f}" for n, r in results.items()))
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(report, f, indent=1)
