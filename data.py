@@ -506,9 +506,9 @@ def load_image(path, size, where=""):
 
 class Batches:
     """The global batch of every step, identical on every rank and a function of (seed, step) alone, so a resumed run
-    continues exactly where it stopped. Epoch e shuffles each bucket's items with its own seed, cuts them into batches
-    of `batch` (a bucket's remainder waits for the next epoch's shuffle), and shuffles the batches: every batch holds
-    one bucket. train.py gives rank r the r-th slice of each global batch, so ranks see disjoint items."""
+    continues exactly where it stopped. Epoch e shuffles each bucket's items with the epoch's seed, cuts them into
+    batches of `batch` (a bucket's remainder waits for the next epoch's shuffle), and shuffles the batches: every batch
+    holds one bucket. train.py gives rank r the r-th slice of each global batch, so ranks see disjoint items."""
 
     def __init__(self, item_buckets, batch, seed=0, where="data"):
         self.batch, self.seed = batch, seed

@@ -74,10 +74,9 @@ def sample_s(t, tau, p_equal=0.5, force_equal=None, generator=None):
     return torch.where(equal, t, s)
 
 
-def drop_captions(captions, p, generator=None):
-    """Classifier-free-guidance dropout ([ASSUMPTION] 1: p = 0.1, caption -> ""). Returns captions and the dropped mask."""
-    dropped = torch.rand(len(captions), generator=generator) < p
-    return [NULL_PROMPT if d else c for c, d in zip(captions, dropped.tolist())], dropped
+def caption_dropout(n, p, generator=None):
+    """Classifier-free-guidance dropout ([ASSUMPTION] 1: p = 0.1): which of n captions become phi, the empty prompt."""
+    return torch.rand(n, generator=generator) < p
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -195,8 +195,7 @@ def train(args, rank, world):
 
     if cached:
         source = data.CachedData(args.data, cache_meta(args, cfg), B, args.seed)
-        null = tuple(source.null[k].to(system.device) for k in ("txt", "vec"))
-        null_fake = tuple(source.null[k].to(system.device) for k in ("fake_txt", "fake_vec"))
+        null = tuple(source.null[k].to(system.device).float() for k in ("txt", "vec"))
     elif args.data == "shapes":
         shapes = data.WORLDS[args.world]
         if shapes.resolution != cfg.resolution or args.resolution != [cfg.resolution]:
@@ -206,6 +205,8 @@ def train(args, rank, world):
     else:
         source = data.ManifestData(args.data, args.resolution, bucket_step(system), B, args.seed, args.base_dir,
                                    args.skip_bad, args.max_ratio)
+    if not cached:
+        null = system.null_cond()                                          # phi, batch 1
     tau_steps = round(args.tau_frac * args.steps)
     aux_start = round(args.aux_start_frac * args.steps)
     flags = vars(args)
@@ -246,13 +247,13 @@ def train(args, rank, world):
         items = source.indices(step)                                       # the global batch, same on every rank
         mine = items[rank * b * A:(rank + 1) * b * A]
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # the step's randomness, same on every rank
-        dropped = torch.rand(B, generator=gen) < args.p_drop                # caption dropout ([ASSUMPTION] 1)
+        dropped = selfe.caption_dropout(B, args.p_drop, gen)                # (B,) bool
         stats = []
         for micro in range(A):
             off = (rank * A + micro) * b                                    # this slice's place in the global batch
             sl = slice(off, off + b)
-            x0, cond, captions, grid = load_batch(source, system, mine[micro * b:(micro + 1) * b], dropped[sl],
-                                                  null if cached else None)
+            x0, cond, fake, grid = load_batch(source, system, mine[micro * b:(micro + 1) * b], dropped[sl],
+                                              args.fake_prefix, cached)
             L = x0.shape[1]
             if micro == 0:
                 t_all, s_all = draw(gen, args, step, B, L, tau_steps, dropped)
@@ -264,15 +265,8 @@ def train(args, rank, world):
             with autocast:
                 if args.objective == "fm":
                     out = losses.fm_loss(G, x0, t, cond, args.t_min, eps=eps)
-                else:
-                    fake = None
-                    if step >= aux_start:  # the auxiliary term of s.6-s.8, late in training
-                        if cached:
-                            ft, fv = load_fake(source, mine[micro * b:(micro + 1) * b], dropped[sl], null_fake, system)
-                            fake = lambda idx: (ft[idx], fv[idx])
-                        else:
-                            fake = lambda idx: system.encode_text([args.fake_prefix + captions[i] for i in idx.tolist()])
-                    out = losses.selfe_loss(G, G_ema, x0, t, s, cond, null if cached else system.null_cond(), fake,
+                else:  # the auxiliary term of s.6-s.8 only late in training
+                    out = losses.selfe_loss(G, G_ema, x0, t, s, cond, null, fake if step >= aux_start else None,
                                             args.k, not args.no_target_norm, args.t_min, args.fake_weight,
                                             not args.reuse_noise, eps=eps, eps_self=eps_self,
                                             fake_count=n_self * b / B, always_evaluate=world > 1)
@@ -289,7 +283,8 @@ def train(args, rank, world):
             debug = os.path.join(args.out, f"nonfinite-step-{step}")
             selfe.save_checkpoint(debug, system, step, flags, opt)
             if rank == 0:
-                torch.save({"items": items, "t": t_all, "s": s_all, "dropped": dropped}, os.path.join(debug, "batch.pt"))
+                torch.save({"items": items, "t": t_all, "s": s_all, "dropped": dropped},
+                           os.path.join(debug, "batch.pt"))
             raise SystemExit(f"step {step}: loss is {loss}; weights before this step and the batch are in {debug}")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
@@ -347,34 +342,29 @@ def noise(seed, step, positions, L, C, device):
     return out[:, 0], out[:, 1]
 
 
-def load_batch(source, system, items, dropped, null):
-    """This slice's items -> (x0 tokens (b, L, C), cond (txt, vec), captions, token grid (h, w)). Online: images
-    through the autoencoder (or pixels), captions (with dropout applied) through T5 and CLIP. Cached: read, and the
-    dropped captions' encodings replaced by the cached phi."""
+def load_batch(source, system, items, dropped, fake_prefix, cached):
+    """This slice's items -> (x0 tokens (b, L, C), cond (txt, vec), fake, token grid (h, w)); fake(idx) gives c_fake's
+    encoding (s.8) for the samples idx. Online: images through the autoencoder (or pixels), captions with dropout
+    applied through T5 and CLIP. Cached: read, with phi's encodings where the caption was dropped."""
     p = system.cfg.patch
-    if null is not None:
+    if cached:
         rows = source.batch(items)
-        lat = rows["latent"].to(system.device)
         keep = (~dropped).to(system.device)
-        txt = torch.where(keep.view(-1, 1, 1), rows["txt"].to(system.device), null[0])
-        vec = torch.where(keep.view(-1, 1), rows["vec"].to(system.device), null[1])
-        cond, captions = (txt.float(), vec.float()), None
+
+        def select(keys):  # the cached encodings, or phi's (and c_fake of phi) where dropped
+            return tuple(torch.where(keep.view(-1, *[1] * (rows[k].dim() - 1)), rows[k].to(system.device),
+                                     source.null[k].to(system.device)).float() for k in keys)
+        lat = rows["latent"].to(system.device)
+        cond, fake_cond = select(("txt", "vec")), select(("fake_txt", "fake_vec"))
+        fake = lambda idx: tuple(c[idx] for c in fake_cond)
     else:
         images, captions = source.batch(items)
         captions = [selfe.NULL_PROMPT if d else c for c, d in zip(captions, dropped.tolist())]
         lat = system.encode_latents(images)                                # (b, C, H/8, W/8) or pixels
         cond = system.encode_text(captions)                                # (b, Lt, d_txt), (b, d_vec)
+        fake = lambda idx: system.encode_text([fake_prefix + captions[i] for i in idx.tolist()])
     grid = (lat.shape[2] // p, lat.shape[3] // p)
-    return selfe.patchify(lat.float(), p), cond, captions, grid
-
-
-def load_fake(source, items, dropped, null_fake, system):
-    """c_fake's cached encodings for this slice (of phi where the caption was dropped)."""
-    rows = source.batch(items)
-    keep = (~dropped).to(system.device)
-    txt = torch.where(keep.view(-1, 1, 1), rows["fake_txt"].to(system.device), null_fake[0])
-    vec = torch.where(keep.view(-1, 1), rows["fake_vec"].to(system.device), null_fake[1])
-    return txt.float(), vec.float()
+    return selfe.patchify(lat.float(), p), cond, fake, grid
 
 
 def gather(x, world):
