@@ -21,6 +21,7 @@ function of the step too. So N processes follow the 1-process trajectory, and a 
 """
 import argparse
 import contextlib
+import datetime
 import functools
 import json
 import math
@@ -75,6 +76,8 @@ def get_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default=None, choices=("bf16", "fp32"),
                    help="compute dtype (default: bf16 on GPU, fp32 on CPU); parameters, EMA, optimizer stay fp32")
+    p.add_argument("--dist-timeout", type=int, default=1800, help="seconds a rank waits on the others (also when "
+                   "connecting), before the job fails and torchrun may restart it")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     p.add_argument("--act-ckpt", action="store_true", help="activation checkpointing per transformer block")
     p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: H100 789)")
@@ -135,7 +138,8 @@ def init_distributed(args):
     if args.device.startswith("cuda"):
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
+                            timeout=datetime.timedelta(seconds=args.dist_timeout))
     return dist.get_rank(), dist.get_world_size()
 
 
