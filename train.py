@@ -138,8 +138,12 @@ def init_distributed(args):
     if args.device.startswith("cuda"):
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
-                            timeout=datetime.timedelta(seconds=args.dist_timeout))
+    # torchrun's store outlives a restart: keys under this attempt's prefix, so no worker reads a dead one's address
+    timeout = datetime.timedelta(seconds=args.dist_timeout)
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo", timeout=timeout, rank=rank,
+                            world_size=world, store=dist.PrefixStore(f"attempt-{attempt}", store))
     return dist.get_rank(), dist.get_world_size()
 
 
