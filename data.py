@@ -698,9 +698,14 @@ class CachedData:
     def batch(self, indices):
         """-> dict of CACHE_FIELDS, each (B, ...), for the items `indices` (one bucket); reads only those rows."""
         from safetensors import safe_open
-        rows = []
-        for i in indices:
+        by_file = {}  # each shard opened once per batch
+        for k, i in enumerate(indices):
             file, row = self.where[int(i)]
+            by_file.setdefault(file, []).append((k, row))
+        rows = [None] * len(indices)
+        for file, wanted in by_file.items():
             with safe_open(file, "pt") as f:
-                rows.append([f.get_slice(fld)[row:row + 1] for fld in CACHE_FIELDS])
-        return {fld: torch.cat([r[k] for r in rows]) for k, fld in enumerate(CACHE_FIELDS)}
+                slices = [f.get_slice(fld) for fld in CACHE_FIELDS]
+                for k, row in wanted:
+                    rows[k] = [s[row:row + 1] for s in slices]
+        return {fld: torch.cat([r[j] for r in rows]) for j, fld in enumerate(CACHE_FIELDS)}

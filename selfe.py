@@ -163,10 +163,16 @@ class SelfE:
 
     # -- images
     @property
+    def downsample(self):
+        """Pixels per latent cell: the autoencoder's (FLUX: 8; 8 too when a flux-vae preset runs without it), else 1."""
+        if self.ae is not None:
+            return 2 ** (len(self.ae.c.ch_mult) - 1)
+        return 8 if self.cfg.latent == "flux-vae" else 1
+
+    @property
     def grid(self):
         """Token grid (h, w) of the preset's resolution: pixels (tiny) or latents, / patch."""
-        down = 2 ** (len(self.ae.c.ch_mult) - 1) if self.ae is not None else 1  # FLUX: 8
-        n = self.cfg.resolution // down // self.cfg.patch
+        n = self.cfg.resolution // self.downsample // self.cfg.patch
         return n, n
 
     @torch.no_grad()

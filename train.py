@@ -165,6 +165,24 @@ def parallelize(model, args, world):
     return model
 
 
+def setup(args, world, encoders=True):
+    """The system (denoiser, frozen parts unless `encoders` is False), the denoiser and its EMA sharded alike, Adam
+    (its state sharded with them), the compute context and the per-device peak for MFU; train and bench share it."""
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.enable_cudnn_sdp(False)  # its backward fails on our GPU image (torch 2.11 + CUDA 13)
+    torch.manual_seed(args.seed)                                           # the same initial weights on every rank
+    system = selfe.SelfE(CONFIGS[args.size], args.device, args.seed, args.pretrained, args.t5, args.clip, args.vae,
+                         encoders=encoders)
+    ema = system.make_ema()
+    model = parallelize(system.denoiser, args, world)
+    parallelize(ema, args, world)                                          # the fp32 EMA, sharded like the model
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    autocast = (torch.autocast("cuda", torch.bfloat16) if world == 1 and args.precision == "bf16"
+                else contextlib.nullcontext())                             # one process: fp32 weights, bf16 compute
+    peak = args.peak_tflops or (H100_PEAK if "H100" in device_name(system.device) else None)
+    return system, model, ema, opt, autocast, peak
+
+
 def log0(*a, rank=0):
     if rank == 0:
         print(*a, flush=True)
@@ -190,16 +208,8 @@ def train(args, rank, world):
     if B % (world * A):
         raise SystemExit(f"--batch {B} is not divisible by world size {world} x --accum {A}")
     b = B // (world * A)                                                   # per-rank micro-batch
-    torch.manual_seed(args.seed)                                           # the same initial weights on every rank
     cached = data.is_cache(args.data)
-    system = selfe.SelfE(cfg, args.device, args.seed, args.pretrained, args.t5, args.clip, args.vae,
-                         encoders=not cached)
-    ema = system.make_ema()
-    model = parallelize(system.denoiser, args, world)
-    parallelize(ema, args, world)                                          # the fp32 EMA, sharded like the model
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)  # sharded state
-    autocast = (torch.autocast("cuda", torch.bfloat16) if world == 1 and args.precision == "bf16"
-                else contextlib.nullcontext())                             # one process: fp32 weights, bf16 compute
+    system, model, ema, opt, autocast, peak = setup(args, world, encoders=not cached)
 
     if cached:
         source = data.CachedData(args.data, cache_meta(args, cfg), B, args.seed)
@@ -240,7 +250,6 @@ def train(args, rank, world):
     G_ema = lambda x, t, s, c: system.G(ema, x, t, s, c, *grid)            # EMA weights: the conditional pass (S.2)
     n_params = sum(p.numel() for p in model.parameters())
     flops = functools.lru_cache(system.denoiser.flops)                    # forward FLOPs of one sample (L, Lt)
-    peak = args.peak_tflops or (H100_PEAK if "H100" in device_name(system.device) else None)
     log0(f"{args.size}: {n_params / 1e6:.2f}M denoiser parameters, objective {args.objective}, {args.steps} steps x "
          f"batch {B} (= {b} x {world} ranks x {A} accum) on {args.device} in {args.precision}; data {args.data} "
          f"({len(source) if hasattr(source, '__len__') else 'unlimited'} items); tau over {tau_steps} steps, aux from "
@@ -327,8 +336,7 @@ def train(args, rank, world):
 
 def bucket_step(system):
     """Bucket sides are multiples of two patches of latent (32 px for FLUX's 8x autoencoder and patch 2)."""
-    down = 2 ** (len(system.ae.c.ch_mult) - 1) if system.ae is not None else 1
-    return 2 * system.cfg.patch * down
+    return 2 * system.cfg.patch * system.downsample
 
 
 def draw(gen, args, step, B, L, tau_steps, dropped):
@@ -462,23 +470,13 @@ def build_cache(args, rank, world):
 
 def bench(args, rank, world):
     cfg = CONFIGS[args.size]
-    if args.device.startswith("cuda"):
-        torch.backends.cuda.enable_cudnn_sdp(False)  # its backward fails on our GPU image (torch 2.11 + CUDA 13)
-    torch.manual_seed(args.seed)
-    system = selfe.SelfE(cfg, args.device, args.seed, encoders=False)
-    ema = system.make_ema()
-    model = parallelize(system.denoiser, args, world)
-    parallelize(ema, args, world)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
-    autocast = (torch.autocast("cuda", torch.bfloat16) if world == 1 and args.precision == "bf16"
-                else contextlib.nullcontext())
+    system, model, ema, opt, autocast, peak = setup(args, world, encoders=False)
     dev, b, Lt = system.device, args.bench_batch, cfg.t5_max_len
-    peak = args.peak_tflops or (H100_PEAK if "H100" in device_name(dev) else None)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     rows = []
     areas = sorted({cfg.resolution, 2 * cfg.resolution}) if args.size != "tiny" else [cfg.resolution]
     for area in areas:
-        n = area // (8 if cfg.latent == "flux-vae" else 1) // cfg.patch
+        n = area // system.downsample // cfg.patch
         grid = (n, n)
         L = n * n
         x0 = torch.randn(b, L, cfg.in_channels, device=dev)
