@@ -76,6 +76,26 @@ def test_two_processes_with_accumulation_match_one(one_proc, tmp_path):
     assert not torch.equal(weights(out1, 4)["img_in.weight"], weights(out1, 2)["img_in.weight"])  # it did train
 
 
+def test_two_nodes_match_one_process(one_proc, tmp_path):
+    """Multi-node as torchrun runs it: two agents ("nodes", one process each, LOCAL_RANK 0 on both) meet through c10d
+    rendezvous on localhost, the path of `torchrun --nnodes 2 --rdzv-endpoint HOST:PORT`. Same run as one process."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend",
+           "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "two-nodes", "train.py", *ARGS,
+           "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(o[-3000:] for o in outputs)
+    out1, log1 = one_proc
+    assert_same_run(log1, [json.loads(line) for line in open(tmp_path / "log.jsonl")])
+    assert_same_weights(weights(out1, 4), weights(tmp_path, 4))
+
+
 def test_kill_and_resume_under_two_processes_equals_uninterrupted(one_proc, tmp_path):
     """Stop after step 2 (keep only its checkpoint), resume under 2 processes: steps 3-4 and the final weights equal
     the uninterrupted run. The checkpoint was written by 1 process, so this also reshards the optimizer state."""
