@@ -527,6 +527,41 @@ def sweep(system, meta, world, specs, steps_list, args, tag):
     return results, rows
 
 
+DENOISE_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9, 0.97, 1.0)
+
+
+@torch.no_grad()
+def denoising(system, world, n=256, seed=0, times=DENOISE_TIMES, batch=64):
+    """The network as a denoiser, on n ground-truth scenes from their own stream (seed + 7919), not the training one:
+    at each t, the flow-matching velocity error ||V(x_t, t, t, c) - (eps - x0)||^2 (Eq. 3, = ||G - x0||^2 / t^2) with
+    the prompt and with phi, and the prompt's share of the error it removes, 1 - cond / uncond. A share near 0 means
+    the network ignores the prompt at that t. Same scenes and noise for every model. -> {t: {cond, uncond, gain}}."""
+    import selfe
+    images, captions = data.shapes_batch(world, range(n), seed + 7919)
+    x0 = system.encode_images(images)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
+    h, w = system.grid
+    model = system.ema or system.denoiser
+    out = {}
+    for t in times:
+        err = {"cond": 0.0, "uncond": 0.0}
+        for b in range(0, n, batch):
+            x, e = x0[b:b + batch], eps[b:b + batch]
+            tt = torch.full((len(x),), t, device=x.device)
+            x_t = selfe.forward_process(x, tt, e)
+            for key, prompts in (("cond", captions[b:b + batch]), ("uncond", [selfe.NULL_PROMPT] * len(x))):
+                v = system.velocity(model, x_t, tt, tt, system.encode_text(prompts), h, w).float()
+                err[key] += (v - (e - x)).pow(2).flatten(1).mean(1).sum().item() / n
+        out[t] = err | {"gain": 1 - err["cond"] / err["uncond"]}
+    return out
+
+
+def denoising_table(res):
+    lines = [f"{'t':>6} {'cond':>8} {'uncond':>8} {'gain':>6}"]
+    lines += [f"{t:>6.2f} {r['cond']:>8.4f} {r['uncond']:>8.4f} {r['gain']:>6.3f}" for t, r in res.items()]
+    return "\n".join(lines)
+
+
 def table(results, which):
     cols = (*COLUMNS, "colours*") if which == "seen" else ("colors", "color_attr", "overall", "any", "colours*")
     lines = [f"{'steps':>5} " + " ".join(f"{c:>10}" for c in cols)]
@@ -555,11 +590,13 @@ def main(argv=None):
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta")
     p.add_argument("--s-schedule", default=None, help="as in sample.py (default: its own)")
     p.add_argument("--batch", type=int, default=64, help="images per sampling call")
+    p.add_argument("--denoise", type=int, default=256, metavar="N", help="also measure each model as a denoiser on "
+                   "N unseen ground-truth scenes: velocity error by t with the prompt and with phi (0: skip)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--validate", action="store_true", help="score ground truth, hard negatives and perturbations")
     p.add_argument("--bench", action="store_true", help="checker speed on 64 px ground-truth renders")
     args = p.parse_args(argv)
-    if args.prompts < 1 or args.seeds < 1 or args.seeds > 1000 or args.batch < 1:
+    if args.prompts < 1 or args.seeds < 1 or args.seeds > 1000 or args.batch < 1 or args.denoise < 0:
         p.error("--prompts and --batch must be >= 1, --seeds in [1, 1000]: an empty prompt set measures nothing")
     if args.bench:
         return bench()
@@ -579,8 +616,10 @@ def main(argv=None):
     for (system, meta, _), path, tag in zip(models, (args.ckpt, args.compare), "AB"):
         results, rows = sweep(system, meta, world, specs, steps_list, args, tag)
         all_rows.append(rows)
+        denoise = denoising(system, world, args.denoise, args.seed, batch=args.batch) if args.denoise else None
         report["models"].append({"tag": tag, "ckpt": path, "step": meta.get("step"),
-                                 "objective": meta["flags"].get("objective"), "results": results})
+                                 "objective": meta["flags"].get("objective"), "results": results,
+                                 "denoising": denoise})
         print(f"\nmodel {tag}: {path} (step {meta.get('step')}, objective {meta['flags'].get('objective')}, world "
               f"{world.name}, {args.prompts} prompts per task x {args.seeds} images)")
         print("seen compositions (overall = mean of the 6 tasks; any = % prompts with a correct image; colours* = "
@@ -591,6 +630,10 @@ def main(argv=None):
         print(table(results, "heldout"))
         print(f"RMS pixel distance (in [-1, 1]) to the {max(steps_list)}-step image of the same noise: " +
               ", ".join(f"{n} steps {r['rms_to_most_steps']:.3f}" for n, r in results.items()))
+        if denoise:
+            print(f"as a denoiser on {args.denoise} unseen ground-truth scenes (velocity error, s = t; gain = share of "
+                  f"the unconditional error the prompt removes)")
+            print(denoising_table(denoise))
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(report, f, indent=1)

@@ -301,12 +301,13 @@ def ckpt(tmp_path_factory):
 
 def run_cli(ckpt, out, *extra):
     return ev.main(["--ckpt", str(ckpt / "ok"), "--steps", "1,2", "--prompts", "1", "--seeds", "2",
-                    "--out", str(out), "--device", "cpu", *extra])
+                    "--out", str(out), "--device", "cpu", "--denoise", "4", *extra])
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "1,x"], "step counts"), (["--steps", "0,2"], "distinct integers"), (["--steps", ""], "step counts"),
-    (["--steps", "2,2"], "distinct"), (["--prompts", "0"], None), (["--seeds", "0"], None)])
+    (["--steps", "2,2"], "distinct"), (["--prompts", "0"], None), (["--seeds", "0"], None),
+    (["--denoise", "-1"], None)])
 def test_cli_rejects_bad_arguments(ckpt, tmp_path, argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         ev.main(["--ckpt", str(ckpt / "ok"), "--out", str(tmp_path), *argv])
@@ -333,7 +334,7 @@ def test_cli_scores_what_it_is_given(ckpt, tmp_path, monkeypatch):
                             for p, s in zip(prompts, seeds)])
     monkeypatch.setattr(sample, "sample", perfect)
     report = ev.main(["--ckpt", str(ckpt / "ok"), "--steps", "1,4", "--prompts", "2", "--seeds", "2",
-                      "--out", str(tmp_path), "--batch", "5"])
+                      "--out", str(tmp_path), "--batch", "5", "--denoise", "0"])
     for n in ("1", "4"):
         res = json.loads(json.dumps(report))["models"][0]["results"][n]
         assert res["seen"]["overall"] >= 0.98 and res["heldout"]["overall"] >= 0.98
@@ -349,6 +350,7 @@ def test_cli_is_deterministic_and_shares_noise_across_models(ckpt, tmp_path):
                        for n, v in m["results"].items()}
     assert strip(saved["models"][0]) == strip(b["models"][0]) == strip(b["models"][1])
     assert saved["models"][0]["results"]["1"]["seen"] == a["models"][0]["results"]["1"]["seen"]
+    assert saved["models"][0]["denoising"] == b["models"][0]["denoising"] == b["models"][1]["denoising"]
     assert os.path.isfile(tmp_path / "a" / "grid.png") and os.path.isfile(tmp_path / "b" / "compare.png")
     seeds = [r["seed"] for r in saved["models"][0]["results"]["2"]["images"]]
     assert len(set(seeds)) == len(seeds) == (6 + 2) * 2
@@ -369,3 +371,27 @@ def test_colours_diagnostic_reads_colours_but_not_shapes():
     s = data.sample_spec(world, rng, task="color_attr")
     img = ev.to_pixels(data.render(data.layout(s, world, rng), world.resolution, rng)[None])[0]
     assert ev.colours_match(s, ev.detect(img, world))
+
+
+def test_denoising_diagnostic_measures_the_velocity_error_and_the_prompts_share(ckpt, monkeypatch):
+    """An oracle that returns the true velocity eps - x0 when given the prompt and 0 for phi: the conditional error
+    must be 0, the unconditional one E||eps - x0||^2, and the gain 1, at every t (t = 1 included)."""
+    import selfe
+    system, _, world = ev.load(str(ckpt / "ok"), "cpu")
+    n = 6
+    images, _ = data.shapes_batch(world, range(n), 0 + 7919)
+    x0 = system.encode_images(images)
+    null = system.null_cond()[0]
+
+    def oracle(model, x, t, s, cond, h, w):
+        assert torch.equal(t, s) and x.shape == x0.shape
+        v = (x - x0) / t.view(-1, 1, 1)                     # x_t = x0 + t (eps - x0)
+        dropped = (cond[0] == null).flatten(1).all(1)
+        return torch.where(dropped.view(-1, 1, 1), torch.zeros_like(v), v)
+    monkeypatch.setattr(system, "velocity", oracle)
+    res = ev.denoising(system, world, n, seed=0, batch=n)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    expected = (eps - x0).pow(2).mean().item()
+    assert set(res) == set(ev.DENOISE_TIMES)
+    for t, r in res.items():
+        assert r["cond"] < 1e-9 and abs(r["uncond"] - expected) < 1e-5 * expected and abs(r["gain"] - 1) < 1e-6, t
