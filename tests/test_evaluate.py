@@ -395,3 +395,15 @@ def test_denoising_diagnostic_measures_the_velocity_error_and_the_prompts_share(
     assert set(res) == set(ev.DENOISE_TIMES)
     for t, r in res.items():
         assert r["cond"] < 1e-9 and abs(r["uncond"] - expected) < 1e-5 * expected and abs(r["gain"] - 1) < 1e-6, t
+
+
+def test_contrast_is_zero_on_flat_gray_and_halves_with_a_half_faded_scene():
+    """The faintness diagnostic: a flat image has none; fading a ground-truth scene halfway to its background (as a
+    posterior-mean blur fades) halves it, since the background is the image's median colour."""
+    world = data.WORLDS["small"]
+    rng = random.Random(3)
+    spec = data.sample_spec(world, rng, task="single")
+    img = data.render(data.layout(spec, world, rng), world.resolution, rng)
+    bg = img.flatten(1).median(1).values.view(3, 1, 1)
+    c = ev.contrast(torch.stack([img, bg + 0.5 * (img - bg), bg.expand_as(img)]))
+    assert c[0] > 0.1 and c[1] == pytest.approx(c[0] / 2, rel=1e-4) and c[2] == 0
