@@ -553,6 +553,8 @@ def denoising(system, world, n=256, seed=0, times=DENOISE_TIMES, batch=64):
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
     h, w = system.grid
     model = system.ema or system.denoiser
+    conds = {"cond": system.encode_text(captions), "uncond": tuple(c.expand(n, *c.shape[1:])
+                                                                    for c in system.null_cond())}
     out = {}
     for t in times:
         err = {"cond": 0.0, "uncond": 0.0}
@@ -560,8 +562,8 @@ def denoising(system, world, n=256, seed=0, times=DENOISE_TIMES, batch=64):
             x, e = x0[b:b + batch], eps[b:b + batch]
             tt = torch.full((len(x),), t, device=x.device)
             x_t = selfe.forward_process(x, tt, e)
-            for key, prompts in (("cond", captions[b:b + batch]), ("uncond", [selfe.NULL_PROMPT] * len(x))):
-                v = system.velocity(model, x_t, tt, tt, system.encode_text(prompts), h, w).float()
+            for key, cond in conds.items():
+                v = system.velocity(model, x_t, tt, tt, tuple(c[b:b + batch] for c in cond), h, w).float()
                 err[key] += (v - (e - x)).pow(2).flatten(1).mean(1).sum().item() / n
         out[t] = err | {"gain": 1 - err["cond"] / err["uncond"]}
     return out
@@ -608,7 +610,8 @@ def main(argv=None):
     p.add_argument("--bench", action="store_true", help="checker speed on 64 px ground-truth renders")
     args = p.parse_args(argv)
     if args.prompts < 1 or args.seeds < 1 or args.seeds > 1000 or args.batch < 1 or args.denoise < 0:
-        p.error("--prompts and --batch must be >= 1, --seeds in [1, 1000]: an empty prompt set measures nothing")
+        p.error("--prompts and --batch must be >= 1, --seeds in [1, 1000], --denoise >= 0: an empty prompt set "
+                "measures nothing")
     if args.bench:
         return bench()
     if args.validate:

@@ -307,7 +307,7 @@ def run_cli(ckpt, out, *extra):
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "1,x"], "step counts"), (["--steps", "0,2"], "distinct integers"), (["--steps", ""], "step counts"),
     (["--steps", "2,2"], "distinct"), (["--prompts", "0"], None), (["--seeds", "0"], None),
-    (["--denoise", "-1"], None)])
+    (["--denoise", "-1"], "--denoise >= 0")])
 def test_cli_rejects_bad_arguments(ckpt, tmp_path, argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         ev.main(["--ckpt", str(ckpt / "ok"), "--out", str(tmp_path), *argv])
@@ -376,7 +376,6 @@ def test_colours_diagnostic_reads_colours_but_not_shapes():
 def test_denoising_diagnostic_measures_the_velocity_error_and_the_prompts_share(ckpt, monkeypatch):
     """An oracle that returns the true velocity eps - x0 when given the prompt and 0 for phi: the conditional error
     must be 0, the unconditional one E||eps - x0||^2, and the gain 1, at every t (t = 1 included)."""
-    import selfe
     system, _, world = ev.load(str(ckpt / "ok"), "cpu")
     n = 6
     images, _ = data.shapes_batch(world, range(n), 0 + 7919)
