@@ -492,20 +492,17 @@ def bench(args, rank, world):
                 v = system.velocity(model, x0, t, s, cond, *grid)
             v.float().square().mean().backward()
 
-        def fm_step():
+        def train_step(loss_fn):  # what the training loop does per iteration: loss, backward, clip, step, EMA
             with autocast:
-                out = losses.fm_loss(G, x0, t, cond)
+                out = loss_fn()
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step(), opt.zero_grad(set_to_none=True), system.update_ema(0.9999, 10 ** 6)
 
-        def selfe_step(aux):
-            with autocast:
-                fake = (lambda idx: (cond[0][idx], cond[1][idx])) if aux else None
-                out = losses.selfe_loss(G, G_ema, x0, t, s, cond, null, fake)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step(), opt.zero_grad(set_to_none=True), system.update_ema(0.9999, 10 ** 6)
+        fake = lambda idx: (cond[0][idx], cond[1][idx])
+        fm_step = lambda: train_step(lambda: losses.fm_loss(G, x0, t, cond))
+        selfe_step = lambda aux: train_step(lambda: losses.selfe_loss(G, G_ema, x0, t, s, cond, null,
+                                                                      fake if aux else None))
 
         F = system.denoiser.flops(L, Lt)
         half = b // 2
