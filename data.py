@@ -4,7 +4,7 @@
   six task templates, so that the paper's evaluation (Table 1) can be answered exactly from pixels.
   Every scene is a `spec` (GenEval-style metadata: include clauses with class, count, colour, position) laid out and
   rendered anti-aliased; sample i of a stream is seeded by (seed, i) alone, so streams are unlimited and reproducible.
-- The byte-level tokenizer of the tiny preset's frozen stand-in encoders.
+- The word-level tokenizer of the tiny preset's frozen stand-in encoders.
 - Real data: the TSV manifest (image path <TAB> prompt), aspect-ratio buckets, the deterministic global batch order
   that train.py shards across ranks, and the latent/text caches (METHOD.md 9).
 """
@@ -16,6 +16,7 @@ import random
 import re
 import sys
 import unicodedata
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -280,24 +281,52 @@ def shapes_batch(world, indices, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Byte-level tokenizer for the tiny preset's stand-in encoders
+# The word-level tokenizer of the tiny preset's frozen stand-in encoders
 
-class ByteTokenizer:
-    """UTF-8 bytes as tokens. ids: 0 pad, 1 end, 2 start, 3 + byte. Two framings, as the real encoders use:
-    'pad-end' (T5: text, end, pad...) and 'start-end' (CLIP: start, text, end, end...; pooled at the first end)."""
-    pad_id, eos_id, bos_id, vocab_size = 0, 1, 2, 3 + 256
+# Every word of every shapes world's captions, in a fixed order: a word's id is part of the tiny preset, so this tuple
+# only ever grows at its end. A caption of the world is then one token per word, not one per byte.
+WORDS = ("a", "an", "photo", "of", "and", ",", "to", "the", "left", "right", "above", "below", "two", "three", "four",
+         *PALETTE, *PLURAL, *PLURAL.values())
+
+
+class WordTokenizer:
+    """Words of the shapes world as tokens, in the framings the real encoders use: 'pad-end' (T5: words, end, pad...)
+    and 'start-end' (CLIP: start, words, end, end...; pooled at the first end). ids: 0 pad, 1 end, 2 start, then one
+    per word of WORDS, then `unknown` buckets. Text is lower-cased and split into runs of letters or digits and single
+    punctuation marks; a word outside WORDS goes to a bucket chosen by a stable hash of it (crc32), so any prompt
+    encodes, and different unknown words mostly stay different inputs (training never shows them)."""
+    pad_id, eos_id, bos_id = 0, 1, 2
+    unknown = 32
 
     def __init__(self, max_len, framing="pad-end"):
-        assert framing in ("pad-end", "start-end"), framing
+        if framing not in ("pad-end", "start-end"):
+            raise ValueError(f"framing {framing!r}: use 'pad-end' or 'start-end'")
         self.max_len, self.framing = max_len, framing
+        self.ids = {w: 3 + i for i, w in enumerate(WORDS)}
+        self.vocab_size = 3 + len(WORDS) + self.unknown
+
+    @staticmethod
+    def words(text):
+        return re.findall(r"[^\W_]+|[^\w\s]|_", unicodedata.normalize("NFKC", text).lower())
+
+    def encode(self, text):
+        """text -> ids without the framing tokens."""
+        first_unknown = 3 + len(WORDS)
+        return [self.ids.get(w, first_unknown + zlib.crc32(w.encode("utf-8")) % self.unknown) for w in self.words(text)]
+
+    def decode(self, ids):
+        """ids (with or without framing) -> text; unknown words come back as <unk:k>."""
+        words = {i: w for w, i in self.ids.items()}
+        out = [words.get(i, f"<unk:{i - 3 - len(WORDS)}>") for i in ids if i > self.bos_id]
+        return " ".join(out).replace(" ,", ",")
 
     def __call__(self, prompts):
         ids = torch.full((len(prompts), self.max_len), self.pad_id if self.framing == "pad-end" else self.eos_id)
+        room = self.max_len - (1 if self.framing == "pad-end" else 2)
         for i, p in enumerate(prompts):
-            body = [3 + b for b in p.encode("utf-8")]
-            room = self.max_len - (1 if self.framing == "pad-end" else 2)
+            body = self.encode(p)
             if len(body) > room:
-                warn(f"prompt of {len(body)} bytes truncated to {room}: {p[:60]!r}...")
+                warn(f"prompt of {len(body)} words truncated to {room}: {p[:60]!r}...")
                 body = body[:room]
             seq = body + [self.eos_id] if self.framing == "pad-end" else [self.bos_id] + body + [self.eos_id]
             ids[i, :len(seq)] = torch.tensor(seq)

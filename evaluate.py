@@ -514,7 +514,8 @@ def sweep(system, meta, world, specs, steps_list, args, tag):
             chunk = jobs[b:b + args.batch]
             images.append(sample.sample(system, [specs[i]["prompt"] for i, _ in chunk], n, args.cfg, args.eta,
                                         args.s_schedule, [noise_seed(args.seed, i, j) for i, j in chunk],
-                                        anchor=meta["flags"].get("anchor", 512)).cpu())
+                                        anchor=meta["flags"].get("anchor", 512),
+                                        objective=meta["flags"].get("objective", "selfe")).cpu())
             print(f"\r{tag}: {n} step(s): {min(b + args.batch, len(jobs))}/{len(jobs)} images", end="",
                   file=sys.stderr, flush=True)
         images = torch.cat(images)                                          # (P K, 3, R, R), prompt-major

@@ -75,11 +75,14 @@ def pair_loss(x0_hat, x0, x_self, lam_st, target_norm=True):
 
 
 def selfe_loss(G, G_ema, x0, t, s, cond, null, fake=None, k=0.9, target_norm=True, t_min=1e-3, fake_weight=1.0,
-               fresh_noise=True, eps=None, eps_self=None, fake_count=None, always_evaluate=False):
+               fresh_noise=True, eps=None, eps_self=None, fake_count=None, always_evaluate=False, evaluate=None):
     """The full objective (Eq. 21): mean over the batch of w_{s,t} L_{s,t}, plus L_fake (s.8) when `fake` is given.
 
-    x0 (B, L, C) clean latent tokens; t, s (B,) with s <= t. Self-evaluation runs only on the samples with s < t
-    (the others have lambda = 0 and target x0), so no forward pass is spent on the rest. `eps` and `eps_self` (B, L, C)
+    x0 (B, L, C) clean latent tokens; t, s (B,) with s <= t. Self-evaluation runs only on the samples `evaluate`
+    (B,) bool marks, by default those with s < t (the others with s = t have lambda = 0 and target x0), so no forward
+    pass is spent on the rest. A sample with s < t that is not evaluated gets Delta = 0: x_self = sg[x0_hat], so its
+    target is Eq. 19's renormalised blend of x0 and its own sample (caption-dropped samples, whose classifier score is
+    0 since c = phi, and the Delta = 0 control of train.py --delta-zero). `eps` and `eps_self` (B, L, C)
     are the noises of Eq. (1) and of the re-noising (drawn here if None). L_fake is a mean over the self-evaluated
     samples; `fake_count` replaces their number here when this batch is a slice of a larger one (train.py: so that
     the slices' losses average to the whole batch's). `always_evaluate`: run the evaluation passes even when no
@@ -89,11 +92,11 @@ def selfe_loss(G, G_ema, x0, t, s, cond, null, fake=None, k=0.9, target_norm=Tru
     eps = torch.randn_like(x0) if eps is None else eps
     x_t = forward_process(x0, t, eps)                                   # Eq. (1)
     x0_hat = G(x_t, t, s, cond)                                         # Eq. (6), with gradient
-    x_self = x0.float().clone()                                         # s = t: lambda = 0, the target is x0
+    x_self = x0_hat.detach().float()                                    # Delta = 0 (s = t: lambda = 0, target x0)
     lam_st = lam(t, s)
     self_term = torch.zeros(len(t), device=x0.device)
     loss_fake = x0.new_zeros(())
-    idx = (s < t).nonzero().squeeze(1)
+    idx = ((s < t) if evaluate is None else evaluate).nonzero().squeeze(1)
     real = torch.ones(len(idx), device=x0.device)
     if len(idx) == 0 and always_evaluate:
         idx, real = idx.new_zeros(1), real.new_zeros(1)                 # a stand-in: same calls, no effect

@@ -56,20 +56,25 @@ def ddim_step(x, v, t, t_next, eta, noise):
     return x if eta == 0 else x + math.sqrt(max(t_next ** 2 - b ** 2, 0.0)) * noise
 
 
-def resolve_defaults(steps, cfg, s_schedule):
-    """One step with no explicit settings: no guidance and s = 0.5 (S.3.1, Fig. S.4); otherwise w = 5, s_k = t_{k+1}."""
-    if steps == 1:
-        return (1.0 if cfg is None else cfg), ("0.5" if s_schedule is None else s_schedule)
-    return (5.0 if cfg is None else cfg), ("next" if s_schedule is None else s_schedule)
+def resolve_defaults(steps, cfg, s_schedule, objective="selfe"):
+    """The paper's settings where none are given: w = 5 and s_k = t_{k+1}; one step without guidance at s = 0.5
+    (S.3.1, Fig. S.4). A model trained by plain flow matching only ever saw s = t, so it samples with s_k = t_k at
+    every step count (S.3.1: s_k = t_k *is* flow matching)."""
+    if s_schedule is None:
+        s_schedule = "current" if objective == "fm" else "0.5" if steps == 1 else "next"
+    if cfg is None:
+        cfg = 1.0 if steps == 1 else 5.0
+    return cfg, s_schedule
 
 
 @torch.no_grad()
 def sample(system, prompts, steps=4, cfg=None, eta=1.0, s_schedule=None, seeds=None, model=None, anchor=512,
-           shift=True, progress=False):
+           shift=True, progress=False, objective="selfe"):
     """prompts (B) -> images (B, 3, H, W) in [-1, 1]. Each image's noise comes from its own seed (default 0..B-1),
-    so an image does not depend on what else is in the batch. `model` defaults to the EMA weights if present."""
+    so an image does not depend on what else is in the batch. `model` defaults to the EMA weights if present;
+    `objective` ('selfe' or 'fm': what the model was trained with) picks the default s_k."""
     model = model or system.ema or system.denoiser
-    cfg, s_schedule = resolve_defaults(steps, cfg, s_schedule)
+    cfg, s_schedule = resolve_defaults(steps, cfg, s_schedule, objective)
     dev = system.device
     B = len(prompts)
     h, w = system.grid
@@ -204,7 +209,7 @@ def main(argv=None):
     seeds = [args.seed * 1000 + i for i in range(len(prompts))]
     print(f"sampling {meta['source']}", file=sys.stderr)
     run = lambda n: sample(system, prompts, n, cfg, eta, args.s_schedule, seeds, anchor=anchor, shift=shift,
-                           progress=True)
+                           progress=True, objective=flags.get("objective", "selfe"))
     if args.sweep:
         rows, labels = [], []
         for n in parse_steps(args.sweep):

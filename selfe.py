@@ -65,7 +65,7 @@ def tau_at(step, tau_steps):
 
 def sample_s(t, tau, p_equal=0.5, force_equal=None, generator=None):
     """(s.13): s = t with probability p_equal, else s ~ U((1 - tau) t, t). `force_equal` (B,) bool marks samples that
-    must keep s = t (captions dropped: [ASSUMPTION] 2, their self-evaluation would carry no signal)."""
+    must keep s = t (caption-dropped samples under train.py --dropped equal, [ASSUMPTION] 2)."""
     u = torch.rand(2, *t.shape, device=t.device, generator=generator)
     equal = u[0] < p_equal
     if force_equal is not None:
@@ -127,9 +127,9 @@ class SelfE:
                 self.denoiser = MMDiT(cfg)
             self.denoiser.init_weights()
         self.ema, self.ae, self._null = None, None, None
-        if cfg.tokenizer == "bytes":  # the tiny preset's stand-ins: same classes as the real encoders, random, seeded
-            self.t5_tokenizer = data.ByteTokenizer(cfg.t5_max_len, "pad-end")
-            self.clip_tokenizer = data.ByteTokenizer(cfg.clip.max_position_embeddings, "start-end")
+        if cfg.tokenizer == "words":  # the tiny preset's stand-ins: same classes as the real encoders, random, seeded
+            self.t5_tokenizer = data.WordTokenizer(cfg.t5_max_len, "pad-end")
+            self.clip_tokenizer = data.WordTokenizer(cfg.clip.max_position_embeddings, "start-end")
             self.t5 = init_text_encoder(T5Encoder(cfg.t5), frozen_seed).to(self.device).requires_grad_(False)
             self.clip = init_text_encoder(CLIPTextEncoder(cfg.clip), frozen_seed + 1).to(self.device)
             self.clip.requires_grad_(False)
@@ -142,7 +142,7 @@ class SelfE:
             self.t5_tokenizer = data.T5Tokenizer(p["t5_tokenizer"], cfg.t5_max_len)
             self.clip_tokenizer = data.CLIPTokenizer(p["clip_vocab"], p["clip_merges"], cfg.clip.max_position_embeddings)
         if cfg.latent == "flux-vae" and encoders:
-            if cfg.tokenizer == "bytes":
+            if cfg.tokenizer == "words":
                 raise ValueError("a flux-vae preset needs the pretrained frozen parts")
             self.ae = M.load_autoencoder(p["ae"], torch.float32, self.device).requires_grad_(False)
 
@@ -214,10 +214,11 @@ class SelfE:
         return self.ema
 
     @torch.no_grad()
-    def update_ema(self, decay, step):
-        """EMA of the weights (S.2: 0.9999). The decay warms up as min(decay, (1 + step) / (10 + step)) so that short
-        runs get a useful EMA early: the conditional self-evaluation pass runs on it from step 0."""
-        d = min(decay, (1 + step) / (10 + step))
+    def update_ema(self, decay, step, warmup=False):
+        """EMA of the weights with a constant decay (S.2: 0.9999; neither the paper nor minFM warms it up). `warmup`
+        uses min(decay, (1 + step) / (10 + step)) instead: an EMA that follows the weights closely early on, so the
+        conditional self-evaluation pass runs on a fast-moving average for the first ~1/(1 - decay) steps."""
+        d = min(decay, (1 + step) / (10 + step)) if warmup else decay
         reshard(self.ema)
         local = lambda m: [p.to_local() if hasattr(p, "to_local") else p for p in m.parameters()]  # FSDP2 shards
         torch._foreach_lerp_(local(self.ema), [p.detach() for p in local(self.denoiser)], 1 - d)
@@ -310,7 +311,7 @@ def save_checkpoint(out, system, step, flags, optimizer=None, keep=2):
     ema = get_model_state_dict(system.ema, options=full)
     if _rank0():
         save_file({k: v.contiguous() for k, v in ema.items()}, os.path.join(tmp, "ema.safetensors"))
-        if system.cfg.tokenizer == "bytes":  # random stand-ins travel with the checkpoint
+        if system.cfg.tokenizer == "words":  # random stand-ins travel with the checkpoint
             save_file({k: v.detach().cpu().contiguous() for k, v in system.frozen_state().items()},
                       os.path.join(tmp, "frozen.safetensors"))
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -380,7 +381,7 @@ def load_checkpoint(path, device="cpu", weights="ema", pretrained=None, t5=None,
     else:
         load_strict(system.denoiser, load_file(file, device=str(system.device)), file)
     frozen = os.path.join(path, "frozen.safetensors")
-    if cfg.tokenizer == "bytes":
+    if cfg.tokenizer == "words":
         system.load_frozen_state(load_file(frozen, device=str(system.device)), frozen)
     system.denoiser.eval()
     return system, meta

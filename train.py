@@ -101,7 +101,12 @@ def get_args(argv=None):
     m.add_argument("--t-min", type=float, default=1e-3, help="clamp of t in the 1/t^2 weight [A] 11")
     m.add_argument("--no-target-norm", action="store_true", help="Eq. 16 instead of the normalized target (Eq. 20)")
     m.add_argument("--reuse-noise", action="store_true", help="re-noise x0_hat with eps, not fresh noise [A] 3")
-    m.add_argument("--selfeval-dropped", action="store_true", help="also self-evaluate caption-dropped samples [A] 2")
+    m.add_argument("--dropped", default="jump", choices=("jump", "equal"), help="caption-dropped samples: 'jump' keeps "
+                   "their s < t draw with Delta = 0 (c = phi: no classifier score), 'equal' forces s = t [A] 2")
+    m.add_argument("--delta-zero", action="store_true", help="the control: Self-E's s, lambda and target (Eq. 17-21) "
+                   "with Delta = 0 everywhere, no evaluation passes: what self-evaluation itself adds")
+    m.add_argument("--ema-warmup", action="store_true", help="warm the EMA decay up as min(d, (1 + n)/(10 + n)) (not "
+                   "in the paper, which keeps it constant)")
     args = p.parse_args(argv)
     cfg = CONFIGS[args.size]
     for name, default in (("steps", cfg.steps), ("batch", cfg.batch), ("lr", cfg.lr), ("ema", cfg.ema_decay),
@@ -113,7 +118,10 @@ def get_args(argv=None):
         args.warmup = min(1000, args.steps // 20)
     if args.precision is None:
         args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
-    args.out = args.out or os.path.join("runs", args.size + ("-fm" if args.objective == "fm" else ""))
+    if args.delta_zero and args.objective != "selfe":
+        p.error("--delta-zero is a control of the selfe objective")
+    args.out = args.out or os.path.join("runs", args.size + ("-fm" if args.objective == "fm" else "")
+                                        + ("-delta0" if args.delta_zero else ""))
     for name in ("steps", "batch", "accum"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
@@ -239,7 +247,7 @@ def train(args, rank, world):
         if selfe.Config.from_dict(meta["config"]) != cfg:
             raise SystemExit(f"{path} was trained with another preset than --size {args.size}")
         selfe.load_training_state(path, system, opt)
-        if cfg.tokenizer == "bytes":
+        if cfg.tokenizer == "words":
             system.load_frozen_state(selfe.load_file(os.path.join(path, "frozen.safetensors")), path)
         start = meta["step"]
         log0(f"resumed from {path} at step {start}", rank=rank)
@@ -274,7 +282,8 @@ def train(args, rank, world):
             L = x0.shape[1]
             if micro == 0:
                 t_all, s_all = draw(gen, args, step, B, L, tau_steps, dropped)
-                n_self = int((s_all < t_all).sum())
+                evaluate_all = (s_all < t_all) & ~dropped & (not args.delta_zero)  # Delta = 0 for the rest
+                n_self = int(evaluate_all.sum())
             t, s = t_all[sl].to(system.device), s_all[sl].to(system.device)
             eps, eps_self = noise(args.seed, step, range(off, off + b), L, x0.shape[2], system.device)
             if world > 1:
@@ -283,10 +292,12 @@ def train(args, rank, world):
                 if args.objective == "fm":
                     out = losses.fm_loss(G, x0, t, cond, args.t_min, eps=eps)
                 else:  # the auxiliary term of s.6-s.8 only late in training
-                    out = losses.selfe_loss(G, G_ema, x0, t, s, cond, null, fake if step >= aux_start else None,
+                    aux = step >= aux_start and not args.delta_zero
+                    out = losses.selfe_loss(G, G_ema, x0, t, s, cond, null, fake if aux else None,
                                             args.k, not args.no_target_norm, args.t_min, args.fake_weight,
                                             not args.reuse_noise, eps=eps, eps_self=eps_self,
-                                            fake_count=n_self * b / B, always_evaluate=world > 1)
+                                            fake_count=n_self * b / B, always_evaluate=world > 1,
+                                            evaluate=evaluate_all[sl].to(system.device))
             (out["loss"] / A).backward()
             stats.append(torch.stack([out["per_sample"].float(), out["data"].float(),
                                       out.get("self", torch.zeros_like(t)).float(),
@@ -307,13 +318,13 @@ def train(args, rank, world):
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        system.update_ema(args.ema, step)
+        system.update_ema(args.ema, step, args.ema_warmup)
 
         sel = s_all < t_all
         rec = {"step": step + 1, "loss": loss, "data": stats[1].mean().item(), "grad_norm": grad_norm, "lr": lr}
         if args.objective == "selfe":
             lam = losses.lam(t_all, s_all)
-            rec.update(self=stats[2][sel].mean().item() if sel.any() else 0.0,
+            rec.update(self=stats[2][evaluate_all].mean().item() if evaluate_all.any() else 0.0,
                        lam=lam[sel].mean().item() if sel.any() else 0.0,
                        frac_s_lt_t=sel.float().mean().item(), fake=fake_mean.item())
         history.append(rec)
@@ -343,7 +354,7 @@ def draw(gen, args, step, B, L, tau_steps, dropped):
     """The step's per-sample times for the whole global batch (B floats, on every rank): t (s.11-s.12), s (s.13)."""
     t = selfe.sample_t(B, L, args.anchor, generator=gen)
     s = selfe.sample_s(t, selfe.tau_at(step, tau_steps), args.p_equal,
-                       None if args.selfeval_dropped else dropped, generator=gen)
+                       dropped if args.dropped == "equal" else None, generator=gen)
     return t, (t if args.objective == "fm" else s)
 
 
@@ -428,7 +439,8 @@ def log(rec, window, args, step, t_window, world, peak, device):
 def preview(system, args, step, rank):
     """A grid of the EMA model: rows 1, 2, 4 steps; columns the preview prompts. Every rank samples (the sharded EMA
     needs all of them); rank 0 writes the file."""
-    rows = [sampler.sample(system, PREVIEW_PROMPTS, n, anchor=args.anchor) for n in (1, 2, 4)]
+    rows = [sampler.sample(system, PREVIEW_PROMPTS, n, anchor=args.anchor, objective=args.objective)
+            for n in (1, 2, 4)]
     if rank == 0:
         path = sampler.save_grid(rows, os.path.join(args.out, f"preview-{step:07d}.png"),
                                  upscale=max(1, 128 // system.cfg.resolution), labels=["1 step", "2 steps", "4 steps"])
@@ -442,7 +454,7 @@ def cache_meta(args, cfg):
     """What a cache depends on; CachedData refuses a cache whose values differ from this run's."""
     c = cfg.to_dict()
     return {"encoders": {k: c[k] for k in ("t5", "clip", "t5_max_len", "tokenizer", "latent")},
-            "stand_in_seed": args.seed if cfg.tokenizer == "bytes" else None,
+            "stand_in_seed": args.seed if cfg.tokenizer == "words" else None,
             "resolution": args.resolution, "max_ratio": args.max_ratio, "fake_prefix": args.fake_prefix}
 
 

@@ -329,7 +329,7 @@ def test_cli_scores_what_it_is_given(ckpt, tmp_path, monkeypatch):
     world = data.WORLDS["small"]
     by_prompt = {s["prompt"]: s for s in ev.prompt_set(world, 2)}
 
-    def perfect(system, prompts, steps, cfg, eta, s_schedule, seeds, anchor=512):
+    def perfect(system, prompts, steps, cfg, eta, s_schedule, seeds, **_):
         return torch.stack([ev.render_spec(by_prompt[p], world, data.sample_rng(s, steps))[0]
                             for p, s in zip(prompts, seeds)])
     monkeypatch.setattr(sample, "sample", perfect)
@@ -404,5 +404,5 @@ def test_contrast_is_zero_on_flat_gray_and_halves_with_a_half_faded_scene():
     spec = data.sample_spec(world, rng, task="single")
     img = data.render(data.layout(spec, world, rng), world.resolution, rng)
     bg = img.flatten(1).median(1).values.view(3, 1, 1)
-    c = ev.contrast(torch.stack([img, bg + 0.5 * (img - bg), bg.expand_as(img)]))
+    c = ev.contrast(torch.stack([img, bg + 0.5 * (img - bg), bg.expand_as(img)])).tolist()
     assert c[0] > 0.1 and c[1] == pytest.approx(c[0] / 2, rel=1e-4) and c[2] == 0

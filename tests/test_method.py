@@ -404,9 +404,35 @@ def test_bad_sweep_and_s_schedule():
 
 
 def test_long_prompt_truncates_with_warning(capsys):
-    ids = data.ByteTokenizer(16)(["x" * 40])
-    assert ids.shape == (1, 16) and ids[0, -1] == data.ByteTokenizer.eos_id
+    ids = data.WordTokenizer(16)(["a red circle " * 10])
+    assert ids.shape == (1, 16) and ids[0, -1] == data.WordTokenizer.eos_id
     assert "truncated" in capsys.readouterr().err
+
+
+def test_word_tokenizer_round_trips_captions_and_encodes_any_prompt():
+    """The tiny preset's stand-in tokenizer: one id per word of every world's captions (round trip exact, all inside
+    the word vocabulary, within the preset's text length); anything else still encodes, through hashed buckets."""
+    cfg = model.CONFIGS["tiny"]
+    tok = data.WordTokenizer(cfg.t5_max_len)
+    n_words = 3 + len(data.WORDS)
+    assert tok.vocab_size == cfg.t5.vocab_size == cfg.clip.vocab_size
+    for world in data.WORLDS.values():
+        for i in range(500):
+            prompt = data.sample_spec(world, data.sample_rng(0, i))["prompt"]
+            ids = tok.encode(prompt)
+            assert tok.decode(ids) == prompt and max(ids) < n_words, prompt
+            if world.name == cfg.world:  # the preset's own captions fit both framings untruncated
+                assert len(ids) <= min(cfg.t5_max_len - 1, cfg.clip.max_position_embeddings - 2), prompt
+    assert tok.encode("A RED Circle!") == tok.encode("a red circle") + tok.encode("!")
+    crimson, scarlet = tok.encode("a crimson circle"), tok.encode("a scarlet circle")
+    assert n_words <= crimson[1] < tok.vocab_size and crimson == tok.encode("a crimson circle") and crimson != scarlet
+    odd = ["", "   ", "\U0001f600 emoji", "a\tred\ncircle", "über straße", "<pad> </s> <|endoftext|>", "1234", "_"]
+    for framing in ("pad-end", "start-end"):
+        ids = data.WordTokenizer(16, framing)(odd)
+        assert ids.shape == (len(odd), 16) and 0 <= ids.min() and ids.max() < tok.vocab_size
+        assert (ids == data.WordTokenizer.eos_id).any(1).all()  # every row has its end token (CLIP pools there)
+    txt, vec = tiny_system().encode_text(odd)
+    assert torch.isfinite(txt).all() and torch.isfinite(vec).all()
 
 
 def test_manifest_errors_name_file_and_line(tmp_path):
