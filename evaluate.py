@@ -1,7 +1,7 @@
 """GenEval-style evaluation on the shapes world: the checker, the fixed prompt set, the step-count sweep and its table.
 
     python evaluate.py --ckpt runs/tiny --steps 1,2,4,8,50
-    python evaluate.py --ckpt runs/tiny --compare runs/tiny-fm      # Self-E vs flow matching, same prompts and noise
+    python evaluate.py --ckpt runs/tiny --compare runs/tiny-delta0 runs/tiny-fm   # same prompts and noise for all
     python evaluate.py --validate        # the checker on ground-truth renders, hard negatives and perturbations
     python evaluate.py --bench           # checker speed, ms per 64 px image on one core
 
@@ -594,7 +594,7 @@ def table(results, which):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="runs/tiny", help="run folder (uses its `latest`) or a step folder")
-    p.add_argument("--compare", default=None, metavar="DIR2", help="a second checkpoint, same prompts and noise")
+    p.add_argument("--compare", nargs="+", default=[], metavar="DIR", help="more checkpoints, same prompts and noise")
     p.add_argument("--steps", default="1,2,4,8,50", help="comma-separated step counts")
     p.add_argument("--prompts", type=int, default=10, help="prompts per task (seen; and per colour task held out)")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (GenEval: 4)")
@@ -618,9 +618,10 @@ def main(argv=None):
     if args.validate:
         return print_validation(args.prompts, args.seed)
     steps_list = parse_steps(args.steps)
-    models = [load(args.ckpt, args.device)] + ([load(args.compare, args.device)] if args.compare else [])
+    paths = [args.ckpt, *args.compare]
+    models = [load(path, args.device) for path in paths]
     if len({m[2].name for m in models}) > 1:
-        raise SystemExit(f"evaluate.py: {args.ckpt} and {args.compare} were trained on different worlds")
+        raise SystemExit(f"evaluate.py: {', '.join(paths)} were trained on different worlds")
     world = models[0][2]
     specs = [dict(s, index=i) for i, s in enumerate(prompt_set(world, args.prompts, args.seed))]
     out_dir = args.out or os.path.join(args.ckpt, "eval")
@@ -631,7 +632,7 @@ def main(argv=None):
     truth = torch.stack([render_spec(s, world, data.sample_rng(args.seed, s["index"]))[0] for s in specs])
     truth_contrast = contrast(truth).mean().item()
     report["config"]["truth_contrast"] = round(truth_contrast, 4)
-    for (system, meta, _), path, tag in zip(models, (args.ckpt, args.compare), "AB"):
+    for (system, meta, _), path, tag in zip(models, paths, "ABCDEFGH"):
         results, rows = sweep(system, meta, world, specs, steps_list, args, tag)
         all_rows.append(rows)
         denoise = denoising(system, world, args.denoise, args.seed, batch=args.batch) if args.denoise else None
@@ -659,14 +660,15 @@ def main(argv=None):
         json.dump(report, f, indent=1)
     import sample
     labels = [f"{n} step" + ("s" if n > 1 else "") for n in steps_list]
-    if len(all_rows) == 2:  # left block model A, a blank column, right block model B
-        rows = [torch.cat([a, torch.ones_like(a[:1]), b]) for a, b in zip(*all_rows)]
+    if len(all_rows) > 1:  # one block per model, left to right, a blank column between blocks
+        blank = torch.ones_like(all_rows[0][0][:1])
+        rows = [torch.cat([x for block in row for x in (block, blank)][:-1]) for row in zip(*all_rows)]
         grid = sample.save_grid(rows, os.path.join(out_dir, "compare.png"), max(1, 128 // world.resolution), labels)
     else:
         grid = sample.save_grid(all_rows[0], os.path.join(out_dir, "grid.png"), max(1, 128 // world.resolution),
                                 labels)
     print(f"wrote {os.path.join(out_dir, 'eval.json')} and {grid}" +
-          (f" (rows: step counts; left block {args.ckpt}, right block {args.compare})" if args.compare else ""))
+          (f" (rows: step counts; blocks left to right: {', '.join(paths)})" if args.compare else ""))
     return report
 
 

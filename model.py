@@ -72,6 +72,7 @@ class Config:
     # image space
     resolution: int = 256
     latent: str = "flux-vae"       # "flux-vae" (16 channels, /8) or "pixels" (3 channels, /1)
+    pixel_scale: float = 1.0       # "pixels": latents are the images in [-1, 1] times this (about unit variance)
     patch: int = 2
     # text
     t5: T5Config = field(default_factory=T5Config)

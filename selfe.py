@@ -177,9 +177,11 @@ class SelfE:
 
     @torch.no_grad()
     def encode_latents(self, images):
-        """(B, 3, H, W) in [-1, 1] -> FLUX autoencoder latents (B, 16, H/8, W/8), or the pixels themselves (tiny)."""
+        """(B, 3, H, W) in [-1, 1] -> FLUX autoencoder latents (B, 16, H/8, W/8), or the pixels scaled by the preset's
+        pixel_scale (tiny): like the autoencoder's scale_factor, it brings the data to about unit variance, the scale
+        the noise levels of Eq. 1 and the time warp of s.12 are meant for."""
         x = images.to(self.device)
-        return self.ae.encode(x.float()) if self.ae is not None else x
+        return self.ae.encode(x.float()) if self.ae is not None else x * self.cfg.pixel_scale
 
     def encode_images(self, images):
         """(B, 3, H, W) in [-1, 1] -> tokens (B, L, C p p): the latents cut into p x p patches."""
@@ -189,8 +191,7 @@ class SelfE:
     def decode_tokens(self, x, h, w):
         """tokens (B, h w, C p p) -> images (B, 3, H, W) in [-1, 1]."""
         x = unpatchify(x.float(), h, w, self.cfg.patch)
-        if self.ae is not None:
-            x = self.ae.decode(x)
+        x = self.ae.decode(x) if self.ae is not None else x / self.cfg.pixel_scale
         return x.clamp(-1, 1)
 
     # -- the network

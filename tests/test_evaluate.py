@@ -343,12 +343,12 @@ def test_cli_scores_what_it_is_given(ckpt, tmp_path, monkeypatch):
 
 def test_cli_is_deterministic_and_shares_noise_across_models(ckpt, tmp_path):
     a = json.loads(json.dumps(run_cli(ckpt, tmp_path / "a")))  # as saved: step counts become string keys
-    b = json.loads(json.dumps(run_cli(ckpt, tmp_path / "b", "--compare", str(ckpt / "ok"))))
+    b = json.loads(json.dumps(run_cli(ckpt, tmp_path / "b", "--compare", str(ckpt / "ok"), str(ckpt / "ok"))))
     with open(tmp_path / "a" / "eval.json") as f:
         saved = json.load(f)
     strip = lambda m: {n: [(r["seed"], r["correct"], r["reason"]) for r in v["images"]]
                        for n, v in m["results"].items()}
-    assert strip(saved["models"][0]) == strip(b["models"][0]) == strip(b["models"][1])
+    assert strip(saved["models"][0]) == strip(b["models"][0]) == strip(b["models"][1]) == strip(b["models"][2])
     assert saved["models"][0]["results"]["1"]["seen"] == a["models"][0]["results"]["1"]["seen"]
     assert saved["models"][0]["denoising"] == b["models"][0]["denoising"] == b["models"][1]["denoising"]
     assert os.path.isfile(tmp_path / "a" / "grid.png") and os.path.isfile(tmp_path / "b" / "compare.png")
