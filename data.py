@@ -341,20 +341,35 @@ def warn(msg):
 # The real tokenizers (FLUX's framing): T5 through sentencepiece, CLIP's byte-level BPE by hand
 
 class T5Tokenizer:
-    """sentencepiece ids of `spiece.model`, then the end token 1, padded with 0 to max_len (256 schnell, 512 dev)."""
+    """sentencepiece ids of `spiece.model`, then the end token 1, padded with 0 to max_len (256 schnell, 512 dev).
+    As transformers' T5Tokenizer (the reference FLUX pipelines use), the special tokens '</s>', '<pad>', '<unk>' and
+    the sentinels '<extra_id_0>' ... '<extra_id_{extra_ids - 1}>' typed in a prompt are those tokens, not text:
+    the prompt is split at them and each piece goes through sentencepiece alone. T5's vocabulary has 100 sentinels,
+    numbered down from the last id (<extra_id_0> is the sentencepiece size + 99)."""
     pad_id, eos_id = 0, 1
 
-    def __init__(self, spiece_path, max_len):
+    def __init__(self, spiece_path, max_len, extra_ids=100):
         import sentencepiece  # a runtime dependency, needed only with the real encoders
         if not os.path.isfile(spiece_path):
             raise FileNotFoundError(f"{spiece_path}: T5 sentencepiece model not found")
         self.sp = sentencepiece.SentencePieceProcessor(model_file=spiece_path)
         self.max_len = max_len
+        n = self.sp.get_piece_size()
+        self.special = {"</s>": self.eos_id, "<pad>": self.pad_id, "<unk>": self.sp.unk_id(),
+                        **{f"<extra_id_{k}>": n + extra_ids - 1 - k for k in range(extra_ids)}}
+        self.split = re.compile("(" + "|".join(re.escape(t) for t in sorted(self.special, key=len, reverse=True)) + ")")
+
+    def encode(self, text):
+        """text -> ids without the end token."""
+        ids = []
+        for piece in self.split.split(text):  # text, special, text, ...
+            ids += [self.special[piece]] if piece in self.special else self.sp.encode(piece)
+        return ids
 
     def __call__(self, prompts):
         ids = torch.full((len(prompts), self.max_len), self.pad_id)
         for i, p in enumerate(prompts):
-            body = self.sp.encode(p)
+            body = self.encode(p)
             if len(body) > self.max_len - 1:
                 warn(f"prompt of {len(body)} T5 tokens truncated to {self.max_len - 1}: {p[:60]!r}...")
                 body = body[:self.max_len - 1]
@@ -389,17 +404,20 @@ CLIP_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\
 
 @functools.cache
 def clip_pattern():
-    """CLIP's pre-split: special tokens, contractions, runs of letters, single digits, runs of other non-space
-    characters (OpenAI's `'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+`), built once."""
+    """CLIP's pre-split: contractions, runs of letters, single digits, runs of other non-space characters (OpenAI's
+    `'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+`), built once. The special tokens are split off
+    before (CLIPTokenizer.encode)."""
     L, N, S = _category_class("L"), _category_class("N"), CLIP_WHITESPACE
-    return re.compile(rf"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[{L}]+|[{N}]|[^{S}{L}{N}]+")
+    return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d|[{L}]+|[{N}]|[^{S}{L}{N}]+")
 
 
 class CLIPTokenizer:
     """CLIP's byte-level BPE from `vocab.json` + `merges.txt` (HF layout), framed as FLUX does: start 49406, at most
     75 tokens, end 49407, padded with 49407 to 77. Text is NFC-normalised, whitespace-collapsed and lower-cased, as
-    OpenAI's tokenizer with ftfy reduced to NFC, and as transformers' CLIPTokenizer; HTML entities are not unescaped
-    (OpenAI does, transformers does not)."""
+    OpenAI's tokenizer with ftfy reduced to NFC, and as transformers' CLIPTokenizer, the reference FLUX pipelines use.
+    Where the two differ we follow transformers: HTML entities are not unescaped; '<|startoftext|>' and
+    '<|endoftext|>' typed in a prompt are those tokens only as written (matched before lower-casing, so
+    '<|ENDOFTEXT|>' is text); a capital sigma becomes σ, never the word-final ς of Python's str.lower()."""
 
     def __init__(self, vocab_path, merges_path, max_len=77):
         for p in (vocab_path, merges_path):
@@ -440,13 +458,15 @@ class CLIPTokenizer:
 
     def encode(self, text):
         """text -> BPE ids without the start and end tokens."""
-        text = re.sub(f"[{CLIP_WHITESPACE}]+", " ", unicodedata.normalize("NFC", text)).strip().lower()
         ids = []
-        for word in clip_pattern().findall(text):
-            if word in ("<|startoftext|>", "<|endoftext|>"):
-                ids.append(self.vocab[word])
+        for piece in re.split(r"(<\|startoftext\|>|<\|endoftext\|>)", text):  # special tokens first, case and all
+            if piece in ("<|startoftext|>", "<|endoftext|>"):
+                ids.append(self.vocab[piece])
                 continue
-            ids += [self.vocab[s] for s in self.bpe("".join(self.byte_char[b] for b in word.encode("utf-8")))]
+            # lower-cased one character at a time, as transformers does: str.lower() turns a word-final Σ into ς
+            piece = re.sub(f"[{CLIP_WHITESPACE}]+", " ", unicodedata.normalize("NFC", piece)).replace("Σ", "σ").lower()
+            for word in clip_pattern().findall(piece):
+                ids += [self.vocab[s] for s in self.bpe("".join(self.byte_char[b] for b in word.encode("utf-8")))]
         return ids
 
     def __call__(self, prompts):
