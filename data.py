@@ -8,6 +8,7 @@
 - Real data: the TSV manifest (image path <TAB> prompt), aspect-ratio buckets, the deterministic global batch order
   that train.py shards across ranks, and the latent/text caches (METHOD.md 9).
 """
+import codecs
 import functools
 import json
 import math
@@ -488,13 +489,27 @@ class ManifestError(ValueError):
 
 
 def read_manifest(path, base_dir=None, skip_bad=False):
-    """Lines 'image_path<TAB>prompt'; relative paths resolve against base_dir (default: the manifest's folder).
-    A malformed line or a missing image stops with file and line, or is skipped with a warning if skip_bad."""
+    """Lines 'image_path<TAB>prompt' in UTF-8 (a byte-order mark is allowed); relative paths resolve against base_dir
+    (default: the manifest's folder). A malformed line, one that is not UTF-8, or a missing image stops with file and
+    line, or is skipped with a warning if skip_bad."""
+    if os.path.isdir(path):
+        raise ManifestError(f"{path}: a folder but not a finished cache (no index.json); --data takes a manifest "
+                            f"(image path<TAB>prompt lines) or a cache folder made by --build-cache")
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()  # \n, \r\n or \r, as text mode reads them
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read the manifest ({e.strerror})") from e
+    if lines and lines[0].startswith(codecs.BOM_UTF8):  # an editor's byte-order mark is not part of the first path
+        lines[0] = lines[0][len(codecs.BOM_UTF8):]
     base_dir = base_dir or os.path.dirname(os.path.abspath(path))
     entries = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\n\r")
+    for n, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problem = f"not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); save the manifest as UTF-8"
+        else:
             if not line.strip() or line.startswith("#"):
                 continue
             parts = line.split("\t")
@@ -505,12 +520,12 @@ def read_manifest(path, base_dir=None, skip_bad=False):
                 img = parts[0] if os.path.isabs(parts[0]) else os.path.join(base_dir, parts[0])
                 if not os.path.isfile(img):
                     problem = f"image not found: {img}"
-            if problem:
-                if not skip_bad:
-                    raise ManifestError(f"{path}:{n}: {problem} (pass --skip-bad to skip such lines)")
-                warn(f"{path}:{n}: {problem}; skipped")
-                continue
-            entries.append((img, parts[1].strip(), n))
+        if problem:
+            if not skip_bad:
+                raise ManifestError(f"{path}:{n}: {problem} (pass --skip-bad to skip such lines)")
+            warn(f"{path}:{n}: {problem}; skipped")
+            continue
+        entries.append((img, parts[1].strip(), n))
     if not entries:
         raise ManifestError(f"{path}: no usable lines")
     return entries
@@ -532,6 +547,21 @@ def nearest_bucket(size, options):
     """(W, H) of an image -> the (H, W) bucket of the nearest aspect ratio (in log space)."""
     w, h = size
     return min(options, key=lambda b: (abs(math.log(b[1] / b[0]) - math.log(w / h)), b))
+
+
+def image_size(path):
+    """(W, H) of an image file whose data has been read to the end, so that a file cut short or damaged fails at
+    start-up, not at the step that draws it. Cheaper than decoding: a PNG has each chunk's checksum verified, a JPEG
+    is decoded at 1/8 scale (PIL's draft mode); other formats are decoded."""
+    from PIL import Image
+    with Image.open(path) as im:
+        size = im.size
+        if im.format == "PNG":
+            im.verify()
+        else:
+            im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+            im.load()
+    return size
 
 
 def load_image(path, size, where=""):
@@ -587,18 +617,18 @@ class Batches:
 
 class ManifestData:
     """A TSV manifest as training items: every (image, area) pair goes to the bucket of its aspect ratio at each area
-    of `areas` (one area: that phase; 256 and 512: METHOD.md 9's 1:1 mix). Image sizes come from the file headers
-    at start; an image smaller than its bucket is an error naming its line (or, with skip_bad, left out there)."""
+    of `areas` (one area: that phase; 256 and 512: METHOD.md 9's 1:1 mix). Every image is read at start
+    (`image_size`); one that cannot be read, or is smaller than its bucket, is an error naming its line (or, with
+    skip_bad, left out)."""
 
     def __init__(self, path, areas, step, batch, seed=0, base_dir=None, skip_bad=False, max_ratio=2.0):
-        from PIL import Image
         self.path, self.skip_bad = path, skip_bad
         self.entries = read_manifest(path, base_dir, skip_bad)
         self.items = []  # (entry index, (H, W))
+        self.unreadable = set()  # items whose image failed after start-up (skip_bad): replaced in every batch
         for e, (img, _, line) in enumerate(self.entries):
             try:
-                with Image.open(img) as im:
-                    size = im.size
+                size = image_size(img)
             except Exception as err:
                 if not skip_bad:
                     raise ManifestError(f"{path}:{line}: cannot read image {img}: {err}") from err
@@ -625,13 +655,32 @@ class ManifestData:
 
     def batch(self, indices):
         """-> (images (B, 3, H, W) of one bucket, captions)."""
-        images, captions = [], []
-        for i in indices:
-            e, size = self.items[int(i)]
+        pairs = [self.load(int(i)) for i in indices]
+        return torch.stack([image for image, _ in pairs]), [prompt for _, prompt in pairs]
+
+    def load(self, i):
+        """Item i -> (image, prompt). An image that passed the start-up check can still fail here (changed or removed
+        since): an error naming its line, or with skip_bad a warning and the next readable item of its bucket in its
+        place. That choice depends on the items alone, so every rank and a resumed run make the same one."""
+        def candidates():  # i, then the rest of its bucket in order, wrapping around (listed only if i fails)
+            yield i
+            group = self.order.groups[self.items[i][1]]
+            k = group.index(i)
+            yield from group[k + 1:] + group[:k]
+        for j in candidates():
+            if j in self.unreadable:
+                continue
+            e, size = self.items[j]
             img, prompt, line = self.entries[e]
-            images.append(load_image(img, size, where=f"{self.path}:{line}: "))
-            captions.append(prompt)
-        return torch.stack(images), captions
+            try:
+                return load_image(img, size, where=f"{self.path}:{line}: "), prompt
+            except ManifestError as err:
+                if not self.skip_bad:
+                    raise ManifestError(f"{err} (pass --skip-bad to draw another image of its bucket instead)") from err
+                warn(f"{err}; drawing the next image of its bucket instead")
+                self.unreadable.add(j)
+        H, W = self.items[i][1]
+        raise ManifestError(f"{self.path}: no image of the {W}x{H} bucket can be read")
 
 
 class ShapesData:
