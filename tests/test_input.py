@@ -27,7 +27,7 @@ def _train(out, *extra):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """A tiny untrained checkpoint (nothing trained on a shared CPU): <root>/run/latest -> step-0000001."""
+    """A tiny untrained checkpoint (built and saved, not trained): <root>/run/latest -> step-0000001."""
     root = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
     system = selfe.SelfE(model.CONFIGS["tiny"])
