@@ -8,6 +8,7 @@
 - Real data: the TSV manifest (image path <TAB> prompt), aspect-ratio buckets, the deterministic global batch order
   that train.py shards across ranks, and the latent/text caches (METHOD.md 9).
 """
+import codecs
 import functools
 import json
 import math
@@ -341,20 +342,35 @@ def warn(msg):
 # The real tokenizers (FLUX's framing): T5 through sentencepiece, CLIP's byte-level BPE by hand
 
 class T5Tokenizer:
-    """sentencepiece ids of `spiece.model`, then the end token 1, padded with 0 to max_len (256 schnell, 512 dev)."""
+    """sentencepiece ids of `spiece.model`, then the end token 1, padded with 0 to max_len (256 schnell, 512 dev).
+    As transformers' T5Tokenizer (the reference FLUX pipelines use), the special tokens '</s>', '<pad>', '<unk>' and
+    the sentinels '<extra_id_0>' ... '<extra_id_{extra_ids - 1}>' typed in a prompt are those tokens, not text:
+    the prompt is split at them and each piece goes through sentencepiece alone. T5's vocabulary has 100 sentinels,
+    numbered down from the last id (<extra_id_0> is the sentencepiece size + 99)."""
     pad_id, eos_id = 0, 1
 
-    def __init__(self, spiece_path, max_len):
+    def __init__(self, spiece_path, max_len, extra_ids=100):
         import sentencepiece  # a runtime dependency, needed only with the real encoders
         if not os.path.isfile(spiece_path):
             raise FileNotFoundError(f"{spiece_path}: T5 sentencepiece model not found")
         self.sp = sentencepiece.SentencePieceProcessor(model_file=spiece_path)
         self.max_len = max_len
+        n = self.sp.get_piece_size()
+        self.special = {"</s>": self.eos_id, "<pad>": self.pad_id, "<unk>": self.sp.unk_id(),
+                        **{f"<extra_id_{k}>": n + extra_ids - 1 - k for k in range(extra_ids)}}
+        self.split = re.compile("(" + "|".join(re.escape(t) for t in sorted(self.special, key=len, reverse=True)) + ")")
+
+    def encode(self, text):
+        """text -> ids without the end token."""
+        ids = []
+        for piece in self.split.split(text):  # text, special, text, ...
+            ids += [self.special[piece]] if piece in self.special else self.sp.encode(piece)
+        return ids
 
     def __call__(self, prompts):
         ids = torch.full((len(prompts), self.max_len), self.pad_id)
         for i, p in enumerate(prompts):
-            body = self.sp.encode(p)
+            body = self.encode(p)
             if len(body) > self.max_len - 1:
                 warn(f"prompt of {len(body)} T5 tokens truncated to {self.max_len - 1}: {p[:60]!r}...")
                 body = body[:self.max_len - 1]
@@ -389,17 +405,20 @@ CLIP_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\
 
 @functools.cache
 def clip_pattern():
-    """CLIP's pre-split: special tokens, contractions, runs of letters, single digits, runs of other non-space
-    characters (OpenAI's `'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+`), built once."""
+    """CLIP's pre-split: contractions, runs of letters, single digits, runs of other non-space characters (OpenAI's
+    `'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+`), built once. The special tokens are split off
+    before (CLIPTokenizer.encode)."""
     L, N, S = _category_class("L"), _category_class("N"), CLIP_WHITESPACE
-    return re.compile(rf"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[{L}]+|[{N}]|[^{S}{L}{N}]+")
+    return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d|[{L}]+|[{N}]|[^{S}{L}{N}]+")
 
 
 class CLIPTokenizer:
     """CLIP's byte-level BPE from `vocab.json` + `merges.txt` (HF layout), framed as FLUX does: start 49406, at most
     75 tokens, end 49407, padded with 49407 to 77. Text is NFC-normalised, whitespace-collapsed and lower-cased, as
-    OpenAI's tokenizer with ftfy reduced to NFC, and as transformers' CLIPTokenizer; HTML entities are not unescaped
-    (OpenAI does, transformers does not)."""
+    OpenAI's tokenizer with ftfy reduced to NFC, and as transformers' CLIPTokenizer, the reference FLUX pipelines use.
+    Where the two differ we follow transformers: HTML entities are not unescaped; '<|startoftext|>' and
+    '<|endoftext|>' typed in a prompt are those tokens only as written (matched before lower-casing, so
+    '<|ENDOFTEXT|>' is text); a capital sigma becomes σ, never the word-final ς of Python's str.lower()."""
 
     def __init__(self, vocab_path, merges_path, max_len=77):
         for p in (vocab_path, merges_path):
@@ -440,13 +459,15 @@ class CLIPTokenizer:
 
     def encode(self, text):
         """text -> BPE ids without the start and end tokens."""
-        text = re.sub(f"[{CLIP_WHITESPACE}]+", " ", unicodedata.normalize("NFC", text)).strip().lower()
         ids = []
-        for word in clip_pattern().findall(text):
-            if word in ("<|startoftext|>", "<|endoftext|>"):
-                ids.append(self.vocab[word])
+        for piece in re.split(r"(<\|startoftext\|>|<\|endoftext\|>)", text):  # special tokens first, case and all
+            if piece in ("<|startoftext|>", "<|endoftext|>"):
+                ids.append(self.vocab[piece])
                 continue
-            ids += [self.vocab[s] for s in self.bpe("".join(self.byte_char[b] for b in word.encode("utf-8")))]
+            # lower-cased one character at a time, as transformers does: str.lower() turns a word-final Σ into ς
+            piece = re.sub(f"[{CLIP_WHITESPACE}]+", " ", unicodedata.normalize("NFC", piece)).replace("Σ", "σ").lower()
+            for word in clip_pattern().findall(piece):
+                ids += [self.vocab[s] for s in self.bpe("".join(self.byte_char[b] for b in word.encode("utf-8")))]
         return ids
 
     def __call__(self, prompts):
@@ -468,13 +489,27 @@ class ManifestError(ValueError):
 
 
 def read_manifest(path, base_dir=None, skip_bad=False):
-    """Lines 'image_path<TAB>prompt'; relative paths resolve against base_dir (default: the manifest's folder).
-    A malformed line or a missing image stops with file and line, or is skipped with a warning if skip_bad."""
+    """Lines 'image_path<TAB>prompt' in UTF-8 (a byte-order mark is allowed); relative paths resolve against base_dir
+    (default: the manifest's folder). A malformed line, one that is not UTF-8, or a missing image stops with file and
+    line, or is skipped with a warning if skip_bad."""
+    if os.path.isdir(path):
+        raise ManifestError(f"{path}: a folder but not a finished cache (no index.json); --data takes a manifest "
+                            f"(image path<TAB>prompt lines) or a cache folder made by --build-cache")
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()  # \n, \r\n or \r, as text mode reads them
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read the manifest ({e.strerror})") from e
+    if lines and lines[0].startswith(codecs.BOM_UTF8):  # an editor's byte-order mark is not part of the first path
+        lines[0] = lines[0][len(codecs.BOM_UTF8):]
     base_dir = base_dir or os.path.dirname(os.path.abspath(path))
     entries = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\n\r")
+    for n, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problem = f"not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); save the manifest as UTF-8"
+        else:
             if not line.strip() or line.startswith("#"):
                 continue
             parts = line.split("\t")
@@ -485,12 +520,12 @@ def read_manifest(path, base_dir=None, skip_bad=False):
                 img = parts[0] if os.path.isabs(parts[0]) else os.path.join(base_dir, parts[0])
                 if not os.path.isfile(img):
                     problem = f"image not found: {img}"
-            if problem:
-                if not skip_bad:
-                    raise ManifestError(f"{path}:{n}: {problem} (pass --skip-bad to skip such lines)")
-                warn(f"{path}:{n}: {problem}; skipped")
-                continue
-            entries.append((img, parts[1].strip(), n))
+        if problem:
+            if not skip_bad:
+                raise ManifestError(f"{path}:{n}: {problem} (pass --skip-bad to skip such lines)")
+            warn(f"{path}:{n}: {problem}; skipped")
+            continue
+        entries.append((img, parts[1].strip(), n))
     if not entries:
         raise ManifestError(f"{path}: no usable lines")
     return entries
@@ -512,6 +547,21 @@ def nearest_bucket(size, options):
     """(W, H) of an image -> the (H, W) bucket of the nearest aspect ratio (in log space)."""
     w, h = size
     return min(options, key=lambda b: (abs(math.log(b[1] / b[0]) - math.log(w / h)), b))
+
+
+def image_size(path):
+    """(W, H) of an image file whose data has been read to the end, so that a file cut short or damaged fails at
+    start-up, not at the step that draws it. Cheaper than decoding: a PNG has each chunk's checksum verified, a JPEG
+    is decoded at 1/8 scale (PIL's draft mode); other formats are decoded."""
+    from PIL import Image
+    with Image.open(path) as im:
+        size = im.size
+        if im.format == "PNG":
+            im.verify()
+        else:
+            im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+            im.load()
+    return size
 
 
 def load_image(path, size, where=""):
@@ -567,18 +617,18 @@ class Batches:
 
 class ManifestData:
     """A TSV manifest as training items: every (image, area) pair goes to the bucket of its aspect ratio at each area
-    of `areas` (one area: that phase; 256 and 512: METHOD.md 9's 1:1 mix). Image sizes come from the file headers
-    at start; an image smaller than its bucket is an error naming its line (or, with skip_bad, left out there)."""
+    of `areas` (one area: that phase; 256 and 512: METHOD.md 9's 1:1 mix). Every image is read at start
+    (`image_size`); one that cannot be read, or is smaller than its bucket, is an error naming its line (or, with
+    skip_bad, left out)."""
 
     def __init__(self, path, areas, step, batch, seed=0, base_dir=None, skip_bad=False, max_ratio=2.0):
-        from PIL import Image
         self.path, self.skip_bad = path, skip_bad
         self.entries = read_manifest(path, base_dir, skip_bad)
         self.items = []  # (entry index, (H, W))
+        self.unreadable = set()  # items whose image failed after start-up (skip_bad): replaced in every batch
         for e, (img, _, line) in enumerate(self.entries):
             try:
-                with Image.open(img) as im:
-                    size = im.size
+                size = image_size(img)
             except Exception as err:
                 if not skip_bad:
                     raise ManifestError(f"{path}:{line}: cannot read image {img}: {err}") from err
@@ -605,13 +655,32 @@ class ManifestData:
 
     def batch(self, indices):
         """-> (images (B, 3, H, W) of one bucket, captions)."""
-        images, captions = [], []
-        for i in indices:
-            e, size = self.items[int(i)]
+        pairs = [self.load(int(i)) for i in indices]
+        return torch.stack([image for image, _ in pairs]), [prompt for _, prompt in pairs]
+
+    def load(self, i):
+        """Item i -> (image, prompt). An image that passed the start-up check can still fail here (changed or removed
+        since): an error naming its line, or with skip_bad a warning and the next readable item of its bucket in its
+        place. That choice depends on the items alone, so every rank and a resumed run make the same one."""
+        def candidates():  # i, then the rest of its bucket in order, wrapping around (listed only if i fails)
+            yield i
+            group = self.order.groups[self.items[i][1]]
+            k = group.index(i)
+            yield from group[k + 1:] + group[:k]
+        for j in candidates():
+            if j in self.unreadable:
+                continue
+            e, size = self.items[j]
             img, prompt, line = self.entries[e]
-            images.append(load_image(img, size, where=f"{self.path}:{line}: "))
-            captions.append(prompt)
-        return torch.stack(images), captions
+            try:
+                return load_image(img, size, where=f"{self.path}:{line}: "), prompt
+            except ManifestError as err:
+                if not self.skip_bad:
+                    raise ManifestError(f"{err} (pass --skip-bad to draw another image of its bucket instead)") from err
+                warn(f"{err}; drawing the next image of its bucket instead")
+                self.unreadable.add(j)
+        H, W = self.items[i][1]
+        raise ManifestError(f"{self.path}: no image of the {W}x{H} bucket can be read")
 
 
 class ShapesData:

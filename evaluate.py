@@ -37,7 +37,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import cli
 import data
+from cli import number
 
 KEEP_CONF = 0.75      # GenEval keeps detections above a confidence threshold; ours is the template IoU
 EXCLUDE_IOU = 0.60    # counting's exclude clause counts sloppier objects too (EVAL.md step 6)
@@ -476,11 +478,8 @@ def parse_steps(text):
 
 def load(path, device):
     """Checkpoint -> (system, meta, world); a clear error if its world is not one this checker knows."""
-    import selfe  # heavy (model.py): only the sweep needs it, not the checker
-    try:
-        system, meta = selfe.load_checkpoint(path, device, "ema")
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"evaluate.py: {e}")
+    import selfe  # heavy (torch.distributed.checkpoint): only the sweep needs it, not the checker
+    system, meta = selfe.load_checkpoint(path, device, "ema")  # a missing or damaged one: cli.run names it
     flags = meta.get("flags", {})
     name = flags.get("world")
     if flags.get("data", "shapes") != "shapes" or name not in data.WORLDS:
@@ -598,11 +597,13 @@ def main(argv=None):
     p.add_argument("--steps", default="1,2,4,8,50", help="comma-separated step counts")
     p.add_argument("--prompts", type=int, default=10, help="prompts per task (seen; and per colour task held out)")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (GenEval: 4)")
-    p.add_argument("--seed", type=int, default=0, help="prompt set and noise seed")
-    p.add_argument("--out", default=None, help="folder for eval.json and grid.png (default: <ckpt>/eval)")
-    p.add_argument("--cfg", type=float, default=None, help="EP-CFG scale (sample.py's default: 5; 1 step: 1)")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta")
-    p.add_argument("--s-schedule", default=None, help="as in sample.py (default: its own)")
+    p.add_argument("--seed", type=cli.seed, default=0, help="prompt set and noise seed")
+    p.add_argument("--out", type=cli.writable_folder, default=None, help="folder for eval.json and grid.png "
+                   "(default: <ckpt>/eval)")
+    p.add_argument("--cfg", type=number(float), default=None, help="EP-CFG scale (sample.py's default: 5; 1 step: "
+                   "1)")
+    p.add_argument("--eta", type=number(float, 0, 1), default=1.0, help="DDIM eta")
+    p.add_argument("--s-schedule", type=cli.s_schedule, default=None, help="as in sample.py (default: its own)")
     p.add_argument("--batch", type=int, default=64, help="images per sampling call")
     p.add_argument("--denoise", type=int, default=256, metavar="N", help="also measure each model as a denoiser on "
                    "N unseen ground-truth scenes: velocity error by t with the prompt and with phi (0: skip)")
@@ -618,13 +619,18 @@ def main(argv=None):
     if args.validate:
         return print_validation(args.prompts, args.seed)
     steps_list = parse_steps(args.steps)
+    out_dir = args.out or os.path.join(args.ckpt, "eval")
+    if not args.out:  # the default folder is checked now too, not after the sweep
+        try:
+            cli.writable_folder(out_dir)
+        except argparse.ArgumentTypeError as e:
+            p.error(f"argument --out (default {out_dir}): {e}")
     paths = [args.ckpt, *args.compare]
     models = [load(path, args.device) for path in paths]
     if len({m[2].name for m in models}) > 1:
         raise SystemExit(f"evaluate.py: {', '.join(paths)} were trained on different worlds")
     world = models[0][2]
     specs = [dict(s, index=i) for i, s in enumerate(prompt_set(world, args.prompts, args.seed))]
-    out_dir = args.out or os.path.join(args.ckpt, "eval")
     report = {"config": {k: v for k, v in vars(args).items() if k not in ("validate", "bench")} | {
         "steps": steps_list, "world": world.name, "keep_conf": KEEP_CONF, "exclude_iou": EXCLUDE_IOU},
         "prompts": specs, "models": []}
@@ -699,4 +705,4 @@ def print_validation(n, seed):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

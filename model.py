@@ -876,13 +876,24 @@ def materialize(module, entries, where, dtype, device):
     return module.eval()
 
 
+def read_json(path):
+    """A JSON object file -> dict; one that is empty, not UTF-8, not JSON or not an object is an error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: damaged, not a JSON file ({e})") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: damaged, a JSON {type(d).__name__} where an object belongs")
+    return d
+
+
 def read_config(folder):
     """The folder's config.json as a dict, or None when there is none."""
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -905,8 +916,9 @@ def t5_entries(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if not os.path.isfile(index):
         return read_header(os.path.join(path, "model.safetensors")), os.path.join(path, "model.safetensors")
-    with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: damaged, no 'weight_map' object")
     shards = sorted(set(weight_map.values()))
     absent = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
     if absent:

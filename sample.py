@@ -15,8 +15,10 @@ import sys
 
 import torch
 
+import cli
 import model
 import selfe
+from cli import number
 
 
 def time_grid(steps, L, anchor=512, shift=True):
@@ -130,13 +132,17 @@ def save_grid(rows, path, upscale=1, labels=None, pad=2):
     return path
 
 
+MAX_STEPS = 1000  # as evaluate.py: far past where more steps change a sample, so a larger count is a typo
+
+
 def parse_steps(text):
+    """--sweep: comma-separated step counts, each in [1, MAX_STEPS]."""
     try:
         steps = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"--sweep {text!r}: expected step counts like 1,2,4,8,50")
-    if not steps or min(steps) < 1:
-        raise SystemExit(f"--sweep {text!r}: step counts must be positive integers")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected step counts like 1,2,4,8,50") from None
+    if not steps or min(steps) < 1 or max(steps) > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"{text!r}: step counts must be integers in [1, {MAX_STEPS}]")
     return steps
 
 
@@ -172,18 +178,25 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", nargs="+", metavar="PROMPT")
     p.add_argument("--ckpt", default="runs/tiny", help="run folder (uses its `latest`) or a step folder")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--cfg", type=float, default=None, help="EP-CFG scale (default 5; 1 = no guidance; 1 step: 1)")
-    p.add_argument("--eta", type=float, default=None, help="DDIM eta (1 = the paper's setting, 0 = Euler, Eq. 22)")
-    p.add_argument("--s-schedule", default=None, help="next (s_k = t_{k+1}), current (s_k = t_k) or a in [0, 1]")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n", type=int, default=1, help="images per prompt")
-    p.add_argument("--out", default=None, help="PNG path (default sample.png, or sweep.png with --sweep)")
-    p.add_argument("--sweep", default=None, help="comma-separated step counts: one grid row per step count")
+    p.add_argument("--steps", type=number(int, 1, MAX_STEPS), default=4)
+    p.add_argument("--cfg", type=number(float), default=None, help="EP-CFG scale (default 5; 1 = no guidance; 1 "
+                   "step: 1)")
+    p.add_argument("--eta", type=number(float, 0, 1), default=None, help="DDIM eta (1 = the paper's setting, 0 = "
+                   "Euler, Eq. 22)")
+    p.add_argument("--s-schedule", type=cli.s_schedule, default=None, help="next (s_k = t_{k+1}), current (s_k = "
+                   "t_k) or a in [0, 1]")
+    p.add_argument("--seed", type=cli.seed, default=0)
+    p.add_argument("--n", type=number(int, 1), default=1, help="images per prompt")
+    p.add_argument("--out", type=cli.image_file, default=None, help="image path (default sample.png, or sweep.png "
+                   "with --sweep)")
+    p.add_argument("--sweep", type=parse_steps, default=None, help="comma-separated step counts: one grid row per "
+                   "step count")
     p.add_argument("--weights", default="ema", choices=("ema", "model"))
-    p.add_argument("--anchor", type=int, default=None, help="mu(L) anchor length (default: the run's)")
-    p.add_argument("--upscale", type=int, default=None, help="nearest-neighbour zoom of the PNG (default: to >= 256 px)")
-    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the preset's)")
+    p.add_argument("--anchor", type=cli.anchor, default=None, help="mu(L) anchor length (default: the run's)")
+    p.add_argument("--upscale", type=number(int, 1, 64), default=None, help="nearest-neighbour zoom of the PNG "
+                   "(default: to >= 256 px)")
+    p.add_argument("--resolution", type=number(int, 1), default=None, help="image side in pixels (default: the "
+                   "preset's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     f = p.add_argument_group("real frozen parts and the public FLUX.1 transformers")
     f.add_argument("--size", default=None, help="flux-schnell or flux-dev: sample the public FLUX.1 transformer")
@@ -191,14 +204,14 @@ def main(argv=None):
     f.add_argument("--t5", default=None, help="T5 v1.1 XXL folder (weights, config.json, spiece.model)")
     f.add_argument("--clip", default=None, help="CLIP ViT-L/14 text folder (weights, config.json, vocab, merges)")
     f.add_argument("--vae", default=None, help="FLUX autoencoder file (ae.safetensors or diffusers layout)")
-    f.add_argument("--guidance", type=float, default=3.5, help="flux-dev's distilled guidance input")
+    f.add_argument("--guidance", type=number(float), default=3.5, help="flux-dev's distilled guidance input")
     args = p.parse_args(argv)
-    if args.steps < 1:
-        p.error("--steps must be >= 1")
-    try:
-        system, meta = load_system(args)
-    except FileNotFoundError as e:
-        raise SystemExit(str(e))
+    system, meta = load_system(args)
+    side = system.cfg.patch * system.downsample  # pixels per token
+    if args.resolution and args.resolution % side:
+        below = args.resolution // side * side
+        p.error(f"argument --resolution: this model makes images in multiples of {side} px: use "
+                + (f"{below} or " if below else "") + f"{below + side}")
     flags = meta["flags"]
     anchor = args.anchor or flags.get("anchor", 512)
     shift = flags.get("shift", True)
@@ -212,7 +225,7 @@ def main(argv=None):
                            progress=True, objective=flags.get("objective", "selfe"))
     if args.sweep:
         rows, labels = [], []
-        for n in parse_steps(args.sweep):
+        for n in args.sweep:
             print(f"{n} step(s):", file=sys.stderr)
             rows.append(run(n))
             labels.append(f"{n} step" + ("s" if n > 1 else ""))
@@ -223,4 +236,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

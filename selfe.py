@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import warnings
 
@@ -45,6 +46,8 @@ def g_head(x_t, t, v):
 def mu_of_length(L, anchor=512, mu_anchor=0.5, mu_4096=1.15):
     """Length-dependent shift (METHOD.md 6): linear in the patch count L, 0.5 at `anchor` (paper 512, [ASSUMPTION] 6;
     minFM/FLUX 256), 1.15 at 4096, extrapolated linearly outside."""
+    if not 0 < anchor < 4096:
+        raise ValueError(f"anchor {anchor}: mu(L) is 0.5 there and 1.15 at 4096 tokens, so it must lie in (0, 4096)")
     return mu_anchor + (mu_4096 - mu_anchor) * (L - anchor) / (4096 - anchor)
 
 
@@ -268,6 +271,9 @@ def frozen_paths(pretrained=None, t5=None, clip=None, vae=None):
 # torchrun) never leaves a partial checkpoint behind `latest`. Randomness is keyed by (seed, step) and the data
 # position is the step, so model, EMA, optimizer and step are the whole training state.
 
+STEP_FOLDER = re.compile(r"step-(\d+)")
+
+
 def _rank0():
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -322,8 +328,11 @@ def save_checkpoint(out, system, step, flags, optimizer=None, keep=2):
         with open(os.path.join(out, "latest.tmp"), "w") as f:
             f.write(name + "\n")
         os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
-        old = sorted(d for d in os.listdir(out) if d.startswith("step-") and not d.endswith(".tmp"))
-        for d in old[:-keep]:
+        # keep this one and the keep - 1 before it; never touch a later-numbered folder (a run resumed from an earlier
+        # step), so clean-up can never delete the checkpoint `latest` names
+        numbered = [(int(m[1]), m[0]) for m in map(STEP_FOLDER.fullmatch, os.listdir(out)) if m]
+        older = sorted(pair for pair in numbered if pair[0] < step)
+        for _, d in older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(os.path.join(out, d), ignore_errors=True)
     _barrier()
     return final
@@ -352,13 +361,42 @@ def load_training_state(path, system, optimizer=None):
 
 def resolve_checkpoint(path):
     """A run folder (with `latest`) or a step folder -> the step folder; a clear error if there is none."""
-    if os.path.isfile(os.path.join(path, "latest")):
-        with open(os.path.join(path, "latest")) as f:
-            path = os.path.join(path, f.read().strip())
+    latest = os.path.join(path, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            name = f.read().strip()
+        if not os.path.isfile(os.path.join(path, name, "config.json")):
+            raise M.CheckpointError(f"{latest} names {name!r}, which is not a complete checkpoint: write the name of "
+                                    f"one of the step-* folders there into it")
+        return os.path.join(path, name)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"no checkpoint at {os.path.abspath(path)} (looked for {path}/latest and "
                                 f"{path}/config.json). Train one with `python train.py` (writes runs/tiny).")
     return path
+
+
+def read_meta(path):
+    """A step folder's config.json -> (Config, {"config", "flags", "step"}); a damaged one is an error naming it."""
+    file = os.path.join(path, "config.json")
+    meta = M.read_json(file)
+    try:
+        cfg = Config.from_dict(meta["config"])
+        if not isinstance(meta["flags"], dict) or not isinstance(meta["step"], int):
+            raise TypeError("'flags' is not an object or 'step' is not an integer")
+    except (KeyError, TypeError, ValueError) as e:  # not the fields a checkpoint writes
+        raise M.CheckpointError(f"{file}: damaged ({type(e).__name__}: {e}); use another step-* folder of the "
+                                f"run") from e
+    return cfg, meta
+
+
+def read_weights(file, device="cpu"):
+    """A checkpoint's .safetensors -> state dict. The header is checked first (model.read_header), so a truncated or
+    damaged file is an error naming it, as is anything the reader itself refuses."""
+    M.read_header(file)
+    try:
+        return load_file(file, device=str(device))
+    except Exception as e:  # the safetensors reader's own error for a body the header check cannot see
+        raise M.CheckpointError(f"{file}: cannot read: {e}") from e
 
 
 def load_checkpoint(path, device="cpu", weights="ema", pretrained=None, t5=None, clip=None, vae=None,
@@ -367,9 +405,8 @@ def load_checkpoint(path, device="cpu", weights="ema", pretrained=None, t5=None,
     frozen parts come from the given paths, else from those the run was trained with; `resolution` overrides the
     image size (the denoiser is resolution-free)."""
     path = resolve_checkpoint(path)
-    with open(os.path.join(path, "config.json")) as f:
-        meta = json.load(f)
-    cfg, flags = Config.from_dict(meta["config"]), meta["flags"]
+    cfg, meta = read_meta(path)
+    flags = meta["flags"]
     if resolution:
         cfg = dataclasses.replace(cfg, resolution=resolution)
     system = SelfE(cfg, device, flags.get("seed", 0), pretrained or flags.get("pretrained"), t5 or flags.get("t5"),
@@ -380,10 +417,10 @@ def load_checkpoint(path, device="cpu", weights="ema", pretrained=None, t5=None,
     elif not os.path.isfile(file):
         raise FileNotFoundError(f"{file} missing: the checkpoint at {path} is incomplete")
     else:
-        load_strict(system.denoiser, load_file(file, device=str(system.device)), file)
+        load_strict(system.denoiser, read_weights(file, system.device), file)
     frozen = os.path.join(path, "frozen.safetensors")
     if cfg.tokenizer == "words":
-        system.load_frozen_state(load_file(frozen, device=str(system.device)), frozen)
+        system.load_frozen_state(read_weights(frozen, system.device), frozen)
     system.denoiser.eval()
     return system, meta
 

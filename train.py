@@ -26,6 +26,8 @@ import functools
 import json
 import math
 import os
+import re
+import shutil
 import time
 import warnings
 
@@ -33,11 +35,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+import cli
 import data
 import losses
 import sample as sampler
 import selfe
-from model import CONFIGS
+from cli import number
+from model import CONFIGS, CheckpointError
 
 PREVIEW_PROMPTS = ["a red circle to the left of a blue square", "a photo of a green circle", "a photo of three squares",
                    "a photo of a triangle above a circle", "a photo of a white square and a purple triangle"]
@@ -53,52 +57,65 @@ def get_args(argv=None):
                    "or a cache folder made by --build-cache")
     p.add_argument("--base-dir", default=None, help="base for relative manifest paths (default: the manifest's folder)")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed manifest lines and unusable images")
-    p.add_argument("--resolution", default=None, help="bucket areas in pixels, e.g. 256 or 256,512 (the 1:1 mix of "
-                   "METHOD.md 9); default: the preset's")
-    p.add_argument("--max-ratio", type=float, default=2.0, help="widest bucket aspect ratio (1: square crops)")
+    p.add_argument("--resolution", type=areas, default=None, help="bucket areas in pixels, e.g. 256 or 256,512 (the "
+                   "1:1 mix of METHOD.md 9); default: the preset's")
+    p.add_argument("--max-ratio", type=number(float, 1), default=2.0, help="widest bucket aspect ratio (1: square "
+                   "crops)")
     p.add_argument("--world", default=None, choices=list(data.WORLDS), help="shapes world (default: the preset's)")
     p.add_argument("--pretrained", default=None, help="FLUX.1 snapshot folder: T5-XXL, CLIP-L, autoencoder")
     p.add_argument("--t5", default=None, help="T5 v1.1 XXL folder (overrides --pretrained's)")
     p.add_argument("--clip", default=None, help="CLIP ViT-L/14 text folder (overrides --pretrained's)")
     p.add_argument("--vae", default=None, help="FLUX autoencoder file (overrides --pretrained's)")
     p.add_argument("--objective", default="selfe", choices=("selfe", "fm"))
-    p.add_argument("--steps", type=int, default=None, help="iterations (default: the preset's)")
-    p.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's)")
-    p.add_argument("--accum", type=int, default=1, help="gradient accumulation micro-steps per iteration")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
-    p.add_argument("--lr-min", type=float, default=1e-5, help="learning rate at the last step (linear decay)")
-    p.add_argument("--warmup", type=int, default=None, help="warmup iterations (default: min(1000, steps / 20))")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="[ASSUMPTION] 9: minFM's default")
-    p.add_argument("--ema", type=float, default=None, help="EMA decay (paper 0.9999; default: the preset's)")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<size>[-fm])")
+    p.add_argument("--steps", type=number(int, 1), default=None, help="iterations (default: the preset's)")
+    p.add_argument("--batch", type=number(int, 1), default=None, help="global batch (default: the preset's)")
+    p.add_argument("--accum", type=number(int, 1), default=1, help="gradient accumulation micro-steps per iteration")
+    p.add_argument("--lr", type=number(float, 0), default=None, help="peak learning rate (default: the preset's)")
+    p.add_argument("--lr-min", type=number(float, 0), default=1e-5, help="learning rate at the last step (linear "
+                   "decay)")
+    p.add_argument("--warmup", type=number(int, 0), default=None, help="warmup iterations (default: min(1000, steps "
+                   "/ 20))")
+    p.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="[ASSUMPTION] 9: minFM's default")
+    p.add_argument("--ema", type=number(float, 0, 1), default=None, help="EMA decay (paper 0.9999; default: the "
+                   "preset's)")
+    p.add_argument("--out", type=cli.writable_folder, default=None, help="run folder (default: runs/<size>[-fm])")
     p.add_argument("--resume", action="store_true", help="continue from <out>/latest (implied on a torchrun restart)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds a run: its "
+                   "checkpoints, log and previews are deleted first (without it such an --out is refused)")
+    p.add_argument("--reschedule", action="store_true", help="with --resume: fit warm-up, learning-rate decay, tau "
+                   "anneal and auxiliary-term start to this --steps (default: keep the resumed run's)")
+    p.add_argument("--seed", type=cli.seed, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default=None, choices=("bf16", "fp32"),
                    help="compute dtype (default: bf16 on GPU, fp32 on CPU); parameters, EMA, optimizer stay fp32")
-    p.add_argument("--dist-timeout", type=int, default=1800, help="seconds a rank waits on the others (also when "
-                   "connecting), before the job fails and torchrun may restart it")
+    p.add_argument("--dist-timeout", type=number(int, 1), default=1800, help="seconds a rank waits on the others "
+                   "(also when connecting), before the job fails and torchrun may restart it")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     p.add_argument("--act-ckpt", action="store_true", help="activation checkpointing per transformer block")
-    p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: H100 789)")
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--ckpt-every", type=int, default=500)
-    p.add_argument("--sample-every", type=int, default=1000, help="preview grid every N steps (0: never)")
+    p.add_argument("--peak-tflops", type=number(float, 0), default=None, help="per-device peak for MFU (default: "
+                   "H100 789)")
+    p.add_argument("--log-every", type=number(int, 1), default=50)
+    p.add_argument("--ckpt-every", type=number(int, 1), default=500)
+    p.add_argument("--sample-every", type=number(int, 0), default=1000, help="preview grid every N steps (0: never)")
     p.add_argument("--build-cache", default=None, metavar="DIR", help="encode --data (a manifest) into DIR and exit")
     p.add_argument("--bench", action="store_true", help="time the denoiser and a Self-E and FM step, then exit")
-    p.add_argument("--bench-batch", type=int, default=8, help="per-device batch of --bench")
-    p.add_argument("--bench-iters", type=int, default=10, help="timed iterations per measurement of --bench")
+    p.add_argument("--bench-batch", type=number(int, 1), default=8, help="per-device batch of --bench")
+    p.add_argument("--bench-iters", type=number(int, 1), default=10, help="timed iterations per measurement of "
+                   "--bench")
     # The method's options; each [ASSUMPTION] of METHOD.md is one flag with its stated default.
     m = p.add_argument_group("method (METHOD.md; [A] n = its section 11 item n)")
-    m.add_argument("--p-drop", type=float, default=0.1, help="caption dropout for guidance [A] 1")
-    m.add_argument("--p-equal", type=float, default=0.5, help="probability of s = t (s.13)")
-    m.add_argument("--tau-frac", type=float, default=300 / 710, help="tau anneals 0 -> 1 over this fraction (s.13)")
-    m.add_argument("--aux-start-frac", type=float, default=550 / 710, help="auxiliary term from this fraction (S.2)")
-    m.add_argument("--k", type=float, default=0.9, help="classifier-score share of Delta (s.6)")
+    m.add_argument("--p-drop", type=number(float, 0, 1), default=0.1, help="caption dropout for guidance [A] 1")
+    m.add_argument("--p-equal", type=number(float, 0, 1), default=0.5, help="probability of s = t (s.13)")
+    m.add_argument("--tau-frac", type=number(float, 0), default=300 / 710, help="tau anneals 0 -> 1 over this "
+                   "fraction (s.13)")
+    m.add_argument("--aux-start-frac", type=number(float, 0), default=550 / 710, help="auxiliary term from this "
+                   "fraction (S.2)")
+    m.add_argument("--k", type=number(float, 0, 1), default=0.9, help="classifier-score share of Delta (s.6)")
     m.add_argument("--fake-prefix", default="fake image, ", help="c_fake = prefix + prompt [A] 8")
-    m.add_argument("--fake-weight", type=float, default=1.0, help="weight of L_fake (s.8) [A] 8")
-    m.add_argument("--anchor", type=int, default=512, help="patch count where mu = 0.5 (paper 512, minFM 256) [A] 6")
-    m.add_argument("--t-min", type=float, default=1e-3, help="clamp of t in the 1/t^2 weight [A] 11")
+    m.add_argument("--fake-weight", type=number(float, 0), default=1.0, help="weight of L_fake (s.8) [A] 8")
+    m.add_argument("--anchor", type=cli.anchor, default=512, help="patch count where mu = 0.5 (paper 512, minFM "
+                   "256; below 4096, where mu = 1.15) [A] 6")
+    m.add_argument("--t-min", type=number(float, 1e-6, 1), default=1e-3, help="clamp of t in the 1/t^2 weight [A] 11")
     m.add_argument("--no-target-norm", action="store_true", help="Eq. 16 instead of the normalized target (Eq. 20)")
     m.add_argument("--reuse-noise", action="store_true", help="re-noise x0_hat with eps, not fresh noise [A] 3")
     m.add_argument("--dropped", default="jump", choices=("jump", "equal"), help="caption-dropped samples: 'jump' keeps "
@@ -110,29 +127,35 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     cfg = CONFIGS[args.size]
     for name, default in (("steps", cfg.steps), ("batch", cfg.batch), ("lr", cfg.lr), ("ema", cfg.ema_decay),
-                          ("world", cfg.world), ("resolution", str(cfg.resolution))):
+                          ("world", cfg.world), ("resolution", [cfg.resolution])):
         if getattr(args, name) is None:
             setattr(args, name, default)
-    args.resolution = [int(r) for r in str(args.resolution).split(",")]
     if args.warmup is None:
         args.warmup = min(1000, args.steps // 20)
+    args.schedule_steps = args.steps  # the length warm-up, decay and the method's fractions span (see --reschedule)
     if args.precision is None:
         args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
     if args.delta_zero and args.objective != "selfe":
         p.error("--delta-zero is a control of the selfe objective")
+    if args.overwrite and args.resume:
+        p.error("--overwrite starts afresh and --resume continues: pass one of them")
+    if args.reschedule and not args.resume:
+        p.error("--reschedule changes the schedule of a resumed run: pass it with --resume")
     args.out = args.out or os.path.join("runs", args.size + ("-fm" if args.objective == "fm" else "")
                                         + ("-delta0" if args.delta_zero else ""))
-    for name in ("steps", "batch", "accum"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1")
     return args
 
 
+def areas(text):
+    """--resolution: comma-separated bucket areas in pixels, each >= 1."""
+    return [number(int, 1)(r) for r in text.split(",")]
+
+
 def lr_at(step, args):
-    """Linear warmup, then linear decay from --lr to --lr-min at the last step (METHOD.md 9)."""
+    """Linear warmup, then linear decay from --lr to --lr-min at the last step of the schedule (METHOD.md 9)."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
-    frac = (step - args.warmup) / max(1, args.steps - args.warmup)
+    frac = (step - args.warmup) / max(1, args.schedule_steps - args.warmup)
     return args.lr + (args.lr_min - args.lr) * min(1.0, frac)
 
 
@@ -216,6 +239,7 @@ def train(args, rank, world):
     if B % (world * A):
         raise SystemExit(f"--batch {B} is not divisible by world size {world} x --accum {A}")
     b = B // (world * A)                                                   # per-rank micro-batch
+    resume_from, start = prepare_out(args, rank)                           # before anything is built or written
     cached = data.is_cache(args.data)
     system, model, ema, opt, autocast, peak = setup(args, world, encoders=not cached)
 
@@ -233,26 +257,16 @@ def train(args, rank, world):
                                    args.skip_bad, args.max_ratio)
     if not cached:
         null = system.null_cond()                                          # phi, batch 1
-    tau_steps = round(args.tau_frac * args.steps)
-    aux_start = round(args.aux_start_frac * args.steps)
+    tau_steps = round(args.tau_frac * args.schedule_steps)
+    aux_start = round(args.aux_start_frac * args.schedule_steps)
     flags = vars(args)
-    os.makedirs(args.out, exist_ok=True)
-
-    start = 0
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    if args.resume or (restarted and os.path.isfile(os.path.join(args.out, "latest"))):
-        path = selfe.resolve_checkpoint(args.out)
-        with open(os.path.join(path, "config.json")) as f:
-            meta = json.load(f)
-        if selfe.Config.from_dict(meta["config"]) != cfg:
-            raise SystemExit(f"{path} was trained with another preset than --size {args.size}")
-        selfe.load_training_state(path, system, opt)
+    if resume_from:
+        selfe.load_training_state(resume_from, system, opt)
         if cfg.tokenizer == "words":
-            system.load_frozen_state(selfe.load_file(os.path.join(path, "frozen.safetensors")), path)
-        start = meta["step"]
-        log0(f"resumed from {path} at step {start}", rank=rank)
-    elif rank == 0 and os.path.exists(os.path.join(args.out, "log.jsonl")):
-        os.remove(os.path.join(args.out, "log.jsonl"))  # a fresh run starts a fresh log
+            frozen = os.path.join(resume_from, "frozen.safetensors")
+            system.load_frozen_state(selfe.read_weights(frozen), frozen)
+        log0(f"resumed from {resume_from} at step {start}", rank=rank)
+    os.makedirs(args.out, exist_ok=True)
     # `grid` (h, w) is the token grid of the batch in hand (buckets vary it), bound in the loop below
     G = lambda x, t, s, c: system.G(model, x, t, s, c, *grid)             # current weights (with grad when enabled)
     G_ema = lambda x, t, s, c: system.G(ema, x, t, s, c, *grid)            # EMA weights: the conditional pass (S.2)
@@ -341,8 +355,65 @@ def train(args, rank, world):
         if args.sample_every and ((step + 1) % args.sample_every == 0 or step + 1 == args.steps):
             if system.t5 is not None:
                 preview(system, args, step + 1, rank)
-    log0(f"done: {args.steps - start} steps in {time.time() - t0:.0f} s; checkpoint in {args.out}", rank=rank)
+    log0(f"done: {max(0, args.steps - start)} steps in {time.time() - t0:.0f} s; checkpoint in {args.out}", rank=rank)
     return history
+
+
+# What a run writes in its folder; a fresh run refuses a folder that holds any of these unless --overwrite.
+RUN_FILE = re.compile(r"latest(\.tmp)?|log\.jsonl|preview-\d+\.png|(nonfinite-)?step-\d+(\.tmp)?")
+SCHEDULE = ("schedule_steps", "warmup", "tau_frac", "aux_start_frac")
+
+
+def prepare_out(args, rank):
+    """What this run does with --out, decided before anything is built: -> (the step folder to resume from, its step)
+    or (None, 0) for a fresh start. A fresh run never deletes or mixes with another run's checkpoints unless told to:
+    an --out that holds a run is refused, or with --overwrite emptied of that run's files first."""
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    latest = os.path.join(args.out, "latest")
+    if args.resume or (restarted and os.path.isfile(latest)):
+        if not os.path.isfile(latest):
+            raise CheckpointError(f"--resume: {args.out} holds no checkpoint (no {latest}); leave out --resume to "
+                                  f"start a run there")
+        path = selfe.resolve_checkpoint(args.out)
+        cfg, meta = selfe.read_meta(path)
+        if cfg != CONFIGS[args.size]:
+            raise CheckpointError(f"{path} was trained with another preset than --size {args.size}")
+        keep_schedule(args, meta["flags"], rank)
+        return path, meta["step"]
+    found = sorted(n for n in os.listdir(args.out) if RUN_FILE.fullmatch(n)) if os.path.isdir(args.out) else []
+    if found and not (args.overwrite or restarted):  # a restart with no checkpoint yet replaces its own first attempt
+        raise CheckpointError(f"{args.out} already holds a run ({', '.join(found[:3])}{', ...' * (len(found) > 3)}): "
+                              f"pass --resume to continue it, --overwrite to delete it and start afresh, or choose "
+                              f"another --out")
+    if rank == 0:
+        for name in found:
+            path = os.path.join(args.out, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+    return None, 0
+
+
+def keep_schedule(args, saved, rank):
+    """On resume, the resumed run's schedule stays (warm-up, the length of the learning-rate decay, the tau anneal and
+    the auxiliary-term start, all fixed by the --steps it was started with): a different --steps only moves where
+    training stops. --reschedule fits the schedule to this run's flags instead. Either way a difference is said."""
+    was = {k: saved.get(k, getattr(args, k)) for k in SCHEDULE}
+    was["schedule_steps"] = saved.get("schedule_steps", saved["steps"])  # runs saved before it had its own key
+    now = {k: getattr(args, k) for k in SCHEDULE}
+    if was == now:
+        return
+    describe = lambda d: (f"warm-up {d['warmup']}, learning rate decaying to step {d['schedule_steps']}, tau over "
+                          f"{round(d['tau_frac'] * d['schedule_steps'])} steps, auxiliary term from step "
+                          f"{round(d['aux_start_frac'] * d['schedule_steps'])}")
+    if args.reschedule:
+        log0(f"--reschedule: the resumed run's schedule ({describe(was)}) becomes: {describe(now)}", rank=rank)
+        return
+    for k, v in was.items():
+        setattr(args, k, v)
+    log0(f"resume keeps the run's schedule ({describe(was)}); --steps {args.steps} only says where to stop. Pass "
+         f"--reschedule for the schedule of these flags ({describe(now)})", rank=rank)
 
 
 def bucket_step(system):
@@ -549,4 +620,4 @@ def bench(args, rank, world):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -335,6 +335,29 @@ def test_t5_tokenizer_against_transformers(spiece):
     assert len(CORPUS) < len(prompts) and any(len(ours.sp.encode(p)) > 31 for p in prompts)  # truncation exercised
 
 
+# Special tokens typed in a prompt: transformers' tokenizers (the reference FLUX pipelines use) read them as those
+# tokens, matched as written, before any normalisation; a sentinel beyond the tokenizer's count is text.
+T5_TYPED = ["a </s> b", "a</s>b", "</s>", "  </s>  ", "<pad>a red circle", "a <unk> b",
+            "x <extra_id_0> y <extra_id_99>", "a </S> <PAD>", "café </s>déjà", "<s> a", "a</s></s>b",
+            "<extra_id_100> <extra_id_01>"]
+CLIP_TYPED = ["a <|ENDOFTEXT|> b", "<|EndOfText|>", "a <|endoftext|> b", "a<|endoftext|>b", "x <|startoftext|> y",
+              "ΟΔΟΣ ΣΟΦΟΣ.", "οδος", "ΣΣ σ ς Σa aΣ", "İstanbul ΑΣ"]  # capital sigma, final or not: σ
+
+
+@pytest.mark.parametrize("extra_ids", [0, 100])
+def test_t5_tokenizer_reads_typed_special_tokens_as_transformers_does(spiece, extra_ids):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("google.protobuf")
+    ref = transformers.T5Tokenizer.from_pretrained(os.path.dirname(spiece), extra_ids=extra_ids)
+    ours = data.T5Tokenizer(spiece, max_len=32, extra_ids=extra_ids)
+    got = ours(T5_TYPED).tolist()
+    want = ref(T5_TYPED, padding="max_length", max_length=32, truncation=True).input_ids
+    bad = [(p, g, w) for p, g, w in zip(T5_TYPED, got, want) if g != w]
+    assert not bad, f"{len(bad)} of {len(T5_TYPED)} differ, first: {bad[:2]}"
+    assert got[0].count(1) == 2 and got[4][0] == 0  # '</s>' and '<pad>' typed are the end and pad tokens
+    assert (max(got[6]) == 128 + 99) == (extra_ids == 100)  # <extra_id_0> is the last id when there are sentinels
+
+
 def clip_files(folder):
     """vocab.json + merges.txt (HF layout) from the real CLIP vocabulary shipped in open_clip's wheel."""
     spec = importlib.util.find_spec("open_clip")
@@ -380,11 +403,13 @@ def test_clip_tokenizer_against_transformers(tmp_path):
     vocab, merges, _ = clip_files(tmp_path)
     ours = data.CLIPTokenizer(vocab, merges)
     ref = transformers.CLIPTokenizer.from_pretrained(str(tmp_path))  # offline: vocab.json + merges.txt
-    prompts = CORPUS + varied_prompts(300, seed=3)
+    prompts = CORPUS + varied_prompts(300, seed=3) + CLIP_TYPED
     want = ref(prompts, padding="max_length", max_length=77, truncation=True).input_ids
     got = ours(prompts).tolist()
     bad = [(p, g, w) for p, g, w in zip(prompts, got, want) if g != w]
     assert not bad, f"{len(bad)} of {len(prompts)} differ, first: {bad[:2]}"
+    assert ours.eos_id not in ours.encode("a <|ENDOFTEXT|> b") and ours.encode("a <|endoftext|> b")[1] == ours.eos_id
+    assert ours.encode("ΣΟΦΟΣ") == ours.encode("σοφοσ") != ours.encode("σοφος")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,100 @@
+"""What the command lines (train.py, sample.py, evaluate.py) share: flag types that check their range when the flags
+are parsed, and the one place where the project's errors become a one-line message and an exit status.
+
+Bad input is named, never a traceback: a flag out of range is argparse's usage error (exit status 2) naming the
+flag; a bad file (a manifest line, an image, a damaged or missing checkpoint, a path that cannot be written) is one
+line naming the file and what to do (exit status 1). Anything else is a bug and keeps its traceback.
+"""
+import argparse
+import math
+import os
+import sys
+
+import data
+import model
+
+# The errors a user fixes by changing their input. OSError covers files that are missing, unreadable or unwritable.
+INPUT_ERRORS = (data.ManifestError, model.CheckpointError, OSError)
+
+# Seeds key random generators as (seed << 40) + (step << 20) + position (train.py) or seed * 1000 + image
+# (sample.py): below 2^23 every key fits the 64 bits a torch.Generator takes.
+MAX_SEED = 2 ** 23 - 1
+
+
+def run(main, argv=None):
+    """Call a command line's main(argv); an input error becomes one line on stderr and exit status 1."""
+    try:
+        return main(argv)
+    except INPUT_ERRORS as e:
+        message = " ".join(str(e).splitlines()) or type(e).__name__
+        print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
+
+
+def number(kind=int, lo=None, hi=None):
+    """An argparse `type`: an int or a finite float (`kind`) within [lo, hi] (either end open when None)."""
+    span = (f"in [{lo}, {hi}]" if lo is not None and hi is not None else f">= {lo}" if lo is not None
+            else f"<= {hi}" if hi is not None else "finite")
+
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(x) or (lo is not None and x < lo) or (hi is not None and x > hi):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {span}")
+        return x
+    return parse
+
+
+seed = number(int, 0, MAX_SEED)
+# mu(L) runs from 0.5 at the anchor length to 1.15 at 4096 tokens (selfe.mu_of_length): the anchor lies below 4096
+anchor = number(int, 1, 4095)
+
+
+def s_schedule(text):
+    """--s-schedule of sample.py and evaluate.py: 'next', 'current' or a number a in [0, 1] (sample.second_times)."""
+    if text in ("next", "current"):
+        return text
+    try:
+        a = float(text)
+    except ValueError:
+        a = math.nan
+    if not 0 <= a <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: use next (s_k = t_(k+1)), current (s_k = t_k) or a number in "
+                                         f"[0, 1]")
+    return text
+
+
+def writable_folder(text):
+    """An argparse `type` for an output folder: it is a folder or can be made as one (its nearest existing ancestor
+    is a folder we may write in), so that a long run does not fail only when it first writes."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
+    _check_writable(text)
+    return text
+
+
+def image_file(text):
+    """An argparse `type` for an output image: a file name with an extension PIL writes (.png, .jpg, ...), in a folder
+    that exists or can be made, checked before any sampling."""
+    from PIL import Image
+    ext = os.path.splitext(text)[1].lower()
+    if Image.registered_extensions().get(ext) not in Image.SAVE:
+        raise argparse.ArgumentTypeError(f"{text!r} does not end in an image extension PIL writes: use .png "
+                                         f"(or .jpg, .webp, ...)")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name such as {text}/sample.png")
+    _check_writable(os.path.dirname(os.path.abspath(text)))
+    return text
+
+
+def _check_writable(folder):
+    """The nearest existing ancestor of `folder` (or itself) is a folder we may write in."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"cannot make {folder!r}: {path} is a file")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write in {path}")

@@ -1,0 +1,265 @@
+"""Bad input is named and loses nothing: run folders and their checkpoints, resumed schedules, manifests and their
+images, damaged checkpoint files, sampler flags; and every command line turns the project's errors into one line."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cli
+import data
+import model
+import sample as sampler
+import selfe
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = {"world": "small", "anchor": 512, "objective": "selfe", "seed": 0, "data": "shapes"}
+
+
+def _train(out, *extra):
+    return train.main(["--steps", "4", "--batch", "4", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "0",
+                       "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny untrained checkpoint (built and saved, not trained): <root>/run/latest -> step-0000001."""
+    root = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    system = selfe.SelfE(model.CONFIGS["tiny"])
+    system.make_ema()
+    selfe.save_checkpoint(str(root / "run"), system, 1, FLAGS)
+    return root / "run"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# run folders: a fresh run never destroys another run's checkpoints
+
+def test_fresh_run_into_a_folder_holding_a_run_is_refused_and_loses_nothing(tmp_path):
+    """The data-loss case: a finished run with later-numbered checkpoints, then a fresh shorter run into its folder.
+    It is refused with what to do, and nothing is touched; with --overwrite the old run's files go first."""
+    out = tmp_path / "run"
+    _train(out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(model.CheckpointError, match=r"already holds a run .*--resume .*--overwrite"):
+        _train(out, "--steps", "2", "--ckpt-every", "1")
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    hist = _train(out, "--steps", "2", "--ckpt-every", "1", "--overwrite")
+    assert sorted(os.listdir(out)) == ["latest", "log.jsonl", "step-0000001", "step-0000002"]
+    assert (out / "latest").read_text().strip() == "step-0000002" and len(hist) == 2
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_clean_up_never_deletes_the_checkpoint_latest_names(tmp_path):
+    """Checkpoint clean-up keeps the newest ones up to the step just written, by number: folders numbered above it
+    (another run's, or this run's before it was resumed from an earlier step) are never its to delete."""
+    torch.manual_seed(0)
+    system = selfe.SelfE(model.CONFIGS["tiny"])
+    system.make_ema()
+    for n in (20, 30):
+        (tmp_path / f"step-{n:07d}").mkdir()
+    for step in (5, 10, 15):
+        selfe.save_checkpoint(str(tmp_path), system, step, FLAGS)
+        assert selfe.resolve_checkpoint(str(tmp_path)) == str(tmp_path / f"step-{step:07d}")
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step-0000010", "step-0000015", "step-0000020", "step-0000030"]
+
+
+def test_resume_without_a_checkpoint_is_named_and_makes_nothing(tmp_path):
+    with pytest.raises(model.CheckpointError, match=r"--resume: .*none holds no checkpoint"):
+        _train(tmp_path / "none", "--resume")
+    assert not (tmp_path / "none").exists()
+    (tmp_path / "dangling").mkdir()
+    (tmp_path / "dangling" / "latest").write_text("step-0000005\n")
+    with pytest.raises(model.CheckpointError, match=r"latest names 'step-0000005', which is not a complete checkpoint"):
+        _train(tmp_path / "dangling", "--resume")
+
+
+def test_resume_keeps_the_schedule_of_the_run_unless_asked(tmp_path, capsys):
+    """A 2-step run resumed with --steps 4: the learning rate has finished its decay at step 2 and stays at --lr-min
+    (and tau and the auxiliary-term start stay where they were), and the log says so; --reschedule fits the schedule
+    to 4 steps instead."""
+    _train(tmp_path / "a", "--steps", "2")
+    for name in ("kept", "refit"):
+        shutil.copytree(tmp_path / "a", tmp_path / name)
+    capsys.readouterr()
+    kept = _train(tmp_path / "kept", "--resume")
+    said = capsys.readouterr().out
+    assert [r["step"] for r in kept] == [3, 4] and all(r["lr"] == pytest.approx(1e-5) for r in kept), kept
+    assert "learning rate decaying to step 2" in said and "--reschedule" in said, said
+    meta = json.loads((tmp_path / "kept" / "step-0000004" / "config.json").read_text())
+    assert meta["flags"]["schedule_steps"] == 2  # a second resume keeps it too
+    refit = _train(tmp_path / "refit", "--resume", "--reschedule")
+    assert refit[0]["lr"] > 1e-4 and "learning rate decaying to step 4" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# manifests and their images
+
+def noise_image(path, size=(40, 40), seed=0):
+    """A picture with real entropy, so its compressed data is long enough to cut."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    Image.fromarray((torch.rand(size[1], size[0], 3, generator=g) * 255).byte().numpy()).save(path)
+
+
+def cut(path):
+    raw = path.read_bytes()
+    path.write_bytes(raw[:len(raw) * 2 // 3])  # the header stays whole, the data is cut off
+
+
+def test_image_cut_short_is_caught_at_start_up(tmp_path):
+    for name in ("ok.png", "ok.jpg", "cut.jpg", "cut.png"):
+        noise_image(tmp_path / name)
+    cut(tmp_path / "cut.jpg")
+    cut(tmp_path / "cut.png")
+    m = tmp_path / "m.tsv"
+    m.write_text("ok.png\ta\nok.jpg\tb\ncut.jpg\tc\ncut.png\td\n")
+    with pytest.raises(data.ManifestError, match=r"m\.tsv:3: cannot read image .*cut\.jpg"):
+        data.ManifestData(str(m), [32], 8, 1)
+    m.write_text("ok.png\ta\ncut.png\td\n")
+    with pytest.raises(data.ManifestError, match=r"m\.tsv:2: cannot read image .*cut\.png"):
+        data.ManifestData(str(m), [32], 8, 1)
+    m.write_text("ok.png\ta\nok.jpg\tb\ncut.jpg\tc\ncut.png\td\n")
+    src = data.ManifestData(str(m), [32], 8, 1, skip_bad=True)
+    assert [src.entries[e][2] for e, _ in src.items] == [1, 2]
+
+
+def test_image_damaged_during_the_run_is_named_or_replaced_with_skip_bad(tmp_path, capsys):
+    """An image that breaks after start-up: without --skip-bad an error naming its line; with it, a warning and the
+    next image of its bucket in its place, the same every time (so ranks and a resumed run agree)."""
+    for i in range(4):
+        noise_image(tmp_path / f"{i}.jpg", seed=i)
+    m = tmp_path / "m.tsv"
+    m.write_text("".join(f"{i}.jpg\tprompt {i}\n" for i in range(4)))
+    strict, lenient = data.ManifestData(str(m), [32], 8, 2), data.ManifestData(str(m), [32], 8, 2, skip_bad=True)
+    good, captions = lenient.batch([0, 1, 2, 3])
+    cut(tmp_path / "2.jpg")
+    with pytest.raises(data.ManifestError, match=r"m\.tsv:3: cannot read image .*2\.jpg.*--skip-bad"):
+        strict.batch([2, 3])
+    capsys.readouterr()
+    for _ in range(2):
+        images, got = lenient.batch([0, 1, 2, 3])
+        assert got == ["prompt 0", "prompt 1", "prompt 3", "prompt 3"]
+        torch.testing.assert_close(images[2], good[3])
+    assert capsys.readouterr().err.count("m.tsv:3") == 1  # warned once, then remembered
+
+
+def test_manifest_that_is_not_utf8_or_has_a_bom(tmp_path):
+    noise_image(tmp_path / "ok.png")
+    m = tmp_path / "m.tsv"
+    m.write_bytes(b"ok.png\ta red image\nok.png\ta caf\xe9\nok.png\tthird\n")
+    with pytest.raises(data.ManifestError, match=r"m\.tsv:2: not UTF-8 \(byte 0xe9 at column 13\)"):
+        data.read_manifest(str(m))
+    assert [e[2] for e in data.read_manifest(str(m), skip_bad=True)] == [1, 3]
+    m.write_bytes("\ufeffok.png\ta red image\r\nok.png\tcafé\r\n".encode("utf-8"))
+    entries = data.read_manifest(str(m))
+    assert [(os.path.basename(e[0]), e[1]) for e in entries] == [("ok.png", "a red image"), ("ok.png", "café")]
+    with pytest.raises(data.ManifestError, match=r"gone\.tsv: cannot read the manifest"):
+        data.read_manifest(str(tmp_path / "gone.tsv"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# damaged checkpoints: named, with the file
+
+@pytest.mark.parametrize("file, damage, message", [
+    ("ema.safetensors", "truncate", r"ema\.safetensors: truncated"),
+    ("ema.safetensors", "header", r"ema\.safetensors: not a safetensors file"),
+    ("frozen.safetensors", "truncate", r"frozen\.safetensors: truncated"),
+    ("config.json", "empty", r"config\.json: damaged, not a JSON file"),
+    ("config.json", "garbage", r"config\.json: damaged, not a JSON file"),
+    ("config.json", "fields", r"config\.json: damaged \(KeyError"),
+])
+def test_damaged_checkpoint_file_is_named(ckpt, tmp_path, file, damage, message):
+    run = tmp_path / "run"
+    shutil.copytree(ckpt, run)
+    path = run / "step-0000001" / file
+    raw = path.read_bytes()
+    path.write_bytes({"truncate": raw[:len(raw) // 2], "header": raw[:8] + b"\x00\xff" * 20 + raw[48:],
+                      "empty": b"", "garbage": b"\x89PNG not json", "fields": b'{"config": {}}'}[damage])
+    with pytest.raises(model.CheckpointError, match=message):
+        selfe.load_checkpoint(str(run))
+
+
+def test_damaged_snapshot_config_is_named(tmp_path):
+    (tmp_path / "config.json").write_text("")
+    with pytest.raises(model.CheckpointError, match=r"config\.json: damaged"):
+        model.read_config(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# flags: checked when parsed, the error naming the flag
+
+@pytest.fixture
+def a_file(tmp_path):
+    (tmp_path / "file").write_text("")
+    return tmp_path / "file"
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--eta", "-1"), ("--n", "0"), ("--seed", "18000000000000000000"), ("--seed", "-1"), ("--s-schedule", "abc"),
+    ("--s-schedule", "1.5"), ("--anchor", "4096"), ("--upscale", "-1"), ("--steps", "0"), ("--cfg", "nan"),
+    ("--sweep", "1,x"), ("--sweep", "0,2"), ("--resolution", "0"), ("--out", "noext"), ("--out", "FILE/x.png"),
+    ("--out", "DIR/folder.png")])
+def test_sampler_flags_are_checked_before_any_work(flag, value, a_file, tmp_path, capsys):
+    (tmp_path / "folder.png").mkdir()
+    value = value.replace("FILE", str(a_file)).replace("DIR", str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        sampler.main(["--ckpt", str(tmp_path / "no-checkpoint-here"), flag, value, "a red circle"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}" in err, err
+
+
+def test_resolution_that_is_not_a_whole_number_of_patches_is_refused(ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        sampler.main(["--ckpt", str(ckpt), "--resolution", "30", "--out", str(tmp_path / "x.png"), "a red circle"])
+    assert e.value.code == 2 and "multiples of 4 px: use 28 or 32" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+    sampler.main(["--ckpt", str(ckpt), "--resolution", "28", "--steps", "1", "--upscale", "1",
+                  "--out", str(tmp_path / "x.png"), "a red circle"])
+    from PIL import Image
+    assert Image.open(tmp_path / "x.png").size == (28 + 4, 28 + 4)  # one image and the grid's 2 px padding
+
+
+@pytest.mark.parametrize("argv", [["--anchor", "4096"], ["--ckpt-every", "0"], ["--seed", "-3"], ["--p-drop", "2"],
+                                  ["--resolution", "32,x"], ["--resume", "--overwrite"], ["--reschedule"]])
+def test_train_flags_are_checked_before_any_work(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.get_args(argv)
+    assert e.value.code == 2 and "error: " in capsys.readouterr().err
+
+
+def test_time_warp_anchor_must_lie_below_4096():
+    assert selfe.mu_of_length(4096, 4095) == pytest.approx(1.15)
+    with pytest.raises(ValueError, match="anchor 4096"):
+        selfe.mu_of_length(4096, 4096)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# one line for every command line
+
+def test_cli_run_turns_input_errors_into_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.run(train.main, ["--data", str(tmp_path / "m.tsv"), "--steps", "1", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and "m.tsv: cannot read the manifest" in err, err
+    with pytest.raises(ZeroDivisionError):  # anything else is a bug: its traceback stays
+        cli.run(lambda argv: 1 / 0)
+
+
+@pytest.mark.parametrize("script, argv, names", [
+    ("train.py", ["--data", "BAD/m.tsv", "--steps", "1", "--out", "BAD/r"], "m.tsv"),
+    ("sample.py", ["--ckpt", "BAD/run", "--out", "BAD/s.png", "a red circle"], "config.json"),
+    ("evaluate.py", ["--ckpt", "BAD/run", "--steps", "1", "--prompts", "1", "--out", "BAD/e"], "config.json")])
+def test_every_command_line_reports_bad_input_in_one_line(ckpt, tmp_path, script, argv, names):
+    shutil.copytree(ckpt, tmp_path / "run")
+    (tmp_path / "run" / "step-0000001" / "config.json").write_text("{")
+    (tmp_path / "m.tsv").write_bytes(b"x.png\t\xff\n")
+    p = subprocess.run([sys.executable, script, *[a.replace("BAD", str(tmp_path)) for a in argv]], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"{script}: error: ") and names in lines[-1], p.stderr
