@@ -386,6 +386,10 @@ def read_meta(path):
     except (KeyError, TypeError, ValueError) as e:  # not the fields a checkpoint writes
         raise M.CheckpointError(f"{file}: damaged ({type(e).__name__}: {e}); use another step-* folder of the "
                                 f"run") from e
+    if cfg.tokenizer == "bytes":
+        raise M.CheckpointError(f"{file}: trained with an earlier tiny preset whose stand-in encoders read bytes; the "
+                                f"tiny preset now reads words (data.WordTokenizer), so this checkpoint cannot be "
+                                f"rebuilt: train it again with `python train.py`")
     return cfg, meta
 
 

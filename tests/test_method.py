@@ -412,6 +412,16 @@ def test_long_prompt_truncates_with_warning(capsys):
     assert "truncated" in capsys.readouterr().err
 
 
+def test_checkpoint_of_the_byte_level_tiny_preset_is_named(tmp_path):
+    _train(tmp_path / "run", "--objective", "fm")
+    step = tmp_path / "run" / "step-0000004"
+    meta = json.loads((step / "config.json").read_text())
+    meta["config"]["tokenizer"] = "bytes"
+    (step / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(model.CheckpointError, match="stand-in encoders read bytes.*python train.py"):
+        selfe.load_checkpoint(str(tmp_path / "run"))
+
+
 def test_word_tokenizer_round_trips_captions_and_encodes_any_prompt():
     """The tiny preset's stand-in tokenizer: one id per word of every world's captions (round trip exact, all inside
     the word vocabulary, within the preset's text length); anything else still encodes, through hashed buckets."""
