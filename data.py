@@ -8,6 +8,7 @@
 - Real data: the TSV manifest (image path <TAB> prompt), aspect-ratio buckets, the deterministic global batch order
   that train.py shards across ranks, and the latent/text caches (METHOD.md 9).
 """
+import concurrent.futures
 import functools
 import json
 import math
@@ -568,11 +569,13 @@ class Batches:
 class ManifestData:
     """A TSV manifest as training items: every (image, area) pair goes to the bucket of its aspect ratio at each area
     of `areas` (one area: that phase; 256 and 512: METHOD.md 9's 1:1 mix). Image sizes come from the file headers
-    at start; an image smaller than its bucket is an error naming its line (or, with skip_bad, left out there)."""
+    at start; an image smaller than its bucket is an error naming its line (or, with skip_bad, left out there).
+    A batch's images are decoded by `workers` threads (PIL releases the GIL while it decodes and resizes)."""
 
-    def __init__(self, path, areas, step, batch, seed=0, base_dir=None, skip_bad=False, max_ratio=2.0):
+    def __init__(self, path, areas, step, batch, seed=0, base_dir=None, skip_bad=False, max_ratio=2.0, workers=1):
         from PIL import Image
         self.path, self.skip_bad = path, skip_bad
+        self.decode = concurrent.futures.ThreadPoolExecutor(workers).map if workers > 1 else map
         self.entries = read_manifest(path, base_dir, skip_bad)
         self.items = []  # (entry index, (H, W))
         for e, (img, _, line) in enumerate(self.entries):
@@ -605,13 +608,12 @@ class ManifestData:
 
     def batch(self, indices):
         """-> (images (B, 3, H, W) of one bucket, captions)."""
-        images, captions = [], []
-        for i in indices:
+        def load(i):
             e, size = self.items[int(i)]
             img, prompt, line = self.entries[e]
-            images.append(load_image(img, size, where=f"{self.path}:{line}: "))
-            captions.append(prompt)
-        return torch.stack(images), captions
+            return load_image(img, size, where=f"{self.path}:{line}: "), prompt
+        images, captions = zip(*self.decode(load, indices))
+        return torch.stack(images), list(captions)
 
 
 class ShapesData:
