@@ -52,7 +52,7 @@ class Alive(TorchDispatchMode):
         return out
 
     def bytes(self):
-        storages = {}
+        storages = {}  # by the storage's address (_cdata), so views of one storage count once
         for ref in self.made:
             x = ref()
             if x is not None:
