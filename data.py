@@ -9,6 +9,7 @@
   that train.py shards across ranks, and the latent/text caches (METHOD.md 9).
 """
 import codecs
+import concurrent.futures
 import functools
 import json
 import math
@@ -619,10 +620,12 @@ class ManifestData:
     """A TSV manifest as training items: every (image, area) pair goes to the bucket of its aspect ratio at each area
     of `areas` (one area: that phase; 256 and 512: METHOD.md 9's 1:1 mix). Every image is read at start
     (`image_size`); one that cannot be read, or is smaller than its bucket, is an error naming its line (or, with
-    skip_bad, left out)."""
+    skip_bad, left out). A batch's images are decoded by `workers` threads (PIL releases the GIL while it decodes
+    and resizes)."""
 
-    def __init__(self, path, areas, step, batch, seed=0, base_dir=None, skip_bad=False, max_ratio=2.0):
+    def __init__(self, path, areas, step, batch, seed=0, base_dir=None, skip_bad=False, max_ratio=2.0, workers=1):
         self.path, self.skip_bad = path, skip_bad
+        self.decode = concurrent.futures.ThreadPoolExecutor(workers).map if workers > 1 else map
         self.entries = read_manifest(path, base_dir, skip_bad)
         self.items = []  # (entry index, (H, W))
         self.unreadable = set()  # items whose image failed after start-up (skip_bad): replaced in every batch
@@ -655,7 +658,7 @@ class ManifestData:
 
     def batch(self, indices):
         """-> (images (B, 3, H, W) of one bucket, captions)."""
-        pairs = [self.load(int(i)) for i in indices]
+        pairs = list(self.decode(self.load, [int(i) for i in indices]))
         return torch.stack([image for image, _ in pairs]), [prompt for _, prompt in pairs]
 
     def load(self, i):

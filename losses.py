@@ -74,20 +74,21 @@ def pair_loss(x0_hat, x0, x_self, lam_st, target_norm=True):
     return per_sample_mse(x0_hat, x0) + lam_st * per_sample_mse(x0_hat, x_self)
 
 
-def selfe_loss(G, G_ema, x0, t, s, cond, null, fake=None, k=0.9, target_norm=True, t_min=1e-3, fake_weight=1.0,
-               fresh_noise=True, eps=None, eps_self=None, fake_count=None, always_evaluate=False, evaluate=None):
+def selfe_loss(G, G_ema, x0, t, s, cond, null, *, evaluate=None, eval_size=None, fake=None, fake_norm=None, k=0.9,
+               target_norm=True, t_min=1e-3, fake_weight=1.0, fresh_noise=True, eps=None, eps_self=None):
     """The full objective (Eq. 21): mean over the batch of w_{s,t} L_{s,t}, plus L_fake (s.8) when `fake` is given.
 
     x0 (B, L, C) clean latent tokens; t, s (B,) with s <= t. Self-evaluation runs only on the samples `evaluate`
     (B,) bool marks, by default those with s < t (the others with s = t have lambda = 0 and target x0), so no forward
     pass is spent on the rest. A sample with s < t that is not evaluated gets Delta = 0: x_self = sg[x0_hat], so its
     target is Eq. 19's renormalised blend of x0 and its own sample (caption-dropped samples, whose classifier score is
-    0 since c = phi, and the Delta = 0 control of train.py --delta-zero). `eps` and `eps_self` (B, L, C)
-    are the noises of Eq. (1) and of the re-noising (drawn here if None). L_fake is a mean over the self-evaluated
-    samples; `fake_count` replaces their number here when this batch is a slice of a larger one (train.py: so that
-    the slices' losses average to the whole batch's). `always_evaluate`: run the evaluation passes even when no
-    sample has s < t, on one s = t sample with zero weight (under FSDP every rank must make the same forward calls).
-    Returns a dict of the scalar `loss` and per-sample terms.
+    0 since c = phi, and the Delta = 0 control of train.py --delta-zero). `eval_size` fixes how many samples the
+    evaluation passes see: the marked ones first, then unmarked ones with weight 0 (nothing of theirs reaches the
+    loss); the caller knows the count, so nothing waits on the device to learn it (train.py: every rank makes the
+    same forward calls, compiled blocks see few shapes). `eps` and `eps_self` (B, L, C) are the noises of Eq. (1)
+    and of the re-noising (drawn here if None). L_fake is a sum over the evaluated samples divided by `fake_norm`,
+    by default their number (train.py: the global batch's share, when this batch is a slice of a larger one).
+    Returns a dict of the scalar `loss` and per-sample terms by name.
     """
     eps = torch.randn_like(x0) if eps is None else eps
     x_t = forward_process(x0, t, eps)                                   # Eq. (1)
@@ -96,10 +97,12 @@ def selfe_loss(G, G_ema, x0, t, s, cond, null, fake=None, k=0.9, target_norm=Tru
     lam_st = lam(t, s)
     self_term = torch.zeros(len(t), device=x0.device)
     loss_fake = x0.new_zeros(())
-    idx = ((s < t) if evaluate is None else evaluate).nonzero().squeeze(1)
-    real = torch.ones(len(idx), device=x0.device)
-    if len(idx) == 0 and always_evaluate:
-        idx, real = idx.new_zeros(1), real.new_zeros(1)                 # a stand-in: same calls, no effect
+    evaluate = (s < t) if evaluate is None else evaluate
+    if eval_size is None:
+        idx = evaluate.nonzero().squeeze(1)
+    else:  # the marked samples first (in batch order, as nonzero gives them), then unmarked ones as padding
+        idx = torch.argsort((~evaluate).to(torch.uint8), stable=True)[:eval_size]
+    real = evaluate[idx].float()                                        # 0 for padding
     renoise = eps_self if fresh_noise else eps                          # [ASSUMPTION] 3: fresh noise by default
     if len(idx):
         gen = x0_hat[idx].detach()
@@ -107,7 +110,8 @@ def selfe_loss(G, G_ema, x0, t, s, cond, null, fake=None, k=0.9, target_norm=Tru
                                          fake(idx) if fake is not None else None, k,
                                          eps=None if renoise is None else renoise[idx])
         if g_f is not None:  # (s.8): G(sg[x_s], s, s, c_fake) regressed onto sg[x0_hat], weight 1 ([ASSUMPTION] 8)
-            loss_fake = fake_weight * (real * per_sample_mse(g_f, gen)).sum() / (fake_count or len(idx))
+            norm = real.sum().clamp_min(1) if fake_norm is None else fake_norm
+            loss_fake = fake_weight * (real * per_sample_mse(g_f, gen)).sum() / norm
         self_term[idx] = real * per_sample_mse(gen, x_self_i)
         x_self = x_self.index_copy(0, idx, torch.where(real.bool().view(-1, 1, 1), x_self_i, x_self[idx]))
     per_pair = pair_loss(x0_hat, x0, x_self, lam_st, target_norm)

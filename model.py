@@ -326,7 +326,6 @@ class MMDiT(nn.Module):
         self.single_blocks = nn.ModuleList(
             SingleStreamBlock(d, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth_single_blocks))
         self.final_layer = LastLayer(d, cfg.in_channels)
-        self.checkpointing = False  # activation checkpointing per block (train.py --act-ckpt)
 
     def flops(self, n_img, n_txt):
         """Forward FLOPs of one sample (a multiply-add counts 2; backward costs twice the forward): each Linear times
@@ -374,24 +373,28 @@ class MMDiT(nn.Module):
 
     def forward(self, img, img_ids, txt, txt_ids, t, s=None, y=None, guidance=None):
         """img (B, L, in_channels) noisy tokens; img_ids (B or 1, L, 3); txt (B, Lt, d_txt); txt_ids (as img_ids, Lt, 3);
-        t, s (B,) times; y (B, d_vec) pooled CLIP. Returns V (B, L, in_channels). Position ids shared by the batch
-        may come with batch 1 (both): the rotations are then computed once and broadcast."""
-        vec = self.time_in(timestep_embedding(t))                       # e_t (s.9)
+        t, s (B,) times; y (B, d_vec) pooled CLIP. Returns V (B, L, in_channels), in the weights' dtype. Position ids
+        shared by the batch may come with batch 1 (both): the rotations are then computed once and broadcast.
+
+        The network computes in its weights' dtype (bf16 under FSDP's mixed precision, or for a bf16 checkpoint).
+        Only activations are cast to it: t, s and the positions stay fp32 up to the sinusoids and the RoPE rotations
+        (bf16 would put t = 0.33944 at 0.33984, and shift the phase of 1000 t by radians)."""
+        dtype = self.img_in.weight.dtype
+        embed = lambda mlp, x: mlp(timestep_embedding(x).to(dtype))         # fp32 sinusoid, then the MLP's dtype
+        vec = embed(self.time_in, t)                                        # e_t (s.9)
         if self.s_in is not None:
-            vec = vec + self.s_in(timestep_embedding(t - s))            # + e_s: the gap t - s, not s (s.9-s.10)
+            vec = vec + embed(self.s_in, t - s)                             # + e_s: the gap t - s, not s (s.9-s.10)
         if self.guidance_in is not None:
-            vec = vec + self.guidance_in(timestep_embedding(guidance))
-        vec = vec + self.vector_in(y)
-        img, txt = self.img_in(img), self.txt_in(txt)
-        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
-        run = lambda block, *args: block(*args)
-        if self.checkpointing and torch.is_grad_enabled():  # keep only block inputs; recompute the rest in backward
-            run = lambda block, *args: torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+            vec = vec + embed(self.guidance_in, guidance)
+        vec = vec + self.vector_in(y.to(dtype))
+        # clone: a 3-D Linear returns a view, and torch.compile would give the first block (view inputs) its own graph
+        img, txt = self.img_in(img.to(dtype)).clone(), self.txt_in(txt.to(dtype)).clone()
+        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))         # fp32 rotations (B or 1, 1, L, D/2, 2, 2)
         for block in self.double_blocks:
-            img, txt = run(block, img, txt, vec, pe)
+            img, txt = block(img, txt, vec, pe)
         x = torch.cat((txt, img), 1)
         for block in self.single_blocks:
-            x = run(block, x, vec, pe)
+            x = block(x, vec, pe)
         return self.final_layer(x[:, txt.shape[1]:], vec)
 
 

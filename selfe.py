@@ -113,22 +113,26 @@ class SelfE:
     """Denoiser + frozen text encoders (+ autoencoder) of one preset. `denoiser` is trained; `ema` is its EMA copy."""
 
     def __init__(self, cfg: Config, device="cpu", frozen_seed=0, pretrained=None, t5=None, clip=None, vae=None,
-                 transformer=None, encoders=True):
+                 transformer=None, encoders=True, denoiser=True, ae_dtype=torch.float32):
         """Build the denoiser (random init, directly on `device`) and the frozen parts. The tiny preset makes its
         stand-ins from `frozen_seed`; the others load the public weights from a FLUX.1 snapshot folder `pretrained`,
         or part by part from `t5` / `clip` folders (weights, config and tokenizer files side by side) and a `vae`
         file. `transformer` loads a public FLUX.1 transformer (BFL layout) as the denoiser. `encoders=False` skips the
         real frozen parts (training from a cache, benchmarks); the tiny preset's stand-ins are always built, since
-        its checkpoints carry them."""
+        its checkpoints carry them. `denoiser=False` builds the frozen parts alone (the cache builder). The text
+        encoders run in bf16 on GPU, the autoencoder in `ae_dtype`."""
         self.cfg, self.device = cfg, torch.device(device)
         self.guidance = 3.5  # FLUX.1-dev's distilled guidance input; unused by Self-E presets
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32  # of the pretrained parts
+        self.denoiser = None
         if transformer is not None:
             self.denoiser = M.load_flux_transformer(transformer, cfg, dtype, self.device)
-        else:
+        elif denoiser:
             with torch.device(self.device):
                 self.denoiser = MMDiT(cfg)
             self.denoiser.init_weights()
+        # the text encodings' dtype: the denoiser's parameters' (it casts its inputs itself)
+        self.dtype = next(self.denoiser.parameters()).dtype if self.denoiser is not None else torch.float32
         self.ema, self.ae, self._null = None, None, None
         if cfg.tokenizer == "words":  # the tiny preset's stand-ins: same classes as the real encoders, random, seeded
             self.t5_tokenizer = data.WordTokenizer(cfg.t5_max_len, "pad-end")
@@ -147,16 +151,15 @@ class SelfE:
         if cfg.latent == "flux-vae" and encoders:
             if cfg.tokenizer == "words":
                 raise ValueError("a flux-vae preset needs the pretrained frozen parts")
-            self.ae = M.load_autoencoder(p["ae"], torch.float32, self.device).requires_grad_(False)
+            self.ae = M.load_autoencoder(p["ae"], ae_dtype, self.device).requires_grad_(False)
 
     # -- text
     @torch.no_grad()
     def encode_text(self, prompts):
         """prompts -> (txt (B, Lt, d_txt) T5 states, vec (B, d_vec) pooled CLIP), in the denoiser's dtype."""
-        dtype = next(self.denoiser.parameters()).dtype
         txt = self.t5(self.t5_tokenizer(prompts).to(self.device))
         _, vec = self.clip(self.clip_tokenizer(prompts).to(self.device))
-        return txt.to(dtype), vec.to(dtype)
+        return txt.to(self.dtype), vec.to(self.dtype)
 
     def null_cond(self):
         """The empty prompt's encoding, batch 1, computed once."""
@@ -180,11 +183,13 @@ class SelfE:
 
     @torch.no_grad()
     def encode_latents(self, images):
-        """(B, 3, H, W) in [-1, 1] -> FLUX autoencoder latents (B, 16, H/8, W/8), or the pixels scaled by the preset's
-        pixel_scale (tiny): like the autoencoder's scale_factor, it brings the data to about unit variance, the scale
-        the noise levels of Eq. 1 and the time warp of s.12 are meant for."""
-        x = images.to(self.device)
-        return self.ae.encode(x.float()) if self.ae is not None else x * self.cfg.pixel_scale
+        """(B, 3, H, W) in [-1, 1] -> FLUX autoencoder latents (B, 16, H/8, W/8) in fp32, or the pixels scaled by
+        the preset's pixel_scale (tiny): like the autoencoder's scale_factor, it brings the data to about unit
+        variance, the scale the noise levels of Eq. 1 and the time warp of s.12 are meant for."""
+        x = images.to(self.device, non_blocking=True)
+        if self.ae is None:
+            return x * self.cfg.pixel_scale
+        return self.ae.encode(x.to(next(self.ae.parameters()).dtype)).float()
 
     def encode_images(self, images):
         """(B, 3, H, W) in [-1, 1] -> tokens (B, L, C p p): the latents cut into p x p patches."""
@@ -194,17 +199,19 @@ class SelfE:
     def decode_tokens(self, x, h, w):
         """tokens (B, h w, C p p) -> images (B, 3, H, W) in [-1, 1]."""
         x = unpatchify(x.float(), h, w, self.cfg.patch)
-        x = self.ae.decode(x) if self.ae is not None else x / self.cfg.pixel_scale
+        if self.ae is None:
+            return (x / self.cfg.pixel_scale).clamp(-1, 1)
+        x = self.ae.decode(x.to(next(self.ae.parameters()).dtype)).float()
         return x.clamp(-1, 1)
 
     # -- the network
     def velocity(self, model, x, t, s, cond, h, w):
-        """V_theta(x, t, s, c): x (B, h w, C); t, s (B,); cond (txt, vec). Shared positions ride with batch 1."""
+        """V_theta(x, t, s, c): x (B, h w, C); t, s (B,) fp32; cond (txt, vec). Shared positions ride with batch 1."""
         txt, vec = cond
         img_ids = image_ids(h, w, x.device)
         txt_ids = torch.zeros(1, txt.shape[1], 3, device=x.device)
         guidance = torch.full_like(t, self.guidance) if self.cfg.guidance_embed else None
-        return model(x.to(txt.dtype), img_ids, txt, txt_ids, t, s, vec, guidance)
+        return model(x, img_ids, txt, txt_ids, t, s, vec, guidance)
 
     def G(self, model, x, t, s, cond, h, w):
         """Eq. (6): G_theta(x_t, t, s, c) = x_t - t V_theta(x_t, t, s, c), in fp32."""
@@ -212,20 +219,28 @@ class SelfE:
 
     # -- EMA
     def make_ema(self):
+        """The EMA copy. It only ever runs without gradient, yet its parameters keep requires_grad as the model's do:
+        torch.compile guards on that flag, so the two then share their compiled no-grad graphs."""
         with torch.device(self.device):
-            self.ema = MMDiT(self.cfg).requires_grad_(False)
+            self.ema = MMDiT(self.cfg)
         self.ema.load_state_dict(self.denoiser.state_dict())
         return self.ema
 
     @torch.no_grad()
-    def update_ema(self, decay, step, warmup=False):
+    def update_ema(self, decay, step, warmup=False, skip=None):
         """EMA of the weights with a constant decay (S.2: 0.9999; neither the paper nor minFM warms it up). `warmup`
         uses min(decay, (1 + step) / (10 + step)) instead: an EMA that follows the weights closely early on, so the
-        conditional self-evaluation pass runs on a fast-moving average for the first ~1/(1 - decay) steps."""
+        conditional self-evaluation pass runs on a fast-moving average for the first ~1/(1 - decay) steps. `skip`, a
+        0-dim bool tensor on the device, leaves the EMA unchanged where true without the host reading it (train.py:
+        a step whose update Adam skipped)."""
         d = min(decay, (1 + step) / (10 + step)) if warmup else decay
         reshard(self.ema)
         local = lambda m: [p.to_local() if hasattr(p, "to_local") else p for p in m.parameters()]  # FSDP2 shards
-        torch._foreach_lerp_(local(self.ema), [p.detach() for p in local(self.denoiser)], 1 - d)
+        ema, new = local(self.ema), [p.detach() for p in local(self.denoiser)]
+        if skip is None:
+            torch._foreach_lerp_(ema, new, 1 - d)
+        else:
+            torch._foreach_lerp_(ema, new, [(1 - d) * (~skip).float()] * len(ema))
 
     def frozen_state(self):
         return {**{f"t5.{k}": v for k, v in self.t5.state_dict().items()},

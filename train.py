@@ -7,10 +7,10 @@
     torchrun --nproc_per_node 2 train.py              # also on CPU (gloo), for testing
     python train.py --size 2b --data manifest.tsv --pretrained FLUX_DIR --build-cache CACHE  # encoders once
     python train.py --size 2b --data CACHE            # then train from the cache, no frozen encoders loaded
-    python train.py --size 2b --bench                 # one GPU: TFLOP/s, MFU, Self-E vs FM step time, memory
+    python bench.py --plan --size 2b --batch 1024 --world 8   # the memory that needs per GPU, before renting any
 
-Read top to bottom: flags, distributed set-up (torchrun's environment; FSDP2 per block), data, the loop (batch ->
-encode -> t, s -> losses.py -> backward, step, EMA), logging, checkpoints; then the cache builder and the benchmark.
+Read top to bottom: flags, distributed set-up (torchrun's environment; FSDP2 per block), the memory check, data, the
+loop (batch -> encode -> t, s -> losses.py -> backward, step, EMA), logging, checkpoints; then the cache builder.
 The recipe is METHOD.md section 9: Adam (0.9, 0.95), warmup then linear decay to 1e-5, EMA; the tau anneal and the
 auxiliary-term start are fractions of the run (paper: 300k and 550k of 710k iterations).
 
@@ -18,8 +18,16 @@ One code path serves 1 or N processes. The global batch is split as batch = per-
 A step's caption dropout, t and s are drawn for the whole global batch from a generator seeded by (seed, step), the
 same on every rank, and each sample's noises from one seeded by (seed, step, its position); the data order is a
 function of the step too. So N processes follow the 1-process trajectory, and a resumed run continues exactly.
+
+Precision: fp32 throughout by default on CPU. bf16 (the default on GPU) is FSDP2's mixed precision, in one process
+too (a one-rank process group): bf16 weights and activations in the network; fp32 sharded parameters, gradient
+reduction, Adam and EMA; t, s and the RoPE positions are never cast (model.MMDiT.forward).
+Nothing in a step waits on the device: the per-sample terms stay there until a log step, and a non-finite gradient
+makes Adam skip its update (and every update after it until that log step stops the run), so the weights saved
+then are those from before the step that went wrong.
 """
 import argparse
+import concurrent.futures
 import contextlib
 import datetime
 import functools
@@ -34,6 +42,7 @@ import warnings
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
 
 import cli
 import data
@@ -47,7 +56,8 @@ PREVIEW_PROMPTS = ["a red circle to the left of a blue square", "a photo of a gr
                    "a photo of a triangle above a circle", "a photo of a white square and a purple triangle"]
 warnings.filterwarnings("ignore", message=".*returned a view tensor")  # FSDP2 on nn.Linear's 3-D output; we never
                                                                       # modify the denoiser's output in place
-H100_PEAK = 789.0  # TFLOP/s: dense bf16 matmul measured on one H100 of our GPU image (the datasheet says 989)
+H100_PEAK = 789.0  # TFLOP/s: dense bf16 matmul measured on one H100 (the datasheet says 989)
+FIT = 0.85  # share of a device's memory the memory plan may fill: temporaries and the allocator's slack need the rest
 
 
 def get_args(argv=None):
@@ -57,6 +67,8 @@ def get_args(argv=None):
                    "or a cache folder made by --build-cache")
     p.add_argument("--base-dir", default=None, help="base for relative manifest paths (default: the manifest's folder)")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed manifest lines and unusable images")
+    p.add_argument("--workers", type=number(int, 1), default=4, help="threads decoding a manifest's images, a step "
+                   "ahead")
     p.add_argument("--resolution", type=areas, default=None, help="bucket areas in pixels, e.g. 256 or 256,512 (the "
                    "1:1 mix of METHOD.md 9); default: the preset's")
     p.add_argument("--max-ratio", type=number(float, 1), default=2.0, help="widest bucket aspect ratio (1: square "
@@ -69,7 +81,8 @@ def get_args(argv=None):
     p.add_argument("--objective", default="selfe", choices=("selfe", "fm"))
     p.add_argument("--steps", type=number(int, 1), default=None, help="iterations (default: the preset's)")
     p.add_argument("--batch", type=number(int, 1), default=None, help="global batch (default: the preset's)")
-    p.add_argument("--accum", type=number(int, 1), default=1, help="gradient accumulation micro-steps per iteration")
+    p.add_argument("--accum", type=number(int, 1), default=None, help="gradient accumulation micro-steps per "
+                   "iteration (default: the fewest with which the memory plan fits the GPU; 1 on CPU)")
     p.add_argument("--lr", type=number(float, 0), default=None, help="peak learning rate (default: the preset's)")
     p.add_argument("--lr-min", type=number(float, 0), default=1e-5, help="learning rate at the last step (linear "
                    "decay)")
@@ -88,9 +101,13 @@ def get_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default=None, choices=("bf16", "fp32"),
                    help="compute dtype (default: bf16 on GPU, fp32 on CPU); parameters, EMA, optimizer stay fp32")
+    p.add_argument("--memory-gib", type=number(float, 0), default=None, help="per-device memory the memory plan "
+                   "must fit (default: the GPU's; not checked on CPU)")
     p.add_argument("--dist-timeout", type=number(int, 1), default=1800, help="seconds a rank waits on the others "
                    "(also when connecting), before the job fails and torchrun may restart it")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    p.add_argument("--compile-fallback", action="store_true", help="with --compile: run a block that fails to "
+                   "compile uncompiled (with dynamo's warning) instead of stopping")
     p.add_argument("--act-ckpt", action="store_true", help="activation checkpointing per transformer block")
     p.add_argument("--peak-tflops", type=number(float, 0), default=None, help="per-device peak for MFU (default: "
                    "H100 789)")
@@ -98,10 +115,7 @@ def get_args(argv=None):
     p.add_argument("--ckpt-every", type=number(int, 1), default=500)
     p.add_argument("--sample-every", type=number(int, 0), default=1000, help="preview grid every N steps (0: never)")
     p.add_argument("--build-cache", default=None, metavar="DIR", help="encode --data (a manifest) into DIR and exit")
-    p.add_argument("--bench", action="store_true", help="time the denoiser and a Self-E and FM step, then exit")
-    p.add_argument("--bench-batch", type=number(int, 1), default=8, help="per-device batch of --bench")
-    p.add_argument("--bench-iters", type=number(int, 1), default=10, help="timed iterations per measurement of "
-                   "--bench")
+    p.add_argument("--cache-batch", type=number(int, 1), default=16, help="images per encoder call of --build-cache")
     # The method's options; each [ASSUMPTION] of METHOD.md is one flag with its stated default.
     m = p.add_argument_group("method (METHOD.md; [A] n = its section 11 item n)")
     m.add_argument("--p-drop", type=number(float, 0, 1), default=0.1, help="caption dropout for guidance [A] 1")
@@ -141,6 +155,8 @@ def get_args(argv=None):
         p.error("--overwrite starts afresh and --resume continues: pass one of them")
     if args.reschedule and not args.resume:
         p.error("--reschedule changes the schedule of a resumed run: pass it with --resume")
+    if args.compile_fallback and not args.compile:
+        p.error("--compile-fallback goes with --compile")
     args.out = args.out or os.path.join("runs", args.size + ("-fm" if args.objective == "fm" else "")
                                         + ("-delta0" if args.delta_zero else ""))
     return args
@@ -163,55 +179,91 @@ def lr_at(step, args):
 # Distributed set-up: torchrun's environment decides; FSDP2 shards every transformer block and the root.
 
 def init_distributed(args):
-    """-> (rank, world size). Under torchrun: one process group (NCCL on GPUs, gloo on CPU), one GPU per process."""
+    """-> (rank, world size). Under torchrun: one process group (NCCL on GPUs, gloo on CPU), one GPU per process.
+    bf16 in one process: a one-rank group, so that FSDP2's mixed precision computes there as it does on N."""
+    backend = "nccl" if args.device.startswith("cuda") else "gloo"
+    timeout = datetime.timedelta(seconds=args.dist_timeout)
     if "RANK" not in os.environ:
+        if args.precision == "bf16":
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         return 0, 1
     if args.device.startswith("cuda"):
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(args.device)
     # torchrun's store outlives a restart: keys under this attempt's prefix, so no worker reads a dead one's address
-    timeout = datetime.timedelta(seconds=args.dist_timeout)
     store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo", timeout=timeout, rank=rank,
-                            world_size=world, store=dist.PrefixStore(f"attempt-{attempt}", store))
+    dist.init_process_group(backend, timeout=timeout, rank=rank, world_size=world,
+                            store=dist.PrefixStore(f"attempt-{attempt}", store))
     return dist.get_rank(), dist.get_world_size()
 
 
-def parallelize(model, args, world):
-    """Activation checkpointing and torch.compile per block, then FSDP2: each block is its own shard group, so one
-    block's parameters are gathered at a time. bf16 parameters for compute, fp32 gradient reduction ([ASSUMPTION] 9);
-    the sharded fp32 parameters are what the optimizer and the EMA see."""
-    model.checkpointing = args.act_ckpt
+def checkpoint_activations(block):
+    """Activation checkpointing of one block: it keeps its inputs and recomputes the rest in backward. The checkpoint
+    sits inside the block's call, so the recomputation does not run the block's hooks (FSDP's gather) again. (A
+    function, not a functools.partial: torch.compile leaves a module whose forward is a partial uncompiled.)"""
+    forward = block.forward
+    block.forward = lambda *args: checkpoint(forward, *args, use_reentrant=False)
+
+
+def parallelize(model, args):
+    """Per block: activation checkpointing and torch.compile; then FSDP2 under a process group, each block its own
+    shard group, so one block's parameters are gathered at a time. bf16 parameters for compute, fp32 gradient
+    reduction ([ASSUMPTION] 9); the sharded fp32 parameters are what the optimizer and the EMA see. FSDP casts no
+    input (cast_forward_inputs=False): the network casts its activations itself and keeps t, s and RoPE in fp32."""
     blocks = [*model.double_blocks, *model.single_blocks]
-    if args.compile:
-        for block in blocks:
-            block.compile()
-    if world > 1:
+    for block in blocks:
+        if args.act_ckpt:
+            checkpoint_activations(block)
+        if args.compile:  # sizes symbolic from the start: one graph serves every evaluation sub-batch and bucket
+            block.compile(dynamic=True)
+    if dist.is_initialized():
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if args.precision == "bf16" else None,
-                                  reduce_dtype=torch.float32)
+                                  reduce_dtype=torch.float32, cast_forward_inputs=False)
         for block in blocks:
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
     return model
 
 
-def setup(args, world, encoders=True):
+def setup(args, encoders=True):
     """The system (denoiser, frozen parts unless `encoders` is False), the denoiser and its EMA sharded alike, Adam
-    (its state sharded with them), the compute context and the per-device peak for MFU; train and bench share it."""
+    (its state sharded with them) and the per-device peak for MFU; train and bench.py share it. Adam is the fused
+    one: it can skip a step on the device (found_inf), so no step waits on the host to read the gradient norm."""
     if args.device.startswith("cuda"):
-        torch.backends.cuda.enable_cudnn_sdp(False)  # its backward fails on our GPU image (torch 2.11 + CUDA 13)
+        torch.backends.cuda.enable_cudnn_sdp(False)  # its backward failed with torch 2.11 + CUDA 13
     torch.manual_seed(args.seed)                                           # the same initial weights on every rank
     system = selfe.SelfE(CONFIGS[args.size], args.device, args.seed, args.pretrained, args.t5, args.clip, args.vae,
                          encoders=encoders)
     ema = system.make_ema()
-    model = parallelize(system.denoiser, args, world)
-    parallelize(ema, args, world)                                          # the fp32 EMA, sharded like the model
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    autocast = (torch.autocast("cuda", torch.bfloat16) if world == 1 and args.precision == "bf16"
-                else contextlib.nullcontext())                             # one process: fp32 weights, bf16 compute
+    model = parallelize(system.denoiser, args)
+    parallelize(ema, args)                                                 # the fp32 EMA, sharded like the model
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
     peak = args.peak_tflops or (H100_PEAK if "H100" in device_name(system.device) else None)
-    return system, model, ema, opt, autocast, peak
+    return system, model, ema, opt, peak
+
+
+def compile_config(args):
+    """torch.compile stays compiled or says so: hitting dynamo's recompile limit is an error, unless
+    --compile-fallback asks for dynamo's own fallback (an uncompiled block, with a warning)."""
+    if not args.compile:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(suppress_errors=args.compile_fallback,
+                                      fail_on_recompile_limit_hit=not args.compile_fallback)
+
+
+@contextlib.contextmanager
+def compile_errors(args):
+    """A failure inside torch.compile stops the run with one line that names the flags."""
+    try:
+        yield
+    except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as e:
+        if not args.compile:
+            raise
+        inner = getattr(e, "inner_exception", None) or e                  # a backend's own error, if it raised one
+        cause = next((line.strip() for line in str(inner).splitlines() if line.strip()), "")
+        raise SystemExit(f"--compile: torch.compile failed ({type(inner).__name__}: {cause[:300]}); run without "
+                         f"--compile, or add --compile-fallback to run what fails to compile uncompiled") from e
 
 
 def log0(*a, rank=0):
@@ -223,25 +275,72 @@ def main(argv=None):
     args = get_args(argv)
     rank, world = init_distributed(args)
     try:
-        if args.bench:
-            return bench(args, rank, world)
         if args.build_cache:
             return build_cache(args, rank, world)
-        return train(args, rank, world)
+        with compile_config(args):
+            return train(args, rank, world)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The memory check: before any weight is built, the memory plan (bench.py) against the device's memory.
+
+def device_memory(args):
+    """Bytes a device may hold: --memory-gib, or the GPU's; None on CPU (not checked)."""
+    if args.memory_gib:
+        return args.memory_gib * 2 ** 30
+    if args.device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(args.device)).total_memory
+    return None
+
+
+def choose_accum(args, world):
+    """--accum, or the fewest micro-steps with which the memory plan fits the device (1 when its memory is unknown).
+    A batch that does not split, or a micro-batch that does not fit, stops here, naming the flags that would fit."""
+    B, A = args.batch, args.accum
+    if B % (world * (A or 1)):
+        raise SystemExit(f"--batch {B} is not divisible by world size {world} x --accum {A or 1}")
+    per_rank = B // world
+    capacity = device_memory(args)
+    if capacity is None:
+        return A or 1
+    import bench  # the memory plan lives with the benchmarks
+    gib = lambda x: f"{x / 2 ** 30:.1f} GiB"
+    need = functools.cache(lambda a, ckpt: bench.memory_plan(CONFIGS[args.size], per_rank // a, max(args.resolution),
+                                                             world, ckpt, args.precision, args.objective)["total"])
+    options = [a for a in range(1, per_rank + 1) if per_rank % a == 0]
+    first_fit = lambda ckpt: next((a for a in options if need(a, ckpt) <= FIT * capacity), None)
+    if A and need(A, args.act_ckpt) <= FIT * capacity:
+        return A
+    if not A and first_fit(args.act_ckpt):
+        return first_fit(args.act_ckpt)
+    hints = []  # what would fit: more micro-steps, or activation checkpointing (and as many micro-steps as it needs)
+    for ckpt in sorted({args.act_ckpt, True}):
+        a = first_fit(ckpt)
+        if a is not None:
+            flags = ("--act-ckpt " if ckpt and not args.act_ckpt else "") + (f"--accum {a}" if a > 1 else "")
+            hints.append(f"{flags.strip()} ({gib(need(a, ckpt))})")
+    a = A or options[-1]
+    raise SystemExit(f"--size {args.size} --batch {B} on {world} device(s), --accum {a}"
+                     f"{' --act-ckpt' if args.act_ckpt else ''}: a micro-batch of {per_rank // a} at "
+                     f"{max(args.resolution)} px needs {gib(need(a, args.act_ckpt))} by the memory plan (python "
+                     f"bench.py --plan), over {FIT:.0%} of the device's {gib(capacity)}; "
+                     + (f"fits with {' or '.join(hints)}" if hints else "nothing fits: use more devices"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+
 def train(args, rank, world):
     cfg = CONFIGS[args.size]
+    args.accum = choose_accum(args, world)                                 # before any weight is built
     B, A = args.batch, args.accum
-    if B % (world * A):
-        raise SystemExit(f"--batch {B} is not divisible by world size {world} x --accum {A}")
     b = B // (world * A)                                                   # per-rank micro-batch
     resume_from, start = prepare_out(args, rank)                           # before anything is built or written
     cached = data.is_cache(args.data)
-    system, model, ema, opt, autocast, peak = setup(args, world, encoders=not cached)
+    system, model, ema, opt, peak = setup(args, encoders=not cached)
 
     if cached:
         source = data.CachedData(args.data, cache_meta(args, cfg), B, args.seed)
@@ -254,7 +353,7 @@ def train(args, rank, world):
         source = data.ShapesData(shapes, B, seed=args.seed)
     else:
         source = data.ManifestData(args.data, args.resolution, bucket_step(system), B, args.seed, args.base_dir,
-                                   args.skip_bad, args.max_ratio)
+                                   args.skip_bad, args.max_ratio, workers=args.workers)
     if not cached:
         null = system.null_cond()                                          # phi, batch 1
     tau_steps = round(args.tau_frac * args.schedule_steps)
@@ -277,84 +376,68 @@ def train(args, rank, world):
          f"({len(source) if hasattr(source, '__len__') else 'unlimited'} items); tau over {tau_steps} steps, aux from "
          f"{aux_start}", rank=rank)
 
-    history, window = [], []
+    # The next step's batch is read (rendered, decoded, pinned) on a thread while this step computes.
+    prefetch = concurrent.futures.ThreadPoolExecutor(1)
+    ahead = prefetch.submit(fetch, source, start, rank, b, A, system.device)
+    skip = torch.zeros((), dtype=torch.bool, device=system.device)         # an update was skipped since the last read
+    history, pending, window = [], [], []                                  # steps not yet read back; not yet logged
     t0 = t_window = time.time()
     for step in range(start, args.steps):
+        items, parts = ahead.result()
+        if step + 1 < args.steps:
+            ahead = prefetch.submit(fetch, source, step + 1, rank, b, A, system.device)
         lr = lr_at(step, args)
         for group in opt.param_groups:
             group["lr"] = lr
-        items = source.indices(step)                                       # the global batch, same on every rank
-        mine = items[rank * b * A:(rank + 1) * b * A]
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # the step's randomness, same on every rank
         dropped = selfe.caption_dropout(B, args.p_drop, gen)                # (B,) bool
-        stats = []
+        aux = args.objective == "selfe" and step >= aux_start and not args.delta_zero  # L_fake late (s.6-s.8)
+        terms = []
         for micro in range(A):
             off = (rank * A + micro) * b                                    # this slice's place in the global batch
             sl = slice(off, off + b)
-            x0, cond, fake, grid = load_batch(source, system, mine[micro * b:(micro + 1) * b], dropped[sl],
-                                              args.fake_prefix, cached)
+            x0, cond, fake, grid = load_batch(parts[micro], source, system, dropped[sl], args.fake_prefix, cached)
             L = x0.shape[1]
             if micro == 0:
                 t_all, s_all = draw(gen, args, step, B, L, tau_steps, dropped)
                 evaluate_all = (s_all < t_all) & ~dropped & (not args.delta_zero)  # Delta = 0 for the rest
-                n_self = int(evaluate_all.sum())
-            t, s = t_all[sl].to(system.device), s_all[sl].to(system.device)
+                n_self = int(evaluate_all.sum())                            # on the host: no device sync
             eps, eps_self = noise(args.seed, step, range(off, off + b), L, x0.shape[2], system.device)
-            if world > 1:
+            if dist.is_initialized():
                 model.set_requires_gradient_sync(micro == A - 1)           # reduce-scatter once per iteration
-            with autocast:
-                if args.objective == "fm":
-                    out = losses.fm_loss(G, x0, t, cond, args.t_min, eps=eps)
-                else:  # the auxiliary term of s.6-s.8 only late in training
-                    aux = step >= aux_start and not args.delta_zero
-                    out = losses.selfe_loss(G, G_ema, x0, t, s, cond, null, fake if aux else None,
-                                            args.k, not args.no_target_norm, args.t_min, args.fake_weight,
-                                            not args.reuse_noise, eps=eps, eps_self=eps_self,
-                                            fake_count=n_self * b / B, always_evaluate=world > 1,
-                                            evaluate=evaluate_all[sl].to(system.device))
-            (out["loss"] / A).backward()
-            stats.append(torch.stack([out["per_sample"].float(), out["data"].float(),
-                                      out.get("self", torch.zeros_like(t)).float(),
-                                      out.get("fake", torch.zeros(())).float().expand(b),
-                                      out["loss"].detach().float().expand(b)]))
-        # every rank's per-sample terms, in global-batch order, for logging and the non-finite check
-        stats = gather(torch.cat(stats, 1), world)                          # (5, B)
-        fake_mean = stats[3].view(world * A, b)[:, 0].mean()               # slices' means average to the batch's
-        loss = stats[4].view(world * A, b)[:, 0].mean().item()
-        if not math.isfinite(loss):
-            debug = os.path.join(args.out, f"nonfinite-step-{step}")
-            selfe.save_checkpoint(debug, system, step, flags, opt)
-            if rank == 0:
-                torch.save({"items": items, "t": t_all, "s": s_all, "dropped": dropped},
-                           os.path.join(debug, "batch.pt"))
-            raise SystemExit(f"step {step}: loss is {loss}; weights before this step and the batch are in {debug}")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        system.update_ema(args.ema, step, args.ema_warmup)
+            dev = lambda x: x.to(system.device, non_blocking=True)
+            with compile_errors(args):
+                loss, micro_terms = objective(args, G, G_ema, x0, dev(t_all[sl]), dev(s_all[sl]), cond, null,
+                                              fake if aux else None, eps, eps_self, dev(evaluate_all[sl]),
+                                              fake_norm=max(n_self, 1) * b / B,
+                                              eval_size=eval_size(int(evaluate_all[sl].sum()), b, world,
+                                                                  args.compile))
+                (loss / A).backward()
+            terms.append(micro_terms)
+        skip, grad_norm = update(model, opt, system, args, step, skip)
 
-        sel = s_all < t_all
-        rec = {"step": step + 1, "loss": loss, "data": stats[1].mean().item(), "grad_norm": grad_norm, "lr": lr}
-        if args.objective == "selfe":
-            lam = losses.lam(t_all, s_all)
-            rec.update(self=stats[2][evaluate_all].mean().item() if evaluate_all.any() else 0.0,
-                       lam=lam[sel].mean().item() if sel.any() else 0.0,
-                       frac_s_lt_t=sel.float().mean().item(), fake=fake_mean.item())
-        history.append(rec)
         # model FLOPs: the trained pass fwd+bwd (3 F), the two no-grad evaluation passes and L_fake's fwd+bwd on s < t
         F = flops(L, cond[0].shape[1])
-        n_flops = 3 * F * B + 2 * F * n_self + (3 * F * n_self if step >= aux_start else 0)
-        window.append((t_all, stats[0].cpu(), n_flops, B * (L + cond[0].shape[1])))
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
-            if rank == 0:
-                log(rec, window, args, step, t_window, world, peak, system.device)
-            window, t_window = [], time.time()
-        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+        n_flops = 3 * F * B + 2 * F * n_self + (3 * F * n_self if aux else 0)
+        pending.append(dict(step=step, lr=lr, items=items, t=t_all, s=s_all, dropped=dropped, evaluate=evaluate_all,
+                            terms=torch.cat(terms, 1), grad_norm=grad_norm, flops=n_flops,
+                            tokens=B * (L + cond[0].shape[1])))
+        last = step + 1 == args.steps
+        checkpointing = (step + 1) % args.ckpt_every == 0 or last
+        if (step + 1) % args.log_every == 0 or checkpointing:  # the pending steps to the host: one sync per window
+            history += read_back(pending, world, A, args)
+            nonfinite_stop(history[-len(pending):], pending, system, flags, opt, args, rank)
+            window, pending = window + pending, []
+            if (step + 1) % args.log_every == 0 or last:
+                if rank == 0:
+                    log(history[-len(window):], window, args, step, t_window, world, peak, system.device)
+                window, t_window = [], time.time()
+        if checkpointing:
             selfe.save_checkpoint(args.out, system, step + 1, flags, opt)
-        if args.sample_every and ((step + 1) % args.sample_every == 0 or step + 1 == args.steps):
+        if args.sample_every and ((step + 1) % args.sample_every == 0 or last):
             if system.t5 is not None:
                 preview(system, args, step + 1, rank)
+    prefetch.shutdown()  # (a run stopped early leaves the idle thread to the interpreter's exit)
     log0(f"done: {max(0, args.steps - start)} steps in {time.time() - t0:.0f} s; checkpoint in {args.out}", rank=rank)
     return history
 
@@ -416,6 +499,47 @@ def keep_schedule(args, saved, rank):
          f"--reschedule for the schedule of these flags ({describe(now)})", rank=rank)
 
 
+def eval_size(count, b, world, compiled):
+    """How many samples the evaluation passes of a slice run on, `count` of them needing it (losses.selfe_loss pads
+    with zero-weight samples): on N ranks every rank makes the same forward calls (FSDP gathers each block's weights
+    in them), so never 0 there; a compiled block never sees a batch of 1, for which dynamo specialises a graph."""
+    if count == 0 and world == 1:
+        return 0
+    return min(b, max(count, 2 if compiled else 1))
+
+
+def objective(args, G, G_ema, x0, t, s, cond, null, fake, eps, eps_self, evaluate, fake_norm, eval_size):
+    """One micro-batch: the loss (Eq. 21, or Eq. 3 for --objective fm) and its per-sample terms as one (5, b) tensor on
+    the loss's device (total, data, self-evaluation, L_fake and the loss, the last two repeated), so that logging
+    reads them back later without a sync here."""
+    if args.objective == "fm":
+        out = losses.fm_loss(G, x0, t, cond, args.t_min, eps=eps)
+    else:
+        out = losses.selfe_loss(G, G_ema, x0, t, s, cond, null, evaluate=evaluate, eval_size=eval_size, fake=fake,
+                                fake_norm=fake_norm, k=args.k, target_norm=not args.no_target_norm, t_min=args.t_min,
+                                fake_weight=args.fake_weight, fresh_noise=not args.reuse_noise, eps=eps,
+                                eps_self=eps_self)
+    per_sample = out["per_sample"]
+    zero = torch.zeros_like(per_sample)
+    terms = torch.stack([per_sample.float(), out["data"].float(), out.get("self", zero).float(),
+                         zero + out.get("fake", 0), zero + out["loss"].detach()])
+    return out["loss"], terms
+
+
+def update(model, opt, system, args, step, skip):
+    """Clip, Adam, EMA. A non-finite gradient norm (the same on every rank) turns `skip` on, on the device: fused
+    Adam then leaves weights and state as they were (its found_inf, the protocol of torch.amp.GradScaler), and so
+    does the EMA, for this step and each one after it until the log step reads it. -> (skip, grad norm)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    skip = skip | ~torch.isfinite(grad_norm)
+    opt.found_inf = skip.float()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    system.update_ema(args.ema, step, args.ema_warmup, skip=skip)
+    return skip, grad_norm.detach()
+
+
 def bucket_step(system):
     """Bucket sides are multiples of two patches of latent (32 px for FLUX's 8x autoencoder and patch 2)."""
     return 2 * system.cfg.patch * system.downsample
@@ -440,23 +564,36 @@ def noise(seed, step, positions, L, C, device):
     return out[:, 0], out[:, 1]
 
 
-def load_batch(source, system, items, dropped, fake_prefix, cached):
-    """This slice's items -> (x0 tokens (b, L, C), cond (txt, vec), fake, token grid (h, w)); fake(idx) gives c_fake's
+def fetch(source, step, rank, b, A, device):
+    """The host side of a step for this rank, a function of (seed, step) alone: the global batch's items and this
+    rank's A slices (images and captions, or cached rows), pinned on CUDA so that the copy to the device is
+    asynchronous. Runs on the prefetch thread."""
+    items = source.indices(step)                                           # the global batch, same on every rank
+    mine = items[rank * b * A:(rank + 1) * b * A]
+    parts = [source.batch(mine[m * b:(m + 1) * b]) for m in range(A)]
+    if device.type == "cuda":
+        pin = lambda x: x.pin_memory() if torch.is_tensor(x) else x
+        parts = [{k: pin(v) for k, v in p.items()} if isinstance(p, dict) else tuple(map(pin, p)) for p in parts]
+    return items, parts
+
+
+def load_batch(part, source, system, dropped, fake_prefix, cached):
+    """A fetched slice -> (x0 tokens (b, L, C), cond (txt, vec), fake, token grid (h, w)); fake(idx) gives c_fake's
     encoding (s.8) for the samples idx. Online: images through the autoencoder (or pixels), captions with dropout
-    applied through T5 and CLIP. Cached: read, with phi's encodings where the caption was dropped."""
+    applied through T5 and CLIP. Cached: the rows, with phi's encodings where the caption was dropped."""
     p = system.cfg.patch
+    dev = lambda x: x.to(system.device, non_blocking=True)
     if cached:
-        rows = source.batch(items)
-        keep = (~dropped).to(system.device)
+        keep = dev(~dropped)
 
         def select(keys):  # the cached encodings, or phi's (and c_fake of phi) where dropped
-            return tuple(torch.where(keep.view(-1, *[1] * (rows[k].dim() - 1)), rows[k].to(system.device),
-                                     source.null[k].to(system.device)).float() for k in keys)
-        lat = rows["latent"].to(system.device)
+            return tuple(torch.where(keep.view(-1, *[1] * (part[k].dim() - 1)), dev(part[k]),
+                                     dev(source.null[k])).float() for k in keys)
+        lat = dev(part["latent"])
         cond, fake_cond = select(("txt", "vec")), select(("fake_txt", "fake_vec"))
         fake = lambda idx: tuple(c[idx] for c in fake_cond)
     else:
-        images, captions = source.batch(items)
+        images, captions = part
         captions = [selfe.NULL_PROMPT if d else c for c, d in zip(captions, dropped.tolist())]
         lat = system.encode_latents(images)                                # (b, C, H/8, W/8) or pixels
         cond = system.encode_text(captions)                                # (b, Lt, d_txt), (b, d_vec)
@@ -466,30 +603,67 @@ def load_batch(source, system, items, dropped, fake_prefix, cached):
 
 
 def gather(x, world):
-    """(k, b) on each rank -> (k, world b), rank-major (the global-batch order)."""
+    """(..., k) on each rank -> (..., world k), rank-major (the global-batch order)."""
     if world == 1:
         return x.detach()
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.detach().contiguous())
-    return torch.cat(parts, 1)
+    return torch.cat(parts, -1)
+
+
+def read_back(pending, world, A, args):
+    """The steps since the last read: every rank's per-sample terms and the grad norms to the host in one copy, then
+    one record per step (the loss and each term over the global batch, lambda, the share of s < t)."""
+    terms = gather(torch.stack([p["terms"] for p in pending]), world).cpu()  # (n, 5, B), global-batch order
+    grad_norms = torch.stack([p["grad_norm"] for p in pending]).float().cpu()
+    records = []
+    for p, st, gn in zip(pending, terms, grad_norms):
+        slices = st.view(5, world * A, -1)[:, :, 0]                        # each slice's batch-level terms
+        rec = {"step": p["step"] + 1, "loss": slices[4].mean().item(), "data": st[1].mean().item(),
+               "grad_norm": gn.item(), "lr": p["lr"]}
+        if args.objective == "selfe":
+            sel, ev = p["s"] < p["t"], p["evaluate"]
+            lam = losses.lam(p["t"], p["s"])
+            rec.update(self=st[2][ev].mean().item() if ev.any() else 0.0,
+                       lam=lam[sel].mean().item() if sel.any() else 0.0,
+                       frac_s_lt_t=sel.float().mean().item(), fake=slices[3].mean().item())  # slices' means average
+        p["per_sample"] = st[0]                                             # to the batch's
+        records.append(rec)
+    return records
+
+
+def nonfinite_stop(records, pending, system, flags, opt, args, rank):
+    """The first step with a non-finite loss or gradient stops the run: its update and every later one were skipped,
+    so the weights saved now are those from before it; its batch (items, t, s, dropped captions) is saved beside."""
+    for rec, p in zip(records, pending):
+        if math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"]):
+            continue
+        step = p["step"]
+        debug = os.path.join(args.out, f"nonfinite-step-{step}")
+        selfe.save_checkpoint(debug, system, step, flags, opt)
+        if rank == 0:
+            torch.save({"items": p["items"], "t": p["t"], "s": p["s"], "dropped": p["dropped"]},
+                       os.path.join(debug, "batch.pt"))
+        raise SystemExit(f"step {step}: loss {rec['loss']}, gradient norm {rec['grad_norm']}; weights before this "
+                         f"step and its batch are in {debug}")
 
 
 def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def log(rec, window, args, step, t_window, world, peak, device):
-    """One line: every loss term, lambda, the share of s < t, grad norm, throughput (samples/s, tokens/s, TFLOP/s per
-    device, MFU), peak memory, ETA, and the loss by t-bin."""
-    n = len(window)
-    t = torch.cat([w[0] for w in window])
-    per = torch.cat([w[1] for w in window])
+def log(records, pending, args, step, t_window, world, peak, device):
+    """One line for the window's last step: every loss term, lambda, the share of s < t, grad norm, throughput over
+    the window (samples/s, tokens/s, TFLOP/s per device, MFU), peak memory, ETA, and the loss by t-bin."""
+    rec = records[-1]
+    t = torch.cat([p["t"] for p in pending])
+    per = torch.cat([p["per_sample"] for p in pending])
     bins = torch.bucketize(t, torch.tensor([0.25, 0.5, 0.75]))
     by_bin = " ".join(f"{per[bins == b].mean().item():.3f}" if (bins == b).any() else "-" for b in range(4))
     dt = time.time() - t_window
-    rate = n * args.batch / dt
-    tflops = sum(w[2] for w in window) / dt / world / 1e12
-    tokens = sum(w[3] for w in window) / dt
+    rate = len(pending) * args.batch / dt
+    tflops = sum(p["flops"] for p in pending) / dt / world / 1e12
+    tokens = sum(p["tokens"] for p in pending) / dt
     eta = (args.steps - step - 1) * args.batch / rate
     extra = ""
     if "self" in rec:
@@ -530,93 +704,24 @@ def cache_meta(args, cfg):
 
 
 def build_cache(args, rank, world):
+    """The frozen parts alone (no denoiser), in bf16 on GPU (the autoencoder too), encoding --cache-batch images at
+    a time; the text is stored in the encoders' precision, as training would see it online."""
     cfg = CONFIGS[args.size]
     if args.data == "shapes" or data.is_cache(args.data):
         raise SystemExit("--build-cache needs --data MANIFEST.tsv")
-    system = selfe.SelfE(cfg, args.device, args.seed, args.pretrained, args.t5, args.clip, args.vae)
+    low = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    system = selfe.SelfE(cfg, args.device, args.seed, args.pretrained, args.t5, args.clip, args.vae, denoiser=False,
+                         ae_dtype=low)
     source = data.ManifestData(args.data, args.resolution, bucket_step(system), 1, args.seed, args.base_dir,
-                               args.skip_bad, args.max_ratio)
-    per_rank = max(1, args.batch // world)
-    store = torch.bfloat16 if system.device.type == "cuda" else torch.float32  # the encoders' own precision
-    encode_text = lambda prompts: tuple(x.to(store) for x in system.encode_text(prompts))
+                               args.skip_bad, args.max_ratio, workers=args.workers)
+    encode_text = lambda prompts: tuple(x.to(low) for x in system.encode_text(prompts))
     data.write_cache_shards(args.build_cache, source, system.encode_latents, encode_text, args.fake_prefix,
-                            per_rank, rank, world)
+                            args.cache_batch, rank, world)
     if world > 1:
         dist.barrier()
     if rank == 0:
         data.finish_cache(args.build_cache, encode_text, args.fake_prefix, cache_meta(args, cfg), len(source))
         print(f"cache: {len(source)} items in {args.build_cache}", flush=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Benchmark: synthetic latents and text of the real shapes, no frozen parts, one device (or each of N).
-
-def bench(args, rank, world):
-    cfg = CONFIGS[args.size]
-    system, model, ema, opt, autocast, peak = setup(args, world, encoders=False)
-    dev, b, Lt = system.device, args.bench_batch, cfg.t5_max_len
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    rows = []
-    areas = sorted({cfg.resolution, 2 * cfg.resolution}) if args.size != "tiny" else [cfg.resolution]
-    for area in areas:
-        n = area // system.downsample // cfg.patch
-        grid = (n, n)
-        L = n * n
-        x0 = torch.randn(b, L, cfg.in_channels, device=dev)
-        cond = (torch.randn(b, Lt, cfg.context_in_dim, device=dev), torch.randn(b, cfg.vec_in_dim, device=dev))
-        null = (cond[0][:1] * 0, cond[1][:1] * 0)
-        G = lambda x, t, s, c: system.G(model, x, t, s, c, *grid)
-        G_ema = lambda x, t, s, c: system.G(ema, x, t, s, c, *grid)
-        t = torch.rand(b, device=dev).clamp(0.05, 0.95)
-        s = torch.where(torch.arange(b, device=dev) < b // 2, t * 0.5, t)  # half the batch has s < t
-
-        def fwd_bwd():
-            with autocast:
-                v = system.velocity(model, x0, t, s, cond, *grid)
-            v.float().square().mean().backward()
-
-        def train_step(loss_fn):  # what the training loop does per iteration: loss, backward, clip, step, EMA
-            with autocast:
-                out = loss_fn()
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step(), opt.zero_grad(set_to_none=True), system.update_ema(0.9999, 10 ** 6)
-
-        fake = lambda idx: (cond[0][idx], cond[1][idx])
-        fm_step = lambda: train_step(lambda: losses.fm_loss(G, x0, t, cond))
-        selfe_step = lambda aux: train_step(lambda: losses.selfe_loss(G, G_ema, x0, t, s, cond, null,
-                                                                      fake if aux else None))
-
-        F = system.denoiser.flops(L, Lt)
-        half = b // 2
-        for name, fn, flops in (("denoiser fwd+bwd", fwd_bwd, 3 * F * b),
-                                ("FM step", fm_step, 3 * F * b),
-                                ("Self-E step", lambda: selfe_step(False), 3 * F * b + 2 * F * half),
-                                ("Self-E step + aux", lambda: selfe_step(True), 3 * F * b + 5 * F * half)):
-            for _ in range(2):  # warm-up (and compilation)
-                fn()
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(args.bench_iters):
-                fn()
-            sync()
-            ms = (time.perf_counter() - t0) / args.bench_iters * 1e3
-            tf = flops / ms / 1e9
-            mem = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else float("nan")
-            rows.append((area, L, name, ms, tf, 100 * tf / peak if peak else float("nan"), mem))
-            model.zero_grad(set_to_none=True)
-    if rank == 0:
-        print(f"\n{args.size} on {world} x {device_name(dev)}, per-device batch {b}, {Lt} text tokens, "
-              f"{args.precision}{', compiled' if args.compile else ''}{', act-ckpt' if args.act_ckpt else ''}; "
-              f"peak {peak or 'unknown'} TFLOP/s")
-        print("| pixels | image tokens | measurement | ms | TFLOP/s | MFU % | peak mem GiB | vs FM step |")
-        print("|---|---|---|---|---|---|---|---|")
-        fm = {r[0]: r[3] for r in rows if r[2] == "FM step"}
-        for area, L, name, ms, tf, mfu, mem in rows:
-            print(f"| {area}^2 | {L} | {name} | {ms:.1f} | {tf:.1f} | {mfu:.1f} | {mem:.1f} | {ms / fm[area]:.2f}x |")
-    return rows
 
 
 if __name__ == "__main__":

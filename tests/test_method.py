@@ -116,7 +116,7 @@ def test_self_evaluation_gradient_is_classifier_score(aux):
     s = torch.tensor([0.5, 0.7, 0.2, 0.3])  # samples 0 and 2 self-evaluate
     torch.manual_seed(123)
     fake_fn = (lambda idx: tuple(c[idx] for c in fake)) if aux else None
-    out = losses.selfe_loss(G, G_ema, x0, t, s, cond, null, fake_fn, k=0.9, target_norm=False)
+    out = losses.selfe_loss(G, G_ema, x0, t, s, cond, null, fake=fake_fn, k=0.9, target_norm=False)
     got = torch.autograd.grad(out["loss"], params)
     want, _ = _expected_grads(G, G_ema, params, x0, t, s, cond, null, fake if aux else None, 0.9, False)
     for g_, w_ in zip(got, want):

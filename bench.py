@@ -1,0 +1,314 @@
+"""Benchmarks: what a training step costs on the path training takes, and what it needs before any device is rented.
+
+    python bench.py --size 2b                          # one GPU: the table below, eager and compiled
+    torchrun --nproc_per_node 8 bench.py --size 2b     # each of 8 GPUs, sharded as train.py shards them
+    python bench.py --plan --size 2b --batch 16 --world 8        # memory plan per device: no GPU, no weights
+    python bench_t5_load.py                            # frozen-part load memory (T5-XXL, host RSS)
+
+The table: at each resolution (2b: 256^2 = 256 image + 512 text tokens, and 512^2), per-device micro-batch --batch:
+the denoiser's forward+backward, an FM step, a Self-E step and a Self-E step with the auxiliary term (half the batch
+at s < t), each as ms, model TFLOP/s per device, MFU, peak memory and its ratio to the FM step; eager, then with the
+blocks compiled. A step is train.py's: train.setup's network (FSDP2 bf16 mixed precision, also in one process),
+train.objective, backward, train.update (clip, Adam, EMA). Each row prints as it is measured; a row that runs out of
+memory prints OOM and the next one runs (on N ranks an OOM on one rank only can leave the others waiting).
+
+The memory plan: per device, the fp32 parameters, gradients, Adam moments and EMA (sharded over --world ranks), the
+weights FSDP gathers at a time, and the activations a training step keeps for backward, with and without
+activation checkpointing. The activations are counted by running that step on the meta device (shapes and dtypes,
+no memory): every tensor the step makes and that is still alive when backward starts. train.py checks the same plan
+against the GPU's memory before it builds a weight.
+"""
+import argparse
+import gc
+import os
+import time
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import losses
+import selfe
+import train
+from model import CONFIGS, MMDiT
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The memory plan
+
+class Alive(TorchDispatchMode):
+    """Remembers (weakly) every tensor made inside it; `bytes()` sums the storages of those still alive."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.made += [weakref.ref(x) for x in tree_leaves(out) if isinstance(x, torch.Tensor)]
+        return out
+
+    def bytes(self):
+        storages = {}  # by the storage's address (_cdata), so views of one storage count once
+        for ref in self.made:
+            x = ref()
+            if x is not None:
+                storages[x.untyped_storage()._cdata] = x.untyped_storage().nbytes()
+        return sum(storages.values())
+
+
+class FusedAttention(TorchFunctionMode):
+    """Meta tensors take SDPA's math path, which keeps the (L, L) attention matrix; count what a fused kernel keeps
+    (the output and the log-sum-exp) instead, as flash attention on a GPU does."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*args, **(kwargs or {}))[0]
+        return func(*args, **(kwargs or {}))
+
+
+def tokens(cfg, area):
+    """Image tokens of a square of `area` pixels: FLUX latents (/8) or pixels, then patches."""
+    side = area // (8 if cfg.latent == "flux-vae" else 1) // cfg.patch
+    return side, side
+
+
+def training_forward(cfg, batch, area, dtype, act_ckpt, objective, device):
+    """The forward of a training step at micro-batch `batch` on random inputs, weights in `dtype`: -> a function that
+    runs it and returns the loss. Self-E with the auxiliary term and every sample evaluated (its worst case: every
+    pass that keeps activations runs on the whole batch), or FM."""
+    with torch.device(device):
+        net = MMDiT(cfg).to(dtype)
+        h, w = tokens(cfg, area)
+        x0 = torch.randn(batch, h * w, cfg.in_channels)
+        cond = (torch.randn(batch, cfg.t5_max_len, cfg.context_in_dim), torch.randn(batch, cfg.vec_in_dim))
+        t = torch.rand(batch)
+        ids, txt_ids = selfe.image_ids(h, w, device), torch.zeros(1, cfg.t5_max_len, 3)
+    if act_ckpt:
+        for block in [*net.double_blocks, *net.single_blocks]:
+            train.checkpoint_activations(block)
+    G = lambda x, t_, s_, c: selfe.g_head(x, t_, net(x, ids, c[0], txt_ids, t_, s_, c[1]).float())
+    if objective == "fm":
+        return lambda: losses.fm_loss(G, x0, t, cond)["loss"]
+    null, every = tuple(c[:1] for c in cond), torch.ones_like(t, dtype=torch.bool)
+    return lambda: losses.selfe_loss(G, G, x0, t, t * 0.5, cond, null, evaluate=every, eval_size=batch,
+                                     fake=lambda idx: tuple(c[idx] for c in cond))["loss"]
+
+
+def step_activations(cfg, batch, area, dtype, act_ckpt, objective):
+    """Bytes a training step keeps for backward, counted on the meta device: what its forward made and still holds."""
+    forward = training_forward(cfg, batch, area, dtype, act_ckpt, objective, "meta")
+    with FusedAttention(), Alive() as alive:
+        loss = forward()
+        kept = alive.bytes()
+    del loss
+    return kept
+
+
+def block_recompute(cfg, batch, area, dtype):
+    """Bytes one block's recomputation holds in backward under activation checkpointing: the larger of the double-
+    and single-stream block's activations at micro-batch `batch`, counted on the meta device."""
+    h, w = tokens(cfg, area)
+    with torch.device("meta"):
+        net = MMDiT(cfg).to(dtype)
+        img = torch.randn(batch, h * w, cfg.hidden_size, dtype=dtype)
+        txt = torch.randn(batch, cfg.t5_max_len, cfg.hidden_size, dtype=dtype)
+        vec = torch.randn(batch, cfg.hidden_size, dtype=dtype)
+        pe = net.pe_embedder(torch.cat((torch.zeros(1, cfg.t5_max_len, 3), selfe.image_ids(h, w, "meta")), 1))
+    most = 0
+    for block, inputs in ((net.double_blocks[0], (img, txt)), (net.single_blocks[0], (torch.cat((txt, img), 1),))):
+        with FusedAttention(), Alive() as alive:
+            out = block(*inputs, vec, pe)
+            most = max(most, alive.bytes())
+        del out
+    return most
+
+
+def memory_plan(cfg, batch, area, world=1, act_ckpt=False, precision="bf16", objective="selfe"):
+    """Bytes per device for training `cfg` at per-device micro-batch `batch` on squares of `area` pixels over `world`
+    ranks -> dict of the parts and their 'total'. Parameters, gradients, Adam's two moments and the EMA are fp32 and
+    sharded; under FSDP (N ranks, or bf16) two blocks' weights are gathered at a time in the compute dtype, with one
+    block's fp32 gradient before its reduce-scatter. Activations: what the step's forward keeps for backward, plus
+    one block's recomputation under act_ckpt. Temporaries are not counted (train.py leaves them 15%)."""
+    with torch.device("meta"):
+        net = MMDiT(cfg)
+    n = sum(p.numel() for p in net.parameters())
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    fsdp = world > 1 or precision == "bf16"
+    block = max(sum(p.numel() for p in b.parameters()) for b in (net.double_blocks[0], net.single_blocks[0]))
+    plan = {"parameters": 4 * n / world, "gradients": 4 * n / world, "Adam moments": 8 * n / world,
+            "EMA": 4 * n / world,
+            "gathered weights": (2 * block * dtype.itemsize + 4 * block) if fsdp else 0,
+            "activations": step_activations(cfg, batch, area, dtype, act_ckpt, objective),
+            "block recomputed in backward": block_recompute(cfg, batch, area, dtype) if act_ckpt else 0}
+    plan["total"] = sum(plan.values())
+    return plan
+
+
+def print_plan(args, world):
+    cfg = CONFIGS[args.size]
+    area = max(args.resolution)
+    plans = [memory_plan(cfg, args.batch, area, world, ckpt, args.precision, args.objective) for ckpt in (False, True)]
+    h, w = tokens(cfg, area)
+    print(f"memory plan: --size {args.size}, micro-batch {args.batch} per device at {area} px ({h * w} image + "
+          f"{cfg.t5_max_len} text tokens), {world} device(s), {args.precision}, "
+          f"{'Self-E + aux step, every sample evaluated' if args.objective == 'selfe' else 'FM step'}")
+    print("| GiB per device | without act-ckpt | with --act-ckpt |\n|---|---|---|")
+    for part in plans[0]:
+        print(f"| {part} | {plans[0][part] / 2 ** 30:.3g} | {plans[1][part] / 2 ** 30:.3g} |")
+    return plans
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The benchmark
+
+def measure(fn, iters, device):
+    """Warm up (and compile) twice, then time `iters` calls -> (ms per call, peak GiB or nan on CPU)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+    return (time.perf_counter() - t0) / iters * 1e3, mem
+
+
+def bench_rows(args, targs, world, system, model, ema, opt, area, say):
+    """The four measurements at one resolution; each row goes to `say` as soon as it is measured."""
+    cfg, dev, b = system.cfg, system.device, args.batch
+    Lt = cfg.t5_max_len
+    grid = tokens(cfg, area)
+    L = grid[0] * grid[1]
+    torch.manual_seed(0)
+    x0 = torch.randn(b, L, cfg.in_channels, device=dev)
+    cond = (torch.randn(b, Lt, cfg.context_in_dim, device=dev), torch.randn(b, cfg.vec_in_dim, device=dev))
+    null = tuple(torch.zeros_like(c[:1]) for c in cond)
+    eps, eps_self = torch.randn_like(x0), torch.randn_like(x0)
+    t = torch.rand(b, device=dev) * 0.9 + 0.05
+    s = torch.where(torch.arange(b, device=dev) < b // 2, t * 0.5, t)   # half the batch at s < t
+    evaluate = s < t
+    n_eval = int(evaluate.sum())
+    size = train.eval_size(n_eval, b, world, targs.compile)
+    G = lambda x, t_, s_, c: system.G(model, x, t_, s_, c, *grid)
+    G_ema = lambda x, t_, s_, c: system.G(ema, x, t_, s_, c, *grid)
+    fake = lambda idx: tuple(c[idx] for c in cond)
+    skip = torch.zeros((), dtype=torch.bool, device=dev)
+
+    def fwd_bwd():
+        system.velocity(model, x0, t, s, cond, *grid).float().square().mean().backward()
+        opt.zero_grad(set_to_none=True)
+
+    def step(objective, aux):  # train.py's iteration: objective, backward, clip, Adam, EMA
+        a = argparse.Namespace(**{**vars(targs), "objective": objective})
+        loss, _ = train.objective(a, G, G_ema, x0, t, s, cond, null, fake if aux else None, eps, eps_self, evaluate,
+                                  fake_norm=max(n_eval, 1), eval_size=size)
+        loss.backward()
+        train.update(model, opt, system, targs, 10 ** 6, skip)
+
+    F_ = system.denoiser.flops(L, Lt)
+    rows = (("denoiser fwd+bwd", fwd_bwd, 3 * F_ * b), ("FM step", lambda: step("fm", False), 3 * F_ * b),
+            ("Self-E step", lambda: step("selfe", False), 3 * F_ * b + 2 * F_ * n_eval),
+            ("Self-E step + aux", lambda: step("selfe", True), 3 * F_ * b + 5 * F_ * n_eval))
+    fm_ms = None
+    for name, fn, flops in rows:
+        try:
+            ms, mem = measure(fn, args.iters, dev)
+        except torch.OutOfMemoryError:
+            opt.zero_grad(set_to_none=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            say(area, L, targs.compile, name, None)
+            continue
+        fm_ms = ms if name == "FM step" else fm_ms
+        tf = flops / ms / 1e9
+        say(area, L, targs.compile, name, (ms, tf, mem, ms / fm_ms if fm_ms else float("nan")))
+
+
+def benchmark(args, rank, world):
+    cfg = CONFIGS[args.size]
+    areas = args.resolution
+    peak = None
+    rows = []
+
+    def say(area, L, compiled, name, r):
+        rows.append((area, L, compiled, name, r))
+        if rank != 0:
+            return
+        if r is None:
+            print(f"| {area}^2 | {L} | {'yes' if compiled else 'no'} | {name} | OOM | | | | |", flush=True)
+            return
+        ms, tf, mem, ratio = r
+        mfu = f"{100 * tf / peak:.1f}" if peak else "-"
+        mem = "-" if mem != mem else f"{mem:.1f}"                        # nan: no allocator statistics on CPU
+        ratio = "-" if ratio != ratio else f"{ratio:.2f}x"
+        print(f"| {area}^2 | {L} | {'yes' if compiled else 'no'} | {name} | {ms:.1f} | {tf:.3g} | {mfu} | {mem} | "
+              f"{ratio} |", flush=True)
+
+    for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
+        targs = train.get_args(["--size", args.size, "--device", args.device, "--precision", args.precision,
+                                "--seed", "0", *(["--compile"] if compiled else []),
+                                *(["--act-ckpt"] if args.act_ckpt else [])])
+        system, model, ema, opt, peak = train.setup(targs, encoders=False)
+        peak = args.peak_tflops or peak
+        if rank == 0 and not rows:
+            print(f"{args.size} on {world} x {train.device_name(system.device)}, micro-batch {args.batch} per device, "
+                  f"{cfg.t5_max_len} text tokens, {args.precision}{', act-ckpt' if args.act_ckpt else ''}; "
+                  f"peak {peak or 'unknown'} TFLOP/s")
+            print("| pixels | image tokens | compiled | measurement | ms | TFLOP/s | MFU % | peak mem GiB | vs FM |\n"
+                  "|---|---|---|---|---|---|---|---|---|", flush=True)
+        with train.compile_config(targs), train.compile_errors(targs):
+            for area in areas:
+                bench_rows(args, targs, world, system, model, ema, opt, area, say)
+        del system, model, ema, opt
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="2b", choices=list(CONFIGS))
+    p.add_argument("--batch", type=int, default=8, help="per-device micro-batch")
+    p.add_argument("--resolution", default=None, help="square sides in pixels, e.g. 256,512 (default: 256,512; "
+                   "the preset's for tiny and --plan)")
+    p.add_argument("--iters", type=int, default=10, help="timed calls per measurement")
+    p.add_argument("--compile", default="both", choices=("off", "on", "both"), help="blocks eager, compiled, or both")
+    p.add_argument("--act-ckpt", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default=None, choices=("bf16", "fp32"), help="default: bf16 on GPU and for "
+                   "--plan, fp32 on CPU")
+    p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: H100 789)")
+    p.add_argument("--plan", action="store_true", help="print the memory plan and exit (meta device only)")
+    p.add_argument("--world", type=int, default=None, help="devices the states are sharded over, for --plan "
+                   "(default: torchrun's WORLD_SIZE, or 1)")
+    p.add_argument("--objective", default="selfe", choices=("selfe", "fm"), help="the step --plan counts")
+    args = p.parse_args(argv)
+    cfg = CONFIGS[args.size]
+    default_res = str(cfg.resolution) if args.size == "tiny" or args.plan else "256,512"
+    args.resolution = [int(r) for r in (args.resolution or default_res).split(",")]
+    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") or args.plan else "fp32")
+    if args.batch < 1 or args.iters < 1:
+        p.error("--batch and --iters must be >= 1")
+    if args.plan:
+        return print_plan(args, args.world or int(os.environ.get("WORLD_SIZE", "1")))
+    targs = train.get_args(["--device", args.device, "--precision", args.precision])
+    rank, world = train.init_distributed(targs)
+    args.device = targs.device                                            # cuda:LOCAL_RANK under torchrun
+    try:
+        return benchmark(args, rank, world)
+    finally:
+        if train.dist.is_initialized():
+            train.dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
