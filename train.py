@@ -136,6 +136,9 @@ def get_args(argv=None):
                    "their s < t draw with Delta = 0 (c = phi: no classifier score), 'equal' forces s = t [A] 2")
     m.add_argument("--delta-zero", action="store_true", help="the control: Self-E's s, lambda and target (Eq. 17-21) "
                    "with Delta = 0 everywhere, no evaluation passes: what self-evaluation itself adds")
+    m.add_argument("--t-uniform", type=number(float, 0, 1), default=0.0, help="share of t drawn from U(0, 1) "
+                   "instead of the warped logit-normal (s.11-s.12), so that t near 1 (one-step sampling) is trained on "
+                   "short runs (not in the paper: 0)")
     m.add_argument("--ema-warmup", action="store_true", help="warm the EMA decay up as min(d, (1 + n)/(10 + n)) (not "
                    "in the paper, which keeps it constant)")
     args = p.parse_args(argv)
@@ -547,7 +550,7 @@ def bucket_step(system):
 
 def draw(gen, args, step, B, L, tau_steps, dropped):
     """The step's per-sample times for the whole global batch (B floats, on every rank): t (s.11-s.12), s (s.13)."""
-    t = selfe.sample_t(B, L, args.anchor, generator=gen)
+    t = selfe.sample_t(B, L, args.anchor, generator=gen, uniform=args.t_uniform)
     s = selfe.sample_s(t, selfe.tau_at(step, tau_steps), args.p_equal,
                        dropped if args.dropped == "equal" else None, generator=gen)
     return t, (t if args.objective == "fm" else s)

@@ -197,6 +197,13 @@ def test_time_sampling():
     assert (selfe.sample_s(t, 1.0, 0.5, forced)[:100] == t[:100]).all()   # dropped captions keep s = t
     assert (selfe.sample_s(t, 0.0) == t).all()                             # tau = 0: s = t (self-eval fades in)
     assert selfe.tau_at(150, 300) == 0.5 and selfe.tau_at(900, 300) == 1.0
+    # --t-uniform: the paper's draws unchanged at 0; a share p from U(0, 1) puts about p/100 of t above 0.99
+    g = lambda: torch.Generator().manual_seed(3)
+    paper = selfe.sample_t(1000, 64, generator=g())
+    torch.testing.assert_close(selfe.sample_t(1000, 64, generator=g(), uniform=0.0), paper)
+    t = selfe.sample_t(200_000, 64, generator=g(), uniform=0.2)
+    assert (selfe.sample_t(200_000, 64, generator=g()) > 0.99).float().mean() < 1e-4
+    assert abs((t > 0.99).float().mean().item() - 0.002) < 5e-4 and 0 <= t.min() and t.max() < 1
 
 
 # ----------------------------------------------------------------------------------------------------------------------
