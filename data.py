@@ -61,8 +61,8 @@ WORLDS = {
     # The CPU demo: 32 px, three shapes that stay distinct at that size, six colours, larger objects.
     "small": World("small", 32, ("circle", "square", "triangle"), ("red", "green", "blue", "yellow", "purple", "white"),
                    heldout=(("green", "square"), ("yellow", "triangle")),
-                   size_single=(0.38, 0.56), size_two=(0.30, 0.42), size_position=(0.30, 0.40),
-                   size_counting=(0.24, 0.32), max_free_objects=3),
+                   size_single=(0.45, 0.56), size_two=(0.36, 0.44), size_position=(0.34, 0.42),
+                   size_counting=(0.28, 0.33), max_free_objects=3),
     # The reference world for GPU runs: 64 px, five shapes, ten colours.
     "full": World("full", 64, ("circle", "square", "triangle", "star", "cross"), tuple(PALETTE),
                   heldout=(("green", "square"), ("yellow", "triangle"), ("purple", "star"), ("orange", "cross"),

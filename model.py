@@ -108,12 +108,12 @@ class Config:
 CONFIGS = {
     # CPU demo: pixel space 32 px, patch 4 (64 image tokens), small random frozen T5 and CLIP over the shapes world's
     # words (16 text tokens).
-    "tiny": Config(hidden_size=128, num_heads=4, depth=2, depth_single_blocks=2, axes_dim=(4, 14, 14),
+    "tiny": Config(hidden_size=96, num_heads=3, depth=2, depth_single_blocks=2, axes_dim=(4, 14, 14),
                    in_channels=3 * 4 * 4, context_in_dim=64, vec_in_dim=64, resolution=32, latent="pixels", patch=4,
                    t5=T5Config(vocab_size=70, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2),
                    clip=CLIPConfig(vocab_size=70, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                    intermediate_size=128, max_position_embeddings=16, eos_token_id=1),
-                   t5_max_len=16, tokenizer="words", batch=32, steps=1000, lr=1e-3, ema_decay=0.995, world="small"),
+                   t5_max_len=16, tokenizer="words", batch=16, steps=10000, lr=2e-3, ema_decay=0.995, world="small"),
     # The paper's ablation model (Table 2): d 1024, 16 x 64 heads, 8 + 16 blocks, 256^2.
     "0.5b": Config(hidden_size=1024, num_heads=16, axes_dim=(8, 28, 28), resolution=256),
     # The paper's main model (S.2): d 2048, 16 x 128 heads, 8 + 16 blocks; phase 1 at 256^2.
