@@ -256,7 +256,7 @@ def benchmark(args, rank, world):
         targs = train.get_args(["--size", args.size, "--device", args.device, "--precision", args.precision,
                                 "--seed", "0", *(["--compile"] if compiled else []),
                                 *(["--act-ckpt"] if args.act_ckpt else [])])
-        system, model, ema, opt, peak = train.setup(targs, encoders=False)
+        system, model, ema, opt, peak = train.setup(targs, frozen_parts=False)
         peak = args.peak_tflops or peak
         if rank == 0 and not rows:
             print(f"{args.size} on {world} x {train.device_name(system.device)}, micro-batch {args.batch} per device, "

@@ -1,4 +1,4 @@
-"""Benchmark: load a T5 v1.1 XXL checkpoint with model.load_t5; report peak host memory against the file size.
+"""Benchmark: load a T5 v1.1 XXL checkpoint with encoders.load_t5; report peak host memory against the file size.
 
 Writes a synthetic checkpoint with the real key names and shapes of FLUX.1's text_encoder_2/ (HF T5EncoderModel
 layout, bf16, two shards of at most 5 GB + model.safetensors.index.json + config.json; about 9.5 GB), then loads it in
@@ -96,10 +96,10 @@ def write_checkpoint(folder, layers, max_shard=5 * 10**9):
 
 def load_and_measure(folder):
     """Runs in a fresh process: peak RSS of exactly this load."""
-    import model
+    import encoders
     rss0 = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     t0 = time.perf_counter()
-    t5 = model.load_t5(folder, dtype=torch.bfloat16, device="cpu")
+    t5 = encoders.load_t5(folder, dtype=torch.bfloat16, device="cpu")
     seconds = time.perf_counter() - t0
     params = sum(p.numel() * p.element_size() for p in t5.parameters())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -11,10 +11,10 @@ import os
 import sys
 
 import data
-import model
+import encoders
 
 # The errors a user fixes by changing their input. OSError covers files that are missing, unreadable or unwritable.
-INPUT_ERRORS = (data.ManifestError, model.CheckpointError, OSError)
+INPUT_ERRORS = (data.ManifestError, encoders.CheckpointError, OSError)
 
 # Seeds key random generators as (seed << 40) + (step << 20) + position (train.py) or seed * 1000 + image
 # (sample.py): below 2^23 every key fits the 64 bits a torch.Generator takes.

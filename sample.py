@@ -16,7 +16,7 @@ import sys
 import torch
 
 import cli
-import model
+import encoders
 import selfe
 from cli import number
 
@@ -163,7 +163,7 @@ def load_system(args):
         cfg = selfe.preset(args.size)
         if args.resolution:
             cfg = dataclasses.replace(cfg, resolution=args.resolution)
-        weights = model.find_pretrained(args.pretrained, transformer=True)["transformer"]
+        weights = encoders.find_pretrained(args.pretrained, transformer=True)["transformer"]
         system = selfe.SelfE(cfg, args.device, pretrained=args.pretrained, t5=args.t5, clip=args.clip, vae=args.vae,
                              transformer=weights)
         system.guidance = args.guidance

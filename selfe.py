@@ -17,14 +17,14 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
+import safetensors.torch
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 import data
-import model as M
-from model import CONFIGS, CLIPTextEncoder, Config, MMDiT, T5Encoder, init_text_encoder, load_strict
+import encoders
+import model
 
 NULL_PROMPT = ""  # phi: the empty prompt, through both encoders (METHOD.md 3, [ASSUMPTION] 1)
 
@@ -112,12 +112,12 @@ def image_ids(h, w, device="cpu"):
 class SelfE:
     """Denoiser + frozen text encoders (+ autoencoder) of one preset. `denoiser` is trained; `ema` is its EMA copy."""
 
-    def __init__(self, cfg: Config, device="cpu", frozen_seed=0, pretrained=None, t5=None, clip=None, vae=None,
-                 transformer=None, encoders=True, denoiser=True, ae_dtype=torch.float32):
+    def __init__(self, cfg: model.Config, device="cpu", frozen_seed=0, pretrained=None, t5=None, clip=None, vae=None,
+                 transformer=None, frozen_parts=True, denoiser=True, ae_dtype=torch.float32):
         """Build the denoiser (random init, directly on `device`) and the frozen parts. The tiny preset makes its
         stand-ins from `frozen_seed`; the others load the public weights from a FLUX.1 snapshot folder `pretrained`,
         or part by part from `t5` / `clip` folders (weights, config and tokenizer files side by side) and a `vae`
-        file. `transformer` loads a public FLUX.1 transformer (BFL layout) as the denoiser. `encoders=False` skips the
+        file. `transformer` loads a public FLUX.1 transformer (BFL layout) as the denoiser. `frozen_parts=False` skips the
         real frozen parts (training from a cache, benchmarks); the tiny preset's stand-ins are always built, since
         its checkpoints carry them. `denoiser=False` builds the frozen parts alone (the cache builder). The text
         encoders run in bf16 on GPU, the autoencoder in `ae_dtype`."""
@@ -126,32 +126,32 @@ class SelfE:
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32  # of the pretrained parts
         self.denoiser = None
         if transformer is not None:
-            self.denoiser = M.load_flux_transformer(transformer, cfg, dtype, self.device)
+            self.denoiser = model.load_flux_transformer(transformer, cfg, dtype, self.device)
         elif denoiser:
             with torch.device(self.device):
-                self.denoiser = MMDiT(cfg)
+                self.denoiser = model.MMDiT(cfg)
             self.denoiser.init_weights()
         # the text encodings' dtype: the denoiser's parameters' (it casts its inputs itself)
         self.dtype = next(self.denoiser.parameters()).dtype if self.denoiser is not None else torch.float32
         self.ema, self.ae, self._null = None, None, None
         if cfg.tokenizer == "words":  # the tiny preset's stand-ins: same classes as the real encoders, random, seeded
-            self.t5_tokenizer = data.WordTokenizer(cfg.t5_max_len, "pad-end")
-            self.clip_tokenizer = data.WordTokenizer(cfg.clip.max_position_embeddings, "start-end")
-            self.t5 = init_text_encoder(T5Encoder(cfg.t5), frozen_seed).to(self.device).requires_grad_(False)
-            self.clip = init_text_encoder(CLIPTextEncoder(cfg.clip), frozen_seed + 1).to(self.device)
+            self.t5_tokenizer = encoders.WordTokenizer(data.WORDS, cfg.t5_max_len, "pad-end")
+            self.clip_tokenizer = encoders.WordTokenizer(data.WORDS, cfg.clip.max_position_embeddings, "start-end")
+            self.t5 = encoders.init_text_encoder(encoders.T5Encoder(cfg.t5), frozen_seed).to(self.device).requires_grad_(False)
+            self.clip = encoders.init_text_encoder(encoders.CLIPTextEncoder(cfg.clip), frozen_seed + 1).to(self.device)
             self.clip.requires_grad_(False)
-        elif not encoders:
+        elif not frozen_parts:
             self.t5 = self.clip = None
         else:
             p = frozen_paths(pretrained, t5, clip, vae)
-            self.t5 = M.load_t5(p["t5"], dtype, self.device).requires_grad_(False)
-            self.clip = M.load_clip(p["clip"], dtype, self.device).requires_grad_(False)
-            self.t5_tokenizer = data.T5Tokenizer(p["t5_tokenizer"], cfg.t5_max_len)
-            self.clip_tokenizer = data.CLIPTokenizer(p["clip_vocab"], p["clip_merges"], cfg.clip.max_position_embeddings)
-        if cfg.latent == "flux-vae" and encoders:
+            self.t5 = encoders.load_t5(p["t5"], dtype, self.device).requires_grad_(False)
+            self.clip = encoders.load_clip(p["clip"], dtype, self.device).requires_grad_(False)
+            self.t5_tokenizer = encoders.T5Tokenizer(p["t5_tokenizer"], cfg.t5_max_len)
+            self.clip_tokenizer = encoders.CLIPTokenizer(p["clip_vocab"], p["clip_merges"], cfg.clip.max_position_embeddings)
+        if cfg.latent == "flux-vae" and frozen_parts:
             if cfg.tokenizer == "words":
                 raise ValueError("a flux-vae preset needs the pretrained frozen parts")
-            self.ae = M.load_autoencoder(p["ae"], ae_dtype, self.device).requires_grad_(False)
+            self.ae = encoders.load_autoencoder(p["ae"], ae_dtype, self.device).requires_grad_(False)
 
     # -- text
     @torch.no_grad()
@@ -205,24 +205,25 @@ class SelfE:
         return x.clamp(-1, 1)
 
     # -- the network
-    def velocity(self, model, x, t, s, cond, h, w):
-        """V_theta(x, t, s, c): x (B, h w, C); t, s (B,) fp32; cond (txt, vec). Shared positions ride with batch 1."""
+    def velocity(self, net, x, t, s, cond, h, w):
+        """V_theta(x, t, s, c) of `net` (the denoiser or its EMA): x (B, h w, C); t, s (B,) fp32; cond (txt, vec).
+        Shared positions ride with batch 1."""
         txt, vec = cond
         img_ids = image_ids(h, w, x.device)
         txt_ids = torch.zeros(1, txt.shape[1], 3, device=x.device)
         guidance = torch.full_like(t, self.guidance) if self.cfg.guidance_embed else None
-        return model(x, img_ids, txt, txt_ids, t, s, vec, guidance)
+        return net(x, img_ids, txt, txt_ids, t, s, vec, guidance)
 
-    def G(self, model, x, t, s, cond, h, w):
+    def G(self, net, x, t, s, cond, h, w):
         """Eq. (6): G_theta(x_t, t, s, c) = x_t - t V_theta(x_t, t, s, c), in fp32."""
-        return g_head(x.float(), t, self.velocity(model, x, t, s, cond, h, w).float())
+        return g_head(x.float(), t, self.velocity(net, x, t, s, cond, h, w).float())
 
     # -- EMA
     def make_ema(self):
         """The EMA copy. It only ever runs without gradient, yet its parameters keep requires_grad as the model's do:
         torch.compile guards on that flag, so the two then share their compiled no-grad graphs."""
         with torch.device(self.device):
-            self.ema = MMDiT(self.cfg)
+            self.ema = model.MMDiT(self.cfg)
         self.ema.load_state_dict(self.denoiser.state_dict())
         return self.ema
 
@@ -249,15 +250,15 @@ class SelfE:
     def load_frozen_state(self, sd, where):
         for name, mod in (("t5", self.t5), ("clip", self.clip)):
             part = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
-            load_strict(mod, part, f"{where} ({name}.*)")
+            encoders.load_strict(mod, part, f"{where} ({name}.*)")
 
 
 def frozen_paths(pretrained=None, t5=None, clip=None, vae=None):
-    """Where the real frozen parts come from: a FLUX.1 snapshot folder (model.find_pretrained), each part overridable;
+    """Where the real frozen parts come from: a FLUX.1 snapshot folder (encoders.find_pretrained), each part overridable;
     or, without a folder, all three parts given: T5 and CLIP folders with their tokenizer files beside the weights
     (as the google/t5-v1_1-xxl and openai/clip-vit-large-patch14 repositories have them) and the autoencoder file."""
     if pretrained:
-        p = M.find_pretrained(pretrained)
+        p = encoders.find_pretrained(pretrained)
     elif t5 and clip and vae:
         p = {}
     else:
@@ -332,9 +333,9 @@ def save_checkpoint(out, system, step, flags, optimizer=None, keep=2):
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)          # gathered onto rank 0's CPU
     ema = get_model_state_dict(system.ema, options=full)
     if _rank0():
-        save_file({k: v.contiguous() for k, v in ema.items()}, os.path.join(tmp, "ema.safetensors"))
+        safetensors.torch.save_file({k: v.contiguous() for k, v in ema.items()}, os.path.join(tmp, "ema.safetensors"))
         if system.cfg.tokenizer == "words":  # random stand-ins travel with the checkpoint
-            save_file({k: v.detach().cpu().contiguous() for k, v in system.frozen_state().items()},
+            safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in system.frozen_state().items()},
                       os.path.join(tmp, "frozen.safetensors"))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump({"config": system.cfg.to_dict(), "flags": flags, "step": step}, f, indent=1)
@@ -358,7 +359,7 @@ def load_training_state(path, system, optimizer=None):
     whatever the world size that wrote them."""
     where = os.path.join(path, "dcp")
     if not os.path.isfile(os.path.join(where, ".metadata")):
-        raise M.CheckpointError(f"{where}: no distributed checkpoint here (missing .metadata)")
+        raise encoders.CheckpointError(f"{where}: no distributed checkpoint here (missing .metadata)")
     state = training_state(system, optimizer)
     try:
         with warnings.catch_warnings():
@@ -366,7 +367,7 @@ def load_training_state(path, system, optimizer=None):
             dcp.load(state, checkpoint_id=where, no_dist=not dist.is_initialized())
     except (Exception, CheckpointException) as e:  # a missing or foreign shard file, a shape that does not fit
         cause = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        raise M.CheckpointError(f"{where}: cannot load the checkpoint: {cause[-1].strip()}") from e
+        raise encoders.CheckpointError(f"{where}: cannot load the checkpoint: {cause[-1].strip()}") from e
     set_model_state_dict(system.denoiser, state["model"])
     if system.ema is not None:
         set_model_state_dict(system.ema, state["ema"])
@@ -381,7 +382,7 @@ def resolve_checkpoint(path):
         with open(latest) as f:
             name = f.read().strip()
         if not os.path.isfile(os.path.join(path, name, "config.json")):
-            raise M.CheckpointError(f"{latest} names {name!r}, which is not a complete checkpoint: write the name of "
+            raise encoders.CheckpointError(f"{latest} names {name!r}, which is not a complete checkpoint: write the name of "
                                     f"one of the step-* folders there into it")
         return os.path.join(path, name)
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -393,29 +394,29 @@ def resolve_checkpoint(path):
 def read_meta(path):
     """A step folder's config.json -> (Config, {"config", "flags", "step"}); a damaged one is an error naming it."""
     file = os.path.join(path, "config.json")
-    meta = M.read_json(file)
+    meta = encoders.read_json(file)
     try:
-        cfg = Config.from_dict(meta["config"])
+        cfg = model.Config.from_dict(meta["config"])
         if not isinstance(meta["flags"], dict) or not isinstance(meta["step"], int):
             raise TypeError("'flags' is not an object or 'step' is not an integer")
     except (KeyError, TypeError, ValueError) as e:  # not the fields a checkpoint writes
-        raise M.CheckpointError(f"{file}: damaged ({type(e).__name__}: {e}); use another step-* folder of the "
+        raise encoders.CheckpointError(f"{file}: damaged ({type(e).__name__}: {e}); use another step-* folder of the "
                                 f"run") from e
     if cfg.tokenizer == "bytes":
-        raise M.CheckpointError(f"{file}: trained with an earlier tiny preset whose stand-in encoders read bytes; the "
-                                f"tiny preset now reads words (data.WordTokenizer), so this checkpoint cannot be "
+        raise encoders.CheckpointError(f"{file}: trained with an earlier tiny preset whose stand-in encoders read bytes; the "
+                                f"tiny preset now reads words (encoders.WordTokenizer), so this checkpoint cannot be "
                                 f"rebuilt: train it again with `python train.py`")
     return cfg, meta
 
 
 def read_weights(file, device="cpu"):
-    """A checkpoint's .safetensors -> state dict. The header is checked first (model.read_header), so a truncated or
+    """A checkpoint's .safetensors -> state dict. The header is checked first (encoders.read_header), so a truncated or
     damaged file is an error naming it, as is anything the reader itself refuses."""
-    M.read_header(file)
+    encoders.read_header(file)
     try:
-        return load_file(file, device=str(device))
+        return safetensors.torch.load_file(file, device=str(device))
     except Exception as e:  # the safetensors reader's own error for a body the header check cannot see
-        raise M.CheckpointError(f"{file}: cannot read: {e}") from e
+        raise encoders.CheckpointError(f"{file}: cannot read: {e}") from e
 
 
 def load_checkpoint(path, device="cpu", weights="ema", pretrained=None, t5=None, clip=None, vae=None,
@@ -436,7 +437,7 @@ def load_checkpoint(path, device="cpu", weights="ema", pretrained=None, t5=None,
     elif not os.path.isfile(file):
         raise FileNotFoundError(f"{file} missing: the checkpoint at {path} is incomplete")
     else:
-        load_strict(system.denoiser, read_weights(file, system.device), file)
+        encoders.load_strict(system.denoiser, read_weights(file, system.device), file)
     frozen = os.path.join(path, "frozen.safetensors")
     if cfg.tokenizer == "words":
         system.load_frozen_state(read_weights(frozen, system.device), frozen)
@@ -445,6 +446,6 @@ def load_checkpoint(path, device="cpu", weights="ema", pretrained=None, t5=None,
 
 
 def preset(name):
-    if name not in CONFIGS:
-        raise SystemExit(f"unknown preset {name!r}; choose from {', '.join(CONFIGS)}")
-    return CONFIGS[name]
+    if name not in model.CONFIGS:
+        raise SystemExit(f"unknown preset {name!r}; choose from {', '.join(model.CONFIGS)}")
+    return model.CONFIGS[name]

@@ -50,7 +50,8 @@ import losses
 import sample as sampler
 import selfe
 from cli import number
-from model import CONFIGS, CheckpointError
+from encoders import CheckpointError
+from model import CONFIGS
 
 PREVIEW_PROMPTS = ["a red circle to the left of a blue square", "a photo of a green circle", "a photo of three squares",
                    "a photo of a triangle above a circle", "a photo of a white square and a purple triangle"]
@@ -226,15 +227,15 @@ def parallelize(model, args):
     return model
 
 
-def setup(args, encoders=True):
-    """The system (denoiser, frozen parts unless `encoders` is False), the denoiser and its EMA sharded alike, Adam
+def setup(args, frozen_parts=True):
+    """The system (denoiser, real frozen parts unless `frozen_parts` is False), the denoiser and its EMA sharded alike, Adam
     (its state sharded with them) and the per-device peak for MFU; train and bench.py share it. Adam is the fused
     one: it can skip a step on the device (found_inf), so no step waits on the host to read the gradient norm."""
     if args.device.startswith("cuda"):
         torch.backends.cuda.enable_cudnn_sdp(False)  # its backward failed with torch 2.11 + CUDA 13
     torch.manual_seed(args.seed)                                           # the same initial weights on every rank
     system = selfe.SelfE(CONFIGS[args.size], args.device, args.seed, args.pretrained, args.t5, args.clip, args.vae,
-                         encoders=encoders)
+                         frozen_parts=frozen_parts)
     ema = system.make_ema()
     model = parallelize(system.denoiser, args)
     parallelize(ema, args)                                                 # the fp32 EMA, sharded like the model
@@ -340,7 +341,7 @@ def train(args, rank, world):
     b = B // (world * A)                                                   # per-rank micro-batch
     resume_from, start = prepare_out(args, rank)                           # before anything is built or written
     cached = data.is_cache(args.data)
-    system, model, ema, opt, peak = setup(args, encoders=not cached)
+    system, model, ema, opt, peak = setup(args, frozen_parts=not cached)
 
     if cached:
         source = data.CachedData(args.data, cache_meta(args, cfg), B, args.seed)

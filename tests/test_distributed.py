@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import encoders
 import model
 import selfe
 import train
@@ -267,10 +268,10 @@ def test_missing_or_foreign_checkpoint_shard_is_named(one_proc, tmp_path):
     (broken / "latest").write_text("step-0000002\n")
     shard = next((broken / "step-0000002" / "dcp").glob("*.distcp"))
     os.remove(shard)
-    with pytest.raises(model.CheckpointError, match=r"step-0000002/dcp: cannot load the checkpoint"):
+    with pytest.raises(encoders.CheckpointError, match=r"step-0000002/dcp: cannot load the checkpoint"):
         train.main([*ARGS, "--resume", "--out", str(broken)])
     shutil.rmtree(broken / "step-0000002" / "dcp")
-    with pytest.raises(model.CheckpointError, match=r"dcp: no distributed checkpoint here"):
+    with pytest.raises(encoders.CheckpointError, match=r"dcp: no distributed checkpoint here"):
         train.main([*ARGS, "--resume", "--out", str(broken)])
 
 

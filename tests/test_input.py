@@ -11,6 +11,7 @@ import torch
 
 import cli
 import data
+import encoders
 import model
 import sample as sampler
 import selfe
@@ -45,7 +46,7 @@ def test_fresh_run_into_a_folder_holding_a_run_is_refused_and_loses_nothing(tmp_
     out = tmp_path / "run"
     _train(out)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    with pytest.raises(model.CheckpointError, match=r"already holds a run .*--resume .*--overwrite"):
+    with pytest.raises(encoders.CheckpointError, match=r"already holds a run .*--resume .*--overwrite"):
         _train(out, "--steps", "2", "--ckpt-every", "1")
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     hist = _train(out, "--steps", "2", "--ckpt-every", "1", "--overwrite")
@@ -69,12 +70,12 @@ def test_clean_up_never_deletes_the_checkpoint_latest_names(tmp_path):
 
 
 def test_resume_without_a_checkpoint_is_named_and_makes_nothing(tmp_path):
-    with pytest.raises(model.CheckpointError, match=r"--resume: .*none holds no checkpoint"):
+    with pytest.raises(encoders.CheckpointError, match=r"--resume: .*none holds no checkpoint"):
         _train(tmp_path / "none", "--resume")
     assert not (tmp_path / "none").exists()
     (tmp_path / "dangling").mkdir()
     (tmp_path / "dangling" / "latest").write_text("step-0000005\n")
-    with pytest.raises(model.CheckpointError, match=r"latest names 'step-0000005', which is not a complete checkpoint"):
+    with pytest.raises(encoders.CheckpointError, match=r"latest names 'step-0000005', which is not a complete checkpoint"):
         _train(tmp_path / "dangling", "--resume")
 
 
@@ -180,14 +181,14 @@ def test_damaged_checkpoint_file_is_named(ckpt, tmp_path, file, damage, message)
     raw = path.read_bytes()
     path.write_bytes({"truncate": raw[:len(raw) // 2], "header": raw[:8] + b"\x00\xff" * 20 + raw[48:],
                       "empty": b"", "garbage": b"\x89PNG not json", "fields": b'{"config": {}}'}[damage])
-    with pytest.raises(model.CheckpointError, match=message):
+    with pytest.raises(encoders.CheckpointError, match=message):
         selfe.load_checkpoint(str(run))
 
 
 def test_damaged_snapshot_config_is_named(tmp_path):
     (tmp_path / "config.json").write_text("")
-    with pytest.raises(model.CheckpointError, match=r"config\.json: damaged"):
-        model.read_config(str(tmp_path))
+    with pytest.raises(encoders.CheckpointError, match=r"config\.json: damaged"):
+        encoders.read_config(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 
 import cli
 import data
+import encoders
 import losses
 import model
 import sample as sampler
@@ -407,8 +408,8 @@ def test_bad_sweep():
 
 
 def test_long_prompt_truncates_with_warning(capsys):
-    ids = data.WordTokenizer(16)(["a red circle " * 10])
-    assert ids.shape == (1, 16) and ids[0, -1] == data.WordTokenizer.eos_id
+    ids = encoders.WordTokenizer(data.WORDS, 16)(["a red circle " * 10])
+    assert ids.shape == (1, 16) and ids[0, -1] == encoders.WordTokenizer.eos_id
     assert "truncated" in capsys.readouterr().err
 
 
@@ -418,7 +419,7 @@ def test_checkpoint_of_the_byte_level_tiny_preset_is_named(tmp_path):
     meta = json.loads((step / "config.json").read_text())
     meta["config"]["tokenizer"] = "bytes"
     (step / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(model.CheckpointError, match="stand-in encoders read bytes.*python train.py"):
+    with pytest.raises(encoders.CheckpointError, match="stand-in encoders read bytes.*python train.py"):
         selfe.load_checkpoint(str(tmp_path / "run"))
 
 
@@ -426,7 +427,7 @@ def test_word_tokenizer_round_trips_captions_and_encodes_any_prompt():
     """The tiny preset's stand-in tokenizer: one id per word of every world's captions (round trip exact, all inside
     the word vocabulary, within the preset's text length); anything else still encodes, through hashed buckets."""
     cfg = model.CONFIGS["tiny"]
-    tok = data.WordTokenizer(cfg.t5_max_len)
+    tok = encoders.WordTokenizer(data.WORDS, cfg.t5_max_len)
     n_words = 3 + len(data.WORDS)
     assert tok.vocab_size == cfg.t5.vocab_size == cfg.clip.vocab_size
     for world in data.WORLDS.values():
@@ -441,9 +442,9 @@ def test_word_tokenizer_round_trips_captions_and_encodes_any_prompt():
     assert n_words <= crimson[1] < tok.vocab_size and crimson == tok.encode("a crimson circle") and crimson != scarlet
     odd = ["", "   ", "\U0001f600 emoji", "a\tred\ncircle", "über straße", "<pad> </s> <|endoftext|>", "1234", "_"]
     for framing in ("pad-end", "start-end"):
-        ids = data.WordTokenizer(16, framing)(odd)
+        ids = encoders.WordTokenizer(data.WORDS, 16, framing)(odd)
         assert ids.shape == (len(odd), 16) and 0 <= ids.min() and ids.max() < tok.vocab_size
-        assert (ids == data.WordTokenizer.eos_id).any(1).all()  # every row has its end token (CLIP pools there)
+        assert (ids == encoders.WordTokenizer.eos_id).any(1).all()  # every row has its end token (CLIP pools there)
     txt, vec = tiny_system().encode_text(odd)
     assert torch.isfinite(txt).all() and torch.isfinite(vec).all()
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import data
+import encoders
 import model
 
 TOL = 1e-5
@@ -56,7 +56,7 @@ def test_t5_sharded_layout_parity(t5_ref):
     ref, folder = t5_ref
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1, "the reference must be sharded to exercise the index"
-    ours = model.load_t5(str(folder), dtype=torch.float32)
+    ours = encoders.load_t5(str(folder), dtype=torch.float32)
     assert ours.c.num_layers == 3 and ours.c.relative_attention_max_distance == 20  # config.json was read
     ids = torch.randint(0, 120, (2, 40), generator=torch.Generator().manual_seed(1))  # 40 > max distance: log buckets
     ids[:, 25:] = 0  # pads attend, as FLUX runs T5 without a mask
@@ -66,7 +66,7 @@ def test_t5_sharded_layout_parity(t5_ref):
     err = maxerr(got, want)
     print(f"T5 max abs err {err:.2e}")
     assert err <= TOL
-    bf16 = model.load_t5(str(folder), dtype=torch.bfloat16)
+    bf16 = encoders.load_t5(str(folder), dtype=torch.bfloat16)
     assert next(bf16.parameters()).dtype == torch.bfloat16 and not next(bf16.parameters()).requires_grad
 
 
@@ -75,14 +75,14 @@ def test_t5_single_file_with_tied_embedding(t5_ref, tmp_path):
     sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
     sd["encoder.embed_tokens.weight"] = sd["shared.weight"].clone()  # the tied copy some files carry
     save_file(sd, str(tmp_path / "model.safetensors"))
-    ours = model.load_t5(str(tmp_path / "model.safetensors"), dtype=torch.float32, config=model.t5_config_from_hf(
+    ours = encoders.load_t5(str(tmp_path / "model.safetensors"), dtype=torch.float32, config=encoders.t5_config_from_hf(
         ref.config.to_dict()))
     ids = torch.randint(0, 120, (1, 12))
     with torch.no_grad():
         assert maxerr(ours(ids), ref(input_ids=ids).last_hidden_state) <= TOL
     del sd["shared.weight"]  # only the tied name: used as shared.weight
     save_file(sd, str(tmp_path / "model.safetensors"))
-    ours = model.load_t5(str(tmp_path / "model.safetensors"), dtype=torch.float32, config=ours.c)
+    ours = encoders.load_t5(str(tmp_path / "model.safetensors"), dtype=torch.float32, config=ours.c)
     with torch.no_grad():
         assert maxerr(ours(ids), ref(input_ids=ids).last_hidden_state) <= TOL
 
@@ -127,7 +127,7 @@ def check_clip(ours, ref):
 
 def test_clip_parity_both_prefixes(clip_ref, tmp_path):
     ref, folder = clip_ref
-    ours = model.load_clip(str(folder), dtype=torch.float32)
+    ours = encoders.load_clip(str(folder), dtype=torch.float32)
     assert ours.c.eos_token_id == 99  # legacy eos 2 in config.json -> vocab_size - 1
     check_clip(ours, ref)
     # the other prefix convention, plus the position_ids buffer old files carry
@@ -136,7 +136,7 @@ def test_clip_parity_both_prefixes(clip_ref, tmp_path):
     flip["text_model.embeddings.position_ids"] = torch.arange(20)[None]
     save_file(flip, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
-    check_clip(model.load_clip(str(tmp_path), dtype=torch.float32), ref)
+    check_clip(encoders.load_clip(str(tmp_path), dtype=torch.float32), ref)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -171,7 +171,7 @@ def check_ae(ours, ref):
 
 def test_autoencoder_diffusers_layout_parity(ae_ref):
     ref, folder = ae_ref
-    ours = model.load_autoencoder(str(folder), dtype=torch.float32)
+    ours = encoders.load_autoencoder(str(folder), dtype=torch.float32)
     assert ours.c.ch_mult == (1, 2, 2) and ours.c.num_res_blocks == 2
     check_ae(ours, ref)
 
@@ -179,15 +179,15 @@ def test_autoencoder_diffusers_layout_parity(ae_ref):
 def test_autoencoder_bfl_layout_parity(ae_ref, tmp_path):
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     ref, folder = ae_ref
-    cfg = model.AutoEncoderConfig(ch=32, ch_mult=(1, 2, 2))
-    sd = {k: v.contiguous() for k, v in model.load_autoencoder(str(folder), dtype=torch.float32).state_dict().items()}
+    cfg = encoders.AutoEncoderConfig(ch=32, ch_mult=(1, 2, 2))
+    sd = {k: v.contiguous() for k, v in encoders.load_autoencoder(str(folder), dtype=torch.float32).state_dict().items()}
     save_file(sd, str(tmp_path / "ae.safetensors"))
     # diffusers' converter reads the BFL names: it must find every one of ours and give back the reference weights
     conv = convert_ldm_vae_checkpoint(dict(sd), dict(ref.config))
     want = ref.state_dict()
     assert set(conv) == set(want)
     assert all(torch.equal(conv[k].reshape(want[k].shape), want[k]) for k in want)
-    check_ae(model.load_autoencoder(str(tmp_path / "ae.safetensors"), dtype=torch.float32, config=cfg), ref)
+    check_ae(encoders.load_autoencoder(str(tmp_path / "ae.safetensors"), dtype=torch.float32, config=cfg), ref)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -325,7 +325,7 @@ def test_t5_tokenizer_against_transformers(spiece):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("google.protobuf")
     ref = transformers.T5Tokenizer.from_pretrained(os.path.dirname(spiece), extra_ids=0)  # offline: a local folder
-    ours = data.T5Tokenizer(spiece, max_len=32)
+    ours = encoders.T5Tokenizer(spiece, max_len=32)
     prompts = CORPUS + varied_prompts(300, seed=1) + [""]
     got = ours(prompts)
     want = torch.tensor(ref(prompts, padding="max_length", max_length=32, truncation=True).input_ids)
@@ -349,7 +349,7 @@ def test_t5_tokenizer_reads_typed_special_tokens_as_transformers_does(spiece, ex
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("google.protobuf")
     ref = transformers.T5Tokenizer.from_pretrained(os.path.dirname(spiece), extra_ids=extra_ids)
-    ours = data.T5Tokenizer(spiece, max_len=32, extra_ids=extra_ids)
+    ours = encoders.T5Tokenizer(spiece, max_len=32, extra_ids=extra_ids)
     got = ours(T5_TYPED).tolist()
     want = ref(T5_TYPED, padding="max_length", max_length=32, truncation=True).input_ids
     bad = [(p, g, w) for p, g, w in zip(T5_TYPED, got, want) if g != w]
@@ -365,7 +365,7 @@ def clip_files(folder):
         pytest.skip("open_clip_torch not installed (pip install --no-deps open_clip_torch)")
     gz = os.path.join(spec.submodule_search_locations[0], "bpe_simple_vocab_16e6.txt.gz")
     merges = gzip.open(gz).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    byte_chars = list(data.bytes_to_unicode().values())
+    byte_chars = list(encoders.bytes_to_unicode().values())
     vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}), encoding="utf-8")
@@ -386,7 +386,7 @@ def open_clip_tokenizer(pkg_dir, monkeypatch):
 
 def test_clip_tokenizer_against_openai(tmp_path, monkeypatch):
     vocab, merges, pkg = clip_files(tmp_path)
-    ours = data.CLIPTokenizer(vocab, merges)
+    ours = encoders.CLIPTokenizer(vocab, merges)
     assert ours(["a photo of a cat"])[0, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407, 49407]
     ref = open_clip_tokenizer(pkg, monkeypatch)
     prompts = CORPUS + varied_prompts(400, seed=2) + ["", "   ", "a" * 300, "word " * 200]
@@ -401,7 +401,7 @@ def test_clip_tokenizer_against_openai(tmp_path, monkeypatch):
 def test_clip_tokenizer_against_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     vocab, merges, _ = clip_files(tmp_path)
-    ours = data.CLIPTokenizer(vocab, merges)
+    ours = encoders.CLIPTokenizer(vocab, merges)
     ref = transformers.CLIPTokenizer.from_pretrained(str(tmp_path))  # offline: vocab.json + merges.txt
     prompts = CORPUS + varied_prompts(300, seed=3) + CLIP_TYPED
     want = ref(prompts, padding="max_length", max_length=77, truncation=True).input_ids
@@ -417,7 +417,7 @@ def test_clip_tokenizer_against_transformers(tmp_path):
 
 def test_find_pretrained(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
-        model.find_pretrained(str(tmp_path))
+        encoders.find_pretrained(str(tmp_path))
     for want in ("text_encoder_2/model.safetensors.index.json", "text_encoder/model.safetensors", "ae.safetensors",
                  "tokenizer_2/spiece.model", "tokenizer/vocab.json", "tokenizer/merges.txt"):
         assert want in str(e.value)
@@ -425,13 +425,13 @@ def test_find_pretrained(tmp_path):
               "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer_2/spiece.model"):
         (tmp_path / f).parent.mkdir(exist_ok=True)
         (tmp_path / f).write_text("")
-    parts = model.find_pretrained(str(tmp_path))
+    parts = encoders.find_pretrained(str(tmp_path))
     assert parts["t5"] == str(tmp_path / "text_encoder_2") and parts["ae"] == str(tmp_path / "ae.safetensors")
     with pytest.raises(FileNotFoundError, match="flux1-schnell.safetensors"):
-        model.find_pretrained(str(tmp_path), transformer=True)
+        encoders.find_pretrained(str(tmp_path), transformer=True)
     (tmp_path / "ae.safetensors").unlink()
     with pytest.raises(FileNotFoundError) as e:
-        model.find_pretrained(str(tmp_path))
+        encoders.find_pretrained(str(tmp_path))
     assert "ae.safetensors" in str(e.value) and "spiece" not in str(e.value)
 
 
@@ -444,12 +444,12 @@ def test_snapshot_folder_end_to_end(t5_ref, clip_ref, ae_ref, spiece, tmp_path):
     shutil.copy(spiece, tmp_path / "tokenizer_2" / "spiece.model")
     (tmp_path / "tokenizer").mkdir()
     vocab, merges, _ = clip_files(tmp_path / "tokenizer")
-    parts = model.find_pretrained(str(tmp_path))
+    parts = encoders.find_pretrained(str(tmp_path))
     assert parts["ae"].endswith(os.path.join("vae", "diffusion_pytorch_model.safetensors"))
-    t5, clip = model.load_t5(parts["t5"], torch.float32), model.load_clip(parts["clip"], torch.float32)
-    ae = model.load_autoencoder(parts["ae"], torch.float32)
-    t5_ids = data.T5Tokenizer(parts["t5_tokenizer"], 16)(["a red circle"])  # (1, 16), ids < the tiny vocab
-    clip_ids = data.CLIPTokenizer(parts["clip_vocab"], parts["clip_merges"], max_len=20)(["a red circle"])
+    t5, clip = encoders.load_t5(parts["t5"], torch.float32), encoders.load_clip(parts["clip"], torch.float32)
+    ae = encoders.load_autoencoder(parts["ae"], torch.float32)
+    t5_ids = encoders.T5Tokenizer(parts["t5_tokenizer"], 16)(["a red circle"])  # (1, 16), ids < the tiny vocab
+    clip_ids = encoders.CLIPTokenizer(parts["clip_vocab"], parts["clip_merges"], max_len=20)(["a red circle"])
     assert t5(t5_ids).shape == (1, 16, 32) and clip_ids.shape == (1, 20)
     assert clip(clip_ids.clamp(max=99))[1].shape == (1, 32)  # the tiny CLIP: 100 ids, 20 positions
     assert ae.decode(ae.encode(torch.zeros(1, 3, 16, 16))).shape == (1, 3, 16, 16)
@@ -458,45 +458,45 @@ def test_snapshot_folder_end_to_end(t5_ref, clip_ref, ae_ref, spiece, tmp_path):
 @pytest.fixture
 def ae_file(tmp_path):
     with torch.device("meta"):
-        m = model.AutoEncoder(model.AutoEncoderConfig(ch=32, ch_mult=(1, 2)))
+        m = encoders.AutoEncoder(encoders.AutoEncoderConfig(ch=32, ch_mult=(1, 2)))
     sd = {k: torch.randn(v.shape) for k, v in m.state_dict().items()}
-    return tmp_path / "ae.safetensors", sd, model.AutoEncoderConfig(ch=32, ch_mult=(1, 2))
+    return tmp_path / "ae.safetensors", sd, encoders.AutoEncoderConfig(ch=32, ch_mult=(1, 2))
 
 
 def test_bad_autoencoder_files(ae_file, monkeypatch):
     path, sd, cfg = ae_file
-    load = lambda: model.load_autoencoder(str(path), config=cfg)
-    with pytest.raises(model.CheckpointError, match="file not found"):
+    load = lambda: encoders.load_autoencoder(str(path), config=cfg)
+    with pytest.raises(encoders.CheckpointError, match="file not found"):
         load()
     save_file(sd, str(path))
     load()  # the good one loads
     read = []  # nothing may be read before the whole header is checked
-    monkeypatch.setattr(model, "_read_into", lambda *a: read.append(a))
+    monkeypatch.setattr(encoders, "_read_into", lambda *a: read.append(a))
     renamed = dict(sd)
     renamed["encoder.conv_in.weight_renamed"] = renamed.pop("encoder.conv_in.weight")
     save_file(renamed, str(path))
-    with pytest.raises(model.CheckpointError) as e:
+    with pytest.raises(encoders.CheckpointError) as e:
         load()
     assert "ae.safetensors" in str(e.value) and "encoder.conv_in.weight" in str(e.value) and \
         "encoder.conv_in.weight_renamed" in str(e.value)
     save_file({k: v for k, v in sd.items() if not k.startswith("decoder.")}, str(path))
-    with pytest.raises(model.CheckpointError, match="missing keys \\['decoder.conv_in.weight'"):
+    with pytest.raises(encoders.CheckpointError, match="missing keys \\['decoder.conv_in.weight'"):
         load()
     save_file({**sd, "decoder.conv_out.weight": torch.randn(3, 32, 1, 1)}, str(path))
-    with pytest.raises(model.CheckpointError, match="decoder.conv_out.weight: file \\(3, 32, 1, 1\\) vs model"):
+    with pytest.raises(encoders.CheckpointError, match="decoder.conv_out.weight: file \\(3, 32, 1, 1\\) vs model"):
         load()
     save_file({**sd, "encoder.conv_in.bias": torch.arange(32)}, str(path))
-    with pytest.raises(model.CheckpointError, match="encoder.conv_in.bias: I64"):
+    with pytest.raises(encoders.CheckpointError, match="encoder.conv_in.bias: I64"):
         load()
     assert not read
     monkeypatch.undo()
     save_file(sd, str(path))
     raw = path.read_bytes()
     path.write_bytes(raw[:len(raw) // 2])
-    with pytest.raises(model.CheckpointError, match="truncated"):
+    with pytest.raises(encoders.CheckpointError, match="truncated"):
         load()
     path.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(model.CheckpointError, match="not a safetensors file"):
+    with pytest.raises(encoders.CheckpointError, match="not a safetensors file"):
         load()
 
 
@@ -506,21 +506,21 @@ def test_bad_sharded_t5(t5_ref, tmp_path):
         (tmp_path / f.name).write_bytes(f.read_bytes())
     shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
     shard.unlink()
-    with pytest.raises(model.CheckpointError, match=f"shard files missing: \\['{shard.name}'\\]"):
-        model.load_t5(str(tmp_path))
-    with pytest.raises(model.CheckpointError, match="T5 config feed_forward_proj='relu'"):
-        model.t5_config_from_hf({"feed_forward_proj": "relu"})
-    cfg = model.T5Config(vocab_size=120, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=3,
+    with pytest.raises(encoders.CheckpointError, match=f"shard files missing: \\['{shard.name}'\\]"):
+        encoders.load_t5(str(tmp_path))
+    with pytest.raises(encoders.CheckpointError, match="T5 config feed_forward_proj='relu'"):
+        encoders.t5_config_from_hf({"feed_forward_proj": "relu"})
+    cfg = encoders.T5Config(vocab_size=120, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=3,
                          relative_attention_num_buckets=8, relative_attention_max_distance=20)
-    with pytest.raises(model.CheckpointError, match="wrong shapes \\['encoder.block.0.layer.1.DenseReluDense"):
-        model.load_t5(str(folder), config=cfg)
+    with pytest.raises(encoders.CheckpointError, match="wrong shapes \\['encoder.block.0.layer.1.DenseReluDense"):
+        encoders.load_t5(str(folder), config=cfg)
 
 
 def test_load_strict_in_memory():
     m = torch.nn.Linear(3, 2)
-    with pytest.raises(model.CheckpointError, match="here: cannot load: missing keys \\['bias'\\]"):
-        model.load_strict(m, {"weight": torch.zeros(2, 3)}, "here")
-    with pytest.raises(model.CheckpointError, match="wrong dtypes \\['bias: torch.int64'\\]"):
-        model.load_strict(m, {"weight": torch.zeros(2, 3), "bias": torch.zeros(2, dtype=torch.long)}, "here")
-    model.load_strict(m, {"weight": torch.ones(2, 3), "bias": torch.zeros(2)}, "here")
+    with pytest.raises(encoders.CheckpointError, match="here: cannot load: missing keys \\['bias'\\]"):
+        encoders.load_strict(m, {"weight": torch.zeros(2, 3)}, "here")
+    with pytest.raises(encoders.CheckpointError, match="wrong dtypes \\['bias: torch.int64'\\]"):
+        encoders.load_strict(m, {"weight": torch.zeros(2, 3), "bias": torch.zeros(2, dtype=torch.long)}, "here")
+    encoders.load_strict(m, {"weight": torch.ones(2, 3), "bias": torch.zeros(2)}, "here")
     assert m.weight.sum() == 6

@@ -264,7 +264,7 @@ def test_benchmark_prints_each_row_as_measured_and_survives_an_oom(capsys, monke
 
 def test_cache_builder_builds_no_denoiser_and_encodes_in_its_own_batches(tmp_path, monkeypatch):
     manifest = make_manifest(tmp_path, [(40, 40)], 10)
-    monkeypatch.setattr(selfe, "MMDiT", None)                            # building a denoiser would fail
+    monkeypatch.setattr(model, "MMDiT", None)                            # building a denoiser would fail
     sizes = []
     real = selfe.SelfE.encode_latents
     monkeypatch.setattr(selfe.SelfE, "encode_latents", lambda self, x: sizes.append(len(x)) or real(self, x))
