@@ -4,9 +4,9 @@
   six task templates, so that the paper's evaluation (Table 1) can be answered exactly from pixels.
   Every scene is a `spec` (GenEval-style metadata: include clauses with class, count, colour, position) laid out and
   rendered anti-aliased; sample i of a stream is seeded by (seed, i) alone, so streams are unlimited and reproducible.
-- The word-level tokenizer of the tiny preset's frozen stand-in encoders.
+- The world's words (`WORDS`), which the tiny preset's stand-in text encoders read (encoders.WordTokenizer).
 - Real data: the TSV manifest (image path <TAB> prompt), aspect-ratio buckets, the deterministic global batch order
-  that train.py shards across ranks, and the latent/text caches (METHOD.md 9).
+  that train.py shards across ranks, and the latent/text caches with their builder (METHOD.md 9).
 """
 import codecs
 import concurrent.futures
@@ -19,7 +19,10 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
+import safetensors
+import safetensors.torch
 import torch
+import torch.distributed as dist
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The shapes world
@@ -280,7 +283,7 @@ def shapes_batch(world, indices, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The word-level tokenizer of the tiny preset's frozen stand-in encoders
+# The words of the shapes world, as the tiny preset's stand-in encoders read them (encoders.WordTokenizer)
 
 # Every word of every shapes world's captions, in a fixed order: a word's id is part of the tiny preset, so this tuple
 # only ever grows at its end. A caption of the world is then one token per word, not one per byte.
@@ -522,9 +525,20 @@ class ShapesData:
 CACHE_FIELDS = ("latent", "txt", "vec", "fake_txt", "fake_vec")
 
 
-def write_cache_shards(out, source, encode_latents, encode_text, fake_prefix, batch, rank=0, world=1, shard_items=256):
-    """Encode rank's share of `source` (a ManifestData; items rank, rank + world, ...) into shards, one bucket each."""
-    from safetensors.torch import save_file
+def cache_meta(cfg, seed, resolution, max_ratio, fake_prefix):
+    """What a cache depends on (its index.json, less the item count): the frozen parts of preset `cfg`, the stand-ins'
+    seed (tiny), the bucket areas and ratio, the c_fake prefix. CachedData refuses a cache whose values differ."""
+    c = cfg.to_dict()
+    return {"encoders": {k: c[k] for k in ("t5", "clip", "t5_max_len", "tokenizer", "latent")},
+            "stand_in_seed": seed if cfg.tokenizer == "words" else None,
+            "resolution": resolution, "max_ratio": max_ratio, "fake_prefix": fake_prefix}
+
+
+def write_cache(out, source, encode_latents, encode_text, *, fake_prefix, meta, batch, rank=0, world=1,
+                shard_items=256):
+    """Encode `source` (a ManifestData) into the cache folder `out`: rank r writes items r, r + world, ... into shards
+    of one bucket each, `batch` images per encoder call; once every rank is done, rank 0 writes the null encodings and
+    then index.json (`meta` and the item count), whose presence marks the cache complete. Collective under torchrun."""
     os.makedirs(out, exist_ok=True)
     mine = {}
     for i in range(rank, len(source), world):
@@ -543,23 +557,24 @@ def write_cache_shards(out, source, encode_latents, encode_text, fake_prefix, ba
                     part[f].append(v.cpu())
             tensors = {f: torch.cat(v).contiguous() for f, v in part.items()}
             tensors["item"] = torch.tensor(items[k:k + shard_items])
-            save_file(tensors, os.path.join(out, f"shard-{rank:05d}-{n_shard:05d}.safetensors"),
-                      metadata={"bucket": json.dumps(bucket)})
+            safetensors.torch.save_file(tensors, os.path.join(out, f"shard-{rank:05d}-{n_shard:05d}.safetensors"),
+                                        metadata={"bucket": json.dumps(bucket)})
             n_shard += 1
             print(f"cache: rank {rank} shard {n_shard}: {len(tensors['item'])} items of {bucket[0]}x{bucket[1]}",
                   flush=True)
-
-
-def finish_cache(out, encode_text, fake_prefix, meta, n_items):
-    """After every rank has written its shards: the null encodings, then index.json."""
-    from safetensors.torch import save_file
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        return
     txt, vec = encode_text([""])
     fake_txt, fake_vec = encode_text([fake_prefix])
-    save_file({"txt": txt.cpu().contiguous(), "vec": vec.cpu().contiguous(), "fake_txt": fake_txt.cpu().contiguous(),
-               "fake_vec": fake_vec.cpu().contiguous()}, os.path.join(out, "null.safetensors"))
+    safetensors.torch.save_file({"txt": txt.cpu().contiguous(), "vec": vec.cpu().contiguous(),
+                                 "fake_txt": fake_txt.cpu().contiguous(), "fake_vec": fake_vec.cpu().contiguous()},
+                                os.path.join(out, "null.safetensors"))
     with open(os.path.join(out, "index.json.tmp"), "w") as f:
-        json.dump({**meta, "items": n_items}, f, indent=1)
+        json.dump({**meta, "items": len(source)}, f, indent=1)
     os.replace(os.path.join(out, "index.json.tmp"), os.path.join(out, "index.json"))
+    print(f"cache: {len(source)} items in {out}", flush=True)
 
 
 def is_cache(path):
@@ -571,7 +586,6 @@ class CachedData:
     preset's encoders, resolution, c_fake prefix, stand-in seed) is an error naming the key."""
 
     def __init__(self, path, expect, batch, seed=0):
-        from safetensors import safe_open
         if not is_cache(path):
             raise ManifestError(f"{path}: not a finished cache (no index.json); build one with train.py --build-cache")
         self.path = path
@@ -587,7 +601,7 @@ class CachedData:
             if not (name.startswith("shard-") and name.endswith(".safetensors")):
                 continue
             file = os.path.join(path, name)
-            with safe_open(file, "pt") as f:
+            with safetensors.safe_open(file, "pt") as f:
                 bucket = tuple(json.loads(f.metadata()["bucket"]))
                 for row, i in enumerate(f.get_tensor("item").tolist()):
                     self.where[i] = (file, row)
@@ -596,7 +610,7 @@ class CachedData:
         if missing:
             raise ManifestError(f"{path}: {len(missing)} of {len(item_buckets)} items are in no shard (first: item "
                                 f"{missing[0]}); a shard file is missing")
-        with safe_open(os.path.join(path, "null.safetensors"), "pt") as f:
+        with safetensors.safe_open(os.path.join(path, "null.safetensors"), "pt") as f:
             self.null = {k: f.get_tensor(k) for k in f.keys()}
         self.order = Batches(item_buckets, batch, seed, path)
 
@@ -608,14 +622,13 @@ class CachedData:
 
     def batch(self, indices):
         """-> dict of CACHE_FIELDS, each (B, ...), for the items `indices` (one bucket); reads only those rows."""
-        from safetensors import safe_open
         by_file = {}  # each shard opened once per batch
         for k, i in enumerate(indices):
             file, row = self.where[int(i)]
             by_file.setdefault(file, []).append((k, row))
         rows = [None] * len(indices)
         for file, wanted in by_file.items():
-            with safe_open(file, "pt") as f:
+            with safetensors.safe_open(file, "pt") as f:
                 slices = [f.get_slice(fld) for fld in CACHE_FIELDS]
                 for k, row in wanted:
                     rows[k] = [s[row:row + 1] for s in slices]

@@ -10,7 +10,7 @@
     python bench.py --plan --size 2b --batch 1024 --world 8   # the memory that needs per GPU, before renting any
 
 Read top to bottom: flags, distributed set-up (torchrun's environment; FSDP2 per block), the memory check, data, the
-loop (batch -> encode -> t, s -> losses.py -> backward, step, EMA), logging, checkpoints; then the cache builder.
+loop (batch -> encode -> t, s -> losses.py -> backward, step, EMA), logging, checkpoints.
 The recipe is METHOD.md section 9: Adam (0.9, 0.95), warmup then linear decay to 1e-5, EMA; the tau anneal and the
 auxiliary-term start are fractions of the run (paper: 300k and 550k of 710k iterations).
 
@@ -285,6 +285,24 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+def build_cache(args, rank, world):
+    """--build-cache: the frozen parts alone (no denoiser) encode the manifest once into a cache (data.write_cache),
+    in bf16 on GPU (the autoencoder too), --cache-batch images at a time; the text is stored in the encoders'
+    precision, as training would see it online."""
+    cfg = CONFIGS[args.size]
+    if args.data == "shapes" or data.is_cache(args.data):
+        raise SystemExit("--build-cache needs --data MANIFEST.tsv")
+    low = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    system = selfe.SelfE(cfg, args.device, args.seed, args.pretrained, args.t5, args.clip, args.vae, denoiser=False,
+                         ae_dtype=low)
+    source = data.ManifestData(args.data, args.resolution, bucket_step(system), 1, args.seed, args.base_dir,
+                               args.skip_bad, args.max_ratio, workers=args.workers)
+    encode_text = lambda prompts: tuple(x.to(low) for x in system.encode_text(prompts))
+    meta = data.cache_meta(cfg, args.seed, args.resolution, args.max_ratio, args.fake_prefix)
+    data.write_cache(args.build_cache, source, system.encode_latents, encode_text, fake_prefix=args.fake_prefix,
+                     meta=meta, batch=args.cache_batch, rank=rank, world=world)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The memory check: before any weight is built, the memory plan (bench.py) against the device's memory.
 
@@ -344,7 +362,8 @@ def train(args, rank, world):
     system, model, ema, opt, peak = setup(args, frozen_parts=not cached)
 
     if cached:
-        source = data.CachedData(args.data, cache_meta(args, cfg), B, args.seed)
+        meta = data.cache_meta(cfg, args.seed, args.resolution, args.max_ratio, args.fake_prefix)
+        source = data.CachedData(args.data, meta, B, args.seed)
         null = tuple(source.null[k].to(system.device).float() for k in ("txt", "vec"))
     elif args.data == "shapes":
         shapes = data.WORLDS[args.world]
@@ -691,38 +710,6 @@ def preview(system, args, step, rank):
         path = sampler.save_grid(rows, os.path.join(args.out, f"preview-{step:07d}.png"),
                                  upscale=max(1, 128 // system.cfg.resolution), labels=["1 step", "2 steps", "4 steps"])
         print(f"preview: {path}", flush=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Caches: the frozen encoders run once; ranks split the manifest.
-
-def cache_meta(args, cfg):
-    """What a cache depends on; CachedData refuses a cache whose values differ from this run's."""
-    c = cfg.to_dict()
-    return {"encoders": {k: c[k] for k in ("t5", "clip", "t5_max_len", "tokenizer", "latent")},
-            "stand_in_seed": args.seed if cfg.tokenizer == "words" else None,
-            "resolution": args.resolution, "max_ratio": args.max_ratio, "fake_prefix": args.fake_prefix}
-
-
-def build_cache(args, rank, world):
-    """The frozen parts alone (no denoiser), in bf16 on GPU (the autoencoder too), encoding --cache-batch images at
-    a time; the text is stored in the encoders' precision, as training would see it online."""
-    cfg = CONFIGS[args.size]
-    if args.data == "shapes" or data.is_cache(args.data):
-        raise SystemExit("--build-cache needs --data MANIFEST.tsv")
-    low = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    system = selfe.SelfE(cfg, args.device, args.seed, args.pretrained, args.t5, args.clip, args.vae, denoiser=False,
-                         ae_dtype=low)
-    source = data.ManifestData(args.data, args.resolution, bucket_step(system), 1, args.seed, args.base_dir,
-                               args.skip_bad, args.max_ratio, workers=args.workers)
-    encode_text = lambda prompts: tuple(x.to(low) for x in system.encode_text(prompts))
-    data.write_cache_shards(args.build_cache, source, system.encode_latents, encode_text, args.fake_prefix,
-                            args.cache_batch, rank, world)
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
-        data.finish_cache(args.build_cache, encode_text, args.fake_prefix, cache_meta(args, cfg), len(source))
-        print(f"cache: {len(source)} items in {args.build_cache}", flush=True)
 
 
 if __name__ == "__main__":
