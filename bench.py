@@ -3,7 +3,8 @@
     python bench.py --size 2b                          # one GPU: the table below, eager and compiled
     torchrun --nproc_per_node 8 bench.py --size 2b     # each of 8 GPUs, sharded as train.py shards them
     python bench.py --plan --size 2b --batch 16 --world 8        # memory plan per device: no GPU, no weights
-    python bench_t5_load.py                            # frozen-part load memory (T5-XXL, host RSS)
+    python bench.py --t5-load                          # frozen-part load memory (T5-XXL, host RSS)
+    python bench.py --t5-load --layers 6 --keep        # smaller, for a disk that cannot take 9.5 GB
 
 The table: at each resolution (2b: 256^2 = 256 image + 512 text tokens, and 512^2), per-device micro-batch --batch:
 the denoiser's forward+backward, an FM step, a Self-E step and a Self-E step with the auxiliary term (half the batch
@@ -17,19 +18,32 @@ weights FSDP gathers at a time, and the activations a training step keeps for ba
 activation checkpointing. The activations are counted by running that step on the meta device (shapes and dtypes,
 no memory): every tensor the step makes and that is still alive when backward starts. train.py checks the same plan
 against the GPU's memory before it builds a weight.
+
+The load memory (--t5-load): a synthetic checkpoint with T5 v1.1 XXL's real key names and shapes, laid out as FLUX.1's
+text_encoder_2/ (bf16, two shards of at most 5 GB, index and config; about 9.5 GB), is loaded by encoders.load_t5 in
+a fresh process, whose peak RSS is held against the file size (target: at most 1.3 x).
 """
 import argparse
+import dataclasses
 import gc
+import json
 import os
+import resource
+import shutil
+import subprocess
+import sys
 import time
 import weakref
 
+import safetensors
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import encoders
 import losses
 import selfe
 import train
@@ -274,6 +288,113 @@ def benchmark(args, rank, world):
     return rows
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Frozen-part load memory: a T5-XXL-shaped checkpoint through encoders.load_t5, in a fresh process
+
+def write_bf16_safetensors(path, shapes, tile):
+    """A bf16 safetensors file streamed tensor by tensor (header, then bytes cut from `tile`), never holding a shard
+    in memory."""
+    header, offset = {}, 0
+    for k, s in shapes.items():
+        n = 2 * torch.Size(s).numel()
+        header[k] = {"dtype": "BF16", "shape": list(s), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for s in shapes.values():
+            n = 2 * torch.Size(s).numel()
+            while n:
+                chunk = tile[:n]
+                f.write(chunk)
+                n -= len(chunk)
+
+
+def write_t5_checkpoint(folder, layers, max_shard=5 * 10**9):
+    """A synthetic T5 v1.1 XXL checkpoint laid out as FLUX's text_encoder_2/: HF T5EncoderModel's keys and shapes
+    (those of encoders.T5Encoder; the tied encoder.embed_tokens.weight is not stored), bf16, shards of at most 5 GB,
+    model.safetensors.index.json and config.json; about 9.5 GB at 24 layers. -> (bytes, shard count)."""
+    config = encoders.T5Config(num_layers=layers)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in encoders.T5Encoder(config).state_dict().items()}
+    os.makedirs(folder, exist_ok=True)
+    shards, cur, size = [], {}, 0
+    for k, s in shapes.items():  # HF's rule: start a new shard when the next tensor would pass max_shard
+        n = 2 * torch.Size(s).numel()
+        if cur and size + n > max_shard:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k], size = s, size + n
+    shards.append(cur)
+    tile = (torch.randn(32 << 20, generator=torch.Generator().manual_seed(0)) * 0.05).bfloat16()
+    tile = tile.view(torch.uint8).numpy().tobytes()  # 64 MB of plausible bf16 values, tiled
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_bf16_safetensors(os.path.join(folder, name), shard, tile)
+        total += sum(2 * torch.Size(s).numel() for s in shard.values())
+        weight_map.update({k: name for k in shard})
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    hf_config = {**dataclasses.asdict(config), "feed_forward_proj": "gated-gelu", "is_gated_act": True,
+                 "dense_act_fn": "gelu_new", "model_type": "t5"}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=1)
+    with safetensors.safe_open(os.path.join(folder, next(iter(weight_map.values()))), "pt") as f:
+        assert f.get_tensor("shared.weight").shape == (config.vocab_size, config.d_model)  # the reference reader
+    return total, len(shards)
+
+
+def load_t5_and_measure(folder):
+    """Runs in a fresh process: peak RSS of exactly this load."""
+    rss0 = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    t0 = time.perf_counter()
+    t5 = encoders.load_t5(folder, dtype=torch.bfloat16, device="cpu")
+    seconds = time.perf_counter() - t0
+    params = sum(p.numel() * p.element_size() for p in t5.parameters())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    print(json.dumps({"seconds": seconds, "rss_before": rss0, "peak_rss": peak, "param_bytes": params}))
+
+
+def touch_and_measure(nbytes):
+    """Runs in a fresh process: the time to allocate and first-touch as many bytes, the floor for any loader (on
+    some VMs the first touch of fresh memory, not the reading, dominates)."""
+    t0 = time.perf_counter()
+    torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+    print(json.dumps({"seconds": time.perf_counter() - t0}))
+
+
+def t5_load(args):
+    """Write the synthetic checkpoint, load it in a fresh process and report that process's peak RSS (getrusage), its
+    RSS before loading and the wall time, against the target peak RSS <= 1.3 x the checkpoint: the loader reads each
+    tensor straight into its parameter. Timings are with the checkpoint in the page cache (it was just written)."""
+    with torch.device("meta"):
+        t5 = encoders.T5Encoder(encoders.T5Config(num_layers=args.layers))
+    need = 2 * sum(p.numel() for p in t5.parameters())
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(args.dir))).free
+    if need > 0.9 * free:
+        sys.exit(f"{need / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free: use --layers N to write less")
+    t0 = time.perf_counter()
+    size, n_shards = write_t5_checkpoint(args.dir, args.layers)
+    print(f"wrote {size / 1e9:.2f} GB in {n_shards} shards ({args.layers} layers) to {args.dir} "
+          f"in {time.perf_counter() - t0:.0f} s")
+    run = lambda *flags: json.loads(subprocess.run(
+        [sys.executable, __file__, "--t5-load", "--dir", args.dir, *flags], check=True, capture_output=True,
+        text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip().splitlines()[-1])
+    try:
+        r = run("--load-only")
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.dir, ignore_errors=True)
+    floor = run("--touch-only", str(size))["seconds"]
+    print(f"load_t5: {r['seconds']:.1f} s, {size / 1e9 / r['seconds']:.2f} GB/s (checkpoint in the page cache); "
+          f"allocating and first-touching {size / 1e9:.2f} GB alone takes {floor:.1f} s on this machine")
+    print(f"peak RSS {r['peak_rss'] / 1e9:.2f} GB = {r['peak_rss'] / size:.3f} x the checkpoint ({size / 1e9:.2f} GB); "
+          f"RSS before loading {r['rss_before'] / 1e9:.2f} GB; loaded parameters {r['param_bytes'] / 1e9:.2f} GB; "
+          f"target <= 1.3 x: {'met' if r['peak_rss'] <= 1.3 * size else 'NOT met'}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="2b", choices=list(CONFIGS))
@@ -291,7 +412,20 @@ def main(argv=None):
     p.add_argument("--world", type=int, default=None, help="devices the states are sharded over, for --plan "
                    "(default: torchrun's WORLD_SIZE, or 1)")
     p.add_argument("--objective", default="selfe", choices=("selfe", "fm"), help="the step --plan counts")
+    t = p.add_argument_group("frozen-part load memory (--t5-load)")
+    t.add_argument("--t5-load", action="store_true", help="peak host memory of loading a T5-XXL-shaped checkpoint")
+    t.add_argument("--dir", default="/tmp/t5xxl-synthetic", help="where the synthetic checkpoint is written")
+    t.add_argument("--layers", type=int, default=24, help="24 is the real T5-XXL (9.5 GB); fewer for a small disk")
+    t.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
+    t.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
+    t.add_argument("--touch-only", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.t5_load:
+        if args.load_only:
+            return load_t5_and_measure(args.dir)
+        if args.touch_only:
+            return touch_and_measure(args.touch_only)
+        return t5_load(args)
     cfg = CONFIGS[args.size]
     default_res = str(cfg.resolution) if args.size == "tiny" or args.plan else "256,512"
     args.resolution = [int(r) for r in (args.resolution or default_res).split(",")]
@@ -306,8 +440,8 @@ def main(argv=None):
     try:
         return benchmark(args, rank, world)
     finally:
-        if train.dist.is_initialized():
-            train.dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
