@@ -7,19 +7,16 @@
 Equation numbers are the paper's, as collected in ../shared/METHOD.md.
 """
 import dataclasses
-import json
 import math
 import os
-import re
-import shutil
 import warnings
 
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import safetensors.torch
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 import data
@@ -277,27 +274,12 @@ def frozen_paths(pretrained=None, t5=None, clip=None, vae=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: <out>/step-NNNNNNN/ holds
+# Checkpoints (written by train.py; docs/formats.md §1): <out>/step-NNNNNNN/ holds
 #   dcp/               model, EMA and optimizer, sharded as they were trained (torch.distributed.checkpoint): resume
 #   ema.safetensors    the EMA weights consolidated into one file: sample.py, evaluate.py
 #   frozen.safetensors the tiny preset's random frozen stand-ins
 #   config.json        preset, flags, step
-# and <out>/latest names the newest complete one. Every rank writes its shards into step-N.tmp/; only after all have
-# finished does rank 0 rename the folder and then replace `latest` atomically, so a crash (or a rank dying under
-# torchrun) never leaves a partial checkpoint behind `latest`. Randomness is keyed by (seed, step) and the data
-# position is the step, so model, EMA, optimizer and step are the whole training state.
-
-STEP_FOLDER = re.compile(r"step-(\d+)")
-
-
-def _rank0():
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
+# and <out>/latest names the newest complete one. Loading one for sampling is shared; saving one is train.py's.
 
 def reshard(module):
     """Under FSDP2 the root's parameters stay gathered after a forward that no backward follows (the EMA's): shard them
@@ -316,42 +298,6 @@ def training_state(system, optimizer=None):
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(system.denoiser, optimizer)
     return state
-
-
-def save_checkpoint(out, system, step, flags, optimizer=None, keep=2):
-    """Write step-N (collective under torchrun: every rank calls it). Returns the final folder."""
-    name = f"step-{step:07d}"
-    tmp, final = os.path.join(out, name + ".tmp"), os.path.join(out, name)
-    if _rank0():
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier()
-    with warnings.catch_warnings():  # dcp warns that one process saves alone; that is intended
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save(training_state(system, optimizer), checkpoint_id=os.path.join(tmp, "dcp"),
-                 no_dist=not dist.is_initialized())
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)          # gathered onto rank 0's CPU
-    ema = get_model_state_dict(system.ema, options=full)
-    if _rank0():
-        safetensors.torch.save_file({k: v.contiguous() for k, v in ema.items()}, os.path.join(tmp, "ema.safetensors"))
-        if system.cfg.tokenizer == "words":  # random stand-ins travel with the checkpoint
-            safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in system.frozen_state().items()},
-                      os.path.join(tmp, "frozen.safetensors"))
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump({"config": system.cfg.to_dict(), "flags": flags, "step": step}, f, indent=1)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        with open(os.path.join(out, "latest.tmp"), "w") as f:
-            f.write(name + "\n")
-        os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
-        # keep this one and the keep - 1 before it; never touch a later-numbered folder (a run resumed from an earlier
-        # step), so clean-up can never delete the checkpoint `latest` names
-        numbered = [(int(m[1]), m[0]) for m in map(STEP_FOLDER.fullmatch, os.listdir(out)) if m]
-        older = sorted(pair for pair in numbered if pair[0] < step)
-        for _, d in older[:max(0, len(older) - (keep - 1))]:
-            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
-    _barrier()
-    return final
 
 
 def load_training_state(path, system, optimizer=None):

@@ -39,8 +39,11 @@ import shutil
 import time
 import warnings
 
+import safetensors.torch
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
@@ -453,13 +456,67 @@ def train(args, rank, world):
                     log(history[-len(window):], window, args, step, t_window, world, peak, system.device)
                 window, t_window = [], time.time()
         if checkpointing:
-            selfe.save_checkpoint(args.out, system, step + 1, flags, opt)
+            save_checkpoint(args.out, system, step + 1, flags, opt)
         if args.sample_every and ((step + 1) % args.sample_every == 0 or last):
             if system.t5 is not None:
                 preview(system, args, step + 1, rank)
     prefetch.shutdown()  # (a run stopped early leaves the idle thread to the interpreter's exit)
     log0(f"done: {max(0, args.steps - start)} steps in {time.time() - t0:.0f} s; checkpoint in {args.out}", rank=rank)
     return history
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints (the layout: selfe.py, docs/formats.md §1). Every rank writes its shards into step-N.tmp/; only after all
+# have finished does rank 0 rename the folder and then replace `latest` atomically, so a crash (or a rank dying under
+# torchrun) never leaves a partial checkpoint behind `latest`. Randomness is keyed by (seed, step) and the data
+# position is the step, so model, EMA, optimizer and step are the whole training state.
+
+STEP_FOLDER = re.compile(r"step-(\d+)")
+
+
+def _rank0():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(out, system, step, flags, optimizer=None, keep=2):
+    """Write step-N (collective under torchrun: every rank calls it). Returns the final folder."""
+    name = f"step-{step:07d}"
+    tmp, final = os.path.join(out, name + ".tmp"), os.path.join(out, name)
+    if _rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    with warnings.catch_warnings():  # dcp warns that one process saves alone; that is intended
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(selfe.training_state(system, optimizer), checkpoint_id=os.path.join(tmp, "dcp"),
+                 no_dist=not dist.is_initialized())
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)          # gathered onto rank 0's CPU
+    ema = get_model_state_dict(system.ema, options=full)
+    if _rank0():
+        safetensors.torch.save_file({k: v.contiguous() for k, v in ema.items()}, os.path.join(tmp, "ema.safetensors"))
+        if system.cfg.tokenizer == "words":  # random stand-ins travel with the checkpoint
+            safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in system.frozen_state().items()},
+                                        os.path.join(tmp, "frozen.safetensors"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump({"config": system.cfg.to_dict(), "flags": flags, "step": step}, f, indent=1)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with open(os.path.join(out, "latest.tmp"), "w") as f:
+            f.write(name + "\n")
+        os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
+        # keep this one and the keep - 1 before it; never touch a later-numbered folder (a run resumed from an earlier
+        # step), so clean-up can never delete the checkpoint `latest` names
+        numbered = [(int(m[1]), m[0]) for m in map(STEP_FOLDER.fullmatch, os.listdir(out)) if m]
+        older = sorted(pair for pair in numbered if pair[0] < step)
+        for _, d in older[:max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+    _barrier()
+    return final
 
 
 # What a run writes in its folder; a fresh run refuses a folder that holds any of these unless --overwrite.
@@ -660,7 +717,7 @@ def nonfinite_stop(records, pending, system, flags, opt, args, rank):
             continue
         step = p["step"]
         debug = os.path.join(args.out, f"nonfinite-step-{step}")
-        selfe.save_checkpoint(debug, system, step, flags, opt)
+        save_checkpoint(debug, system, step, flags, opt)
         if rank == 0:
             torch.save({"items": p["items"], "t": p["t"], "s": p["s"], "dropped": p["dropped"]},
                        os.path.join(debug, "batch.pt"))

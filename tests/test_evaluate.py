@@ -288,14 +288,15 @@ def ckpt(tmp_path_factory):
     """A tiny untrained checkpoint (no training on a shared CPU), and two that the checker must refuse."""
     import model
     import selfe
+    import train
     root = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
     system = selfe.SelfE(model.CONFIGS["tiny"])
     system.make_ema()
     flags = {"world": "small", "anchor": 512, "objective": "selfe", "seed": 0, "data": "shapes"}
-    selfe.save_checkpoint(str(root / "ok"), system, 1, flags)
-    selfe.save_checkpoint(str(root / "mars"), system, 1, dict(flags, world="mars"))
-    selfe.save_checkpoint(str(root / "big"), system, 1, dict(flags, world="full"))  # a 32 px model, 64 px world
+    train.save_checkpoint(str(root / "ok"), system, 1, flags)
+    train.save_checkpoint(str(root / "mars"), system, 1, dict(flags, world="mars"))
+    train.save_checkpoint(str(root / "big"), system, 1, dict(flags, world="full"))  # a 32 px model, 64 px world
     return root
 
 

@@ -33,7 +33,7 @@ def ckpt(tmp_path_factory):
     torch.manual_seed(0)
     system = selfe.SelfE(model.CONFIGS["tiny"])
     system.make_ema()
-    selfe.save_checkpoint(str(root / "run"), system, 1, FLAGS)
+    train.save_checkpoint(str(root / "run"), system, 1, FLAGS)
     return root / "run"
 
 
@@ -64,7 +64,7 @@ def test_clean_up_never_deletes_the_checkpoint_latest_names(tmp_path):
     for n in (20, 30):
         (tmp_path / f"step-{n:07d}").mkdir()
     for step in (5, 10, 15):
-        selfe.save_checkpoint(str(tmp_path), system, step, FLAGS)
+        train.save_checkpoint(str(tmp_path), system, step, FLAGS)
         assert selfe.resolve_checkpoint(str(tmp_path)) == str(tmp_path / f"step-{step:07d}")
     assert sorted(os.listdir(tmp_path)) == ["latest", "step-0000010", "step-0000015", "step-0000020", "step-0000030"]
 
