@@ -25,6 +25,7 @@ a fresh process, whose peak RSS is held against the file size (target: at most 1
 """
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -211,8 +212,8 @@ def bench_rows(args, targs, world, system, model, ema, opt, area, say):
     evaluate = s < t
     n_eval = int(evaluate.sum())
     size = train.eval_size(n_eval, b, world, targs.compile)
-    G = lambda x, t_, s_, c: system.G(model, x, t_, s_, c, *grid)
-    G_ema = lambda x, t_, s_, c: system.G(ema, x, t_, s_, c, *grid)
+    G = functools.partial(system.G, model, h=grid[0], w=grid[1])
+    G_ema = functools.partial(system.G, ema, h=grid[0], w=grid[1])
     fake = lambda idx: tuple(c[idx] for c in cond)
     skip = torch.zeros((), dtype=torch.bool, device=dev)
 
@@ -222,8 +223,8 @@ def bench_rows(args, targs, world, system, model, ema, opt, area, say):
 
     def step(objective, aux):  # train.py's iteration: objective, backward, clip, Adam, EMA
         a = argparse.Namespace(**{**vars(targs), "objective": objective})
-        loss, _ = train.objective(a, G, G_ema, x0, t, s, cond, null, fake if aux else None, eps, eps_self, evaluate,
-                                  fake_norm=max(n_eval, 1), eval_size=size)
+        loss, _ = train.objective(a, G, G_ema, x0, t, s, cond, null, fake=fake if aux else None, eps=eps,
+                                  eps_self=eps_self, evaluate=evaluate, fake_norm=max(n_eval, 1), eval_size=size)
         loss.backward()
         train.update(model, opt, system, targs, 10 ** 6, skip)
 

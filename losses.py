@@ -7,7 +7,7 @@ encodes c_fake for the samples idx only, so the auxiliary term costs no text enc
 """
 import torch
 
-from selfe import forward_process
+import selfe
 
 
 def per_sample_mse(a, b):
@@ -42,7 +42,7 @@ def expand(cond, n):
     return tuple(c.expand(n, *c.shape[1:]) for c in cond)
 
 
-def self_eval_target(G, G_ema, x0_hat, s, cond, null, fake=None, k=0.9, eps=None):
+def self_eval_target(G, G_ema, x0_hat, s, cond, null, *, fake=None, k=0.9, eps=None):
     """Eq. (14) (and s.6 with the auxiliary term): the pseudo-target x_self of the samples in the batch.
 
     x0_hat (n, L, C) the generator's samples G(x_t, t, s, c), detached; s (n,) the same s that was fed to the generator.
@@ -54,7 +54,7 @@ def self_eval_target(G, G_ema, x0_hat, s, cond, null, fake=None, k=0.9, eps=None
     """
     x0_hat = x0_hat.detach()
     eps = torch.randn_like(x0_hat) if eps is None else eps
-    x_s = (1 - s.view(-1, 1, 1)) * x0_hat + s.view(-1, 1, 1) * eps     # x_s = alpha_s x0_hat + sigma_s eps'
+    x_s = selfe.forward_process(x0_hat, s, eps)                         # x_s = alpha_s x0_hat + sigma_s eps'
     with torch.no_grad():
         g_c = G_ema(x_s, s, s, cond)
         g_u = G(x_s, s, s, expand(null, len(s)))
@@ -66,7 +66,7 @@ def self_eval_target(G, G_ema, x0_hat, s, cond, null, fake=None, k=0.9, eps=None
     return (x0_hat.float() - delta).detach(), g_f
 
 
-def pair_loss(x0_hat, x0, x_self, lam_st, target_norm=True):
+def pair_loss(x0_hat, x0, x_self, lam_st, *, target_norm=True):
     """Per-sample L_{s,t}: Eq. (20) ||x0_hat - x_renorm||^2 with the energy-preserving target (default), or the
     hybrid Eq. (16) ||x0_hat - x0||^2 + lam ||x0_hat - x_self||^2 (the 'w/o target norm.' ablation of Table 2)."""
     if target_norm:
@@ -84,14 +84,14 @@ def selfe_loss(G, G_ema, x0, t, s, cond, null, *, evaluate=None, eval_size=None,
     target is Eq. 19's renormalised blend of x0 and its own sample (caption-dropped samples, whose classifier score is
     0 since c = phi, and the Delta = 0 control of train.py --delta-zero). `eval_size` fixes how many samples the
     evaluation passes see: the marked ones first, then unmarked ones with weight 0 (nothing of theirs reaches the
-    loss); the caller knows the count, so nothing waits on the device to learn it (train.py: every rank makes the
-    same forward calls, compiled blocks see few shapes). `eps` and `eps_self` (B, L, C) are the noises of Eq. (1)
-    and of the re-noising (drawn here if None). L_fake is a sum over the evaluated samples divided by `fake_norm`,
-    by default their number (train.py: the global batch's share, when this batch is a slice of a larger one).
-    Returns a dict of the scalar `loss` and per-sample terms by name.
+    loss), so the caller, who knows the count, fixes the passes' batch size and nothing here waits on the device to
+    learn it (train.eval_size chooses it). `eps` and `eps_self` (B, L, C) are the noises of Eq. (1) and of the
+    re-noising (drawn here if None). L_fake is a sum over the evaluated samples divided by `fake_norm`, by default
+    their number (a caller that splits a batch into parts passes the whole batch's normaliser). Returns a dict of the
+    scalar `loss` and per-sample terms by name.
     """
     eps = torch.randn_like(x0) if eps is None else eps
-    x_t = forward_process(x0, t, eps)                                   # Eq. (1)
+    x_t = selfe.forward_process(x0, t, eps)                             # Eq. (1)
     x0_hat = G(x_t, t, s, cond)                                         # Eq. (6), with gradient
     x_self = x0_hat.detach().float()                                    # Delta = 0 (s = t: lambda = 0, target x0)
     lam_st = lam(t, s)
@@ -107,24 +107,24 @@ def selfe_loss(G, G_ema, x0, t, s, cond, null, *, evaluate=None, eval_size=None,
     if len(idx):
         gen = x0_hat[idx].detach()
         x_self_i, g_f = self_eval_target(G, G_ema, gen, s[idx], take(cond, idx), null,
-                                         fake(idx) if fake is not None else None, k,
+                                         fake=fake(idx) if fake is not None else None, k=k,
                                          eps=None if renoise is None else renoise[idx])
         if g_f is not None:  # (s.8): G(sg[x_s], s, s, c_fake) regressed onto sg[x0_hat], weight 1 ([ASSUMPTION] 8)
             norm = real.sum().clamp_min(1) if fake_norm is None else fake_norm
             loss_fake = fake_weight * (real * per_sample_mse(g_f, gen)).sum() / norm
         self_term[idx] = real * per_sample_mse(gen, x_self_i)
         x_self = x_self.index_copy(0, idx, torch.where(real.bool().view(-1, 1, 1), x_self_i, x_self[idx]))
-    per_pair = pair_loss(x0_hat, x0, x_self, lam_st, target_norm)
+    per_pair = pair_loss(x0_hat, x0, x_self, lam_st, target_norm=target_norm)
     w = fm_weight(t, t_min)
     loss = (w * per_pair).mean() + loss_fake
     return {"loss": loss, "per_sample": (w * per_pair).detach(), "data": (w * per_sample_mse(x0_hat, x0)).detach(),
             "self": self_term, "lam": lam_st, "selfeval": (s < t), "fake": loss_fake.detach()}
 
 
-def fm_loss(G, x0, t, cond, t_min=1e-3, eps=None):
+def fm_loss(G, x0, t, cond, *, t_min=1e-3, eps=None):
     """Plain flow matching (Eq. 3) with the same network: s = t, so lambda = 0 and w ||G - x0||^2 = ||V - v||^2."""
     eps = torch.randn_like(x0) if eps is None else eps
-    x_t = forward_process(x0, t, eps)
+    x_t = selfe.forward_process(x0, t, eps)                             # Eq. (1)
     per = fm_weight(t, t_min) * per_sample_mse(G(x_t, t, t, cond), x0)
     return {"loss": per.mean(), "per_sample": per.detach(), "data": per.detach()}
 

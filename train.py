@@ -389,9 +389,6 @@ def train(args, rank, world):
             system.load_frozen_state(selfe.read_weights(frozen), frozen)
         log0(f"resumed from {resume_from} at step {start}", rank=rank)
     os.makedirs(args.out, exist_ok=True)
-    # `grid` (h, w) is the token grid of the batch in hand (buckets vary it), bound in the loop below
-    G = lambda x, t, s, c: system.G(model, x, t, s, c, *grid)             # current weights (with grad when enabled)
-    G_ema = lambda x, t, s, c: system.G(ema, x, t, s, c, *grid)            # EMA weights: the conditional pass (S.2)
     n_params = sum(p.numel() for p in model.parameters())
     flops = functools.lru_cache(system.denoiser.flops)                    # forward FLOPs of one sample (L, Lt)
     log0(f"{args.size}: {n_params / 1e6:.2f}M denoiser parameters, objective {args.objective}, {args.steps} steps x "
@@ -419,8 +416,10 @@ def train(args, rank, world):
         for micro in range(A):
             off = (rank * A + micro) * b                                    # this slice's place in the global batch
             sl = slice(off, off + b)
-            x0, cond, fake, grid = load_batch(parts[micro], source, system, dropped[sl], args.fake_prefix, cached)
-            L = x0.shape[1]
+            x0, cond, fake, (h, w) = load_batch(parts[micro], source, system, dropped[sl], args.fake_prefix, cached)
+            L = x0.shape[1]                                                 # h w tokens: buckets vary the grid
+            G = functools.partial(system.G, model, h=h, w=w)               # current weights (with grad when enabled)
+            G_ema = functools.partial(system.G, ema, h=h, w=w)             # EMA weights: the conditional pass (S.2)
             if micro == 0:
                 t_all, s_all = draw(gen, args, step, B, L, tau_steps, dropped)
                 evaluate_all = (s_all < t_all) & ~dropped & (not args.delta_zero)  # Delta = 0 for the rest
@@ -431,8 +430,8 @@ def train(args, rank, world):
             dev = lambda x: x.to(system.device, non_blocking=True)
             with compile_errors(args):
                 loss, micro_terms = objective(args, G, G_ema, x0, dev(t_all[sl]), dev(s_all[sl]), cond, null,
-                                              fake if aux else None, eps, eps_self, dev(evaluate_all[sl]),
-                                              fake_norm=max(n_self, 1) * b / B,
+                                              fake=fake if aux else None, eps=eps, eps_self=eps_self,
+                                              evaluate=dev(evaluate_all[sl]), fake_norm=max(n_self, 1) * b / B,
                                               eval_size=eval_size(int(evaluate_all[sl].sum()), b, world,
                                                                   args.compile))
                 (loss / A).backward()
@@ -585,22 +584,26 @@ def eval_size(count, b, world, compiled):
     return min(b, max(count, 2 if compiled else 1))
 
 
-def objective(args, G, G_ema, x0, t, s, cond, null, fake, eps, eps_self, evaluate, fake_norm, eval_size):
-    """One micro-batch: the loss (Eq. 21, or Eq. 3 for --objective fm) and its per-sample terms as one (5, b) tensor on
-    the loss's device (total, data, self-evaluation, L_fake and the loss, the last two repeated), so that logging
-    reads them back later without a sync here."""
+# A step's per-sample terms, as the rows of one tensor so that logging gathers them in one call: the weighted total
+# (what the loss averages), the data term, the self-evaluation term, and L_fake and the loss, which are scalars of a
+# micro-batch repeated over its samples.
+TERMS = ("total", "data", "self", "fake", "loss")
+
+
+def objective(args, G, G_ema, x0, t, s, cond, null, *, fake, eps, eps_self, evaluate, fake_norm, eval_size):
+    """One micro-batch: the loss (Eq. 21, or Eq. 3 for --objective fm) and its terms as a (len(TERMS), b) tensor on the
+    loss's device, so that logging reads them back later without a sync here."""
     if args.objective == "fm":
-        out = losses.fm_loss(G, x0, t, cond, args.t_min, eps=eps)
+        out = losses.fm_loss(G, x0, t, cond, t_min=args.t_min, eps=eps)
     else:
         out = losses.selfe_loss(G, G_ema, x0, t, s, cond, null, evaluate=evaluate, eval_size=eval_size, fake=fake,
                                 fake_norm=fake_norm, k=args.k, target_norm=not args.no_target_norm, t_min=args.t_min,
                                 fake_weight=args.fake_weight, fresh_noise=not args.reuse_noise, eps=eps,
                                 eps_self=eps_self)
-    per_sample = out["per_sample"]
-    zero = torch.zeros_like(per_sample)
-    terms = torch.stack([per_sample.float(), out["data"].float(), out.get("self", zero).float(),
-                         zero + out.get("fake", 0), zero + out["loss"].detach()])
-    return out["loss"], terms
+    zero = torch.zeros_like(out["per_sample"])
+    terms = {"total": out["per_sample"].float(), "data": out["data"].float(), "self": out.get("self", zero).float(),
+             "fake": zero + out.get("fake", 0), "loss": zero + out["loss"].detach()}
+    return out["loss"], torch.stack([terms[name] for name in TERMS])
 
 
 def update(model, opt, system, args, step, skip):
@@ -691,20 +694,22 @@ def gather(x, world):
 def read_back(pending, world, A, args):
     """The steps since the last read: every rank's per-sample terms and the grad norms to the host in one copy, then
     one record per step (the loss and each term over the global batch, lambda, the share of s < t)."""
-    terms = gather(torch.stack([p["terms"] for p in pending]), world).cpu()  # (n, 5, B), global-batch order
+    stacked = gather(torch.stack([p["terms"] for p in pending]), world).cpu()  # (n, len(TERMS), B), global order
     grad_norms = torch.stack([p["grad_norm"] for p in pending]).float().cpu()
     records = []
-    for p, st, gn in zip(pending, terms, grad_norms):
-        slices = st.view(5, world * A, -1)[:, :, 0]                        # each slice's batch-level terms
-        rec = {"step": p["step"] + 1, "loss": slices[4].mean().item(), "data": st[1].mean().item(),
+    for p, rows, gn in zip(pending, stacked, grad_norms):
+        terms = dict(zip(TERMS, rows))                                     # each (B,)
+        per_slice = lambda name: terms[name].view(world * A, -1)[:, 0]     # a micro-batch's scalar, once per slice
+        rec = {"step": p["step"] + 1, "loss": per_slice("loss").mean().item(), "data": terms["data"].mean().item(),
                "grad_norm": gn.item(), "lr": p["lr"]}
         if args.objective == "selfe":
             sel, ev = p["s"] < p["t"], p["evaluate"]
             lam = losses.lam(p["t"], p["s"])
-            rec.update(self=st[2][ev].mean().item() if ev.any() else 0.0,
+            rec.update(self=terms["self"][ev].mean().item() if ev.any() else 0.0,
                        lam=lam[sel].mean().item() if sel.any() else 0.0,
-                       frac_s_lt_t=sel.float().mean().item(), fake=slices[3].mean().item())  # slices' means average
-        p["per_sample"] = st[0]                                             # to the batch's
+                       frac_s_lt_t=sel.float().mean().item(),
+                       fake=per_slice("fake").mean().item())               # the slices' mean is the batch's
+        p["per_sample"] = terms["total"]
         records.append(rec)
     return records
 

@@ -151,8 +151,8 @@ def test_a_training_step_runs_on_another_device_type(objective):
     G = lambda x, t_, s_, c: selfe.g_head(x, t_, net(x, ids, c[0], txt_ids, t_, s_, c[1]).float())
     args = train.get_args(["--objective", objective])
     loss, terms = train.objective(args, G, G, x0, t, t * 0.5, cond, tuple(c[:1] for c in cond),
-                                  lambda idx: tuple(c[idx] for c in cond), eps, eps_self, evaluate, fake_norm=2,
-                                  eval_size=2)
+                                  fake=lambda idx: tuple(c[idx] for c in cond), eps=eps, eps_self=eps_self,
+                                  evaluate=evaluate, fake_norm=2, eval_size=2)
     loss.backward()
     assert loss.device.type == terms.device.type == "meta" and terms.shape == (5, 4)
 
