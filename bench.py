@@ -229,9 +229,10 @@ def bench_rows(args, targs, world, system, model, ema, opt, area, say):
         train.update(model, opt, system, targs, 10 ** 6, skip)
 
     F_ = system.denoiser.flops(L, Lt)
-    rows = (("denoiser fwd+bwd", fwd_bwd, 3 * F_ * b), ("FM step", lambda: step("fm", False), 3 * F_ * b),
-            ("Self-E step", lambda: step("selfe", False), 3 * F_ * b + 2 * F_ * n_eval),
-            ("Self-E step + aux", lambda: step("selfe", True), 3 * F_ * b + 5 * F_ * n_eval))
+    rows = (("denoiser fwd+bwd", fwd_bwd, train.step_flops(F_, b, 0, False)),
+            ("FM step", lambda: step("fm", False), train.step_flops(F_, b, 0, False)),
+            ("Self-E step", lambda: step("selfe", False), train.step_flops(F_, b, n_eval, False)),
+            ("Self-E step + aux", lambda: step("selfe", True), train.step_flops(F_, b, n_eval, True)))
     fm_ms = None
     for name, fn, flops in rows:
         try:

@@ -16,9 +16,11 @@ import encoders
 # The errors a user fixes by changing their input. OSError covers files that are missing, unreadable or unwritable.
 INPUT_ERRORS = (data.ManifestError, encoders.CheckpointError, OSError)
 
-# Seeds key random generators as (seed << 40) + (step << 20) + position (train.py) or seed * 1000 + image
-# (sample.py): below 2^23 every key fits the 64 bits a torch.Generator takes.
+# Seeds key random generators (data.stream_seed), at most as seed * 2^40 + (step << 20) + position (train.py):
+# below 2^23 every key fits the 64 bits a torch.Generator takes.
 MAX_SEED = 2 ** 23 - 1
+# Step counts: far past where more steps change a sample, so a larger count is a typo.
+MAX_STEPS = 1000
 
 
 def run(main, argv=None):
@@ -64,6 +66,17 @@ def s_schedule(text):
         raise argparse.ArgumentTypeError(f"{text!r}: use next (s_k = t_(k+1)), current (s_k = t_k) or a number in "
                                          f"[0, 1]")
     return text
+
+
+def step_counts(text):
+    """--sweep of sample.py, --steps of evaluate.py: distinct comma-separated step counts, each in [1, MAX_STEPS]."""
+    try:
+        steps = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected step counts like 1,2,4,8,50") from None
+    if not steps or min(steps) < 1 or max(steps) > MAX_STEPS or len(set(steps)) != len(steps):
+        raise argparse.ArgumentTypeError(f"{text!r}: step counts must be distinct integers in [1, {MAX_STEPS}]")
+    return steps
 
 
 def writable_folder(text):

@@ -25,6 +25,27 @@ import torch
 import torch.distributed as dist
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Seeds and pixels, as every file uses them
+
+def stream_seed(seed, index, stride=1_000_003):
+    """The seed of item `index` of random stream `seed`: seed * stride + index. Every random draw of training, sampling
+    and evaluation comes from a generator seeded by one of these keys, so a number depends on its place alone, never
+    on batch size, process count or order:
+        shapes sample i, and the shuffle of epoch e (sample_rng)      stream_seed(seed, i), stream_seed(seed, e)
+        step k's caption dropout, t and s (train.py)                   stream_seed(seed, k)
+        eps and eps' of global-batch position i at step k (train.py)   stream_seed(seed, (k << 20) + i, 1 << 40)
+        image j of evaluation prompt i (evaluate.noise_seed)           stream_seed(seed, 1000 i + j)
+        image i of sample.py                                           stream_seed(seed, i, 1000)
+    cli.MAX_SEED keeps every key within the 64 bits a torch.Generator takes."""
+    return seed * stride + index
+
+
+def to_uint8(images):
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 on the CPU, rounded as a saved PNG holds them."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The shapes world
 
 PALETTE = {  # sRGB; every pair at least 38 CIE76 delta-E apart (EVAL.md)
@@ -151,10 +172,14 @@ def relations(box_a, box_b, threshold=0.1):
         return set()
     dx, dy = revised / np.linalg.norm(offset)
     out = set()
-    if dx < -0.5: out.add("left of")
-    if dx > 0.5: out.add("right of")
-    if dy < -0.5: out.add("above")
-    if dy > 0.5: out.add("below")
+    if dx < -0.5:
+        out.add("left of")
+    if dx > 0.5:
+        out.add("right of")
+    if dy < -0.5:
+        out.add("above")
+    if dy > 0.5:
+        out.add("below")
     return out
 
 
@@ -268,7 +293,7 @@ def render(objects, R, rng):
 
 def sample_rng(seed, index):
     """Sample `index` of stream `seed` has its own generator: independent of batch size, workers and order."""
-    return random.Random(seed * 1_000_003 + index)
+    return random.Random(stream_seed(seed, index))
 
 
 def shapes_batch(world, indices, seed=0):

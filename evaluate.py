@@ -184,7 +184,7 @@ def color_labels(img, bg, pal):
 
 
 def detect(img, world):
-    """img (H, W, 3) float 0-255 -> objects: dicts with class, color, conf (0 if rejected), iou, box [x1, y1, x2, y2],
+    """img (H, W, 3) 0-255 (as data.to_uint8 gives it) -> objects: dicts with class, color, conf (0 if rejected), iou, box [x1, y1, x2, y2],
     purity. Only the world's shapes and colours are considered."""
     R = img.shape[0]
     img = img.astype(np.float32)
@@ -292,18 +292,13 @@ def describe(objects):
                      for o in objects) or "nothing"
 
 
-def to_pixels(images):
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) float 0-255, rounded as in a saved PNG."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).cpu().numpy()
-
-
 def score(images, specs, world, colours=False):
     """Images (B, 3, H, W) in [-1, 1] against their specs -> list of (correct, reason), with colours_match's verdict
     third if `colours`."""
     out, threads = [], torch.get_num_threads()
     torch.set_num_threads(1)  # the checker's tensors are tiny: extra threads only add overhead (10x on a busy CPU)
     try:
-        for img, spec in zip(to_pixels(images), specs):
+        for img, spec in zip(data.to_uint8(images).numpy(), specs):
             objects = detect(img, world)
             ok, why = judge(spec, objects)
             out.append((ok, f"{why} | saw: {describe(objects)}") + ((colours_match(spec, objects),) if colours else ()))
@@ -463,17 +458,7 @@ COLUMNS = data.TASKS + ("overall", "any")
 def noise_seed(seed, prompt, image):
     """Common random numbers: image `image` of prompt `prompt` gets the same noise at every step count and in every
     model, and does not depend on the batch it rides in."""
-    return seed * 1_000_003 + prompt * 1000 + image
-
-
-def parse_steps(text):
-    try:
-        steps = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise SystemExit(f"evaluate.py: --steps {text!r}: expected comma-separated step counts like 1,2,4,8,50")
-    if not steps or min(steps) < 1 or max(steps) > 1000 or len(set(steps)) != len(steps):
-        raise SystemExit(f"evaluate.py: --steps {text!r}: step counts must be distinct integers in [1, 1000]")
-    return steps
+    return data.stream_seed(seed, prompt * 1000 + image)
 
 
 def load(path, device):
@@ -553,8 +538,7 @@ def denoising(system, world, n=256, seed=0, times=DENOISE_TIMES, batch=64):
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
     h, w = system.grid
     model = system.ema or system.denoiser
-    conds = {"cond": system.encode_text(captions), "uncond": tuple(c.expand(n, *c.shape[1:])
-                                                                    for c in system.null_cond())}
+    conds = {"cond": system.encode_text(captions), "uncond": system.null_cond(n)}
     out = {}
     for t in times:
         err = {"cond": 0.0, "uncond": 0.0}
@@ -594,7 +578,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="runs/tiny", help="run folder (uses its `latest`) or a step folder")
     p.add_argument("--compare", nargs="+", default=[], metavar="DIR", help="more checkpoints, same prompts and noise")
-    p.add_argument("--steps", default="1,2,4,8,50", help="comma-separated step counts")
+    p.add_argument("--steps", type=cli.step_counts, default="1,2,4,8,50", help="comma-separated step counts")
     p.add_argument("--prompts", type=int, default=10, help="prompts per task (seen; and per colour task held out)")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (GenEval: 4)")
     p.add_argument("--seed", type=cli.seed, default=0, help="prompt set and noise seed")
@@ -618,7 +602,6 @@ def main(argv=None):
         return bench()
     if args.validate:
         return print_validation(args.prompts, args.seed)
-    steps_list = parse_steps(args.steps)
     out_dir = args.out or os.path.join(args.ckpt, "eval")
     if not args.out:  # the default folder is checked now too, not after the sweep
         try:
@@ -632,14 +615,14 @@ def main(argv=None):
     world = models[0][2]
     specs = [dict(s, index=i) for i, s in enumerate(prompt_set(world, args.prompts, args.seed))]
     report = {"config": {k: v for k, v in vars(args).items() if k not in ("validate", "bench")} | {
-        "steps": steps_list, "world": world.name, "keep_conf": KEEP_CONF, "exclude_iou": EXCLUDE_IOU},
+        "steps": args.steps, "world": world.name, "keep_conf": KEEP_CONF, "exclude_iou": EXCLUDE_IOU},
         "prompts": specs, "models": []}
     all_rows = []
     truth = torch.stack([render_spec(s, world, data.sample_rng(args.seed, s["index"]))[0] for s in specs])
     truth_contrast = contrast(truth).mean().item()
     report["config"]["truth_contrast"] = round(truth_contrast, 4)
     for (system, meta, _), path, tag in zip(models, paths, "ABCDEFGH"):
-        results, rows = sweep(system, meta, world, specs, steps_list, args, tag)
+        results, rows = sweep(system, meta, world, specs, args.steps, args, tag)
         all_rows.append(rows)
         denoise = denoising(system, world, args.denoise, args.seed, batch=args.batch) if args.denoise else None
         report["models"].append({"tag": tag, "ckpt": path, "step": meta.get("step"),
@@ -653,7 +636,7 @@ def main(argv=None):
         print(table(results, "seen"))
         print("held-out compositions (overall = mean of colors and color_attr)")
         print(table(results, "heldout"))
-        print(f"RMS pixel distance (in [-1, 1]) to the {max(steps_list)}-step image of the same noise: " +
+        print(f"RMS pixel distance (in [-1, 1]) to the {max(args.steps)}-step image of the same noise: " +
               ", ".join(f"{n} steps {r['rms_to_most_steps']:.3f}" for n, r in results.items()))
         print(f"contrast (RMS from the image's median colour; ground-truth renders {truth_contrast:.3f}): " +
               ", ".join(f"{n} steps {r['contrast']:.3f}" for n, r in results.items()))
@@ -665,7 +648,7 @@ def main(argv=None):
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(report, f, indent=1)
     import sample
-    labels = [f"{n} step" + ("s" if n > 1 else "") for n in steps_list]
+    labels = [f"{n} step" + ("s" if n > 1 else "") for n in args.steps]
     if len(all_rows) > 1:  # one block per model, left to right, a blank column between blocks
         blank = torch.ones_like(all_rows[0][0][:1])
         rows = [torch.cat([x for block in row for x in (block, blank)][:-1]) for row in zip(*all_rows)]
@@ -681,7 +664,8 @@ def main(argv=None):
 def bench(n=60):
     world = data.WORLDS["full"]
     specs = [s for s in prompt_set(world, n // 6) if s["seen"]]
-    imgs = to_pixels(torch.stack([render_spec(s, world, data.sample_rng(1, i))[0] for i, s in enumerate(specs)]))
+    imgs = data.to_uint8(torch.stack([render_spec(s, world, data.sample_rng(1, i))[0] for i, s in enumerate(specs)]))
+    imgs = imgs.numpy()
     torch.set_num_threads(1)
     detect(imgs[0], world)
     t = time.perf_counter()

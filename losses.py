@@ -38,10 +38,6 @@ def take(cond, idx):
     return tuple(c[idx] for c in cond)
 
 
-def expand(cond, n):
-    return tuple(c.expand(n, *c.shape[1:]) for c in cond)
-
-
 def self_eval_target(G, G_ema, x0_hat, s, cond, null, *, fake=None, k=0.9, eps=None):
     """Eq. (14) (and s.6 with the auxiliary term): the pseudo-target x_self of the samples in the batch.
 
@@ -57,7 +53,7 @@ def self_eval_target(G, G_ema, x0_hat, s, cond, null, *, fake=None, k=0.9, eps=N
     x_s = selfe.forward_process(x0_hat, s, eps)                         # x_s = alpha_s x0_hat + sigma_s eps'
     with torch.no_grad():
         g_c = G_ema(x_s, s, s, cond)
-        g_u = G(x_s, s, s, expand(null, len(s)))
+        g_u = G(x_s, s, s, selfe.expand(null, len(s)))
     delta = g_u - g_c                                                    # classifier score direction (s.5)
     g_f = None
     if fake is not None:

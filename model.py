@@ -325,7 +325,8 @@ class MMDiT(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias) if m.bias is not None else None
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.scale)
         for emb in (self.time_in, self.s_in, self.guidance_in, self.vector_in):
@@ -334,7 +335,8 @@ class MMDiT(nn.Module):
                 nn.init.normal_(emb.out_layer.weight, std=0.02)
         for m in self.modules():
             if isinstance(m, Modulation):
-                nn.init.zeros_(m.lin.weight), nn.init.zeros_(m.lin.bias)
+                nn.init.zeros_(m.lin.weight)
+                nn.init.zeros_(m.lin.bias)
         nn.init.zeros_(self.final_layer.adaLN_modulation[1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)

@@ -16,6 +16,7 @@ import sys
 import torch
 
 import cli
+import data
 import encoders
 import selfe
 from cli import number
@@ -86,8 +87,7 @@ def sample(system, prompts, steps=4, cfg=None, eta=1.0, s_schedule=None, seeds=N
     randn = lambda: torch.stack([torch.randn(L, C, generator=g) for g in gens]).to(dev)  # (B, L, C)
     cond = system.encode_text(prompts)
     if cfg != 1:  # both guidance branches in one batched call per step
-        null = tuple(c.expand(B, *c.shape[1:]) for c in system.null_cond())
-        cond = tuple(torch.cat(pair) for pair in zip(cond, null))
+        cond = tuple(torch.cat(pair) for pair in zip(cond, system.null_cond(B)))
     ts = time_grid(steps, L, anchor, shift)
     ss = second_times(ts, s_schedule)
     x = randn()
@@ -107,15 +107,10 @@ def sample(system, prompts, steps=4, cfg=None, eta=1.0, s_schedule=None, seeds=N
 # ----------------------------------------------------------------------------------------------------------------------
 # Images and grids
 
-def to_uint8(images):
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu()
-
-
 def save_grid(rows, path, upscale=1, labels=None, pad=2):
     """rows: list of (n, 3, H, W) image batches, one grid row each; optional text label per row, drawn on the left."""
     from PIL import Image, ImageDraw
-    rows = [to_uint8(r) for r in rows]
+    rows = [data.to_uint8(r) for r in rows]
     H, W = rows[0].shape[1] * upscale, rows[0].shape[2] * upscale
     ncol = max(len(r) for r in rows)
     left = 64 if labels else 0
@@ -130,20 +125,6 @@ def save_grid(rows, path, upscale=1, labels=None, pad=2):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     canvas.save(path)
     return path
-
-
-MAX_STEPS = 1000  # as evaluate.py: far past where more steps change a sample, so a larger count is a typo
-
-
-def parse_steps(text):
-    """--sweep: comma-separated step counts, each in [1, MAX_STEPS]."""
-    try:
-        steps = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected step counts like 1,2,4,8,50") from None
-    if not steps or min(steps) < 1 or max(steps) > MAX_STEPS:
-        raise argparse.ArgumentTypeError(f"{text!r}: step counts must be integers in [1, {MAX_STEPS}]")
-    return steps
 
 
 # The public FLUX.1 transformers sample as BFL does: Euler (eta 0), no CFG; schnell without the time shift, dev with
@@ -178,7 +159,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", nargs="+", metavar="PROMPT")
     p.add_argument("--ckpt", default="runs/tiny", help="run folder (uses its `latest`) or a step folder")
-    p.add_argument("--steps", type=number(int, 1, MAX_STEPS), default=4)
+    p.add_argument("--steps", type=number(int, 1, cli.MAX_STEPS), default=4)
     p.add_argument("--cfg", type=number(float), default=None, help="EP-CFG scale (default 5; 1 = no guidance; 1 "
                    "step: 1)")
     p.add_argument("--eta", type=number(float, 0, 1), default=None, help="DDIM eta (1 = the paper's setting, 0 = "
@@ -189,7 +170,7 @@ def main(argv=None):
     p.add_argument("--n", type=number(int, 1), default=1, help="images per prompt")
     p.add_argument("--out", type=cli.image_file, default=None, help="image path (default sample.png, or sweep.png "
                    "with --sweep)")
-    p.add_argument("--sweep", type=parse_steps, default=None, help="comma-separated step counts: one grid row per "
+    p.add_argument("--sweep", type=cli.step_counts, default=None, help="comma-separated step counts: one grid row per "
                    "step count")
     p.add_argument("--weights", default="ema", choices=("ema", "model"))
     p.add_argument("--anchor", type=cli.anchor, default=None, help="mu(L) anchor length (default: the run's)")
@@ -219,7 +200,7 @@ def main(argv=None):
     eta = args.eta if args.eta is not None else flags.get("eta", 1.0)
     upscale = args.upscale or max(1, 256 // system.cfg.resolution)
     prompts = [pr for pr in args.prompts for _ in range(args.n)]
-    seeds = [args.seed * 1000 + i for i in range(len(prompts))]
+    seeds = [data.stream_seed(args.seed, i, stride=1000) for i in range(len(prompts))]
     print(f"sampling {meta['source']}", file=sys.stderr)
     run = lambda n: sample(system, prompts, n, cfg, eta, args.s_schedule, seeds, anchor=anchor, shift=shift,
                            progress=True, objective=flags.get("objective", "selfe"))

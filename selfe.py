@@ -79,6 +79,11 @@ def caption_dropout(n, p, generator=None):
     return torch.rand(n, generator=generator) < p
 
 
+def expand(cond, n):
+    """An encoding of batch 1 (phi's) as batch n: each (1, ...) -> (n, ...), a view."""
+    return tuple(c.expand(n, *c.shape[1:]) for c in cond)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Tokens <-> images
 
@@ -158,11 +163,11 @@ class SelfE:
         _, vec = self.clip(self.clip_tokenizer(prompts).to(self.device))
         return txt.to(self.dtype), vec.to(self.dtype)
 
-    def null_cond(self):
-        """The empty prompt's encoding, batch 1, computed once."""
+    def null_cond(self, n=1):
+        """The empty prompt's encoding (txt, vec), computed once, as batch n."""
         if self._null is None:
             self._null = self.encode_text([NULL_PROMPT])
-        return self._null
+        return expand(self._null, n)
 
     # -- images
     @property

@@ -390,7 +390,7 @@ def train(args, rank, world):
         log0(f"resumed from {resume_from} at step {start}", rank=rank)
     os.makedirs(args.out, exist_ok=True)
     n_params = sum(p.numel() for p in model.parameters())
-    flops = functools.lru_cache(system.denoiser.flops)                    # forward FLOPs of one sample (L, Lt)
+    sample_flops = functools.lru_cache(system.denoiser.flops)             # forward FLOPs of one sample (L, Lt)
     log0(f"{args.size}: {n_params / 1e6:.2f}M denoiser parameters, objective {args.objective}, {args.steps} steps x "
          f"batch {B} (= {b} x {world} ranks x {A} accum) on {args.device} in {args.precision}; data {args.data} "
          f"({len(source) if hasattr(source, '__len__') else 'unlimited'} items); tau over {tau_steps} steps, aux from "
@@ -409,7 +409,7 @@ def train(args, rank, world):
         lr = lr_at(step, args)
         for group in opt.param_groups:
             group["lr"] = lr
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # the step's randomness, same on every rank
+        gen = torch.Generator().manual_seed(data.stream_seed(args.seed, step))  # the step's draws, same on every rank
         dropped = selfe.caption_dropout(B, args.p_drop, gen)                # (B,) bool
         aux = args.objective == "selfe" and step >= aux_start and not args.delta_zero  # L_fake late (s.6-s.8)
         terms = []
@@ -438,9 +438,7 @@ def train(args, rank, world):
             terms.append(micro_terms)
         skip, grad_norm = update(model, opt, system, args, step, skip)
 
-        # model FLOPs: the trained pass fwd+bwd (3 F), the two no-grad evaluation passes and L_fake's fwd+bwd on s < t
-        F = flops(L, cond[0].shape[1])
-        n_flops = 3 * F * B + 2 * F * n_self + (3 * F * n_self if aux else 0)
+        n_flops = step_flops(sample_flops(L, cond[0].shape[1]), B, n_self, aux)
         pending.append(dict(step=step, lr=lr, items=items, t=t_all, s=s_all, dropped=dropped, evaluate=evaluate_all,
                             terms=torch.cat(terms, 1), grad_norm=grad_norm, flops=n_flops,
                             tokens=B * (L + cond[0].shape[1])))
@@ -606,6 +604,13 @@ def objective(args, G, G_ema, x0, t, s, cond, null, *, fake, eps, eps_self, eval
     return out["loss"], torch.stack([terms[name] for name in TERMS])
 
 
+def step_flops(flops, batch, n_self, aux):
+    """Model FLOPs of one training step, from the forward FLOPs of one sample (MMDiT.flops): the trained pass forward
+    and backward (3 F per sample), the two evaluation passes without gradient on the n_self samples with s < t, and,
+    with the auxiliary term, L_fake's forward and backward on them. Training logs it; bench.py measures with it."""
+    return 3 * flops * batch + 2 * flops * n_self + (3 * flops * n_self if aux else 0)
+
+
 def update(model, opt, system, args, step, skip):
     """Clip, Adam, EMA. A non-finite gradient norm (the same on every rank) turns `skip` on, on the device: fused
     Adam then leaves weights and state as they were (its found_inf, the protocol of torch.amp.GradScaler), and so
@@ -639,7 +644,7 @@ def noise(seed, step, positions, L, C, device):
     sample's noise does not depend on how the batch is split."""
     out = torch.empty(len(positions), 2, L, C, device=device)
     for k, i in enumerate(positions):
-        g = torch.Generator(device).manual_seed((seed << 40) + (step << 20) + i)
+        g = torch.Generator(device).manual_seed(data.stream_seed(seed, (step << 20) + i, stride=1 << 40))
         out[k] = torch.randn(2, L, C, device=device, generator=g)
     return out[:, 0], out[:, 1]
 

@@ -58,7 +58,7 @@ def test_ground_truth_scores_high_and_sees_exactly_the_scene(world_name):
     # stronger than the verdict (extra objects are not penalised by GenEval): the checker finds every object, with
     # its class and colour, and invents none (plain nearest-colour labels invented 'brown' rims)
     exact = 0
-    for img, objs in zip(ev.to_pixels(images), objects):
+    for img, objs in zip(data.to_uint8(images).numpy(), objects):
         found = sorted((o["class"], o["color"]) for o in ev.detect(img, world) if o["conf"] >= ev.KEEP_CONF)
         exact += found == sorted((o["class"], o["color"]) for o in objs)
     assert exact / len(objects) >= 0.98
@@ -138,7 +138,7 @@ def render(objs, R, level=122.0):
 
 
 def found(img, world):
-    return sorted((o["class"], o["color"]) for o in ev.detect(ev.to_pixels(img)[0], world) if o["conf"] >= ev.KEEP_CONF)
+    return sorted((o["class"], o["color"]) for o in ev.detect(data.to_uint8(img)[0].numpy(), world) if o["conf"] >= ev.KEEP_CONF)
 
 
 @pytest.mark.parametrize("world_name", ["small", "full"])
@@ -373,7 +373,7 @@ def test_colours_diagnostic_reads_colours_but_not_shapes():
     assert ev.colours_match({"include": [{"class": "circle", "count": 3}], "exclude": []}, []) is None
     rng = random.Random(0)
     s = data.sample_spec(world, rng, task="color_attr")
-    img = ev.to_pixels(data.render(data.layout(s, world, rng), world.resolution, rng)[None])[0]
+    img = data.to_uint8(data.render(data.layout(s, world, rng), world.resolution, rng)[None])[0].numpy()
     assert ev.colours_match(s, ev.detect(img, world))
 
 

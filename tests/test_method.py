@@ -227,7 +227,8 @@ def test_s_enters_only_through_the_gap():
     b = system.velocity(m, x, t, t * 0.2, cond, h, w)
     assert (a - b).abs().max() > 1e-4  # s matters...
     with torch.no_grad():
-        m.s_in.out_layer.weight.zero_(), m.s_in.out_layer.bias.zero_()
+        m.s_in.out_layer.weight.zero_()
+        m.s_in.out_layer.bias.zero_()
     a = system.velocity(m, x, t, t * 0.5, cond, h, w)
     b = system.velocity(m, x, t, t * 0.2, cond, h, w)
     torch.testing.assert_close(a, b)  # ...and only through MLP_s
@@ -402,9 +403,9 @@ def test_missing_checkpoint_says_where_and_how(tmp_path, capsys):
 
 def test_bad_sweep():
     with pytest.raises(argparse.ArgumentTypeError, match="step counts like"):
-        sampler.parse_steps("1,x")
+        cli.step_counts("1,x")
     with pytest.raises(argparse.ArgumentTypeError, match=r"integers in \[1, 1000\]"):
-        sampler.parse_steps("0,2")
+        cli.step_counts("0,2")
 
 
 def test_long_prompt_truncates_with_warning(capsys):

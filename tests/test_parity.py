@@ -202,14 +202,16 @@ def bfl_to_diffusers(sd, n_double, n_single, hidden):
         for wb in ("weight", "bias"):
             out[f"{dst}.{wb}"] = sd.pop(f"{src}.{wb}")
 
-    move("img_in", "x_embedder"), move("txt_in", "context_embedder")
+    move("img_in", "x_embedder")
+    move("txt_in", "context_embedder")
     for src, dst in (("time_in", "timestep"), ("vector_in", "text"), ("guidance_in", "guidance")):
         if f"{src}.in_layer.weight" in sd:
             move(f"{src}.in_layer", f"time_text_embed.{dst}_embedder.linear_1")
             move(f"{src}.out_layer", f"time_text_embed.{dst}_embedder.linear_2")
     for i in range(n_double):
         b, d = f"double_blocks.{i}", f"transformer_blocks.{i}"
-        move(f"{b}.img_mod.lin", f"{d}.norm1.linear"), move(f"{b}.txt_mod.lin", f"{d}.norm1_context.linear")
+        move(f"{b}.img_mod.lin", f"{d}.norm1.linear")
+        move(f"{b}.txt_mod.lin", f"{d}.norm1_context.linear")
         for stream, names in (("img", ("to_q", "to_k", "to_v")), ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))):
             for wb in ("weight", "bias"):
                 for name, part in zip(names, sd.pop(f"{b}.{stream}_attn.qkv.{wb}").chunk(3)):
@@ -218,9 +220,12 @@ def bfl_to_diffusers(sd, n_double, n_single, hidden):
         out[f"{d}.attn.norm_k.weight"] = sd.pop(f"{b}.img_attn.norm.key_norm.scale")
         out[f"{d}.attn.norm_added_q.weight"] = sd.pop(f"{b}.txt_attn.norm.query_norm.scale")
         out[f"{d}.attn.norm_added_k.weight"] = sd.pop(f"{b}.txt_attn.norm.key_norm.scale")
-        move(f"{b}.img_attn.proj", f"{d}.attn.to_out.0"), move(f"{b}.txt_attn.proj", f"{d}.attn.to_add_out")
-        move(f"{b}.img_mlp.0", f"{d}.ff.net.0.proj"), move(f"{b}.img_mlp.2", f"{d}.ff.net.2")
-        move(f"{b}.txt_mlp.0", f"{d}.ff_context.net.0.proj"), move(f"{b}.txt_mlp.2", f"{d}.ff_context.net.2")
+        move(f"{b}.img_attn.proj", f"{d}.attn.to_out.0")
+        move(f"{b}.txt_attn.proj", f"{d}.attn.to_add_out")
+        move(f"{b}.img_mlp.0", f"{d}.ff.net.0.proj")
+        move(f"{b}.img_mlp.2", f"{d}.ff.net.2")
+        move(f"{b}.txt_mlp.0", f"{d}.ff_context.net.0.proj")
+        move(f"{b}.txt_mlp.2", f"{d}.ff_context.net.2")
     for i in range(n_single):
         b, d = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
         for wb in ("weight", "bias"):
@@ -229,7 +234,8 @@ def bfl_to_diffusers(sd, n_double, n_single, hidden):
             out[f"{d}.proj_mlp.{wb}"] = mlp
         out[f"{d}.attn.norm_q.weight"] = sd.pop(f"{b}.norm.query_norm.scale")
         out[f"{d}.attn.norm_k.weight"] = sd.pop(f"{b}.norm.key_norm.scale")
-        move(f"{b}.modulation.lin", f"{d}.norm.linear"), move(f"{b}.linear2", f"{d}.proj_out")
+        move(f"{b}.modulation.lin", f"{d}.norm.linear")
+        move(f"{b}.linear2", f"{d}.proj_out")
     for wb in ("weight", "bias"):  # BFL's final adaLN is (shift, scale), diffusers' (scale, shift)
         shift, scale = sd.pop(f"final_layer.adaLN_modulation.1.{wb}").chunk(2)
         out[f"norm_out.linear.{wb}"] = torch.cat([scale, shift])
