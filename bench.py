@@ -391,7 +391,7 @@ def t5_load(args):
             shutil.rmtree(args.dir, ignore_errors=True)
     floor = run("--touch-only", str(size))["seconds"]
     print(f"load_t5: {r['seconds']:.1f} s, {size / 1e9 / r['seconds']:.2f} GB/s (checkpoint in the page cache); "
-          f"allocating and first-touching {size / 1e9:.2f} GB alone takes {floor:.1f} s on this machine")
+          f"allocating and first-touching {size / 1e9:.2f} GB alone takes {floor:.1f} s here")
     print(f"peak RSS {r['peak_rss'] / 1e9:.2f} GB = {r['peak_rss'] / size:.3f} x the checkpoint ({size / 1e9:.2f} GB); "
           f"RSS before loading {r['rss_before'] / 1e9:.2f} GB; loaded parameters {r['param_bytes'] / 1e9:.2f} GB; "
           f"target <= 1.3 x: {'met' if r['peak_rss'] <= 1.3 * size else 'NOT met'}")

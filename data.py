@@ -1,12 +1,12 @@
 """Everything that turns files (or nothing at all) into tensors.
 
-- The shapes world (../shared/EVAL.md): a procedurally rendered text-to-image world whose prompts follow GenEval's
+- The shapes world (docs/evaluation.md): a procedurally rendered text-to-image world whose prompts follow GenEval's
   six task templates, so that the paper's evaluation (Table 1) can be answered exactly from pixels.
   Every scene is a `spec` (GenEval-style metadata: include clauses with class, count, colour, position) laid out and
   rendered anti-aliased; sample i of a stream is seeded by (seed, i) alone, so streams are unlimited and reproducible.
 - The world's words (`WORDS`), which the tiny preset's stand-in text encoders read (encoders.WordTokenizer).
 - Real data: the TSV manifest (image path <TAB> prompt), aspect-ratio buckets, the deterministic global batch order
-  that train.py shards across ranks, and the latent/text caches with their builder (METHOD.md 9).
+  that train.py shards across ranks, and the latent/text caches with their builder (docs/method.md §9, A 13).
 """
 import codecs
 import concurrent.futures
@@ -48,7 +48,7 @@ def to_uint8(images):
 # ----------------------------------------------------------------------------------------------------------------------
 # The shapes world
 
-PALETTE = {  # sRGB; every pair at least 38 CIE76 delta-E apart (EVAL.md)
+PALETTE = {  # sRGB; every pair at least 38 CIE76 delta-E apart (docs/evaluation.md §2)
     "red": (225, 25, 35), "orange": (250, 140, 0), "yellow": (250, 230, 40), "green": (20, 170, 60),
     "blue": (20, 90, 240), "purple": (150, 30, 190), "pink": (255, 120, 200), "brown": (125, 70, 25),
     "black": (10, 10, 10), "white": (250, 250, 250),
@@ -61,7 +61,7 @@ TASKS = ("single", "two", "counting", "colors", "position", "color_attr")
 
 @dataclass(frozen=True)
 class World:
-    """One shapes world. Box sides are fractions of the image side, per task (EVAL.md 'Sizes')."""
+    """One shapes world. Box sides are fractions of the image side, per task (docs/evaluation.md §2)."""
     name: str
     resolution: int
     shapes: tuple
@@ -124,7 +124,7 @@ def sample_spec(world, rng, task=None, seen=True):
     through a colour the caption leaves open. seen=False draws a prompt that names at least one held-out pair."""
     pairs = world.pairs(seen=True)
     named_pairs = pairs if seen else world.pairs(seen=False)
-    if task is None:  # about three quarters in the evaluation templates, a quarter free scenes (EVAL.md)
+    if task is None:  # about three quarters in the evaluation templates, a quarter free scenes (docs/evaluation.md §2)
         task = rng.choice(TASKS) if rng.random() < 0.75 else "free"
     shape = lambda: rng.choice(world.shapes)
     if task == "single":
@@ -250,7 +250,7 @@ def _in_triangle(u, v, a, b, c):
 
 
 def inside(shape, u, v):
-    """Inside test in box coordinates: the shape's tight box is [-1, 1]^2, u right, v down (EVAL.md)."""
+    """Inside test in box coordinates: the shape's tight box is [-1, 1]^2, u right, v down (docs/evaluation.md §2)."""
     box = (u.abs() <= 1) & (v.abs() <= 1)
     if shape == "circle":
         return u * u + v * v <= 1
@@ -371,7 +371,7 @@ def read_manifest(path, base_dir=None, skip_bad=False):
 
 
 def buckets(area, step, max_ratio=2.0):
-    """Aspect-ratio buckets (METHOD.md 9): (H, W) of at most area^2 pixels and close to it, sides multiples of `step`
+    """Aspect-ratio buckets (A 13): (H, W) of at most area^2 pixels and close to it, sides multiples of `step`
     (patch x autoencoder downsampling, or more), aspect ratios within [1/max_ratio, max_ratio]; max_ratio 1 gives the
     square alone."""
     out = []
@@ -456,7 +456,7 @@ class Batches:
 
 class ManifestData:
     """A TSV manifest as training items: every (image, area) pair goes to the bucket of its aspect ratio at each area
-    of `areas` (one area: that phase; 256 and 512: METHOD.md 9's 1:1 mix). Every image is read at start
+    of `areas` (one area: that phase; 256 and 512: docs/method.md §9's 1:1 mix). Every image is read at start
     (`image_size`); one that cannot be read, or is smaller than its bucket, is an error naming its line (or, with
     skip_bad, left out). A batch's images are decoded by `workers` threads (PIL releases the GIL while it decodes
     and resizes)."""

@@ -812,7 +812,7 @@ def load_clip(path, dtype=torch.bfloat16, device="cpu", config=None):
 
 
 def ae_key_from_diffusers(key, n_levels):
-    """One diffusers AutoencoderKL key -> its BFL name (FORMATS.md). diffusers numbers up_blocks the other way round."""
+    """One diffusers AutoencoderKL key -> its BFL name (docs/formats.md §4.2). diffusers numbers up_blocks the other way round."""
     attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
             "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}  # new and deprecated diffusers names
     m = re.fullmatch(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)", key)

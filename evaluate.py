@@ -6,7 +6,7 @@
     python evaluate.py --bench           # checker speed, ms per 64 px image on one core
 
 The rules come from GenEval (Ghosh et al. 2023, github.com/djghosh13/geneval: six tasks, include/exclude clauses,
-the position rule, Overall = plain mean of the six task scores) and from ../shared/EVAL.md, whose detector we replace
+the position rule, Overall = plain mean of the six task scores) and from docs/evaluation.md, whose detector we replace
 by an exact pixel checker (no neural network):
   1. background per row from the border columns, noise level from border differences, a 3x3 median at >= 48 px on
      noisy images, foreground = colour distance above an adaptive threshold;
@@ -22,7 +22,7 @@ the blobs' colours exactly the named ones), the RMS distance to the most-steps i
 each model as a denoiser (velocity error by t, with the prompt and with phi).
 Measured (--validate, 20 prompts per task): ground truth 1.00 at 32 and 64 px, one-fact hard negatives 0.00; at 64 px
 under noise sigma 10 and 20, blur sigma 1, colour jitter, 2x down/up: 1.00 and 0.00; at 32 px under blur sigma 1 only
-0.81 (counting 0.15: blurred 8 px squares and circles fall within the 0.05 margin), EVAL.md's "fragile at 32 px".
+0.81 (counting 0.15: blurred 8 px squares and circles fall within the 0.05 margin), the "fragile under blur" of docs/evaluation.md §2.
 """
 import argparse
 import functools
@@ -42,7 +42,7 @@ import data
 from cli import number
 
 KEEP_CONF = 0.75      # GenEval keeps detections above a confidence threshold; ours is the template IoU
-EXCLUDE_IOU = 0.60    # counting's exclude clause counts sloppier objects too (EVAL.md step 6)
+EXCLUDE_IOU = 0.60    # counting's exclude clause counts sloppier objects too (docs/evaluation.md §4 step 6)
 MIN_ALPHA = 0.2       # a pixel belongs to a colour when at least 20% of it is that colour over the background
 NOISY = 4.0           # border noise sigma (0-255 units) above which a 64 px image is median-filtered
 BLURS = (0.0, 0.6, 1.2)
@@ -172,7 +172,7 @@ def fit_shape(alpha, shapes, R, ss=2):
 
 
 def color_labels(img, bg, pal):
-    """Mixture-aware colour labels (EVAL.md: the fix that mattered). Each pixel is bg + a (c_k - bg) for the best
+    """Mixture-aware colour labels (docs/evaluation.md §4 step 2). Each pixel is bg + a (c_k - bg) for the best
     a in [0, 1] per palette colour (least squares, closed form); the label is the colour with the smallest residual.
     Plain nearest-colour labels read a red-on-gray rim as brown. img (H, W, 3), bg (H, 3), pal (K, 3) ->
     (labels (H, W), a (H, W, K))."""
@@ -580,7 +580,7 @@ def main(argv=None):
     p.add_argument("--compare", nargs="+", default=[], metavar="DIR", help="more checkpoints, same prompts and noise")
     p.add_argument("--steps", type=cli.step_counts, default="1,2,4,8,50", help="comma-separated step counts")
     p.add_argument("--prompts", type=int, default=10, help="prompts per task (seen; and per colour task held out)")
-    p.add_argument("--seeds", type=int, default=4, help="images per prompt (GenEval: 4)")
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt (GenEval: 4; A 14)")
     p.add_argument("--seed", type=cli.seed, default=0, help="prompt set and noise seed")
     p.add_argument("--out", type=cli.writable_folder, default=None, help="folder for eval.json and grid.png "
                    "(default: <ckpt>/eval)")

@@ -22,7 +22,7 @@ import encoders
 
 @dataclass
 class Config:
-    """One preset: the denoiser's shapes (METHOD.md section 8), the frozen parts, the image space and the training
+    """One preset: the denoiser's shapes (docs/method.md §8), the frozen parts, the image space and the training
     defaults that depend on scale. `--size` picks one from CONFIGS."""
     # denoiser
     hidden_size: int = 2048
@@ -46,7 +46,7 @@ class Config:
     # text
     t5: encoders.T5Config = field(default_factory=encoders.T5Config)
     clip: encoders.CLIPConfig = field(default_factory=encoders.CLIPConfig)
-    t5_max_len: int = 512          # [ASSUMPTION] METHOD.md 8(c): minFM 256, FLUX-dev 512
+    t5_max_len: int = 512          # A 17: minFM 256, FLUX-dev 512
     tokenizer: str = "pretrained"  # "pretrained" (sentencepiece + CLIP BPE) or "words" (tiny stand-ins)
     # training defaults that depend on scale (each a train.py flag)
     batch: int = 1024
@@ -87,7 +87,7 @@ CONFIGS = {
     "0.5b": Config(hidden_size=1024, num_heads=16, axes_dim=(8, 28, 28), resolution=256),
     # The paper's main model (S.2): d 2048, 16 x 128 heads, 8 + 16 blocks; phase 1 at 256^2.
     "2b": Config(hidden_size=2048, num_heads=16, axes_dim=(16, 56, 56), resolution=256),
-    # The public FLUX.1 transformers (12B; FORMATS.md), to load flux1-{schnell,dev}.safetensors into our MMDiT.
+    # The public FLUX.1 transformers (12B; docs/formats.md §4.5), to load flux1-{schnell,dev}.safetensors into our MMDiT.
     "flux-schnell": Config(hidden_size=3072, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=(16, 56, 56),
                            dual_time=False, guidance_embed=False, resolution=1024, t5_max_len=256),
     "flux-dev": Config(hidden_size=3072, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=(16, 56, 56),
@@ -134,7 +134,7 @@ class EmbedND(nn.Module):
 
 
 def timestep_embedding(t, dim=256, max_period=10_000, time_factor=1000.0):
-    """Sinusoid(1000 t), cos then sin halves, as FLUX and minFM (METHOD.md 8, [ASSUMPTION] 10)."""
+    """Sinusoid(1000 t), cos then sin halves, as FLUX and minFM (docs/method.md §8.3, A 10)."""
     t = time_factor * t
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
@@ -276,7 +276,7 @@ class LastLayer(nn.Module):
 # The dual-time MMDiT
 
 class MMDiT(nn.Module):
-    """V_theta(x_t, t, s, c) of Eq. (6): FLUX's transformer with Self-E's dual-time conditioning (s.9-s.10)."""
+    """V_theta(x_t, t, s, c) of Eq. 6: FLUX's transformer with Self-E's dual-time conditioning (s.9-s.10)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -321,7 +321,7 @@ class MMDiT(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """DiT-style: xavier linears with zero bias, N(0, 0.02) embedders, and zero modulation and output (adaLN-Zero),
-        so every block starts as the identity and V starts at 0. [ASSUMPTION] METHOD.md 8: MLP_s as MLP_t."""
+        so every block starts as the identity and V starts at 0. A 18: MLP_s as MLP_t."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)

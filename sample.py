@@ -1,4 +1,4 @@
-"""The any-step sampler (../shared/METHOD.md section 7) and its command line.
+"""The any-step sampler (docs/method.md §7) and its command line.
 
     python sample.py --steps 4 "a red circle to the left of a blue square"
     python sample.py --sweep 1,2,4,8,50 "a photo of a red circle" "a photo of two squares"
@@ -42,13 +42,13 @@ def second_times(ts, schedule="next"):
 
 
 def ep_cfg(v_c, v_u, w):
-    """Energy-preserving CFG [EPCFG]: v = v_c + (w - 1)(v_c - v_u), rescaled per sample to the norm of v_c."""
+    """Energy-preserving CFG [EP-CFG]: v = v_c + (w - 1)(v_c - v_u), rescaled per sample to the norm of v_c."""
     v = v_c + (w - 1) * (v_c - v_u)
     return v * (v_c.flatten(1).norm(dim=1) / v.flatten(1).norm(dim=1).clamp_min(1e-8)).view(-1, 1, 1)
 
 
 def ddim_step(x, v, t, t_next, eta, noise):
-    """DDIM-style update from t to t_next < t (METHOD.md 7.4, minFM's heuristic form). eta = 0 is Euler (Eq. 22);
+    """DDIM-style update from t to t_next < t (docs/method.md §7.4, minFM's heuristic form, A 7). eta = 0 is Euler (Eq. 22);
     eta = 1 re-injects fresh noise; t_next = 0 returns the x0 estimate."""
     x0_hat = x - t * v
     if t_next <= 0:
@@ -159,13 +159,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", nargs="+", metavar="PROMPT")
     p.add_argument("--ckpt", default="runs/tiny", help="run folder (uses its `latest`) or a step folder")
-    p.add_argument("--steps", type=number(int, 1, cli.MAX_STEPS), default=4)
+    p.add_argument("--steps", type=number(int, 1, cli.MAX_STEPS), default=4, help="sampling steps (A 15)")
     p.add_argument("--cfg", type=number(float), default=None, help="EP-CFG scale (default 5; 1 = no guidance; 1 "
-                   "step: 1)")
+                   "step: 1; A 21, A 24)")
     p.add_argument("--eta", type=number(float, 0, 1), default=None, help="DDIM eta (1 = the paper's setting, 0 = "
-                   "Euler, Eq. 22)")
+                   "Euler, Eq. 22; A 7)")
     p.add_argument("--s-schedule", type=cli.s_schedule, default=None, help="next (s_k = t_{k+1}), current (s_k = "
-                   "t_k) or a in [0, 1]")
+                   "t_k) or a in [0, 1] (A 20, A 21)")
     p.add_argument("--seed", type=cli.seed, default=0)
     p.add_argument("--n", type=number(int, 1), default=1, help="images per prompt")
     p.add_argument("--out", type=cli.image_file, default=None, help="image path (default sample.png, or sweep.png "
@@ -173,7 +173,7 @@ def main(argv=None):
     p.add_argument("--sweep", type=cli.step_counts, default=None, help="comma-separated step counts: one grid row per "
                    "step count")
     p.add_argument("--weights", default="ema", choices=("ema", "model"))
-    p.add_argument("--anchor", type=cli.anchor, default=None, help="mu(L) anchor length (default: the run's)")
+    p.add_argument("--anchor", type=cli.anchor, default=None, help="mu(L) anchor length (default: the run's; A 6)")
     p.add_argument("--upscale", type=number(int, 1, 64), default=None, help="nearest-neighbour zoom of the PNG "
                    "(default: to >= 256 px)")
     p.add_argument("--resolution", type=number(int, 1), default=None, help="image side in pixels (default: the "

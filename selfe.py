@@ -3,8 +3,8 @@
 - `SelfE`: the dual-time denoiser and its frozen parts, built from a preset: text -> (T5 tokens, CLIP pooled),
   image <-> latent tokens (patchify), V and the sample head G = x_t - t V (Eq. 6).
 - The forward process x_t = (1 - t) x_0 + t eps (Eq. 1), logit-normal time with the length-dependent warp (s.11-s.12),
-  the second time s with its tau anneal (s.13), caption dropout (METHOD.md 3), EMA, and the checkpoint format.
-Equation numbers are the paper's, as collected in ../shared/METHOD.md.
+  the second time s with its tau anneal (s.13), caption dropout (A 1), EMA, and the checkpoint format.
+Equation numbers are the paper's; docs/method.md keys every citation (Eq. N, s.N, S.N, A N).
 """
 import dataclasses
 import math
@@ -23,25 +23,25 @@ import data
 import encoders
 import model
 
-NULL_PROMPT = ""  # phi: the empty prompt, through both encoders (METHOD.md 3, [ASSUMPTION] 1)
+NULL_PROMPT = ""  # phi: the empty prompt, through both encoders (docs/method.md §3, A 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Forward process, sample head, time sampling
 
 def forward_process(x0, t, eps):
-    """Eq. (1) with (alpha_t, sigma_t) = (1 - t, t): x_t = (1 - t) x_0 + t eps. x0, eps (B, L, C); t (B,)."""
+    """Eq. 1 with (alpha_t, sigma_t) = (1 - t, t): x_t = (1 - t) x_0 + t eps. x0, eps (B, L, C); t (B,)."""
     t = t.view(-1, 1, 1)
     return (1 - t) * x0 + t * eps
 
 
 def g_head(x_t, t, v):
-    """Eq. (6): G = x_t - t V, the x_0 prediction."""
+    """Eq. 6: G = x_t - t V, the x_0 prediction."""
     return x_t - t.view(-1, 1, 1) * v
 
 
 def mu_of_length(L, anchor=512, mu_anchor=0.5, mu_4096=1.15):
-    """Length-dependent shift (METHOD.md 6): linear in the patch count L, 0.5 at `anchor` (paper 512, [ASSUMPTION] 6;
+    """Length-dependent shift (docs/method.md §6): linear in the patch count L, 0.5 at `anchor` (paper 512, A 6;
     minFM/FLUX 256), 1.15 at 4096, extrapolated linearly outside."""
     if not 0 < anchor < 4096:
         raise ValueError(f"anchor {anchor}: mu(L) is 0.5 there and 1.15 at 4096 tokens, so it must lie in (0, 4096)")
@@ -49,23 +49,23 @@ def mu_of_length(L, anchor=512, mu_anchor=0.5, mu_4096=1.15):
 
 
 def warp(t, mu):
-    """(s.12): t -> e^mu / (e^mu + 1/t - 1), written to be exact at t = 0 and t = 1; mu > 0 pushes t toward noise."""
+    """s.12: t -> e^mu / (e^mu + 1/t - 1), written to be exact at t = 0 and t = 1; mu > 0 pushes t toward noise."""
     return math.exp(mu) * t / (math.exp(mu) * t + 1 - t)
 
 
 def sample_t(n, L, anchor=512, device="cpu", generator=None):
-    """(s.11)-(s.12): t_raw = sigmoid(z), z ~ N(0, 1), then warped by mu(L)."""
+    """s.11-s.12: t_raw = sigmoid(z), z ~ N(0, 1), then warped by mu(L)."""
     return warp(torch.sigmoid(torch.randn(n, device=device, generator=generator)), mu_of_length(L, anchor))
 
 
 def tau_at(step, tau_steps):
-    """(s.13): tau anneals linearly from 0 to 1 over the first `tau_steps` iterations (paper: 300k of 710k)."""
+    """s.13: tau anneals linearly from 0 to 1 over the first `tau_steps` iterations (paper: 300k of 710k)."""
     return 1.0 if tau_steps <= 0 else min(1.0, step / tau_steps)
 
 
 def sample_s(t, tau, p_equal=0.5, force_equal=None, generator=None):
-    """(s.13): s = t with probability p_equal, else s ~ U((1 - tau) t, t). `force_equal` (B,) bool marks samples that
-    must keep s = t (caption-dropped samples under train.py --dropped equal, [ASSUMPTION] 2)."""
+    """s.13: s = t with probability p_equal, else s ~ U((1 - tau) t, t). `force_equal` (B,) bool marks samples that
+    must keep s = t (caption-dropped samples under train.py --dropped equal, A 2)."""
     u = torch.rand(2, *t.shape, device=t.device, generator=generator)
     equal = u[0] < p_equal
     if force_equal is not None:
@@ -75,7 +75,7 @@ def sample_s(t, tau, p_equal=0.5, force_equal=None, generator=None):
 
 
 def caption_dropout(n, p, generator=None):
-    """Classifier-free-guidance dropout ([ASSUMPTION] 1: p = 0.1): which of n captions become phi, the empty prompt."""
+    """Classifier-free-guidance dropout (A 1: p = 0.1): which of n captions become phi, the empty prompt."""
     return torch.rand(n, generator=generator) < p
 
 
@@ -217,7 +217,7 @@ class SelfE:
         return net(x, img_ids, txt, txt_ids, t, s, vec, guidance)
 
     def G(self, net, x, t, s, cond, h, w):
-        """Eq. (6): G_theta(x_t, t, s, c) = x_t - t V_theta(x_t, t, s, c), in fp32."""
+        """Eq. 6: G_theta(x_t, t, s, c) = x_t - t V_theta(x_t, t, s, c), in fp32."""
         return g_head(x.float(), t, self.velocity(net, x, t, s, cond, h, w).float())
 
     # -- EMA

@@ -11,7 +11,7 @@
 
 Read top to bottom: flags, distributed set-up (torchrun's environment; FSDP2 per block), the memory check, data, the
 loop (batch -> encode -> t, s -> losses.py -> backward, step, EMA), logging, checkpoints.
-The recipe is METHOD.md section 9: Adam (0.9, 0.95), warmup then linear decay to 1e-5, EMA; the tau anneal and the
+The recipe is docs/method.md §9: Adam (0.9, 0.95), warmup then linear decay to 1e-5, EMA; the tau anneal and the
 auxiliary-term start are fractions of the run (paper: 300k and 550k of 710k iterations).
 
 One code path serves 1 or N processes. The global batch is split as batch = per-rank batch x world size x --accum.
@@ -74,9 +74,9 @@ def get_args(argv=None):
     p.add_argument("--workers", type=number(int, 1), default=4, help="threads decoding a manifest's images, a step "
                    "ahead")
     p.add_argument("--resolution", type=areas, default=None, help="bucket areas in pixels, e.g. 256 or 256,512 (the "
-                   "1:1 mix of METHOD.md 9); default: the preset's")
+                   "1:1 mix of docs/method.md §9, A 13); default: the preset's")
     p.add_argument("--max-ratio", type=number(float, 1), default=2.0, help="widest bucket aspect ratio (1: square "
-                   "crops)")
+                   "crops; A 13)")
     p.add_argument("--world", default=None, choices=list(data.WORLDS), help="shapes world (default: the preset's)")
     p.add_argument("--pretrained", default=None, help="FLUX.1 snapshot folder: T5-XXL, CLIP-L, autoencoder")
     p.add_argument("--t5", default=None, help="T5 v1.1 XXL folder (overrides --pretrained's)")
@@ -89,12 +89,12 @@ def get_args(argv=None):
                    "iteration (default: the fewest with which the memory plan fits the GPU; 1 on CPU)")
     p.add_argument("--lr", type=number(float, 0), default=None, help="peak learning rate (default: the preset's)")
     p.add_argument("--lr-min", type=number(float, 0), default=1e-5, help="learning rate at the last step (linear "
-                   "decay)")
+                   "decay; A 9)")
     p.add_argument("--warmup", type=number(int, 0), default=None, help="warmup iterations (default: min(1000, steps "
-                   "/ 20))")
-    p.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="[ASSUMPTION] 9: minFM's default")
+                   "/ 20); A 22)")
+    p.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="A 9: minFM's default")
     p.add_argument("--ema", type=number(float, 0, 1), default=None, help="EMA decay (paper 0.9999; default: the "
-                   "preset's)")
+                   "preset's; A 19)")
     p.add_argument("--out", type=cli.writable_folder, default=None, help="run folder (default: runs/<size>[-fm])")
     p.add_argument("--resume", action="store_true", help="continue from <out>/latest (implied on a torchrun restart)")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds a run: its "
@@ -120,28 +120,28 @@ def get_args(argv=None):
     p.add_argument("--sample-every", type=number(int, 0), default=1000, help="preview grid every N steps (0: never)")
     p.add_argument("--build-cache", default=None, metavar="DIR", help="encode --data (a manifest) into DIR and exit")
     p.add_argument("--cache-batch", type=number(int, 1), default=16, help="images per encoder call of --build-cache")
-    # The method's options; each [ASSUMPTION] of METHOD.md is one flag with its stated default.
-    m = p.add_argument_group("method (METHOD.md; [A] n = its section 11 item n)")
-    m.add_argument("--p-drop", type=number(float, 0, 1), default=0.1, help="caption dropout for guidance [A] 1")
-    m.add_argument("--p-equal", type=number(float, 0, 1), default=0.5, help="probability of s = t (s.13)")
+    # The method's options; each assumption of docs/method.md (A n, its section 11) is one flag with its stated default.
+    m = p.add_argument_group("method (docs/method.md; A n = its assumption n, section 11)")
+    m.add_argument("--p-drop", type=number(float, 0, 1), default=0.1, help="caption dropout for guidance (A 1)")
+    m.add_argument("--p-equal", type=number(float, 0, 1), default=0.5, help="probability of s = t (s.13, A 4)")
     m.add_argument("--tau-frac", type=number(float, 0), default=300 / 710, help="tau anneals 0 -> 1 over this "
-                   "fraction (s.13)")
+                   "fraction (s.13, A 22)")
     m.add_argument("--aux-start-frac", type=number(float, 0), default=550 / 710, help="auxiliary term from this "
-                   "fraction (S.2)")
+                   "fraction (S.2, A 22)")
     m.add_argument("--k", type=number(float, 0, 1), default=0.9, help="classifier-score share of Delta (s.6)")
-    m.add_argument("--fake-prefix", default="fake image, ", help="c_fake = prefix + prompt [A] 8")
-    m.add_argument("--fake-weight", type=number(float, 0), default=1.0, help="weight of L_fake (s.8) [A] 8")
+    m.add_argument("--fake-prefix", default="fake image, ", help="c_fake = prefix + prompt (A 8)")
+    m.add_argument("--fake-weight", type=number(float, 0), default=1.0, help="weight of L_fake (s.8, A 8)")
     m.add_argument("--anchor", type=cli.anchor, default=512, help="patch count where mu = 0.5 (paper 512, minFM "
-                   "256; below 4096, where mu = 1.15) [A] 6")
-    m.add_argument("--t-min", type=number(float, 1e-6, 1), default=1e-3, help="clamp of t in the 1/t^2 weight [A] 11")
+                   "256; below 4096, where mu = 1.15; A 6)")
+    m.add_argument("--t-min", type=number(float, 1e-6, 1), default=1e-3, help="clamp of t in the 1/t^2 weight (A 11)")
     m.add_argument("--no-target-norm", action="store_true", help="Eq. 16 instead of the normalized target (Eq. 20)")
-    m.add_argument("--reuse-noise", action="store_true", help="re-noise x0_hat with eps, not fresh noise [A] 3")
+    m.add_argument("--reuse-noise", action="store_true", help="re-noise x0_hat with eps, not fresh noise (A 3)")
     m.add_argument("--dropped", default="jump", choices=("jump", "equal"), help="caption-dropped samples: 'jump' keeps "
-                   "their s < t draw with Delta = 0 (c = phi: no classifier score), 'equal' forces s = t [A] 2")
+                   "their s < t draw with Delta = 0 (c = phi: no classifier score), 'equal' forces s = t (A 2)")
     m.add_argument("--delta-zero", action="store_true", help="the control: Self-E's s, lambda and target (Eq. 17-21) "
                    "with Delta = 0 everywhere, no evaluation passes: what self-evaluation itself adds")
     m.add_argument("--ema-warmup", action="store_true", help="warm the EMA decay up as min(d, (1 + n)/(10 + n)) (not "
-                   "in the paper, which keeps it constant)")
+                   "in the paper, which keeps it constant; A 19)")
     args = p.parse_args(argv)
     cfg = CONFIGS[args.size]
     for name, default in (("steps", cfg.steps), ("batch", cfg.batch), ("lr", cfg.lr), ("ema", cfg.ema_decay),
@@ -172,7 +172,7 @@ def areas(text):
 
 
 def lr_at(step, args):
-    """Linear warmup, then linear decay from --lr to --lr-min at the last step of the schedule (METHOD.md 9)."""
+    """Linear warmup, then linear decay from --lr to --lr-min at the last step of the schedule (docs/method.md §9, A 9)."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     frac = (step - args.warmup) / max(1, args.schedule_steps - args.warmup)
@@ -213,7 +213,7 @@ def checkpoint_activations(block):
 def parallelize(model, args):
     """Per block: activation checkpointing and torch.compile; then FSDP2 under a process group, each block its own
     shard group, so one block's parameters are gathered at a time. bf16 parameters for compute, fp32 gradient
-    reduction ([ASSUMPTION] 9); the sharded fp32 parameters are what the optimizer and the EMA see. FSDP casts no
+    reduction (A 9); the sharded fp32 parameters are what the optimizer and the EMA see. FSDP casts no
     input (cast_forward_inputs=False): the network casts its activations itself and keeps t, s and RoPE in fp32."""
     blocks = [*model.double_blocks, *model.single_blocks]
     for block in blocks:

@@ -1,4 +1,4 @@
-"""The GenEval-style checker (evaluate.py) held against ../shared/EVAL.md's validation targets: ground-truth renders
+"""The GenEval-style checker (evaluate.py) held against docs/evaluation.md §6's validation targets: ground-truth renders
 score ~1, one-fact hard negatives 0, blank and noise images 0, shuffled prompts at the chance level an oracle
 computes, 64 px robustness under noise and blur; edge cases; the CLI's errors, determinism and common random numbers.
 CPU only. Run: python -m pytest -q tests/test_evaluate.py"""
@@ -45,7 +45,7 @@ def accuracy(images, specs, world):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Validation targets (EVAL.md)
+# Validation targets (docs/evaluation.md §6)
 
 @pytest.mark.parametrize("world_name", ["small", "full"])
 def test_ground_truth_scores_high_and_sees_exactly_the_scene(world_name):
@@ -110,7 +110,7 @@ def test_blank_and_noise_images_score_zero(world_name):
 
 @pytest.mark.parametrize("kind", ["noise10", "noise20", "blur1", "jitter", "downup"])
 def test_robust_at_64px(kind):
-    """EVAL.md: at 64 px under noise sigma 10 or 20, blur sigma 1, colour jitter, 2x down/up: >= 0.98, hard negatives
+    """docs/evaluation.md §6: at 64 px under noise sigma 10 or 20, blur sigma 1, colour jitter, 2x down/up: >= 0.98, hard negatives
     0.00 (measured: 1.00 and 0.00 for every kind)."""
     world, specs, images, _, negs, neg_specs, _ = truth("full")
     g = torch.Generator().manual_seed(1)
@@ -145,8 +145,8 @@ def found(img, world):
 def test_small_antialiased_shapes_at_subpixel_offsets(world_name):
     """Every shape in every colour at the smallest nominal size the world draws (counting's lower bound: 7.7 px at
     32 px), at fractional positions, so that anti-aliased rims dominate. (Crowded layouts may shrink objects to 0.7 of
-    that; at 32 px such 5 px squares read as ambiguous square/circle in 2 of 6 colours: EVAL.md's 'fragile at
-    32 px'.)"""
+    that; at 32 px such 5 px squares read as ambiguous square/circle in 2 of 6 colours: the 'fragile under blur'
+    of docs/evaluation.md §2.)"""
     world = data.WORLDS[world_name]
     R = world.resolution
     side = world.size_counting[0] * R
@@ -189,7 +189,7 @@ def test_colour_labels_are_mixture_aware():
 
 
 def test_rejects_what_is_not_a_shape_of_the_world():
-    """EVAL.md's confidence rules: stretched shapes (aspect > 1.6), shapes filling the frame (side > 0.85 R), blobs
+    """docs/evaluation.md §4 step 5's confidence rules: stretched shapes (aspect > 1.6), shapes filling the frame (side > 0.85 R), blobs
     that fit no template; and a shape of another world (a star in the 3-shape world) is not read as one of its own."""
     full, small = data.WORLDS["full"], data.WORLDS["small"]
     assert found(render([("square", "red", (10, 25, 50, 40))], 64), full) == []           # a 40 x 15 bar

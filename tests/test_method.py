@@ -1,4 +1,4 @@
-"""The method, held against the paper: losses (Eqs. 14-21, S.1 Results 1-2), the denoiser, the sampler (Sec. 7),
+"""The method, held against the paper: losses (Eqs. 14-21, S.1 Results 1-2), the denoiser, the sampler (docs/method.md §7),
 training and checkpoints, the shapes world, and bad input. CPU only, tiny shapes."""
 import argparse
 import json
@@ -59,7 +59,7 @@ def tiny_system(seed=0, nonzero=True):
 def test_lambda_and_weight():
     t = torch.tensor([0.5, 0.8, 0.9, 0.99, 0.3])
     s = torch.tensor([0.0, 0.4, 0.0, 0.0, 0.3])
-    torch.testing.assert_close(losses.lam(t, s), torch.tensor([1.0, 10 / 3, 9.0, 99.0, 0.0]))  # METHOD.md 5.2 table
+    torch.testing.assert_close(losses.lam(t, s), torch.tensor([1.0, 10 / 3, 9.0, 99.0, 0.0]))  # docs/method.md §5.2 table
     torch.testing.assert_close(losses.fm_weight(torch.tensor([0.5, 0.0])), torch.tensor([4.0, 1e6]))
 
 
@@ -182,7 +182,7 @@ def test_evaluation_passes_run_only_on_samples_that_need_them():
 def test_time_sampling():
     torch.manual_seed(0)
     assert abs(selfe.mu_of_length(512) - 0.5) < 1e-9 and abs(selfe.mu_of_length(4096) - 1.15) < 1e-9
-    assert abs(selfe.mu_of_length(1024) - 0.5929) < 1e-3                     # METHOD.md 6
+    assert abs(selfe.mu_of_length(1024) - 0.5929) < 1e-3                     # docs/method.md §6
     assert abs(selfe.mu_of_length(256, anchor=256) - 0.5) < 1e-9
     t = torch.tensor([0.0, 0.25, 0.5, 1.0])
     mu = 0.7
@@ -260,7 +260,7 @@ def test_time_grid_runs_from_one_to_zero():
         ts = sampler.time_grid(n, 1024)
         assert len(ts) == n + 1 and ts[0] == 1 and ts[-1] == 0 and (ts[1:] < ts[:-1]).all()
     torch.testing.assert_close(sampler.time_grid(4, 1024), torch.tensor([1, 0.844, 0.644, 0.376, 0]), atol=1e-3,
-                               rtol=0)  # METHOD.md 7.1 table
+                               rtol=0)  # docs/method.md §7.1 table
     ts = sampler.time_grid(4, 64)
     torch.testing.assert_close(sampler.second_times(ts, "next"), ts[1:])
     torch.testing.assert_close(sampler.second_times(ts, "current"), ts[:-1])
@@ -292,7 +292,7 @@ def test_eta_zero_with_current_s_is_euler():
         for k in range(3):
             t = ts[k].view(1)
             v = system.velocity(system.denoiser, x, t, t, cond, h, w)
-            x = x + (ts[k + 1] - ts[k]) * v  # Eq. (22)
+            x = x + (ts[k + 1] - ts[k]) * v  # Eq. 22
     torch.testing.assert_close(got, system.decode_tokens(x, h, w), rtol=1e-4, atol=1e-5)
 
 

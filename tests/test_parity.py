@@ -1,4 +1,4 @@
-"""Parity of our hand-written frozen parts and their loaders against the reference implementations (FORMATS.md):
+"""Parity of our hand-written frozen parts and their loaders against the reference implementations (docs/formats.md §4-5):
 small random references built with transformers / diffusers / sentencepiece / open_clip, saved in their own key
 layout, loaded with our code, compared in float32. Then bad input: every malformed checkpoint stops with one error.
 
