@@ -9,15 +9,16 @@
     python train.py --size 2b --data CACHE            # then train from the cache, no frozen encoders loaded
     python bench.py --plan --size 2b --batch 1024 --world 8   # the memory that needs per GPU, before renting any
 
-Read top to bottom: flags, distributed set-up (torchrun's environment; FSDP2 per block), the memory check, data, the
-loop (batch -> encode -> t, s -> losses.py -> backward, step, EMA), logging, checkpoints.
+Read top to bottom: flags, distributed set-up (torchrun's environment; FSDP2 per block), the memory check, the loop
+(`train`: batch -> encode -> t, s -> losses.py -> backward, step, EMA), then its parts in the order it calls them: the
+run folder, one step, logging, checkpoints. (--build-cache hands the frozen parts to data.write_cache.)
 The recipe is docs/method.md §9: Adam (0.9, 0.95), warmup then linear decay to 1e-5, EMA; the tau anneal and the
 auxiliary-term start are fractions of the run (paper: 300k and 550k of 710k iterations).
 
 One code path serves 1 or N processes. The global batch is split as batch = per-rank batch x world size x --accum.
 A step's caption dropout, t and s are drawn for the whole global batch from a generator seeded by (seed, step), the
-same on every rank, and each sample's noises from one seeded by (seed, step, its position); the data order is a
-function of the step too. So N processes follow the 1-process trajectory, and a resumed run continues exactly.
+same on every rank, and each sample's noises from one seeded by (seed, step, its position) (data.stream_seed); the
+data order is a function of the step too. So N processes follow the 1-process trajectory, and a resumed run continues exactly.
 
 Precision: fp32 throughout by default on CPU. bf16 (the default on GPU) is FSDP2's mixed precision, in one process
 too (a one-rank process group): bf16 weights and activations in the network; fp32 sharded parameters, gradient
@@ -463,58 +464,7 @@ def train(args, rank, world):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints (the layout: selfe.py, docs/formats.md §1). Every rank writes its shards into step-N.tmp/; only after all
-# have finished does rank 0 rename the folder and then replace `latest` atomically, so a crash (or a rank dying under
-# torchrun) never leaves a partial checkpoint behind `latest`. Randomness is keyed by (seed, step) and the data
-# position is the step, so model, EMA, optimizer and step are the whole training state.
-
-STEP_FOLDER = re.compile(r"step-(\d+)")
-
-
-def _rank0():
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def save_checkpoint(out, system, step, flags, optimizer=None, keep=2):
-    """Write step-N (collective under torchrun: every rank calls it). Returns the final folder."""
-    name = f"step-{step:07d}"
-    tmp, final = os.path.join(out, name + ".tmp"), os.path.join(out, name)
-    if _rank0():
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier()
-    with warnings.catch_warnings():  # dcp warns that one process saves alone; that is intended
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save(selfe.training_state(system, optimizer), checkpoint_id=os.path.join(tmp, "dcp"),
-                 no_dist=not dist.is_initialized())
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)          # gathered onto rank 0's CPU
-    ema = get_model_state_dict(system.ema, options=full)
-    if _rank0():
-        safetensors.torch.save_file({k: v.contiguous() for k, v in ema.items()}, os.path.join(tmp, "ema.safetensors"))
-        if system.cfg.tokenizer == "words":  # random stand-ins travel with the checkpoint
-            safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in system.frozen_state().items()},
-                                        os.path.join(tmp, "frozen.safetensors"))
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump({"config": system.cfg.to_dict(), "flags": flags, "step": step}, f, indent=1)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        with open(os.path.join(out, "latest.tmp"), "w") as f:
-            f.write(name + "\n")
-        os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
-        # keep this one and the keep - 1 before it; never touch a later-numbered folder (a run resumed from an earlier
-        # step), so clean-up can never delete the checkpoint `latest` names
-        numbered = [(int(m[1]), m[0]) for m in map(STEP_FOLDER.fullmatch, os.listdir(out)) if m]
-        older = sorted(pair for pair in numbered if pair[0] < step)
-        for _, d in older[:max(0, len(older) - (keep - 1))]:
-            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
-    _barrier()
-    return final
-
+# The run folder: resume a run, or start one afresh without mixing it with another's files
 
 # What a run writes in its folder; a fresh run refuses a folder that holds any of these unless --overwrite.
 RUN_FILE = re.compile(r"latest(\.tmp)?|log\.jsonl|preview-\d+\.png|(nonfinite-)?step-\d+(\.tmp)?")
@@ -573,80 +523,12 @@ def keep_schedule(args, saved, rank):
          f"--reschedule for the schedule of these flags ({describe(now)})", rank=rank)
 
 
-def eval_size(count, b, world, compiled):
-    """How many samples the evaluation passes of a slice run on, `count` of them needing it (losses.selfe_loss pads
-    with zero-weight samples): on N ranks every rank makes the same forward calls (FSDP gathers each block's weights
-    in them), so never 0 there; a compiled block never sees a batch of 1, for which dynamo specialises a graph."""
-    if count == 0 and world == 1:
-        return 0
-    return min(b, max(count, 2 if compiled else 1))
-
-
-# A step's per-sample terms, as the rows of one tensor so that logging gathers them in one call: the weighted total
-# (what the loss averages), the data term, the self-evaluation term, and L_fake and the loss, which are scalars of a
-# micro-batch repeated over its samples.
-TERMS = ("total", "data", "self", "fake", "loss")
-
-
-def objective(args, G, G_ema, x0, t, s, cond, null, *, fake, eps, eps_self, evaluate, fake_norm, eval_size):
-    """One micro-batch: the loss (Eq. 21, or Eq. 3 for --objective fm) and its terms as a (len(TERMS), b) tensor on the
-    loss's device, so that logging reads them back later without a sync here."""
-    if args.objective == "fm":
-        out = losses.fm_loss(G, x0, t, cond, t_min=args.t_min, eps=eps)
-    else:
-        out = losses.selfe_loss(G, G_ema, x0, t, s, cond, null, evaluate=evaluate, eval_size=eval_size, fake=fake,
-                                fake_norm=fake_norm, k=args.k, target_norm=not args.no_target_norm, t_min=args.t_min,
-                                fake_weight=args.fake_weight, fresh_noise=not args.reuse_noise, eps=eps,
-                                eps_self=eps_self)
-    zero = torch.zeros_like(out["per_sample"])
-    terms = {"total": out["per_sample"].float(), "data": out["data"].float(), "self": out.get("self", zero).float(),
-             "fake": zero + out.get("fake", 0), "loss": zero + out["loss"].detach()}
-    return out["loss"], torch.stack([terms[name] for name in TERMS])
-
-
-def step_flops(flops, batch, n_self, aux):
-    """Model FLOPs of one training step, from the forward FLOPs of one sample (MMDiT.flops): the trained pass forward
-    and backward (3 F per sample), the two evaluation passes without gradient on the n_self samples with s < t, and,
-    with the auxiliary term, L_fake's forward and backward on them. Training logs it; bench.py measures with it."""
-    return 3 * flops * batch + 2 * flops * n_self + (3 * flops * n_self if aux else 0)
-
-
-def update(model, opt, system, args, step, skip):
-    """Clip, Adam, EMA. A non-finite gradient norm (the same on every rank) turns `skip` on, on the device: fused
-    Adam then leaves weights and state as they were (its found_inf, the protocol of torch.amp.GradScaler), and so
-    does the EMA, for this step and each one after it until the log step reads it. -> (skip, grad norm)."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    skip = skip | ~torch.isfinite(grad_norm)
-    opt.found_inf = skip.float()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    system.update_ema(args.ema, step, args.ema_warmup, skip=skip)
-    return skip, grad_norm.detach()
-
+# ----------------------------------------------------------------------------------------------------------------------
+# One step: the batch, its times and noises, the objective, the update
 
 def bucket_step(system):
     """Bucket sides are multiples of two patches of latent (32 px for FLUX's 8x autoencoder and patch 2)."""
     return 2 * system.cfg.patch * system.downsample
-
-
-def draw(gen, args, step, B, L, tau_steps, dropped):
-    """The step's per-sample times for the whole global batch (B floats, on every rank): t (s.11-s.12), s (s.13)."""
-    t = selfe.sample_t(B, L, args.anchor, generator=gen)
-    s = selfe.sample_s(t, selfe.tau_at(step, tau_steps), args.p_equal,
-                       dropped if args.dropped == "equal" else None, generator=gen)
-    return t, (t if args.objective == "fm" else s)
-
-
-def noise(seed, step, positions, L, C, device):
-    """eps (Eq. 1) and eps' (the re-noising of s.6), (n, L, C) each, for the samples at these global-batch positions:
-    each from its own generator seeded by (seed, step, position), so no rank draws noise it does not use, and a
-    sample's noise does not depend on how the batch is split."""
-    out = torch.empty(len(positions), 2, L, C, device=device)
-    for k, i in enumerate(positions):
-        g = torch.Generator(device).manual_seed(data.stream_seed(seed, (step << 20) + i, stride=1 << 40))
-        out[k] = torch.randn(2, L, C, device=device, generator=g)
-    return out[:, 0], out[:, 1]
 
 
 def fetch(source, step, rank, b, A, device):
@@ -686,6 +568,80 @@ def load_batch(part, source, system, dropped, fake_prefix, cached):
     grid = (lat.shape[2] // p, lat.shape[3] // p)
     return selfe.patchify(lat.float(), p), cond, fake, grid
 
+
+def draw(gen, args, step, B, L, tau_steps, dropped):
+    """The step's per-sample times for the whole global batch (B floats, on every rank): t (s.11-s.12), s (s.13)."""
+    t = selfe.sample_t(B, L, args.anchor, generator=gen)
+    s = selfe.sample_s(t, selfe.tau_at(step, tau_steps), args.p_equal,
+                       dropped if args.dropped == "equal" else None, generator=gen)
+    return t, (t if args.objective == "fm" else s)
+
+
+def noise(seed, step, positions, L, C, device):
+    """eps (Eq. 1) and eps' (the re-noising of s.6), (n, L, C) each, for the samples at these global-batch positions:
+    each from its own generator seeded by (seed, step, position), so no rank draws noise it does not use, and a
+    sample's noise does not depend on how the batch is split."""
+    out = torch.empty(len(positions), 2, L, C, device=device)
+    for k, i in enumerate(positions):
+        g = torch.Generator(device).manual_seed(data.stream_seed(seed, (step << 20) + i, stride=1 << 40))
+        out[k] = torch.randn(2, L, C, device=device, generator=g)
+    return out[:, 0], out[:, 1]
+
+
+def eval_size(count, b, world, compiled):
+    """How many samples the evaluation passes of a slice run on, `count` of them needing it (losses.selfe_loss pads
+    with zero-weight samples): on N ranks every rank makes the same forward calls (FSDP gathers each block's weights
+    in them), so never 0 there; a compiled block never sees a batch of 1, for which dynamo specialises a graph."""
+    if count == 0 and world == 1:
+        return 0
+    return min(b, max(count, 2 if compiled else 1))
+
+
+# A step's per-sample terms, as the rows of one tensor so that logging gathers them in one call: the weighted total
+# (what the loss averages), the data term, the self-evaluation term, and L_fake and the loss, which are scalars of a
+# micro-batch repeated over its samples.
+TERMS = ("total", "data", "self", "fake", "loss")
+
+
+def objective(args, G, G_ema, x0, t, s, cond, null, *, fake, eps, eps_self, evaluate, fake_norm, eval_size):
+    """One micro-batch: the loss (Eq. 21, or Eq. 3 for --objective fm) and its terms as a (len(TERMS), b) tensor on the
+    loss's device, so that logging reads them back later without a sync here."""
+    if args.objective == "fm":
+        out = losses.fm_loss(G, x0, t, cond, t_min=args.t_min, eps=eps)
+    else:
+        out = losses.selfe_loss(G, G_ema, x0, t, s, cond, null, evaluate=evaluate, eval_size=eval_size, fake=fake,
+                                fake_norm=fake_norm, k=args.k, target_norm=not args.no_target_norm, t_min=args.t_min,
+                                fake_weight=args.fake_weight, fresh_noise=not args.reuse_noise, eps=eps,
+                                eps_self=eps_self)
+    zero = torch.zeros_like(out["per_sample"])
+    terms = {"total": out["per_sample"].float(), "data": out["data"].float(), "self": out.get("self", zero).float(),
+             "fake": zero + out.get("fake", 0), "loss": zero + out["loss"].detach()}
+    return out["loss"], torch.stack([terms[name] for name in TERMS])
+
+
+def update(model, opt, system, args, step, skip):
+    """Clip, Adam, EMA. A non-finite gradient norm (the same on every rank) turns `skip` on, on the device: fused
+    Adam then leaves weights and state as they were (its found_inf, the protocol of torch.amp.GradScaler), and so
+    does the EMA, for this step and each one after it until the log step reads it. -> (skip, grad norm)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    skip = skip | ~torch.isfinite(grad_norm)
+    opt.found_inf = skip.float()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    system.update_ema(args.ema, step, args.ema_warmup, skip=skip)
+    return skip, grad_norm.detach()
+
+
+def step_flops(flops, batch, n_self, aux):
+    """Model FLOPs of one training step, from the forward FLOPs of one sample (MMDiT.flops): the trained pass forward
+    and backward (3 F per sample), the two evaluation passes without gradient on the n_self samples with s < t, and,
+    with the auxiliary term, L_fake's forward and backward on them. Training logs it; bench.py measures with it."""
+    return 3 * flops * batch + 2 * flops * n_self + (3 * flops * n_self if aux else 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Logging: the pending steps come to the host in one copy per window; one line and one record per step
 
 def gather(x, world):
     """(..., k) on each rank -> (..., world k), rank-major (the global-batch order)."""
@@ -777,6 +733,60 @@ def preview(system, args, step, rank):
         path = sampler.save_grid(rows, os.path.join(args.out, f"preview-{step:07d}.png"),
                                  upscale=max(1, 128 // system.cfg.resolution), labels=["1 step", "2 steps", "4 steps"])
         print(f"preview: {path}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints (the layout: selfe.py, docs/formats.md §1). Every rank writes its shards into step-N.tmp/; only after all
+# have finished does rank 0 rename the folder and then replace `latest` atomically, so a crash (or a rank dying under
+# torchrun) never leaves a partial checkpoint behind `latest`. Randomness is keyed by (seed, step) and the data
+# position is the step, so model, EMA, optimizer and step are the whole training state.
+
+STEP_FOLDER = re.compile(r"step-(\d+)")
+
+
+def _rank0():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(out, system, step, flags, optimizer=None, keep=2):
+    """Write step-N (collective under torchrun: every rank calls it). Returns the final folder."""
+    name = f"step-{step:07d}"
+    tmp, final = os.path.join(out, name + ".tmp"), os.path.join(out, name)
+    if _rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    with warnings.catch_warnings():  # dcp warns that one process saves alone; that is intended
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(selfe.training_state(system, optimizer), checkpoint_id=os.path.join(tmp, "dcp"),
+                 no_dist=not dist.is_initialized())
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)          # gathered onto rank 0's CPU
+    ema = get_model_state_dict(system.ema, options=full)
+    if _rank0():
+        safetensors.torch.save_file({k: v.contiguous() for k, v in ema.items()}, os.path.join(tmp, "ema.safetensors"))
+        if system.cfg.tokenizer == "words":  # random stand-ins travel with the checkpoint
+            safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in system.frozen_state().items()},
+                                        os.path.join(tmp, "frozen.safetensors"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump({"config": system.cfg.to_dict(), "flags": flags, "step": step}, f, indent=1)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with open(os.path.join(out, "latest.tmp"), "w") as f:
+            f.write(name + "\n")
+        os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
+        # keep this one and the keep - 1 before it; never touch a later-numbered folder (a run resumed from an earlier
+        # step), so clean-up can never delete the checkpoint `latest` names
+        numbered = [(int(m[1]), m[0]) for m in map(STEP_FOLDER.fullmatch, os.listdir(out)) if m]
+        older = sorted(pair for pair in numbered if pair[0] < step)
+        for _, d in older[:max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+    _barrier()
+    return final
 
 
 if __name__ == "__main__":
