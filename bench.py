@@ -1,4 +1,5 @@
-"""Benchmarks: what a training step costs on the path training takes, and what it needs before any device is rented.
+"""Benchmarks: what a training step costs on the path training takes, and what it needs
+before any device is rented.
 
     python bench.py --size 2b                          # one GPU: the table below, eager and compiled
     torchrun --nproc_per_node 8 bench.py --size 2b     # each of 8 GPUs, sharded as train.py shards them
@@ -6,22 +7,23 @@
     python bench.py --t5-load                          # frozen-part load memory (T5-XXL, host RSS)
     python bench.py --t5-load --layers 6 --keep        # smaller, for a disk that cannot take 9.5 GB
 
-The table: at each resolution (2b: 256^2 = 256 image + 512 text tokens, and 512^2), per-device micro-batch --batch:
-the denoiser's forward+backward, an FM step, a Self-E step and a Self-E step with the auxiliary term (half the batch
-at s < t), each as ms, model TFLOP/s per device, MFU, peak memory and its ratio to the FM step; eager, then with the
-blocks compiled. A step is train.py's: train.setup's network (FSDP2 bf16 mixed precision, also in one process),
-train.objective, backward, train.update (clip, Adam, EMA). Each row prints as it is measured; a row that runs out of
-memory prints OOM and the next one runs (on N ranks an OOM on one rank only can leave the others waiting).
+The table: at each resolution (2b: 256^2 = 256 image + 512 text tokens, and 512^2), per-device micro-batch
+--batch: the denoiser's forward+backward, an FM step, a Self-E step and a Self-E step with the auxiliary term
+(half the batch at s < t), each as ms, model TFLOP/s per device, MFU, peak memory and its ratio to the FM
+step; eager, then with the blocks compiled. A step is train.py's: train.setup's network
+(FSDP2 bf16 mixed precision, also in one process), train.objective, backward, train.update (clip, Adam, EMA).
+Each row prints as it is measured; a row that runs out of memory prints OOM and the next one runs
+(on N ranks an OOM on one rank only can leave the others waiting).
 
-The memory plan: per device, the fp32 parameters, gradients, Adam moments and EMA (sharded over --world ranks), the
-weights FSDP gathers at a time, and the activations a training step keeps for backward, with and without
-activation checkpointing. The activations are counted by running that step on the meta device (shapes and dtypes,
-no memory): every tensor the step makes and that is still alive when backward starts. train.py checks the same plan
-against the GPU's memory before it builds a weight.
+The memory plan: per device, the fp32 parameters, gradients, Adam moments and EMA
+(sharded over --world ranks), the weights FSDP gathers at a time, and the activations a training step keeps
+for backward, with and without activation checkpointing. The activations are counted by running that step on
+the meta device (shapes and dtypes, no memory): every tensor the step makes and that is still alive when
+backward starts. train.py checks the same plan against the GPU's memory before it builds a weight.
 
-The load memory (--t5-load): a synthetic checkpoint with T5 v1.1 XXL's real key names and shapes, laid out as FLUX.1's
-text_encoder_2/ (bf16, two shards of at most 5 GB, index and config; about 9.5 GB), is loaded by encoders.load_t5 in
-a fresh process, whose peak RSS is held against the file size (target: at most 1.3 x).
+The load memory (--t5-load): a synthetic checkpoint with T5 v1.1 XXL's real key names and shapes, laid out as
+FLUX.1's text_encoder_2/ (bf16, two shards of at most 5 GB, index and config; about 9.5 GB), is loaded by
+encoders.load_t5 in a fresh process, whose peak RSS is held against the file size (target: at most 1.3 x).
 """
 import argparse
 import dataclasses
@@ -51,7 +53,7 @@ import train
 from model import CONFIGS, MMDiT
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The memory plan
 
 class Alive(TorchDispatchMode):
@@ -76,8 +78,8 @@ class Alive(TorchDispatchMode):
 
 
 class FusedAttention(TorchFunctionMode):
-    """Meta tensors take SDPA's math path, which keeps the (L, L) attention matrix; count what a fused kernel keeps
-    (the output and the log-sum-exp) instead, as flash attention on a GPU does."""
+    """Meta tensors take SDPA's math path, which keeps the (L, L) attention matrix; count what a fused kernel
+    keeps (the output and the log-sum-exp) instead, as flash attention on a GPU does."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is F.scaled_dot_product_attention:
@@ -92,9 +94,9 @@ def tokens(cfg, area):
 
 
 def training_forward(cfg, batch, area, dtype, act_ckpt, objective, device):
-    """The forward of a training step at micro-batch `batch` on random inputs, weights in `dtype`: -> a function that
-    runs it and returns the loss. Self-E with the auxiliary term and every sample evaluated (its worst case: every
-    pass that keeps activations runs on the whole batch), or FM."""
+    """The forward of a training step at micro-batch `batch` on random inputs, weights in `dtype`: -> a
+    function that runs it and returns the loss. Self-E with the auxiliary term and every sample evaluated
+    (its worst case: every pass that keeps activations runs on the whole batch), or FM."""
     with torch.device(device):
         net = MMDiT(cfg).to(dtype)
         h, w = tokens(cfg, area)
@@ -114,7 +116,8 @@ def training_forward(cfg, batch, area, dtype, act_ckpt, objective, device):
 
 
 def step_activations(cfg, batch, area, dtype, act_ckpt, objective):
-    """Bytes a training step keeps for backward, counted on the meta device: what its forward made and still holds."""
+    """Bytes a training step keeps for backward, counted on the meta device: what its forward
+    made and still holds."""
     forward = training_forward(cfg, batch, area, dtype, act_ckpt, objective, "meta")
     with FusedAttention(), Alive() as alive:
         loss = forward()
@@ -124,8 +127,8 @@ def step_activations(cfg, batch, area, dtype, act_ckpt, objective):
 
 
 def block_recompute(cfg, batch, area, dtype):
-    """Bytes one block's recomputation holds in backward under activation checkpointing: the larger of the double-
-    and single-stream block's activations at micro-batch `batch`, counted on the meta device."""
+    """Bytes one block's recomputation holds in backward under activation checkpointing: the larger of the
+    double- and single-stream block's activations at micro-batch `batch`, counted on the meta device."""
     h, w = tokens(cfg, area)
     with torch.device("meta"):
         net = MMDiT(cfg).to(dtype)
@@ -143,11 +146,12 @@ def block_recompute(cfg, batch, area, dtype):
 
 
 def memory_plan(cfg, batch, area, world=1, act_ckpt=False, precision="bf16", objective="selfe"):
-    """Bytes per device for training `cfg` at per-device micro-batch `batch` on squares of `area` pixels over `world`
-    ranks -> dict of the parts and their 'total'. Parameters, gradients, Adam's two moments and the EMA are fp32 and
-    sharded; under FSDP (N ranks, or bf16) two blocks' weights are gathered at a time in the compute dtype, with one
-    block's fp32 gradient before its reduce-scatter. Activations: what the step's forward keeps for backward, plus
-    one block's recomputation under act_ckpt. Temporaries are not counted (train.py leaves them 15%)."""
+    """Bytes per device for training `cfg` at per-device micro-batch `batch` on squares of `area` pixels over
+    `world` ranks -> dict of the parts and their 'total'. Parameters, gradients, Adam's two moments and the
+    EMA are fp32 and sharded; under FSDP (N ranks, or bf16) two blocks' weights are gathered at a time in the
+    compute dtype, with one block's fp32 gradient before its reduce-scatter. Activations: what the step's
+    forward keeps for backward, plus one block's recomputation under act_ckpt. Temporaries are not counted
+    (train.py leaves them 15%)."""
     with torch.device("meta"):
         net = MMDiT(cfg)
     n = sum(p.numel() for p in net.parameters())
@@ -177,7 +181,7 @@ def print_plan(args, world):
     return plans
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The benchmark
 
 def measure(fn, iters, device):
@@ -290,12 +294,12 @@ def benchmark(args, rank, world):
     return rows
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Frozen-part load memory: a T5-XXL-shaped checkpoint through encoders.load_t5, in a fresh process
 
 def write_bf16_safetensors(path, shapes, tile):
-    """A bf16 safetensors file streamed tensor by tensor (header, then bytes cut from `tile`), never holding a shard
-    in memory."""
+    """A bf16 safetensors file streamed tensor by tensor (header, then bytes cut from `tile`), never
+    holding a shard in memory."""
     header, offset = {}, 0
     for k, s in shapes.items():
         n = 2 * torch.Size(s).numel()
@@ -314,9 +318,10 @@ def write_bf16_safetensors(path, shapes, tile):
 
 
 def write_t5_checkpoint(folder, layers, max_shard=5 * 10**9):
-    """A synthetic T5 v1.1 XXL checkpoint laid out as FLUX's text_encoder_2/: HF T5EncoderModel's keys and shapes
-    (those of encoders.T5Encoder; the tied encoder.embed_tokens.weight is not stored), bf16, shards of at most 5 GB,
-    model.safetensors.index.json and config.json; about 9.5 GB at 24 layers. -> (bytes, shard count)."""
+    """A synthetic T5 v1.1 XXL checkpoint laid out as FLUX's text_encoder_2/: HF T5EncoderModel's keys and
+    shapes (those of encoders.T5Encoder; the tied encoder.embed_tokens.weight is not stored), bf16, shards of
+    at most 5 GB, model.safetensors.index.json and config.json; about 9.5 GB at 24
+    layers. -> (bytes, shard count)."""
     config = encoders.T5Config(num_layers=layers)
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in encoders.T5Encoder(config).state_dict().items()}
@@ -360,17 +365,18 @@ def load_t5_and_measure(folder):
 
 
 def touch_and_measure(nbytes):
-    """Runs in a fresh process: the time to allocate and first-touch as many bytes, the floor for any loader (on
-    some VMs the first touch of fresh memory, not the reading, dominates)."""
+    """Runs in a fresh process: the time to allocate and first-touch as many bytes, the floor for any loader
+    (on some VMs the first touch of fresh memory, not the reading, dominates)."""
     t0 = time.perf_counter()
     torch.empty(nbytes, dtype=torch.uint8).fill_(1)
     print(json.dumps({"seconds": time.perf_counter() - t0}))
 
 
 def t5_load(args):
-    """Write the synthetic checkpoint, load it in a fresh process and report that process's peak RSS (getrusage), its
-    RSS before loading and the wall time, against the target peak RSS <= 1.3 x the checkpoint: the loader reads each
-    tensor straight into its parameter. Timings are with the checkpoint in the page cache (it was just written)."""
+    """Write the synthetic checkpoint, load it in a fresh process and report that process's peak RSS
+    (getrusage), its RSS before loading and the wall time, against the target peak RSS <= 1.3 x the
+    checkpoint: the loader reads each tensor straight into its parameter. Timings are with the checkpoint in
+    the page cache (it was just written)."""
     with torch.device("meta"):
         t5 = encoders.T5Encoder(encoders.T5Config(num_layers=args.layers))
     need = 2 * sum(p.numel() for p in t5.parameters())

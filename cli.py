@@ -1,9 +1,10 @@
-"""What the command lines (train.py, sample.py, evaluate.py) share: flag types that check their range when the flags
-are parsed, and the one place where the project's errors become a one-line message and an exit status.
+"""What the command lines (train.py, sample.py, evaluate.py) share: flag types that check their range when the
+flags are parsed, and the one place where the project's errors become a one-line message and an exit status.
 
-Bad input is named, never a traceback: a flag out of range is argparse's usage error (exit status 2) naming the
-flag; a bad file (a manifest line, an image, a damaged or missing checkpoint, a path that cannot be written) is one
-line naming the file and what to do (exit status 1). Anything else is a bug and keeps its traceback.
+Bad input is named, never a traceback: a flag out of range is argparse's usage error (exit status 2)
+naming the flag; a bad file (a manifest line, an image, a damaged or missing checkpoint, a path that
+cannot be written) is one line naming the file and what to do (exit status 1). Anything else is a bug
+and keeps its traceback.
 """
 import argparse
 import math
@@ -13,7 +14,8 @@ import sys
 import data
 import encoders
 
-# The errors a user fixes by changing their input. OSError covers files that are missing, unreadable or unwritable.
+# The errors a user fixes by changing their input. OSError covers files that are missing,
+# unreadable or unwritable.
 INPUT_ERRORS = (data.ManifestError, encoders.CheckpointError, OSError)
 
 # Seeds key random generators (data.stream_seed), at most as seed * 2^40 + (step << 20) + position (train.py):
@@ -50,12 +52,14 @@ def number(kind=int, lo=None, hi=None):
 
 
 seed = number(int, 0, MAX_SEED)
-# mu(L) runs from 0.5 at the anchor length to 1.15 at 4096 tokens (selfe.mu_of_length): the anchor lies below 4096
+# mu(L) runs from 0.5 at the anchor length to 1.15 at 4096 tokens (selfe.mu_of_length):
+# the anchor lies below 4096
 anchor = number(int, 1, 4095)
 
 
 def s_schedule(text):
-    """--s-schedule of sample.py and evaluate.py: 'next', 'current' or a number a in [0, 1] (sample.second_times)."""
+    """--s-schedule of sample.py and evaluate.py: 'next', 'current' or a number a in [0, 1]
+    (sample.second_times)."""
     if text in ("next", "current"):
         return text
     try:
@@ -69,7 +73,8 @@ def s_schedule(text):
 
 
 def step_counts(text):
-    """--sweep of sample.py, --steps of evaluate.py: distinct comma-separated step counts, each in [1, MAX_STEPS]."""
+    """--sweep of sample.py, --steps of evaluate.py: distinct comma-separated step counts,
+    each in [1, MAX_STEPS]."""
     try:
         steps = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -80,8 +85,9 @@ def step_counts(text):
 
 
 def writable_folder(text):
-    """An argparse `type` for an output folder: it is a folder or can be made as one (its nearest existing ancestor
-    is a folder we may write in), so that a long run does not fail only when it first writes."""
+    """An argparse `type` for an output folder: it is a folder or can be made as one
+    (its nearest existing ancestor is a folder we may write in), so that a long run does not fail only
+    when it first writes."""
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
     _check_writable(text)
@@ -89,8 +95,8 @@ def writable_folder(text):
 
 
 def image_file(text):
-    """An argparse `type` for an output image: a file name with an extension PIL writes (.png, .jpg, ...), in a folder
-    that exists or can be made, checked before any sampling."""
+    """An argparse `type` for an output image: a file name with an extension PIL writes (.png, .jpg, ...), in
+    a folder that exists or can be made, checked before any sampling."""
     from PIL import Image
     ext = os.path.splitext(text)[1].lower()
     if Image.registered_extensions().get(ext) not in Image.SAVE:

@@ -1,12 +1,14 @@
 """Everything that turns files (or nothing at all) into tensors.
 
-- The shapes world (docs/evaluation.md): a procedurally rendered text-to-image world whose prompts follow GenEval's
-  six task templates, so that the paper's evaluation (Table 1) can be answered exactly from pixels.
-  Every scene is a `spec` (GenEval-style metadata: include clauses with class, count, colour, position) laid out and
-  rendered anti-aliased; sample i of a stream is seeded by (seed, i) alone, so streams are unlimited and reproducible.
+- The shapes world (docs/evaluation.md): a procedurally rendered text-to-image world whose prompts follow
+  GenEval's six task templates, so that the paper's evaluation (Table 1) can be answered exactly from
+  pixels. Every scene is a `spec` (GenEval-style metadata: include clauses with class, count, colour,
+  position) laid out and rendered anti-aliased; sample i of a stream is seeded by (seed, i) alone, so
+  streams are unlimited and reproducible.
 - The world's words (`WORDS`), which the tiny preset's stand-in text encoders read (encoders.WordTokenizer).
-- Real data: the TSV manifest (image path <TAB> prompt), aspect-ratio buckets, the deterministic global batch order
-  that train.py shards across ranks, and the latent/text caches with their builder (docs/method.md §9, A 13).
+- Real data: the TSV manifest (image path <TAB> prompt), aspect-ratio buckets, the deterministic global batch
+  order that train.py shards across ranks, and the latent/text caches with their builder
+  (docs/method.md §9, A 13).
 """
 import codecs
 import concurrent.futures
@@ -24,18 +26,18 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Seeds and pixels, as every file uses them
 
 def stream_seed(seed, index, stride=1_000_003):
-    """The seed of item `index` of random stream `seed`: seed * stride + index. Every random draw of training, sampling
-    and evaluation comes from a generator seeded by one of these keys, so a number depends on its place alone, never
-    on batch size, process count or order:
-        shapes sample i, and the shuffle of epoch e (sample_rng)      stream_seed(seed, i), stream_seed(seed, e)
-        step k's caption dropout, t and s (train.py)                   stream_seed(seed, k)
-        eps and eps' of global-batch position i at step k (train.py)   stream_seed(seed, (k << 20) + i, 1 << 40)
-        image j of evaluation prompt i (evaluate.noise_seed)           stream_seed(seed, 1000 i + j)
-        image i of sample.py                                           stream_seed(seed, i, 1000)
+    """The seed of item `index` of random stream `seed`: seed * stride + index. Every random draw of training,
+    sampling and evaluation comes from a generator seeded by one of these keys, so a number depends on its
+    place alone, never on batch size, process count or order:
+        shapes sample i, the shuffle of epoch e (sample_rng)    (seed, i), (seed, e)
+        step k's caption dropout, t and s (train.py)            (seed, k)
+        eps and eps' of batch position i at step k (train.py)   (seed, (k << 20) + i, stride=1 << 40)
+        image j of evaluation prompt i (evaluate.noise_seed)    (seed, 1000 i + j)
+        image i of sample.py                                    (seed, i, stride=1000)
     cli.MAX_SEED keeps every key within the 64 bits a torch.Generator takes."""
     return seed * stride + index
 
@@ -45,7 +47,7 @@ def to_uint8(images):
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The shapes world
 
 PALETTE = {  # sRGB; every pair at least 38 CIE76 delta-E apart (docs/evaluation.md §2)
@@ -102,7 +104,8 @@ def phrase(color, shape):
 
 
 def caption(spec):
-    """GenEval's prompt templates (all start 'a photo of'); free scenes read 'a red circle to the left of ...'."""
+    """GenEval's prompt templates (all start 'a photo of'); free scenes read 'a red
+    circle to the left of ...'."""
     inc, task = spec["include"], spec["tag"]
     if task == "counting":
         return f"a photo of {NUMBERS[inc[0]['count']]} {PLURAL[inc[0]['class']]}"
@@ -120,8 +123,9 @@ def caption(spec):
 
 
 def sample_spec(world, rng, task=None, seen=True):
-    """Draw a scene description (GenEval metadata plus 'prompt'). Training draws seen=True: no held-out pair, not even
-    through a colour the caption leaves open. seen=False draws a prompt that names at least one held-out pair."""
+    """Draw a scene description (GenEval metadata plus 'prompt'). Training draws seen=True: no held-out
+    pair, not even through a colour the caption leaves open. seen=False draws a prompt that names at
+    least one held-out pair."""
     pairs = world.pairs(seen=True)
     named_pairs = pairs if seen else world.pairs(seen=False)
     if task is None:  # about three quarters in the evaluation templates, a quarter free scenes (docs/evaluation.md §2)
@@ -184,9 +188,10 @@ def relations(box_a, box_b, threshold=0.1):
 
 
 def layout(spec, world, rng, max_tries=500):
-    """Place the objects a spec asks for: a list of (shape, color, [x1, y1, x2, y2]) in pixels. Boxes never touch
-    (gap max(2 px, 0.05 R)); a stated relation is never borderline: it holds under GenEval's rule with the stricter
-    margin 0.15, and no other relation appears even with the looser margin 0.05 (GenEval uses 0.1)."""
+    """Place the objects a spec asks for: a list of (shape, color, [x1, y1, x2, y2]) in pixels. Boxes
+    never touch (gap max(2 px, 0.05 R)); a stated relation is never borderline: it holds under
+    GenEval's rule with the stricter margin 0.15, and no other relation appears even with the looser
+    margin 0.05 (GenEval uses 0.1)."""
     R = world.resolution
     sizes = {"single": world.size_single, "colors": world.size_single, "counting": world.size_counting,
              "position": world.size_position}.get(spec["tag"], world.size_two)
@@ -225,8 +230,8 @@ def layout(spec, world, rng, max_tries=500):
 
 
 def _star_triangles():
-    """The 5-point star (inner radius 0.5 of outer, apex up) as 10 triangles around its centre, rescaled so that its
-    tight box is the unit square [-1, 1]^2 (u right, v down)."""
+    """The 5-point star (inner radius 0.5 of outer, apex up) as 10 triangles around its centre, rescaled so
+    that its tight box is the unit square [-1, 1]^2 (u right, v down)."""
     ang = [math.pi / 2 + k * math.pi / 5 for k in range(10)]
     pts = [((1.0 if k % 2 == 0 else 0.5) * math.cos(a), -(1.0 if k % 2 == 0 else 0.5) * math.sin(a))
            for k, a in enumerate(ang)]
@@ -250,7 +255,8 @@ def _in_triangle(u, v, a, b, c):
 
 
 def inside(shape, u, v):
-    """Inside test in box coordinates: the shape's tight box is [-1, 1]^2, u right, v down (docs/evaluation.md §2)."""
+    """Inside test in box coordinates: the shape's tight box is [-1, 1]^2, u right, v down
+    (docs/evaluation.md §2)."""
     box = (u.abs() <= 1) & (v.abs() <= 1)
     if shape == "circle":
         return u * u + v * v <= 1
@@ -269,7 +275,8 @@ def inside(shape, u, v):
 
 
 def shape_alpha(shape, box, R, supersample=4):
-    """Anti-aliased coverage (R, R) in [0, 1] of one shape in its box, from supersample^2 inside-tests per pixel."""
+    """Anti-aliased coverage (R, R) in [0, 1] of one shape in its box, from supersample^2
+    inside-tests per pixel."""
     x1, y1, x2, y2 = box
     sub = (torch.arange(R * supersample, dtype=torch.float32) + 0.5) / supersample  # sub-pixel centres, pixels
     u = (sub[None, :] - (x1 + x2) / 2) / ((x2 - x1) / 2)
@@ -279,8 +286,8 @@ def shape_alpha(shape, box, R, supersample=4):
 
 
 def render(objects, R, rng):
-    """One scene -> (3, R, R) float image in [-1, 1]: flat neutral gray with an optional mild vertical gradient,
-    shapes composited over it."""
+    """One scene -> (3, R, R) float image in [-1, 1]: flat neutral gray with an optional mild vertical
+    gradient, shapes composited over it."""
     level = rng.uniform(108, 136)
     grad = rng.uniform(-6, 6) if rng.random() < 0.5 else 0.0
     ramp = torch.linspace(-1, 1, R) * grad
@@ -307,11 +314,11 @@ def shapes_batch(world, indices, seed=0):
     return torch.stack(images), captions
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The words of the shapes world, as the tiny preset's stand-in encoders read them (encoders.WordTokenizer)
 
-# Every word of every shapes world's captions, in a fixed order: a word's id is part of the tiny preset, so this tuple
-# only ever grows at its end. A caption of the world is then one token per word, not one per byte.
+# Every word of every shapes world's captions, in a fixed order: a word's id is part of the tiny preset, so
+# this tuple only ever grows at its end. A caption of the world is then one token per word, not one per byte.
 WORDS = ("a", "an", "photo", "of", "and", ",", "to", "the", "left", "right", "above", "below", "two", "three", "four",
          *PALETTE, *PLURAL, *PLURAL.values())
 
@@ -320,7 +327,7 @@ def warn(msg):
     print(f"warning: {msg}", file=sys.stderr)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Real data: a TSV manifest of (image path, prompt)
 
 class ManifestError(ValueError):
@@ -328,9 +335,9 @@ class ManifestError(ValueError):
 
 
 def read_manifest(path, base_dir=None, skip_bad=False):
-    """Lines 'image_path<TAB>prompt' in UTF-8 (a byte-order mark is allowed); relative paths resolve against base_dir
-    (default: the manifest's folder). A malformed line, one that is not UTF-8, or a missing image stops with file and
-    line, or is skipped with a warning if skip_bad."""
+    """Lines 'image_path<TAB>prompt' in UTF-8 (a byte-order mark is allowed); relative paths resolve against
+    base_dir (default: the manifest's folder). A malformed line, one that is not UTF-8, or a missing image
+    stops with file and line, or is skipped with a warning if skip_bad."""
     if os.path.isdir(path):
         raise ManifestError(f"{path}: a folder but not a finished cache (no index.json); --data takes a manifest "
                             f"(image path<TAB>prompt lines) or a cache folder made by --build-cache")
@@ -372,8 +379,8 @@ def read_manifest(path, base_dir=None, skip_bad=False):
 
 def buckets(area, step, max_ratio=2.0):
     """Aspect-ratio buckets (A 13): (H, W) of at most area^2 pixels and close to it, sides multiples of `step`
-    (patch x autoencoder downsampling, or more), aspect ratios within [1/max_ratio, max_ratio]; max_ratio 1 gives the
-    square alone."""
+    (patch x autoencoder downsampling, or more), aspect ratios within [1/max_ratio, max_ratio];
+    max_ratio 1 gives the square alone."""
     out = []
     for h in range(step, int(area * math.sqrt(max_ratio)) + 1, step):
         w = area * area // h // step * step
@@ -389,9 +396,9 @@ def nearest_bucket(size, options):
 
 
 def image_size(path):
-    """(W, H) of an image file whose data has been read to the end, so that a file cut short or damaged fails at
-    start-up, not at the step that draws it. Cheaper than decoding: a PNG has each chunk's checksum verified, a JPEG
-    is decoded at 1/8 scale (PIL's draft mode); other formats are decoded."""
+    """(W, H) of an image file whose data has been read to the end, so that a file cut short or damaged fails
+    at start-up, not at the step that draws it. Cheaper than decoding: a PNG has each chunk's checksum
+    verified, a JPEG is decoded at 1/8 scale (PIL's draft mode); other formats are decoded."""
     from PIL import Image
     with Image.open(path) as im:
         size = im.size
@@ -423,10 +430,11 @@ def load_image(path, size, where=""):
 
 
 class Batches:
-    """The global batch of every step, identical on every rank and a function of (seed, step) alone, so a resumed run
-    continues exactly where it stopped. Epoch e shuffles each bucket's items with the epoch's seed, cuts them into
-    batches of `batch` (a bucket's remainder waits for the next epoch's shuffle), and shuffles the batches: every batch
-    holds one bucket. train.py gives rank r the r-th slice of each global batch, so ranks see disjoint items."""
+    """The global batch of every step, identical on every rank and a function of (seed, step) alone, so a
+    resumed run continues exactly where it stopped. Epoch e shuffles each bucket's items with the epoch's
+    seed, cuts them into batches of `batch` (a bucket's remainder waits for the next epoch's shuffle), and
+    shuffles the batches: every batch holds one bucket. train.py gives rank r the r-th slice of each global
+    batch, so ranks see disjoint items."""
 
     def __init__(self, item_buckets, batch, seed=0, where="data"):
         self.batch, self.seed = batch, seed
@@ -455,11 +463,11 @@ class Batches:
 
 
 class ManifestData:
-    """A TSV manifest as training items: every (image, area) pair goes to the bucket of its aspect ratio at each area
-    of `areas` (one area: that phase; 256 and 512: docs/method.md §9's 1:1 mix). Every image is read at start
-    (`image_size`); one that cannot be read, or is smaller than its bucket, is an error naming its line (or, with
-    skip_bad, left out). A batch's images are decoded by `workers` threads (PIL releases the GIL while it decodes
-    and resizes)."""
+    """A TSV manifest as training items: every (image, area) pair goes to the bucket of its aspect ratio at
+    each area of `areas` (one area: that phase; 256 and 512: docs/method.md §9's 1:1 mix). Every image is read
+    at start (`image_size`); one that cannot be read, or is smaller than its bucket, is an error naming its
+    line (or, with skip_bad, left out). A batch's images are decoded by `workers` threads
+    (PIL releases the GIL while it decodes and resizes)."""
 
     def __init__(self, path, areas, step, batch, seed=0, base_dir=None, skip_bad=False, max_ratio=2.0, workers=1):
         self.path, self.skip_bad = path, skip_bad
@@ -500,9 +508,10 @@ class ManifestData:
         return torch.stack([image for image, _ in pairs]), [prompt for _, prompt in pairs]
 
     def load(self, i):
-        """Item i -> (image, prompt). An image that passed the start-up check can still fail here (changed or removed
-        since): an error naming its line, or with skip_bad a warning and the next readable item of its bucket in its
-        place. That choice depends on the items alone, so every rank and a resumed run make the same one."""
+        """Item i -> (image, prompt). An image that passed the start-up check can still fail here
+        (changed or removed since): an error naming its line, or with skip_bad a warning and the next readable
+        item of its bucket in its place. That choice depends on the items alone, so every rank and a resumed
+        run make the same one."""
         def candidates():  # i, then the rest of its bucket in order, wrapping around (listed only if i fails)
             yield i
             group = self.order.groups[self.items[i][1]]
@@ -537,22 +546,26 @@ class ShapesData:
         return shapes_batch(self.world, indices, self.seed)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Latent and text caches: the frozen encoders run once over a manifest; training then reads shards instead.
-#   <dir>/shard-RRRRR-NNNNN.safetensors  items of one bucket: item (n,), latent (n, C, h, w), txt (n, Lt, d_txt)
-#                                        T5 states, vec (n, d_vec) CLIP pooled, and fake_txt / fake_vec for c_fake (s.8)
-#   <dir>/null.safetensors               the empty prompt phi and c_fake of it (txt, vec, fake_txt, fake_vec), batch 1
-#   <dir>/index.json                     what the cache was built with; written last, so its presence means complete
-# Items are numbered as ManifestData numbers them, so a cached run draws exactly the batches an online run draws.
-# Size: T5-XXL states are Lt x 4096 values per caption (4 MiB at 512 tokens in bf16), twice with c_fake. The text is
-# stored in the encoders' precision (bf16 on GPU), as training would see it online.
+# ------------------------------------------------------------------------------------------------------------
+# Latent and text caches (docs/formats.md §2): the frozen encoders run once over a manifest; training then
+# reads shards instead.
+#   <dir>/shard-RRRRR-NNNNN.safetensors  items of one bucket: item (n,), latent (n, C, h, w), T5 states
+#                                        txt (n, Lt, d_txt), CLIP pooled vec (n, d_vec), and fake_txt and
+#                                        fake_vec for c_fake (s.8)
+#   <dir>/null.safetensors               the empty prompt phi and c_fake of it (txt, vec, fake_txt,
+#                                        fake_vec), batch 1
+#   <dir>/index.json                     what the cache was built with; written last: present means complete
+# Items are numbered as ManifestData numbers them, so a cached run draws exactly the batches an online run
+# draws. Size: T5-XXL states are Lt x 4096 values per caption (4 MiB at 512 tokens in bf16), twice with
+# c_fake. The text is stored in the encoders' precision (bf16 on GPU), as training would see it online.
 
 CACHE_FIELDS = ("latent", "txt", "vec", "fake_txt", "fake_vec")
 
 
 def cache_meta(cfg, seed, resolution, max_ratio, fake_prefix):
-    """What a cache depends on (its index.json, less the item count): the frozen parts of preset `cfg`, the stand-ins'
-    seed (tiny), the bucket areas and ratio, the c_fake prefix. CachedData refuses a cache whose values differ."""
+    """What a cache depends on (its index.json, less the item count): the frozen parts of preset `cfg`,
+    the stand-ins' seed (tiny), the bucket areas and ratio, the c_fake prefix. CachedData refuses a
+    cache whose values differ."""
     c = cfg.to_dict()
     return {"encoders": {k: c[k] for k in ("t5", "clip", "t5_max_len", "tokenizer", "latent")},
             "stand_in_seed": seed if cfg.tokenizer == "words" else None,
@@ -561,9 +574,10 @@ def cache_meta(cfg, seed, resolution, max_ratio, fake_prefix):
 
 def write_cache(out, source, encode_latents, encode_text, *, fake_prefix, meta, batch, rank=0, world=1,
                 shard_items=256):
-    """Encode `source` (a ManifestData) into the cache folder `out`: rank r writes items r, r + world, ... into shards
-    of one bucket each, `batch` images per encoder call; once every rank is done, rank 0 writes the null encodings and
-    then index.json (`meta` and the item count), whose presence marks the cache complete. Collective under torchrun."""
+    """Encode `source` (a ManifestData) into the cache folder `out`: rank r writes items r, r + world, ...
+    into shards of one bucket each, `batch` images per encoder call; once every rank is done, rank 0 writes
+    the null encodings and then index.json (`meta` and the item count), whose presence marks the cache
+    complete. Collective under torchrun."""
     os.makedirs(out, exist_ok=True)
     mine = {}
     for i in range(rank, len(source), world):
@@ -607,8 +621,8 @@ def is_cache(path):
 
 
 class CachedData:
-    """Training items read from a cache. `expect` is what this run would have built it with; any difference (another
-    preset's encoders, resolution, c_fake prefix, stand-in seed) is an error naming the key."""
+    """Training items read from a cache. `expect` is what this run would have built it with; any difference
+    (another preset's encoders, resolution, c_fake prefix, stand-in seed) is an error naming the key."""
 
     def __init__(self, path, expect, batch, seed=0):
         if not is_cache(path):
@@ -646,7 +660,8 @@ class CachedData:
         return self.order(step)
 
     def batch(self, indices):
-        """-> dict of CACHE_FIELDS, each (B, ...), for the items `indices` (one bucket); reads only those rows."""
+        """-> dict of CACHE_FIELDS, each (B, ...), for the items `indices` (one bucket);
+        reads only those rows."""
         by_file = {}  # each shard opened once per batch
         for k, i in enumerate(indices):
             file, row = self.where[int(i)]

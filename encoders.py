@@ -1,10 +1,12 @@
-"""The frozen parts of Self-E, hand-written: the T5 v1.1 encoder, the CLIP text encoder, the FLUX.1 autoencoder,
-their tokenizers, the strict readers of their public safetensors, and finding a FLUX.1 snapshot folder.
+"""The frozen parts of Self-E, hand-written: the T5 v1.1 encoder, the CLIP text encoder, the
+FLUX.1 autoencoder, their tokenizers, the strict readers of their public safetensors, and finding
+a FLUX.1 snapshot folder.
 
-Self-E trains only the denoiser (model.py). These parts turn prompts into T5 token states and a pooled CLIP vector,
-and images into latents and back (docs/method.md §8.1). Parameter names are Hugging Face's (T5, CLIP) and BFL's
-(autoencoder), so the public checkpoints load by name (docs/formats.md §4). The tiny preset builds small random T5
-and CLIP encoders of the same classes as frozen stand-ins, reading words through `WordTokenizer`.
+Self-E trains only the denoiser (model.py). These parts turn prompts into T5 token states and a pooled CLIP
+vector, and images into latents and back (docs/method.md §8.1). Parameter names are Hugging Face's
+(T5, CLIP) and BFL's (autoencoder), so the public checkpoints load by name (docs/formats.md §4). The tiny
+preset builds small random T5 and CLIP encoders of the same classes as frozen stand-ins, reading words
+through `WordTokenizer`.
 """
 import functools
 import json
@@ -21,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Configs (the defaults are the real parts' sizes)
 
 @dataclass
@@ -61,7 +63,7 @@ class AutoEncoderConfig:
     shift_factor: float = 0.1159
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # T5 v1.1 encoder (Hugging Face T5EncoderModel parameter names)
 
 class T5LayerNorm(nn.Module):
@@ -78,7 +80,8 @@ class T5LayerNorm(nn.Module):
 
 
 def t5_relative_bucket(rel, num_buckets, max_distance):
-    """Bidirectional buckets: half per direction, exact below num_buckets/4, logarithmic up to max_distance."""
+    """Bidirectional buckets: half per direction, exact below num_buckets/4,
+    logarithmic up to max_distance."""
     num_buckets //= 2
     out = (rel > 0).long() * num_buckets
     n = rel.abs()
@@ -161,7 +164,8 @@ class T5Stack(nn.Module):
 
 
 class T5Encoder(nn.Module):
-    """T5 v1.1 encoder: ids (B, L) -> hidden states (B, L, d_model). Like FLUX, no attention mask: pads attend."""
+    """T5 v1.1 encoder: ids (B, L) -> hidden states (B, L, d_model). Like FLUX, no
+    attention mask: pads attend."""
 
     def __init__(self, c: T5Config):
         super().__init__()
@@ -177,7 +181,7 @@ class T5Encoder(nn.Module):
         return self.encoder.final_layer_norm(x)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # CLIP text transformer (Hugging Face CLIPTextModel parameter names)
 
 class CLIPAttention(nn.Module):
@@ -238,7 +242,8 @@ class CLIPTextTransformer(nn.Module):
 
 
 class CLIPTextEncoder(nn.Module):
-    """CLIP text transformer: ids (B, L) -> (hidden states (B, L, d), pooled (B, d) at the first end token)."""
+    """CLIP text transformer: ids (B, L) -> (hidden states (B, L, d), pooled (B, d) at
+    the first end token)."""
 
     def __init__(self, c: CLIPConfig):
         super().__init__()
@@ -257,8 +262,8 @@ class CLIPTextEncoder(nn.Module):
 
 @torch.no_grad()
 def init_text_encoder(module, seed):
-    """Seeded random init of a stand-in text encoder (tiny preset): N(0, 1) embeddings, N(0, 1/fan_in) linears,
-    unit norms, so activations neither vanish nor explode through the random layers."""
+    """Seeded random init of a stand-in text encoder (tiny preset): N(0, 1) embeddings, N(0, 1/fan_in)
+    linears, unit norms, so activations neither vanish nor explode through the random layers."""
     g = torch.Generator().manual_seed(seed)
     for name, p in module.named_parameters():
         if p.dim() >= 2:
@@ -271,7 +276,7 @@ def init_text_encoder(module, seed):
     return module
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # FLUX.1 autoencoder (BFL's flux/modules/autoencoder.py parameter names, so ae.safetensors loads by name)
 
 def group_norm(channels):
@@ -402,7 +407,8 @@ class AutoEncoder(nn.Module):
         self.encoder, self.decoder = Encoder(c), Decoder(c)
 
     def encode(self, x, sample=False):
-        """z = scale (z_raw - shift), z_raw the Gaussian's mean (sample=True draws from it, as some trainers do)."""
+        """z = scale (z_raw - shift), z_raw the Gaussian's mean
+        (sample=True draws from it, as some trainers do)."""
         mean, logvar = self.encoder(x).chunk(2, dim=1)
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if sample else mean
         return self.c.scale_factor * (z - self.c.shift_factor)
@@ -411,12 +417,12 @@ class AutoEncoder(nn.Module):
         return self.decoder(z / self.c.scale_factor + self.c.shift_factor)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Tokenizers: text -> ids (B, max_len) in the framing each encoder was trained with
 
 def frame(prompts, encode, max_len, start, end, pad, unit):
-    """Each prompt's ids as start + encode(prompt) + end, padded with `pad` to max_len: (B, max_len). A prompt too
-    long for its encoder is truncated, with a warning naming `unit` (what its ids count)."""
+    """Each prompt's ids as start + encode(prompt) + end, padded with `pad` to max_len: (B, max_len). A prompt
+    too long for its encoder is truncated, with a warning naming `unit` (what its ids count)."""
     ids = torch.full((len(prompts), max_len), pad)
     room = max_len - len(start) - len(end)
     for i, p in enumerate(prompts):
@@ -432,11 +438,12 @@ def frame(prompts, encode, max_len, start, end, pad, unit):
 # The real tokenizers (FLUX's framing): T5 through sentencepiece, CLIP's byte-level BPE by hand
 
 class T5Tokenizer:
-    """sentencepiece ids of `spiece.model`, then the end token 1, padded with 0 to max_len (256 schnell, 512 dev).
-    As transformers' T5Tokenizer (the reference FLUX pipelines use), the special tokens '</s>', '<pad>', '<unk>' and
-    the sentinels '<extra_id_0>' ... '<extra_id_{extra_ids - 1}>' typed in a prompt are those tokens, not text:
-    the prompt is split at them and each piece goes through sentencepiece alone. T5's vocabulary has 100 sentinels,
-    numbered down from the last id (<extra_id_0> is the sentencepiece size + 99)."""
+    """sentencepiece ids of `spiece.model`, then the end token 1, padded with 0 to max_len
+    (256 schnell, 512 dev). As transformers' T5Tokenizer (the reference FLUX pipelines use), the special
+    tokens '</s>', '<pad>', '<unk>' and the sentinels '<extra_id_0>' ... '<extra_id_{extra_ids - 1}>' typed in
+    a prompt are those tokens, not text: the prompt is split at them and each piece goes through sentencepiece
+    alone. T5's vocabulary has 100 sentinels, numbered down from the last id
+    (<extra_id_0> is the sentencepiece size + 99)."""
     pad_id, eos_id = 0, 1
 
     def __init__(self, spiece_path, max_len, extra_ids=100):
@@ -470,8 +477,9 @@ def bytes_to_unicode():
 
 
 def _category_class(major):
-    """A `re` character class body of every code point whose Unicode general category starts with `major` ('L' is
-    regex's \\p{L}, 'N' is \\p{N}); Python's `re` has no such classes. Exact at Python's Unicode version."""
+    """A `re` character class body of every code point whose Unicode general category starts with
+    `major` ('L' is regex's \\p{L}, 'N' is \\p{N}); Python's `re` has no such classes. Exact at
+    Python's Unicode version."""
     ranges, start = [], None
     for cp in range(sys.maxunicode + 2):
         hit = cp <= sys.maxunicode and unicodedata.category(chr(cp))[0] == major
@@ -488,20 +496,21 @@ CLIP_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\
 
 @functools.cache
 def clip_pattern():
-    """CLIP's pre-split: contractions, runs of letters, single digits, runs of other non-space characters (OpenAI's
-    `'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+`), built once. The special tokens are split off
-    before (CLIPTokenizer.encode)."""
+    """CLIP's pre-split: contractions, runs of letters, single digits, runs of other non-space characters
+    (OpenAI's `'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+`), built once. The special
+    tokens are split off before (CLIPTokenizer.encode)."""
     L, N, S = _category_class("L"), _category_class("N"), CLIP_WHITESPACE
     return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d|[{L}]+|[{N}]|[^{S}{L}{N}]+")
 
 
 class CLIPTokenizer:
-    """CLIP's byte-level BPE from `vocab.json` + `merges.txt` (HF layout), framed as FLUX does: start 49406, at most
-    75 tokens, end 49407, padded with 49407 to 77. Text is NFC-normalised, whitespace-collapsed and lower-cased, as
-    OpenAI's tokenizer with ftfy reduced to NFC, and as transformers' CLIPTokenizer, the reference FLUX pipelines use.
-    Where the two differ we follow transformers: HTML entities are not unescaped; '<|startoftext|>' and
-    '<|endoftext|>' typed in a prompt are those tokens only as written (matched before lower-casing, so
-    '<|ENDOFTEXT|>' is text); a capital sigma becomes σ, never the word-final ς of Python's str.lower()."""
+    """CLIP's byte-level BPE from `vocab.json` + `merges.txt` (HF layout), framed as FLUX does: start 49406,
+    at most 75 tokens, end 49407, padded with 49407 to 77. Text is NFC-normalised, whitespace-collapsed and
+    lower-cased, as OpenAI's tokenizer with ftfy reduced to NFC, and as transformers' CLIPTokenizer, the
+    reference FLUX pipelines use. Where the two differ we follow transformers: HTML entities are not
+    unescaped; '<|startoftext|>' and '<|endoftext|>' typed in a prompt are those tokens only as written
+    (matched before lower-casing, so '<|ENDOFTEXT|>' is text); a capital sigma becomes σ, never the word-final
+    ς of Python's str.lower()."""
 
     def __init__(self, vocab_path, merges_path, max_len=77):
         for p in (vocab_path, merges_path):
@@ -547,7 +556,8 @@ class CLIPTokenizer:
             if piece in ("<|startoftext|>", "<|endoftext|>"):
                 ids.append(self.vocab[piece])
                 continue
-            # lower-cased one character at a time, as transformers does: str.lower() turns a word-final Σ into ς
+            # lower-cased one character at a time, as transformers does: str.lower()
+            # turns a word-final Σ into ς
             piece = re.sub(f"[{CLIP_WHITESPACE}]+", " ", unicodedata.normalize("NFC", piece)).replace("Σ", "σ").lower()
             for word in clip_pattern().findall(piece):
                 ids += [self.vocab[s] for s in self.bpe("".join(self.byte_char[b] for b in word.encode("utf-8")))]
@@ -557,16 +567,17 @@ class CLIPTokenizer:
         return frame(prompts, self.encode, self.max_len, [self.bos_id], [self.eos_id], self.eos_id, "CLIP tokens")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The tiny preset's stand-in tokenizer: words, in the real tokenizers' framings
 
 class WordTokenizer:
-    """Words as tokens (the tiny preset reads the shapes world's, `data.WORDS`), in the framings the real encoders
-    use: 'pad-end' (T5: words, end, pad...) and 'start-end' (CLIP: start, words, end, end...; pooled at the first
-    end). ids: 0 pad, 1 end, 2 start, then one per word of `vocabulary`, then `unknown` buckets. Text is lower-cased
-    and split into runs of letters or digits and single punctuation marks; a word outside the vocabulary goes to a
-    bucket chosen by a stable hash of it (crc32), so any prompt encodes, and different unknown words mostly stay
-    different inputs (training never shows them)."""
+    """Words as tokens (the tiny preset reads the shapes world's, `data.WORDS`), in the framings the real
+    encoders use: 'pad-end' (T5: words, end, pad...) and 'start-end'
+    (CLIP: start, words, end, end...; pooled at the first end). ids: 0 pad, 1 end, 2 start, then one per word
+    of `vocabulary`, then `unknown` buckets. Text is lower-cased and split into runs of letters or digits and
+    single punctuation marks; a word outside the vocabulary goes to a bucket chosen by a stable hash of it
+    (crc32), so any prompt encodes, and different unknown words mostly stay different inputs
+    (training never shows them)."""
     pad_id, eos_id, bos_id = 0, 1, 2
     unknown = 32
 
@@ -598,10 +609,11 @@ class WordTokenizer:
         return frame(prompts, self.encode, self.max_len, [self.bos_id], [self.eos_id], self.eos_id, "words")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Reading safetensors by hand: the header first (every key, shape and dtype checked before any weight is read), then
-# each tensor read straight into its parameter, so a 9.5 GB T5 costs 9.5 GB of memory, not twice that.
-# The format: 8 bytes little-endian header length N, N bytes of JSON {key: {dtype, shape, data_offsets}}, the data.
+# ------------------------------------------------------------------------------------------------------------
+# Reading safetensors by hand: the header first (every key, shape and dtype checked before any weight is
+# read), then each tensor read straight into its parameter, so a 9.5 GB T5 costs 9.5 GB of memory, not twice
+# that. The format: 8 bytes little-endian header length N, N bytes of JSON
+# {key: {dtype, shape, data_offsets}}, the data.
 
 class CheckpointError(ValueError):
     pass
@@ -621,7 +633,8 @@ class Entry:
 
 
 def read_header(path):
-    """{key: Entry} of one .safetensors file, from its header alone. A missing, truncated or foreign file -> error."""
+    """{key: Entry} of one .safetensors file, from its header alone. A missing, truncated or
+    foreign file -> error."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: file not found")
     size = os.path.getsize(path)
@@ -648,7 +661,8 @@ def read_header(path):
 
 
 def check_entries(module, entries, where):
-    """One error naming `where` and the first offending keys: missing, unexpected, wrong shape, not a float dtype."""
+    """One error naming `where` and the first offending keys: missing, unexpected, wrong
+    shape, not a float dtype."""
     own = module.state_dict()
     missing = [k for k in own if k not in entries]
     unexpected = [k for k in entries if k not in own]
@@ -665,8 +679,8 @@ def check_entries(module, entries, where):
 
 
 def load_strict(module, sd, where):
-    """load_state_dict from an in-memory dict that names `where` and the first offending keys, checking every key,
-    shape and dtype before copying anything (the in-memory twin of check_entries)."""
+    """load_state_dict from an in-memory dict that names `where` and the first offending keys, checking every
+    key, shape and dtype before copying anything (the in-memory twin of check_entries)."""
     own = module.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -693,8 +707,9 @@ def _read_into(f, entry, out):
 
 
 def materialize(module, entries, where, dtype, device):
-    """Check `entries` against `module` (built on the meta device), then allocate it on `device` in `dtype` and read
-    every tensor into place, file by file. Nothing is read before the check passes; no second copy is held."""
+    """Check `entries` against `module` (built on the meta device), then allocate it on `device` in
+    `dtype` and read every tensor into place, file by file. Nothing is read before the check passes;
+    no second copy is held."""
     check_entries(module, entries, where)
     module = module.to(dtype).to_empty(device=device)
     own = module.state_dict()
@@ -716,7 +731,8 @@ def materialize(module, entries, where, dtype, device):
 
 
 def read_json(path):
-    """A JSON object file -> dict; one that is empty, not UTF-8, not JSON or not an object is an error naming it."""
+    """A JSON object file -> dict; one that is empty, not UTF-8, not JSON or not an object
+    is an error naming it."""
     try:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
@@ -735,7 +751,7 @@ def read_config(folder):
     return read_json(path)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Loaders, one per part. Each takes a file or the part's folder of a FLUX snapshot, a dtype and a device.
 
 def t5_config_from_hf(d):
@@ -748,8 +764,8 @@ def t5_config_from_hf(d):
 
 
 def t5_entries(path):
-    """{key: Entry} of a T5 checkpoint: one .safetensors file, or a folder with model.safetensors or the sharded
-    model.safetensors.index.json (HF's layout: {"weight_map": {key: shard file}})."""
+    """{key: Entry} of a T5 checkpoint: one .safetensors file, or a folder with model.safetensors or the
+    sharded model.safetensors.index.json (HF's layout: {"weight_map": {key: shard file}})."""
     if os.path.isfile(path):
         return read_header(path), path
     index = os.path.join(path, "model.safetensors.index.json")
@@ -772,9 +788,9 @@ def t5_entries(path):
 
 
 def load_t5(path, dtype=torch.bfloat16, device="cpu", config=None):
-    """T5 v1.1 encoder from HF safetensors (e.g. FLUX's text_encoder_2/: 2 bf16 shards + index), config from the
-    folder's config.json when present. `encoder.embed_tokens.weight` is tied to `shared.weight`: used only if
-    `shared.weight` is absent."""
+    """T5 v1.1 encoder from HF safetensors (e.g. FLUX's text_encoder_2/: 2 bf16 shards + index), config from
+    the folder's config.json when present. `encoder.embed_tokens.weight` is tied to `shared.weight`: used only
+    if `shared.weight` is absent."""
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     hf = read_config(folder)
     config = config or (t5_config_from_hf(hf) if hf else T5Config())
@@ -788,8 +804,9 @@ def load_t5(path, dtype=torch.bfloat16, device="cpu", config=None):
 
 
 def clip_config_from_hf(d):
-    """Hugging Face CLIPTextConfig fields -> our CLIPConfig. The public config says eos_token_id 2 (legacy):
-    transformers then pools at argmax(ids), i.e. the first 49407 = vocab_size - 1, our first-end-token rule."""
+    """Hugging Face CLIPTextConfig fields -> our CLIPConfig. The public config says
+    eos_token_id 2 (legacy): transformers then pools at argmax(ids), i.e. the first
+    49407 = vocab_size - 1, our first-end-token rule."""
     if d.get("hidden_act", "quick_gelu") != "quick_gelu":
         raise CheckpointError(f"CLIP config hidden_act={d['hidden_act']!r}: only 'quick_gelu' is implemented")
     c = CLIPConfig(**{k: d[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -799,8 +816,9 @@ def clip_config_from_hf(d):
 
 
 def load_clip(path, dtype=torch.bfloat16, device="cpu", config=None):
-    """CLIP text model from HF safetensors (FLUX's text_encoder/), keys with or without the `text_model.` prefix
-    (transformers 4.x writes it, 5.x does not); the `position_ids` buffer some files carry is ignored."""
+    """CLIP text model from HF safetensors (FLUX's text_encoder/), keys with or without the
+    `text_model.` prefix (transformers 4.x writes it, 5.x does not); the `position_ids` buffer some
+    files carry is ignored."""
     file = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
     hf = read_config(os.path.dirname(file))
     config = config or (clip_config_from_hf(hf) if hf else CLIPConfig())
@@ -812,7 +830,8 @@ def load_clip(path, dtype=torch.bfloat16, device="cpu", config=None):
 
 
 def ae_key_from_diffusers(key, n_levels):
-    """One diffusers AutoencoderKL key -> its BFL name (docs/formats.md §4.2). diffusers numbers up_blocks the other way round."""
+    """One diffusers AutoencoderKL key -> its BFL name (docs/formats.md §4.2). diffusers numbers
+    up_blocks the other way round."""
     attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
             "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}  # new and deprecated diffusers names
     m = re.fullmatch(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)", key)
@@ -843,8 +862,9 @@ def ae_config_from_diffusers(d):
 
 
 def load_autoencoder(path, dtype=torch.float32, device="cpu", config=None):
-    """FLUX.1 autoencoder from `ae.safetensors` (BFL layout) or from diffusers' `vae/` folder or its
-    `diffusion_pytorch_model.safetensors` (layout told by the keys; config from vae/config.json when present)."""
+    """FLUX.1 autoencoder from `ae.safetensors` (BFL layout) or from diffusers' `vae/` folder or
+    its `diffusion_pytorch_model.safetensors`
+    (layout told by the keys; config from vae/config.json when present)."""
     file = os.path.join(path, "diffusion_pytorch_model.safetensors") if os.path.isdir(path) else path
     entries = read_header(file)
     if any(".down_blocks." in k or ".up_blocks." in k or ".mid_block." in k for k in entries):
@@ -865,8 +885,9 @@ def load_autoencoder(path, dtype=torch.float32, device="cpu", config=None):
 # A FLUX.1 snapshot folder (huggingface-cli download black-forest-labs/FLUX.1-schnell --local-dir DIR)
 
 def find_pretrained(folder, transformer=False):
-    """DIR -> paths of its parts: {'t5', 'clip', 'ae', 't5_tokenizer', 'clip_vocab', 'clip_merges'} (+ 'transformer'
-    when asked). One clear error listing every expected file that is missing, if DIR is not such a snapshot."""
+    """DIR -> paths of its parts: {'t5', 'clip', 'ae', 't5_tokenizer', 'clip_vocab', 'clip_merges'}
+    (+ 'transformer' when asked). One clear error listing every expected file that is missing, if
+    DIR is not such a snapshot."""
     j = lambda *p: os.path.join(folder, *p)
     first = lambda *cands: next((c for c in cands if os.path.isfile(c)), None)
     parts = {

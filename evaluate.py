@@ -1,28 +1,32 @@
-"""GenEval-style evaluation on the shapes world: the checker, the fixed prompt set, the step-count sweep and its table.
+"""GenEval-style evaluation on the shapes world: checker, fixed prompt set, step-count sweep and its table.
 
     python evaluate.py --ckpt runs/tiny --steps 1,2,4,8,50
-    python evaluate.py --ckpt runs/tiny --compare runs/tiny-delta0 runs/tiny-fm   # same prompts and noise for all
-    python evaluate.py --validate        # the checker on ground-truth renders, hard negatives and perturbations
+    python evaluate.py --ckpt runs/tiny --compare runs/tiny-delta0 runs/tiny-fm  # same prompts and noise
+    python evaluate.py --validate        # the checker on ground-truth renders, hard negatives, perturbations
     python evaluate.py --bench           # checker speed, ms per 64 px image on one core
 
-The rules come from GenEval (Ghosh et al. 2023, github.com/djghosh13/geneval: six tasks, include/exclude clauses,
-the position rule, Overall = plain mean of the six task scores) and from docs/evaluation.md, whose detector we replace
-by an exact pixel checker (no neural network):
-  1. background per row from the border columns, noise level from border differences, a 3x3 median at >= 48 px on
-     noisy images, foreground = colour distance above an adaptive threshold;
-  2. mixture-aware colour labels: pixel = bg + a (c_k - bg), a in [0, 1] in closed form, smallest residual wins;
+The rules come from GenEval (Ghosh et al. 2023, github.com/djghosh13/geneval: six tasks, include/exclude
+clauses, the position rule, Overall = plain mean of the six task scores) and from docs/evaluation.md, whose
+detector we replace by an exact pixel checker (no neural network):
+  1. background per row from the border columns, noise level from border differences, a 3x3 median at >= 48 px
+     on noisy images, foreground = colour distance above an adaptive threshold;
+  2. mixture-aware colour labels: pixel = bg + a (c_k - bg), a in [0, 1] in closed
+     form, smallest residual wins;
   3. 8-connected components (pointer jumping in numpy), tiny ones dropped, two-colour components split;
   4. per object a soft alpha map, purity, alpha-weighted moments;
-  5. shape = argmax soft IoU against the world's own templates (data.inside) placed at the box the moments predict;
-  6. objects kept at confidence >= 0.75; counting's exclude counts every object of the class with IoU >= 0.60 (our
-     documented deviation: sloppy extras still break "exactly N"); 7. GenEval's include/exclude logic, unchanged.
-All thresholds were frozen on ground-truth renders under synthetic perturbations (`--validate`), not on model output.
-Diagnostics beside the six tasks, never part of Overall, for models that do not yet draw clean shapes: colours* (are
-the blobs' colours exactly the named ones), the RMS distance to the most-steps image, contrast (faint or not), and
-each model as a denoiser (velocity error by t, with the prompt and with phi).
-Measured (--validate, 20 prompts per task): ground truth 1.00 at 32 and 64 px, one-fact hard negatives 0.00; at 64 px
-under noise sigma 10 and 20, blur sigma 1, colour jitter, 2x down/up: 1.00 and 0.00; at 32 px under blur sigma 1 only
-0.81 (counting 0.15: blurred 8 px squares and circles fall within the 0.05 margin), the "fragile under blur" of docs/evaluation.md §2.
+  5. shape = argmax soft IoU against the world's own templates (data.inside) placed at the
+     box the moments predict;
+  6. objects kept at confidence >= 0.75; counting's exclude counts every object of the class with
+     IoU >= 0.60 (our documented deviation: sloppy extras still break "exactly N"); 7. GenEval's
+     include/exclude logic, unchanged.
+All thresholds were frozen on ground-truth renders under synthetic perturbations (`--validate`), not on model
+output. Diagnostics beside the six tasks, never part of Overall, for models that do not yet draw clean shapes:
+colours* (are the blobs' colours exactly the named ones), the RMS distance to the most-steps image, contrast
+(faint or not), and each model as a denoiser (velocity error by t, with the prompt and with phi). Measured
+(--validate, 20 prompts per task): ground truth 1.00 at 32 and 64 px, one-fact hard negatives 0.00; at 64 px
+under noise sigma 10 and 20, blur sigma 1, colour jitter, 2x down/up: 1.00 and 0.00; at 32 px under blur
+sigma 1 only 0.81 (counting 0.15: blurred 8 px squares and circles fall within the 0.05 margin), the "fragile
+under blur" of docs/evaluation.md §2.
 """
 import argparse
 import functools
@@ -47,7 +51,7 @@ MIN_ALPHA = 0.2       # a pixel belongs to a colour when at least 20% of it is t
 NOISY = 4.0           # border noise sigma (0-255 units) above which a 64 px image is median-filtered
 BLURS = (0.0, 0.6, 1.2)
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The checker: image -> objects
 
 
@@ -63,9 +67,10 @@ def gaussian_blur(x, sigma):
 
 
 def background(img):
-    """img (H, W, 3) float 0-255 -> (per-row background (H, 3), noise sigma). Layouts keep a border margin, so the two
-    outer columns on each side are background; the per-row median follows the vertical gradient. Vertical differences
-    along those columns cancel the gradient and leave the noise (robust sigma from the median absolute difference)."""
+    """img (H, W, 3) float 0-255 -> (per-row background (H, 3), noise sigma). Layouts keep a border margin, so
+    the two outer columns on each side are background; the per-row median follows the vertical gradient.
+    Vertical differences along those columns cancel the gradient and leave the noise
+    (robust sigma from the median absolute difference)."""
     cols = img[:, [0, 1, -2, -1]]                               # (H, 4, 3)
     bg = np.median(cols, axis=1)                                # (H, 3)
     pad = np.pad(bg, ((2, 2), (0, 0)), mode="edge")             # a 5-row running median drops objects touching a side
@@ -91,9 +96,10 @@ def shift_max(x, fill):
 
 
 def components(mask):
-    """8-connected components of a bool mask, no scipy: every pixel takes the largest index among its neighbours,
-    then follows its label as a pointer (pointer jumping), until nothing changes. -> (labels (H, W) with -1 off the
-    mask, number of components); labels are 0..n-1 in raster order of their largest pixel."""
+    """8-connected components of a bool mask, no scipy: every pixel takes the largest index among its
+    neighbours, then follows its label as a pointer (pointer jumping), until nothing
+    changes. -> (labels (H, W) with -1 off the mask, number of components); labels are 0..n-1 in raster order
+    of their largest pixel."""
     lab = np.where(mask, np.arange(mask.size).reshape(mask.shape), -1)
     while True:
         new = np.where(mask, shift_max(lab, -1), -1).ravel()
@@ -112,15 +118,16 @@ def components(mask):
 
 @functools.cache
 def template_maps(shapes, n=256):
-    """The world's own inside-test (data.inside via data.shape_alpha) on a fine grid over the unit box, anti-aliased:
-    (S, 1, n, n), one map per shape, sampled below at any box instead of re-running the inside-tests per object."""
+    """The world's own inside-test (data.inside via data.shape_alpha) on a fine grid over the unit box,
+    anti-aliased: (S, 1, n, n), one map per shape, sampled below at any box instead of re-running the
+    inside-tests per object."""
     return torch.stack([data.shape_alpha(s, (0, 0, n, n), n) for s in shapes])[:, None]
 
 
 @functools.cache
 def template_moments(shape):
-    """(mean u, mean v, std u, std v) of a shape in its unit box [-1, 1]^2: to predict the box from an object's
-    moments (a triangle's centroid sits below its box centre)."""
+    """(mean u, mean v, std u, std v) of a shape in its unit box [-1, 1]^2: to predict the box from an
+    object's moments (a triangle's centroid sits below its box centre)."""
     a = template_maps((shape,))[0, 0].double()
     g = (torch.arange(a.shape[0], dtype=torch.float64) + 0.5) / a.shape[0] * 2 - 1
     m = a.sum()
@@ -131,9 +138,9 @@ def template_moments(shape):
 
 
 def fit_shape(alpha, shapes, R, ss=2):
-    """Soft IoU = sum(min) / sum(max) of an object's alpha map (R, R) against each shape's template placed at the box
-    its moments predict, also blurred (sigma 0.6, 1.2 px) for soft outputs; the best blur counts.
-    -> {shape: (iou, box)}. All shapes and blurs are rendered in one window, in one batched call."""
+    """Soft IoU = sum(min) / sum(max) of an object's alpha map (R, R) against each shape's template placed at
+    the box its moments predict, also blurred (sigma 0.6, 1.2 px) for soft outputs; the best blur
+    counts. -> {shape: (iou, box)}. All shapes and blurs are rendered in one window, in one batched call."""
     ys, xs = np.nonzero(alpha > 0)
     w = alpha[ys, xs].astype(np.float64)
     m = w.sum()
@@ -172,10 +179,10 @@ def fit_shape(alpha, shapes, R, ss=2):
 
 
 def color_labels(img, bg, pal):
-    """Mixture-aware colour labels (docs/evaluation.md §4 step 2). Each pixel is bg + a (c_k - bg) for the best
-    a in [0, 1] per palette colour (least squares, closed form); the label is the colour with the smallest residual.
-    Plain nearest-colour labels read a red-on-gray rim as brown. img (H, W, 3), bg (H, 3), pal (K, 3) ->
-    (labels (H, W), a (H, W, K))."""
+    """Mixture-aware colour labels (docs/evaluation.md §4 step 2). Each pixel is bg + a (c_k - bg) for the
+    best a in [0, 1] per palette colour (least squares, closed form); the label is the colour with the
+    smallest residual. Plain nearest-colour labels read a red-on-gray rim as brown. img (H, W, 3), bg (H, 3),
+    pal (K, 3) -> (labels (H, W), a (H, W, K))."""
     diff = img - bg[:, None, :]                                                 # (H, W, 3)
     d = pal[None] - bg[:, None, :]                                              # (H, K, 3)
     a = np.clip(np.einsum("hwc,hkc->hwk", diff, d) / (d * d).sum(-1)[:, None, :], 0, 1)   # (H, W, K)
@@ -184,8 +191,9 @@ def color_labels(img, bg, pal):
 
 
 def detect(img, world):
-    """img (H, W, 3) 0-255 (as data.to_uint8 gives it) -> objects: dicts with class, color, conf (0 if rejected), iou, box [x1, y1, x2, y2],
-    purity. Only the world's shapes and colours are considered."""
+    """img (H, W, 3) 0-255 (as data.to_uint8 gives it) -> objects: dicts with class, color,
+    conf (0 if rejected), iou, box [x1, y1, x2, y2], purity. Only the world's shapes and
+    colours are considered."""
     R = img.shape[0]
     img = img.astype(np.float32)
     bg, sigma = background(img)
@@ -214,7 +222,8 @@ def detect(img, world):
             if part.sum() < min_area:
                 continue
             purity = counts[k] / (area - sum(counts[j] for j in major if j != k))
-            # soft alpha: this colour's blend over the part grown by 2 px (the anti-aliased rim), not over other objects
+            # soft alpha: this colour's blend over the part grown by 2 px
+            # (the anti-aliased rim), not over other objects
             grow = shift_max(shift_max(part, False), False) & ~(fg & ~part)
             alpha = np.where(grow, a[..., k], 0).astype(np.float32)
             fits = fit_shape(alpha, world.shapes, R)
@@ -231,13 +240,14 @@ def detect(img, world):
     return objects
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # GenEval's judgement, unchanged except for counting's exclude clause
 
 
 def judge(spec, objects):
-    """-> (correct, reason). For an include clause only the `count` most confident kept objects of its class are
-    looked at; colour and position are judged on them; position against the objects matched by the clause named."""
+    """-> (correct, reason). For an include clause only the `count` most confident kept objects of
+    its class are looked at; colour and position are judged on them; position against the objects
+    matched by the clause named."""
     kept = sorted((o for o in objects if o["conf"] >= KEEP_CONF), key=lambda o: -o["conf"])
     by_class = lambda c: [o for o in kept if o["class"] == c]
     ok, reasons, groups = True, [], []
@@ -280,9 +290,10 @@ def judge(spec, objects):
 
 
 def colours_match(spec, objects):
-    """A diagnostic beside GenEval's six tasks, never part of Overall: are the colours of the blobs found exactly the
-    colours the prompt names (shapes, counts and positions ignored)? None when the prompt names no colour. It shows
-    whether the prompt gets through at all before a model draws shapes clean enough for the six tasks."""
+    """A diagnostic beside GenEval's six tasks, never part of Overall: are the colours of the blobs found
+    exactly the colours the prompt names (shapes, counts and positions ignored)? None when the prompt
+    names no colour. It shows whether the prompt gets through at all before a model draws shapes clean
+    enough for the six tasks."""
     named = {req["color"] for req in spec["include"] if req.get("color")}
     return None if not named else named == {o["color"] for o in objects}
 
@@ -293,8 +304,8 @@ def describe(objects):
 
 
 def score(images, specs, world, colours=False):
-    """Images (B, 3, H, W) in [-1, 1] against their specs -> list of (correct, reason), with colours_match's verdict
-    third if `colours`."""
+    """Images (B, 3, H, W) in [-1, 1] against their specs -> list of (correct, reason), with colours_match's
+    verdict third if `colours`."""
     out, threads = [], torch.get_num_threads()
     torch.set_num_threads(1)  # the checker's tensors are tiny: extra threads only add overhead (10x on a busy CPU)
     try:
@@ -307,14 +318,15 @@ def score(images, specs, world, colours=False):
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The prompt set and the report
 
 
 def prompt_set(world, n, seed=0):
     """A fixed, seeded GenEval-style prompt set: n prompts per task drawn from the compositions training shows
-    (seen), and n per colour-naming task that name a held-out (colour, shape) pair (only colors and color_attr can).
-    Prompts are distinct while the world has enough of them, then repeat (small worlds have few single prompts)."""
+    (seen), and n per colour-naming task that name a held-out (colour, shape) pair
+    (only colors and color_attr can). Prompts are distinct while the world has enough of them, then repeat
+    (small worlds have few single prompts)."""
     if n < 1:
         raise ValueError(f"--prompts must be >= 1, got {n}")
     specs = []
@@ -334,16 +346,17 @@ def prompt_set(world, n, seed=0):
 
 
 def render_spec(spec, world, rng):
-    """Ground truth: (image (3, R, R) in [-1, 1], oracle objects) of a spec, laid out and rendered as in training."""
+    """Ground truth: (image (3, R, R) in [-1, 1], oracle objects) of a spec, laid out and
+    rendered as in training."""
     objs = data.layout(spec, world, rng)
     truth = [{"class": s, "color": c, "iou": 1.0, "conf": 1.0, "box": b, "reject": ""} for s, c, b in objs]
     return data.render(objs, world.resolution, rng), truth
 
 
 def summarize(specs, correct, colours=None):
-    """Per task, Overall (plain mean of the task scores present), % prompts with any correct image, per shape and
-    per colour accuracy (over images whose prompt names it), and the colours_match diagnostic when given. specs,
-    correct and colours are per image."""
+    """Per task, Overall (plain mean of the task scores present), % prompts with any correct image, per shape
+    and per colour accuracy (over images whose prompt names it), and the colours_match diagnostic when given.
+    specs, correct and colours are per image."""
     def mean(xs):
         return round(float(np.mean(xs)), 6) if xs else None
     tasks = {t: mean([c for s, c in zip(specs, correct) if s["tag"] == t]) for t in data.TASKS}
@@ -362,15 +375,16 @@ def summarize(specs, correct, colours=None):
             "colours_match": mean([c for c in colours or () if c is not None]) if colours else None}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Validation of the checker itself: hard negatives and synthetic perturbations of ground-truth renders
 
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
 def hard_negatives(spec, world, rng):
-    """Specs that change exactly one fact of `spec` (shape, colour, count +-1, relation flipped, colours swapped, an
-    object missing), so that their renders must score 0 against spec's prompt. -> list of (kind, spec)."""
+    """Specs that change exactly one fact of `spec`
+    (shape, colour, count +-1, relation flipped, colours swapped, an object missing), so that their
+    renders must score 0 against spec's prompt. -> list of (kind, spec)."""
     inc, task = spec["include"], spec["tag"]
     out = []
     def variant(kind, edit):
@@ -398,8 +412,8 @@ def hard_negatives(spec, world, rng):
 
 
 def perturb(images, kind, gen):
-    """Synthetic damage of (B, 3, H, W) images in [-1, 1]: noise sigma 10/20 (0-255 units), blur sigma 1, colour
-    jitter (gain +-5%, offset +-8 per channel), 2x down/up sampling."""
+    """Synthetic damage of (B, 3, H, W) images in [-1, 1]: noise sigma 10/20 (0-255 units), blur sigma 1,
+    colour jitter (gain +-5%, offset +-8 per channel), 2x down/up sampling."""
     x = (images.float() + 1) * 127.5
     if kind.startswith("noise"):
         x = x + float(kind[5:]) * torch.randn(x.shape, generator=gen)
@@ -418,8 +432,9 @@ def perturb(images, kind, gen):
 
 
 def validate(world, n=10, kinds=("clean",), seed=0, negatives=True):
-    """Checker accuracy on ground-truth renders of the prompt set (n per task) under each perturbation, and on their
-    hard negatives (should be 0). -> {kind: {"truth": summary, "negatives": mean, "negative_kinds": {...}}}."""
+    """Checker accuracy on ground-truth renders of the prompt set (n per task) under each perturbation,
+    and on their hard negatives (should be 0). -> {kind: {"truth": summary, "negatives": mean,
+    "negative_kinds": {...}}}."""
     specs = [dict(s, index=i) for i, s in enumerate(prompt_set(world, n, seed)) if s["seen"]]
     imgs, negs, neg_specs, neg_kinds = [], [], [], []
     for i, spec in enumerate(specs):
@@ -449,15 +464,15 @@ def validate(world, n=10, kinds=("clean",), seed=0, negatives=True):
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The sweep: generate with shared noise, score, tabulate
 
 COLUMNS = data.TASKS + ("overall", "any")
 
 
 def noise_seed(seed, prompt, image):
-    """Common random numbers: image `image` of prompt `prompt` gets the same noise at every step count and in every
-    model, and does not depend on the batch it rides in."""
+    """Common random numbers: image `image` of prompt `prompt` gets the same noise at every step count and in
+    every model, and does not depend on the batch it rides in."""
     return data.stream_seed(seed, prompt * 1000 + image)
 
 
@@ -478,14 +493,16 @@ def load(path, device):
 
 
 def contrast(images):
-    """(B, 3, H, W) -> (B,): each image's RMS distance from its own median colour, i.e. from the flat background of this
-    world. It measures how strongly an image departs from gray: a posterior-mean blur (what plain flow matching gives at
-    very few steps, Eq. 4) is faint; noise is not. Ground-truth renders of the same prompts set the scale."""
+    """(B, 3, H, W) -> (B,): each image's RMS distance from its own median colour, i.e. from the flat
+    background of this world. It measures how strongly an image departs from gray: a posterior-mean blur
+    (what plain flow matching gives at very few steps, Eq. 4) is faint; noise is not. Ground-truth renders of
+    the same prompts set the scale."""
     return (images - images.flatten(2).median(2).values[..., None, None]).pow(2).mean((1, 2, 3)).sqrt()
 
 
 def sweep(system, meta, world, specs, steps_list, args, tag):
-    """Generate K images per prompt at each step count and score them -> (results per step count, grid rows)."""
+    """Generate K images per prompt at each step count and score
+    them -> (results per step count, grid rows)."""
     import sample
     results, rows = {}, []
     picks = [next(i for i, s in enumerate(specs) if s["tag"] == t and s["seen"] == seen)  # one prompt per task
@@ -528,10 +545,11 @@ DENOISE_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9, 0.97, 1.0)
 
 @torch.no_grad()
 def denoising(system, world, n=256, seed=0, times=DENOISE_TIMES, batch=64):
-    """The network as a denoiser, on n ground-truth scenes from their own stream (seed + 7919), not the training one:
-    at each t, the flow-matching velocity error ||V(x_t, t, t, c) - (eps - x0)||^2 (Eq. 3, = ||G - x0||^2 / t^2) with
-    the prompt and with phi, and the prompt's share of the error it removes, 1 - cond / uncond. A share near 0 means
-    the network ignores the prompt at that t. Same scenes and noise for every model. -> {t: {cond, uncond, gain}}."""
+    """The network as a denoiser, on n ground-truth scenes from their own stream (seed + 7919), not the
+    training one: at each t, the flow-matching velocity error ||V(x_t, t, t, c) - (eps - x0)||^2
+    (Eq. 3, = ||G - x0||^2 / t^2) with the prompt and with phi, and the prompt's share of the error it
+    removes, 1 - cond / uncond. A share near 0 means the network ignores the prompt at that t. Same scenes and
+    noise for every model. -> {t: {cond, uncond, gain}}."""
     import selfe
     images, captions = data.shapes_batch(world, range(n), seed + 7919)
     x0 = system.encode_images(images)

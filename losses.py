@@ -1,9 +1,10 @@
 """The Self-E objective as plain functions, equation by equation (docs/method.md §3-5).
 
-Each function returns per-sample values so train.py can log them by t-bin. Targets and losses are computed in fp32.
-`G(x, t, s, cond)` and `G_ema(...)` are callables giving the sample head of Eq. 6 with current and EMA weights;
-`cond` is a tuple of batch-first tensors (T5 states, CLIP pooled) and `null` the same for phi (batch 1); `fake(idx)`
-encodes c_fake for the samples idx only, so the auxiliary term costs no text encoding for the rest.
+Each function returns per-sample values so train.py can log them by t-bin. Targets and losses are
+computed in fp32. `G(x, t, s, cond)` and `G_ema(...)` are callables giving the sample head of Eq. 6 with
+current and EMA weights; `cond` is a tuple of batch-first tensors (T5 states, CLIP pooled) and `null`
+the same for phi (batch 1); `fake(idx)` encodes c_fake for the samples idx only, so the auxiliary term
+costs no text encoding for the rest.
 """
 import torch
 
@@ -21,8 +22,8 @@ def lam(t, s):
 
 
 def renorm_target(x0, x_self, lam_st, eps=1e-8):
-    """Eq. 19: x_renorm = (x0 + lam x_self) / ||x0 + lam x_self|| * ||x0||, norms per sample over the whole latent
-    (A 5). Equals x0 when lam = 0."""
+    """Eq. 19: x_renorm = (x0 + lam x_self) / ||x0 + lam x_self|| * ||x0||, norms per sample over the whole
+    latent (A 5). Equals x0 when lam = 0."""
     x0, x_self = x0.float(), x_self.float()
     y = x0 + lam_st.view(-1, 1, 1) * x_self
     scale = x0.flatten(1).norm(dim=1) / y.flatten(1).norm(dim=1).clamp_min(eps)
@@ -41,12 +42,13 @@ def take(cond, idx):
 def self_eval_target(G, G_ema, x0_hat, s, cond, null, *, fake=None, k=0.9, eps=None):
     """Eq. 14 (and s.6 with the auxiliary term): the pseudo-target x_self of the samples in the batch.
 
-    x0_hat (n, L, C) the generator's samples G(x_t, t, s, c), detached; s (n,) the same s that was fed to the generator.
-    The sample is re-noised to level s with fresh noise (A 3), then evaluated twice without gradient:
-    g_c = G_ema(x_s, s, s, c) (S.2: the conditional branch uses the EMA model) and g_u = G(x_s, s, s, phi) (current).
-    With `fake` (the c_fake encoding) a third pass g_f = G(x_s, s, s, c_fake) runs on the current weights WITH gradient,
-    since it is also L_fake's forward (s.8); Delta = k (g_u - g_c) + (1 - k)(sg[g_f] - g_c) (s.6), else g_u - g_c.
-    Returns (x_self, g_f or None).
+    x0_hat (n, L, C) the generator's samples G(x_t, t, s, c), detached; s (n,) the same s that was fed to the
+    generator. The sample is re-noised to level s with fresh noise (A 3), then evaluated twice without
+    gradient: g_c = G_ema(x_s, s, s, c) (S.2: the conditional branch uses the EMA model) and
+    g_u = G(x_s, s, s, phi) (current). With `fake` (the c_fake encoding) a third pass
+    g_f = G(x_s, s, s, c_fake) runs on the current weights WITH gradient, since it is also L_fake's forward
+    (s.8); Delta = k (g_u - g_c) + (1 - k)(sg[g_f] - g_c) (s.6), else g_u - g_c. Returns
+    (x_self, g_f or None).
     """
     x0_hat = x0_hat.detach()
     eps = torch.randn_like(x0_hat) if eps is None else eps
@@ -64,7 +66,8 @@ def self_eval_target(G, G_ema, x0_hat, s, cond, null, *, fake=None, k=0.9, eps=N
 
 def pair_loss(x0_hat, x0, x_self, lam_st, *, target_norm=True):
     """Per-sample L_{s,t}: Eq. 20 ||x0_hat - x_renorm||^2 with the energy-preserving target (default), or the
-    hybrid Eq. 16 ||x0_hat - x0||^2 + lam ||x0_hat - x_self||^2 (the 'w/o target norm.' ablation of Table 2)."""
+    hybrid Eq. 16 ||x0_hat - x0||^2 + lam ||x0_hat - x_self||^2
+    (the 'w/o target norm.' ablation of Table 2)."""
     if target_norm:
         return per_sample_mse(x0_hat, renorm_target(x0, x_self, lam_st))
     return per_sample_mse(x0_hat, x0) + lam_st * per_sample_mse(x0_hat, x_self)
@@ -72,19 +75,21 @@ def pair_loss(x0_hat, x0, x_self, lam_st, *, target_norm=True):
 
 def selfe_loss(G, G_ema, x0, t, s, cond, null, *, evaluate=None, eval_size=None, fake=None, fake_norm=None, k=0.9,
                target_norm=True, t_min=1e-3, fake_weight=1.0, fresh_noise=True, eps=None, eps_self=None):
-    """The full objective (Eq. 21): mean over the batch of w_{s,t} L_{s,t}, plus L_fake (s.8) when `fake` is given.
+    """The full objective (Eq. 21): mean over the batch of w_{s,t} L_{s,t}, plus L_fake
+    (s.8) when `fake` is given.
 
-    x0 (B, L, C) clean latent tokens; t, s (B,) with s <= t. Self-evaluation runs only on the samples `evaluate`
-    (B,) bool marks, by default those with s < t (the others with s = t have lambda = 0 and target x0), so no forward
-    pass is spent on the rest. A sample with s < t that is not evaluated gets Delta = 0: x_self = sg[x0_hat], so its
-    target is Eq. 19's renormalised blend of x0 and its own sample (caption-dropped samples, whose classifier score is
-    0 since c = phi, and the Delta = 0 control of train.py --delta-zero). `eval_size` fixes how many samples the
-    evaluation passes see: the marked ones first, then unmarked ones with weight 0 (nothing of theirs reaches the
-    loss), so the caller, who knows the count, fixes the passes' batch size and nothing here waits on the device to
-    learn it (train.eval_size chooses it). `eps` and `eps_self` (B, L, C) are the noises of Eq. 1 and of the
-    re-noising (drawn here if None). L_fake is a sum over the evaluated samples divided by `fake_norm`, by default
-    their number (a caller that splits a batch into parts passes the whole batch's normaliser). Returns a dict of the
-    scalar `loss` and per-sample terms by name.
+    x0 (B, L, C) clean latent tokens; t, s (B,) with s <= t. Self-evaluation runs only on the samples
+    `evaluate` (B,) bool marks, by default those with s < t (the others with s = t have lambda = 0 and target
+    x0), so no forward pass is spent on the rest. A sample with s < t that is not evaluated gets Delta = 0:
+    x_self = sg[x0_hat], so its target is Eq. 19's renormalised blend of x0 and its own sample
+    (caption-dropped samples, whose classifier score is 0 since c = phi, and the Delta = 0 control of train.py
+    --delta-zero). `eval_size` fixes how many samples the evaluation passes see: the marked ones first, then
+    unmarked ones with weight 0 (nothing of theirs reaches the loss), so the caller, who knows the count,
+    fixes the passes' batch size and nothing here waits on the device to learn it
+    (train.eval_size chooses it). `eps` and `eps_self` (B, L, C) are the noises of Eq. 1 and of the re-noising
+    (drawn here if None). L_fake is a sum over the evaluated samples divided by `fake_norm`, by default their
+    number (a caller that splits a batch into parts passes the whole batch's normaliser). Returns a dict of
+    the scalar `loss` and per-sample terms by name.
     """
     eps = torch.randn_like(x0) if eps is None else eps
     x_t = selfe.forward_process(x0, t, eps)                             # Eq. 1
@@ -118,7 +123,8 @@ def selfe_loss(G, G_ema, x0, t, s, cond, null, *, evaluate=None, eval_size=None,
 
 
 def fm_loss(G, x0, t, cond, *, t_min=1e-3, eps=None):
-    """Plain flow matching (Eq. 3) with the same network: s = t, so lambda = 0 and w ||G - x0||^2 = ||V - v||^2."""
+    """Plain flow matching (Eq. 3) with the same network: s = t, so lambda = 0 and
+    w ||G - x0||^2 = ||V - v||^2."""
     eps = torch.randn_like(x0) if eps is None else eps
     x_t = selfe.forward_process(x0, t, eps)                             # Eq. 1
     per = fm_weight(t, t_min) * per_sample_mse(G(x_t, t, t, cond), x0)

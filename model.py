@@ -1,11 +1,13 @@
 """The network Self-E trains, hand-written: the dual-time MMDiT denoiser, its presets and its FLOP count.
 
-The denoiser is FLUX's MM-DiT (double-stream blocks, then single-stream blocks, multi-axis RoPE, QK-RMSNorm, adaLN
-modulation) with the dual-time embedding of Self-E (docs/method.md §8.2-8.3, s.9-s.10): the conditioning vector is
+The denoiser is FLUX's MM-DiT (double-stream blocks, then single-stream blocks, multi-axis RoPE,
+QK-RMSNorm, adaLN modulation) with the dual-time embedding of Self-E (docs/method.md §8.2-8.3, s.9-s.10):
+the conditioning vector is
     vec = MLP_t(sinusoid(t)) + MLP_s(sinusoid(t - s)) + MLP(CLIP pooled),
-with MLP_s (`s_in`) in the slot where FLUX adds its guidance embedding. Module and parameter names are FLUX's, so a
-BFL checkpoint loads by name (`load_flux_transformer`). The network outputs V; the sample head G = x_t - t V (Eq. 6)
-lives in selfe.py. The frozen parts (T5, CLIP, autoencoder) and their loaders are in encoders.py.
+with MLP_s (`s_in`) in the slot where FLUX adds its guidance embedding. Module and parameter names are
+FLUX's, so a BFL checkpoint loads by name (`load_flux_transformer`). The network outputs V; the sample
+head G = x_t - t V (Eq. 6) lives in selfe.py. The frozen parts (T5, CLIP, autoencoder) and their
+loaders are in encoders.py.
 """
 import math
 from dataclasses import dataclass, field, asdict
@@ -17,13 +19,13 @@ import torch.nn.functional as F
 import encoders
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Presets
 
 @dataclass
 class Config:
-    """One preset: the denoiser's shapes (docs/method.md §8), the frozen parts, the image space and the training
-    defaults that depend on scale. `--size` picks one from CONFIGS."""
+    """One preset: the denoiser's shapes (docs/method.md §8), the frozen parts, the image space and the
+    training defaults that depend on scale. `--size` picks one from CONFIGS."""
     # denoiser
     hidden_size: int = 2048
     num_heads: int = 16
@@ -75,8 +77,8 @@ class Config:
 
 
 CONFIGS = {
-    # CPU demo: pixel space 32 px, patch 4 (64 image tokens), small random frozen T5 and CLIP over the shapes world's
-    # words (16 text tokens).
+    # CPU demo: pixel space 32 px, patch 4 (64 image tokens), small random frozen T5 and CLIP over the shapes
+    # world's words (16 text tokens).
     "tiny": Config(hidden_size=128, num_heads=4, depth=2, depth_single_blocks=2, axes_dim=(4, 14, 14),
                    in_channels=3 * 4 * 4, context_in_dim=64, vec_in_dim=64, resolution=32, latent="pixels", patch=4,
                    t5=encoders.T5Config(vocab_size=70, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2),
@@ -87,7 +89,8 @@ CONFIGS = {
     "0.5b": Config(hidden_size=1024, num_heads=16, axes_dim=(8, 28, 28), resolution=256),
     # The paper's main model (S.2): d 2048, 16 x 128 heads, 8 + 16 blocks; phase 1 at 256^2.
     "2b": Config(hidden_size=2048, num_heads=16, axes_dim=(16, 56, 56), resolution=256),
-    # The public FLUX.1 transformers (12B; docs/formats.md §4.5), to load flux1-{schnell,dev}.safetensors into our MMDiT.
+    # The public FLUX.1 transformers (12B; docs/formats.md §4.5), to load
+    # flux1-{schnell,dev}.safetensors into our MMDiT.
     "flux-schnell": Config(hidden_size=3072, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=(16, 56, 56),
                            dual_time=False, guidance_embed=False, resolution=1024, t5_max_len=256),
     "flux-dev": Config(hidden_size=3072, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=(16, 56, 56),
@@ -95,7 +98,7 @@ CONFIGS = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Attention and RoPE (FLUX's math.py)
 
 def rope(pos, dim, theta):
@@ -142,7 +145,7 @@ def timestep_embedding(t, dim=256, max_period=10_000, time_factor=1000.0):
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # FLUX layers
 
 class MLPEmbedder(nn.Module):
@@ -272,7 +275,7 @@ class LastLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift[:, None], scale[:, None]))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The dual-time MMDiT
 
 class MMDiT(nn.Module):
@@ -297,9 +300,10 @@ class MMDiT(nn.Module):
         self.final_layer = LastLayer(d, cfg.in_channels)
 
     def flops(self, n_img, n_txt):
-        """Forward FLOPs of one sample (a multiply-add counts 2; backward costs twice the forward): each Linear times
-        the rows it sees (image tokens, text tokens, both in single-stream blocks, or one conditioning vector), plus
-        attention's two (L x L) products per block. Norms, RoPE and activations are not counted (as in MFU)."""
+        """Forward FLOPs of one sample (a multiply-add counts 2; backward costs twice the forward): each
+        Linear times the rows it sees (image tokens, text tokens, both in single-stream blocks, or one
+        conditioning vector), plus attention's two (L x L) products per block. Norms, RoPE and activations are
+        not counted (as in MFU)."""
         L = n_img + n_txt
         total = 0
         for name, m in self.named_modules():
@@ -320,8 +324,8 @@ class MMDiT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """DiT-style: xavier linears with zero bias, N(0, 0.02) embedders, and zero modulation and output (adaLN-Zero),
-        so every block starts as the identity and V starts at 0. A 18: MLP_s as MLP_t."""
+        """DiT-style: xavier linears with zero bias, N(0, 0.02) embedders, and zero modulation and output
+        (adaLN-Zero), so every block starts as the identity and V starts at 0. A 18: MLP_s as MLP_t."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -343,12 +347,14 @@ class MMDiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def forward(self, img, img_ids, txt, txt_ids, t, s=None, y=None, guidance=None):
-        """img (B, L, in_channels) noisy tokens; img_ids (B or 1, L, 3); txt (B, Lt, d_txt); txt_ids (as img_ids, Lt, 3);
-        t, s (B,) times; y (B, d_vec) pooled CLIP. Returns V (B, L, in_channels), in the weights' dtype. Position ids
-        shared by the batch may come with batch 1 (both): the rotations are then computed once and broadcast.
+        """img (B, L, in_channels) noisy tokens; img_ids (B or 1, L, 3); txt (B, Lt, d_txt); txt_ids
+        (as img_ids, Lt, 3); t, s (B,) times; y (B, d_vec) pooled CLIP. Returns V (B, L, in_channels), in the
+        weights' dtype. Position ids shared by the batch may come with batch 1 (both): the rotations are then
+        computed once and broadcast.
 
-        The network computes in its weights' dtype (bf16 under FSDP's mixed precision, or for a bf16 checkpoint).
-        Only activations are cast to it: t, s and the positions stay fp32 up to the sinusoids and the RoPE rotations
+        The network computes in its weights' dtype
+        (bf16 under FSDP's mixed precision, or for a bf16 checkpoint). Only activations are cast to it: t,
+        s and the positions stay fp32 up to the sinusoids and the RoPE rotations
         (bf16 would put t = 0.33944 at 0.33984, and shift the phase of 1000 t by radians)."""
         dtype = self.img_in.weight.dtype
         embed = lambda mlp, x: mlp(timestep_embedding(x).to(dtype))         # fp32 sinusoid, then the MLP's dtype
@@ -358,7 +364,8 @@ class MMDiT(nn.Module):
         if self.guidance_in is not None:
             vec = vec + embed(self.guidance_in, guidance)
         vec = vec + self.vector_in(y.to(dtype))
-        # clone: a 3-D Linear returns a view, and torch.compile would give the first block (view inputs) its own graph
+        # clone: a 3-D Linear returns a view, and torch.compile would give the first block
+        # (view inputs) its own graph
         img, txt = self.img_in(img.to(dtype)).clone(), self.txt_in(txt.to(dtype)).clone()
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))         # fp32 rotations (B or 1, 1, L, D/2, 2, 2)
         for block in self.double_blocks:
@@ -369,12 +376,12 @@ class MMDiT(nn.Module):
         return self.final_layer(x[:, txt.shape[1]:], vec)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The public FLUX.1 transformers load into the same class (read by encoders.py's strict safetensors reader)
 
 def load_flux_transformer(path, cfg=None, dtype=torch.bfloat16, device="cpu"):
-    """FLUX.1 transformer (BFL layout: flux1-schnell.safetensors / flux1-dev.safetensors) into our MMDiT, whose
-    parameter names are BFL's. Without cfg the preset is told by the keys: guidance_in.* means flux-dev.
+    """FLUX.1 transformer (BFL layout: flux1-schnell.safetensors / flux1-dev.safetensors) into our MMDiT,
+    whose parameter names are BFL's. Without cfg the preset is told by the keys: guidance_in.* means flux-dev.
     Returned in eval mode with gradients on (the caller freezes it or fine-tunes it)."""
     entries = encoders.read_header(path)
     if cfg is None:

@@ -3,9 +3,10 @@
     python sample.py --steps 4 "a red circle to the left of a blue square"
     python sample.py --sweep 1,2,4,8,50 "a photo of a red circle" "a photo of two squares"
 
-N steps over a linear grid 1 = t_0 > ... > t_N = 0 warped by mu(L) (s.12); at step k the network sees (t_k, s_k) with
-s_k = t_{k+1} by default (Sec. 3.4); guidance is energy-preserving CFG (w = 5); the update is DDIM-style with eta = 1
-(S.2; eta = 0 is Eq. 22). One step without guidance uses s = 0.5 (S.3.1). EMA weights by default.
+N steps over a linear grid 1 = t_0 > ... > t_N = 0 warped by mu(L) (s.12); at step k the network sees
+(t_k, s_k) with s_k = t_{k+1} by default (Sec. 3.4); guidance is energy-preserving CFG (w = 5); the
+update is DDIM-style with eta = 1 (S.2; eta = 0 is Eq. 22). One step without guidance uses s = 0.5
+(S.3.1). EMA weights by default.
 """
 import argparse
 import dataclasses
@@ -29,8 +30,8 @@ def time_grid(steps, L, anchor=512, shift=True):
 
 
 def second_times(ts, schedule="next"):
-    """s_k for each step: 'next' s_k = t_{k+1} (default), 'current' s_k = t_k (plain FM), or a number a in [0, 1]:
-    s_k = t_{k+1} + a (t_k - t_{k+1}) (for one step, a = 0.5 gives the paper's s = 0.5)."""
+    """s_k for each step: 'next' s_k = t_{k+1} (default), 'current' s_k = t_k (plain FM), or a number a
+    in [0, 1]: s_k = t_{k+1} + a (t_k - t_{k+1}) (for one step, a = 0.5 gives the paper's s = 0.5)."""
     if schedule == "next":
         return ts[1:].clone()
     if schedule == "current":
@@ -42,14 +43,15 @@ def second_times(ts, schedule="next"):
 
 
 def ep_cfg(v_c, v_u, w):
-    """Energy-preserving CFG [EP-CFG]: v = v_c + (w - 1)(v_c - v_u), rescaled per sample to the norm of v_c."""
+    """Energy-preserving CFG [EP-CFG]: v = v_c + (w - 1)(v_c - v_u), rescaled per
+    sample to the norm of v_c."""
     v = v_c + (w - 1) * (v_c - v_u)
     return v * (v_c.flatten(1).norm(dim=1) / v.flatten(1).norm(dim=1).clamp_min(1e-8)).view(-1, 1, 1)
 
 
 def ddim_step(x, v, t, t_next, eta, noise):
-    """DDIM-style update from t to t_next < t (docs/method.md §7.4, minFM's heuristic form, A 7). eta = 0 is Euler (Eq. 22);
-    eta = 1 re-injects fresh noise; t_next = 0 returns the x0 estimate."""
+    """DDIM-style update from t to t_next < t (docs/method.md §7.4, minFM's heuristic form, A 7). eta = 0 is
+    Euler (Eq. 22); eta = 1 re-injects fresh noise; t_next = 0 returns the x0 estimate."""
     x0_hat = x - t * v
     if t_next <= 0:
         return x0_hat
@@ -60,9 +62,9 @@ def ddim_step(x, v, t, t_next, eta, noise):
 
 
 def resolve_defaults(steps, cfg, s_schedule, objective="selfe"):
-    """The paper's settings where none are given: w = 5 and s_k = t_{k+1}; one step without guidance at s = 0.5
-    (S.3.1, Fig. S.4). A model trained by plain flow matching only ever saw s = t, so it samples with s_k = t_k at
-    every step count (S.3.1: s_k = t_k *is* flow matching)."""
+    """The paper's settings where none are given: w = 5 and s_k = t_{k+1}; one step without guidance at
+    s = 0.5 (S.3.1, Fig. S.4). A model trained by plain flow matching only ever saw s = t, so it samples with
+    s_k = t_k at every step count (S.3.1: s_k = t_k *is* flow matching)."""
     if s_schedule is None:
         s_schedule = "current" if objective == "fm" else "0.5" if steps == 1 else "next"
     if cfg is None:
@@ -73,9 +75,10 @@ def resolve_defaults(steps, cfg, s_schedule, objective="selfe"):
 @torch.no_grad()
 def sample(system, prompts, steps=4, cfg=None, eta=1.0, s_schedule=None, seeds=None, model=None, anchor=512,
            shift=True, progress=False, objective="selfe"):
-    """prompts (B) -> images (B, 3, H, W) in [-1, 1]. Each image's noise comes from its own seed (default 0..B-1),
-    so an image does not depend on what else is in the batch. `model` defaults to the EMA weights if present;
-    `objective` ('selfe' or 'fm': what the model was trained with) picks the default s_k."""
+    """prompts (B) -> images (B, 3, H, W) in [-1, 1]. Each image's noise comes from its own seed
+    (default 0..B-1), so an image does not depend on what else is in the batch. `model` defaults
+    to the EMA weights if present; `objective` ('selfe' or 'fm': what the model was trained with)
+    picks the default s_k."""
     model = model or system.ema or system.denoiser
     cfg, s_schedule = resolve_defaults(steps, cfg, s_schedule, objective)
     dev = system.device
@@ -104,11 +107,12 @@ def sample(system, prompts, steps=4, cfg=None, eta=1.0, s_schedule=None, seeds=N
     return system.decode_tokens(x, h, w)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Images and grids
 
 def save_grid(rows, path, upscale=1, labels=None, pad=2):
-    """rows: list of (n, 3, H, W) image batches, one grid row each; optional text label per row, drawn on the left."""
+    """rows: list of (n, 3, H, W) image batches, one grid row each; optional text label per
+    row, drawn on the left."""
     from PIL import Image, ImageDraw
     rows = [data.to_uint8(r) for r in rows]
     H, W = rows[0].shape[1] * upscale, rows[0].shape[2] * upscale
@@ -127,14 +131,15 @@ def save_grid(rows, path, upscale=1, labels=None, pad=2):
     return path
 
 
-# The public FLUX.1 transformers sample as BFL does: Euler (eta 0), no CFG; schnell without the time shift, dev with
-# mu anchored at 256 tokens and its distilled guidance input.
+# The public FLUX.1 transformers sample as BFL does: Euler (eta 0), no CFG; schnell without the time shift,
+# dev with mu anchored at 256 tokens and its distilled guidance input.
 FLUX_SAMPLING = {"flux-schnell": dict(cfg=1.0, eta=0.0, shift=False, anchor=256),
                  "flux-dev": dict(cfg=1.0, eta=0.0, shift=True, anchor=256)}
 
 
 def load_system(args):
-    """--ckpt DIR (a Self-E run) or --size flux-schnell|flux-dev --pretrained DIR (the public FLUX.1 transformer)."""
+    """--ckpt DIR (a Self-E run) or --size flux-schnell|flux-dev --pretrained DIR
+    (the public FLUX.1 transformer)."""
     if args.size:
         if args.size not in FLUX_SAMPLING:
             raise SystemExit(f"--size {args.size!r}: sample.py --size takes {', '.join(FLUX_SAMPLING)} "

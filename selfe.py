@@ -2,8 +2,9 @@
 
 - `SelfE`: the dual-time denoiser and its frozen parts, built from a preset: text -> (T5 tokens, CLIP pooled),
   image <-> latent tokens (patchify), V and the sample head G = x_t - t V (Eq. 6).
-- The forward process x_t = (1 - t) x_0 + t eps (Eq. 1), logit-normal time with the length-dependent warp (s.11-s.12),
-  the second time s with its tau anneal (s.13), caption dropout (A 1), EMA, and the checkpoint format.
+- The forward process x_t = (1 - t) x_0 + t eps (Eq. 1), logit-normal time with the
+  length-dependent warp (s.11-s.12), the second time s with its tau anneal (s.13), caption
+  dropout (A 1), EMA, and the checkpoint format.
 Equation numbers are the paper's; docs/method.md keys every citation (Eq. N, s.N, S.N, A N).
 """
 import dataclasses
@@ -26,7 +27,7 @@ import model
 NULL_PROMPT = ""  # phi: the empty prompt, through both encoders (docs/method.md §3, A 1)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Forward process, sample head, time sampling
 
 def forward_process(x0, t, eps):
@@ -41,15 +42,16 @@ def g_head(x_t, t, v):
 
 
 def mu_of_length(L, anchor=512, mu_anchor=0.5, mu_4096=1.15):
-    """Length-dependent shift (docs/method.md §6): linear in the patch count L, 0.5 at `anchor` (paper 512, A 6;
-    minFM/FLUX 256), 1.15 at 4096, extrapolated linearly outside."""
+    """Length-dependent shift (docs/method.md §6): linear in the patch count L, 0.5 at `anchor`
+    (paper 512, A 6; minFM/FLUX 256), 1.15 at 4096, extrapolated linearly outside."""
     if not 0 < anchor < 4096:
         raise ValueError(f"anchor {anchor}: mu(L) is 0.5 there and 1.15 at 4096 tokens, so it must lie in (0, 4096)")
     return mu_anchor + (mu_4096 - mu_anchor) * (L - anchor) / (4096 - anchor)
 
 
 def warp(t, mu):
-    """s.12: t -> e^mu / (e^mu + 1/t - 1), written to be exact at t = 0 and t = 1; mu > 0 pushes t toward noise."""
+    """s.12: t -> e^mu / (e^mu + 1/t - 1), written to be exact at t = 0 and t = 1;
+    mu > 0 pushes t toward noise."""
     return math.exp(mu) * t / (math.exp(mu) * t + 1 - t)
 
 
@@ -64,8 +66,8 @@ def tau_at(step, tau_steps):
 
 
 def sample_s(t, tau, p_equal=0.5, force_equal=None, generator=None):
-    """s.13: s = t with probability p_equal, else s ~ U((1 - tau) t, t). `force_equal` (B,) bool marks samples that
-    must keep s = t (caption-dropped samples under train.py --dropped equal, A 2)."""
+    """s.13: s = t with probability p_equal, else s ~ U((1 - tau) t, t). `force_equal` (B,) bool marks samples
+    that must keep s = t (caption-dropped samples under train.py --dropped equal, A 2)."""
     u = torch.rand(2, *t.shape, device=t.device, generator=generator)
     equal = u[0] < p_equal
     if force_equal is not None:
@@ -84,7 +86,7 @@ def expand(cond, n):
     return tuple(c.expand(n, *c.shape[1:]) for c in cond)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Tokens <-> images
 
 def patchify(x, p):
@@ -108,20 +110,22 @@ def image_ids(h, w, device="cpu"):
     return ids.view(1, h * w, 3)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The system
 
 class SelfE:
-    """Denoiser + frozen text encoders (+ autoencoder) of one preset. `denoiser` is trained; `ema` is its EMA copy."""
+    """Denoiser + frozen text encoders (+ autoencoder) of one preset. `denoiser` is trained;
+    `ema` is its EMA copy."""
 
     def __init__(self, cfg: model.Config, device="cpu", frozen_seed=0, pretrained=None, t5=None, clip=None, vae=None,
                  transformer=None, frozen_parts=True, denoiser=True, ae_dtype=torch.float32):
-        """Build the denoiser (random init, directly on `device`) and the frozen parts. The tiny preset makes its
-        stand-ins from `frozen_seed`; the others load the public weights from a FLUX.1 snapshot folder `pretrained`,
-        or part by part from `t5` / `clip` folders (weights, config and tokenizer files side by side) and a `vae`
-        file. `transformer` loads a public FLUX.1 transformer (BFL layout) as the denoiser. `frozen_parts=False` skips the
-        real frozen parts (training from a cache, benchmarks); the tiny preset's stand-ins are always built, since
-        its checkpoints carry them. `denoiser=False` builds the frozen parts alone (the cache builder). The text
+        """Build the denoiser (random init, directly on `device`) and the frozen parts. The tiny preset makes
+        its stand-ins from `frozen_seed`; the others load the public weights from a FLUX.1 snapshot folder
+        `pretrained`, or part by part from `t5` / `clip` folders
+        (weights, config and tokenizer files side by side) and a `vae` file. `transformer` loads a public
+        FLUX.1 transformer (BFL layout) as the denoiser. `frozen_parts=False` skips the real frozen parts
+        (training from a cache, benchmarks); the tiny preset's stand-ins are always built, since its
+        checkpoints carry them. `denoiser=False` builds the frozen parts alone (the cache builder). The text
         encoders run in bf16 on GPU, the autoencoder in `ae_dtype`."""
         self.cfg, self.device = cfg, torch.device(device)
         self.guidance = 3.5  # FLUX.1-dev's distilled guidance input; unused by Self-E presets
@@ -172,7 +176,8 @@ class SelfE:
     # -- images
     @property
     def downsample(self):
-        """Pixels per latent cell: the autoencoder's (FLUX: 8; 8 too when a flux-vae preset runs without it), else 1."""
+        """Pixels per latent cell: the autoencoder's
+        (FLUX: 8; 8 too when a flux-vae preset runs without it), else 1."""
         if self.ae is not None:
             return 2 ** (len(self.ae.c.ch_mult) - 1)
         return 8 if self.cfg.latent == "flux-vae" else 1
@@ -185,9 +190,9 @@ class SelfE:
 
     @torch.no_grad()
     def encode_latents(self, images):
-        """(B, 3, H, W) in [-1, 1] -> FLUX autoencoder latents (B, 16, H/8, W/8) in fp32, or the pixels scaled by
-        the preset's pixel_scale (tiny): like the autoencoder's scale_factor, it brings the data to about unit
-        variance, the scale the noise levels of Eq. 1 and the time warp of s.12 are meant for."""
+        """(B, 3, H, W) in [-1, 1] -> FLUX autoencoder latents (B, 16, H/8, W/8) in fp32, or the pixels scaled
+        by the preset's pixel_scale (tiny): like the autoencoder's scale_factor, it brings the data to about
+        unit variance, the scale the noise levels of Eq. 1 and the time warp of s.12 are meant for."""
         x = images.to(self.device, non_blocking=True)
         if self.ae is None:
             return x * self.cfg.pixel_scale
@@ -208,8 +213,8 @@ class SelfE:
 
     # -- the network
     def velocity(self, net, x, t, s, cond, h, w):
-        """V_theta(x, t, s, c) of `net` (the denoiser or its EMA): x (B, h w, C); t, s (B,) fp32; cond (txt, vec).
-        Shared positions ride with batch 1."""
+        """V_theta(x, t, s, c) of `net` (the denoiser or its EMA): x (B, h w, C); t, s (B,) fp32; cond
+        (txt, vec). Shared positions ride with batch 1."""
         txt, vec = cond
         img_ids = image_ids(h, w, x.device)
         txt_ids = torch.zeros(1, txt.shape[1], 3, device=x.device)
@@ -222,8 +227,8 @@ class SelfE:
 
     # -- EMA
     def make_ema(self):
-        """The EMA copy. It only ever runs without gradient, yet its parameters keep requires_grad as the model's do:
-        torch.compile guards on that flag, so the two then share their compiled no-grad graphs."""
+        """The EMA copy. It only ever runs without gradient, yet its parameters keep requires_grad as the
+        model's do: torch.compile guards on that flag, so the two then share their compiled no-grad graphs."""
         with torch.device(self.device):
             self.ema = model.MMDiT(self.cfg)
         self.ema.load_state_dict(self.denoiser.state_dict())
@@ -231,11 +236,11 @@ class SelfE:
 
     @torch.no_grad()
     def update_ema(self, decay, step, warmup=False, skip=None):
-        """EMA of the weights with a constant decay (S.2: 0.9999; neither the paper nor minFM warms it up). `warmup`
-        uses min(decay, (1 + step) / (10 + step)) instead: an EMA that follows the weights closely early on, so the
-        conditional self-evaluation pass runs on a fast-moving average for the first ~1/(1 - decay) steps. `skip`, a
-        0-dim bool tensor on the device, leaves the EMA unchanged where true without the host reading it (train.py:
-        a step whose update Adam skipped)."""
+        """EMA of the weights with a constant decay (S.2: 0.9999; neither the paper nor minFM warms it up).
+        `warmup` uses min(decay, (1 + step) / (10 + step)) instead: an EMA that follows the weights closely
+        early on, so the conditional self-evaluation pass runs on a fast-moving average for the first
+        ~1/(1 - decay) steps. `skip`, a 0-dim bool tensor on the device, leaves the EMA unchanged where true
+        without the host reading it (train.py: a step whose update Adam skipped)."""
         d = min(decay, (1 + step) / (10 + step)) if warmup else decay
         reshard(self.ema)
         local = lambda m: [p.to_local() if hasattr(p, "to_local") else p for p in m.parameters()]  # FSDP2 shards
@@ -256,9 +261,10 @@ class SelfE:
 
 
 def frozen_paths(pretrained=None, t5=None, clip=None, vae=None):
-    """Where the real frozen parts come from: a FLUX.1 snapshot folder (encoders.find_pretrained), each part overridable;
-    or, without a folder, all three parts given: T5 and CLIP folders with their tokenizer files beside the weights
-    (as the google/t5-v1_1-xxl and openai/clip-vit-large-patch14 repositories have them) and the autoencoder file."""
+    """Where the real frozen parts come from: a FLUX.1 snapshot folder (encoders.find_pretrained), each part
+    overridable; or, without a folder, all three parts given: T5 and CLIP folders with their tokenizer files
+    beside the weights (as the google/t5-v1_1-xxl and openai/clip-vit-large-patch14 repositories have them)
+    and the autoencoder file."""
     if pretrained:
         p = encoders.find_pretrained(pretrained)
     elif t5 and clip and vae:
@@ -278,23 +284,25 @@ def frozen_paths(pretrained=None, t5=None, clip=None, vae=None):
     return p
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Checkpoints (written by train.py; docs/formats.md §1): <out>/step-NNNNNNN/ holds
-#   dcp/               model, EMA and optimizer, sharded as they were trained (torch.distributed.checkpoint): resume
+#   dcp/               model, EMA and optimizer, sharded as trained (torch.distributed.checkpoint): resume
 #   ema.safetensors    the EMA weights consolidated into one file: sample.py, evaluate.py
 #   frozen.safetensors the tiny preset's random frozen stand-ins
 #   config.json        preset, flags, step
-# and <out>/latest names the newest complete one. Loading one for sampling is shared; saving one is train.py's.
+# and <out>/latest names the newest complete one. Loading one (for sampling) is here; saving one is in
+# train.py, next to training.
 
 def reshard(module):
-    """Under FSDP2 the root's parameters stay gathered after a forward that no backward follows (the EMA's): shard them
-    again, so parameters, EMA and state dicts are all sharded alike."""
+    """Under FSDP2 the root's parameters stay gathered after a forward that no backward follows (the EMA's):
+    shard them again, so parameters, EMA and state dicts are all sharded alike."""
     if hasattr(module, "reshard"):
         module.reshard()
 
 
 def training_state(system, optimizer=None):
-    """The sharded state dicts (DTensors under FSDP2, plain tensors otherwise) that dcp saves and loads in place."""
+    """The sharded state dicts (DTensors under FSDP2, plain tensors otherwise) that dcp
+    saves and loads in place."""
     reshard(system.denoiser)
     state = {"model": get_model_state_dict(system.denoiser)}
     if system.ema is not None:
@@ -306,8 +314,8 @@ def training_state(system, optimizer=None):
 
 
 def load_training_state(path, system, optimizer=None):
-    """Load model, EMA (if the system has one) and optimizer from `path`/dcp into the live objects, sharded or not,
-    whatever the world size that wrote them."""
+    """Load model, EMA (if the system has one) and optimizer from `path`/dcp into the live objects, sharded or
+    not, whatever the world size that wrote them."""
     where = os.path.join(path, "dcp")
     if not os.path.isfile(os.path.join(where, ".metadata")):
         raise encoders.CheckpointError(f"{where}: no distributed checkpoint here (missing .metadata)")
@@ -343,7 +351,8 @@ def resolve_checkpoint(path):
 
 
 def read_meta(path):
-    """A step folder's config.json -> (Config, {"config", "flags", "step"}); a damaged one is an error naming it."""
+    """A step folder's config.json -> (Config, {"config", "flags", "step"}); a damaged one
+    is an error naming it."""
     file = os.path.join(path, "config.json")
     meta = encoders.read_json(file)
     try:
@@ -361,8 +370,8 @@ def read_meta(path):
 
 
 def read_weights(file, device="cpu"):
-    """A checkpoint's .safetensors -> state dict. The header is checked first (encoders.read_header), so a truncated or
-    damaged file is an error naming it, as is anything the reader itself refuses."""
+    """A checkpoint's .safetensors -> state dict. The header is checked first (encoders.read_header), so a
+    truncated or damaged file is an error naming it, as is anything the reader itself refuses."""
     encoders.read_header(file)
     try:
         return safetensors.torch.load_file(file, device=str(device))
@@ -372,9 +381,9 @@ def read_weights(file, device="cpu"):
 
 def load_checkpoint(path, device="cpu", weights="ema", pretrained=None, t5=None, clip=None, vae=None,
                     resolution=None):
-    """Rebuild the system from the config saved in a checkpoint and load its weights ('ema' or 'model'). The real
-    frozen parts come from the given paths, else from those the run was trained with; `resolution` overrides the
-    image size (the denoiser is resolution-free)."""
+    """Rebuild the system from the config saved in a checkpoint and load its weights ('ema' or 'model'). The
+    real frozen parts come from the given paths, else from those the run was trained with; `resolution`
+    overrides the image size (the denoiser is resolution-free)."""
     path = resolve_checkpoint(path)
     cfg, meta = read_meta(path)
     flags = meta["flags"]

@@ -7,25 +7,27 @@
     torchrun --nproc_per_node 2 train.py              # also on CPU (gloo), for testing
     python train.py --size 2b --data manifest.tsv --pretrained FLUX_DIR --build-cache CACHE  # encoders once
     python train.py --size 2b --data CACHE            # then train from the cache, no frozen encoders loaded
-    python bench.py --plan --size 2b --batch 1024 --world 8   # the memory that needs per GPU, before renting any
+    python bench.py --plan --size 2b --batch 1024 --world 8   # memory per GPU, before renting any
 
-Read top to bottom: flags, distributed set-up (torchrun's environment; FSDP2 per block), the memory check, the loop
-(`train`: batch -> encode -> t, s -> losses.py -> backward, step, EMA), then its parts in the order it calls them: the
-run folder, one step, logging, checkpoints. (--build-cache hands the frozen parts to data.write_cache.)
-The recipe is docs/method.md §9: Adam (0.9, 0.95), warmup then linear decay to 1e-5, EMA; the tau anneal and the
-auxiliary-term start are fractions of the run (paper: 300k and 550k of 710k iterations).
+Read top to bottom: flags, distributed set-up (torchrun's environment; FSDP2 per block), the memory check, the
+loop (`train`: batch -> encode -> t, s -> losses.py -> backward, step, EMA), then its parts in the order it
+calls them: the run folder, one step, logging, checkpoints.
+(--build-cache hands the frozen parts to data.write_cache.) The recipe is docs/method.md §9: Adam (0.9, 0.95),
+warmup then linear decay to 1e-5, EMA; the tau anneal and the auxiliary-term start are fractions of the run
+(paper: 300k and 550k of 710k iterations).
 
-One code path serves 1 or N processes. The global batch is split as batch = per-rank batch x world size x --accum.
-A step's caption dropout, t and s are drawn for the whole global batch from a generator seeded by (seed, step), the
-same on every rank, and each sample's noises from one seeded by (seed, step, its position) (data.stream_seed); the
-data order is a function of the step too. So N processes follow the 1-process trajectory, and a resumed run continues exactly.
+One code path serves 1 or N processes. The global batch is split as batch = per-rank batch x world
+size x --accum. A step's caption dropout, t and s are drawn for the whole global batch from a generator seeded
+by (seed, step), the same on every rank, and each sample's noises from one seeded by
+(seed, step, its position) (data.stream_seed); the data order is a function of the step too. So N processes
+follow the 1-process trajectory, and a resumed run continues exactly.
 
-Precision: fp32 throughout by default on CPU. bf16 (the default on GPU) is FSDP2's mixed precision, in one process
-too (a one-rank process group): bf16 weights and activations in the network; fp32 sharded parameters, gradient
-reduction, Adam and EMA; t, s and the RoPE positions are never cast (model.MMDiT.forward).
-Nothing in a step waits on the device: the per-sample terms stay there until a log step, and a non-finite gradient
-makes Adam skip its update (and every update after it until that log step stops the run), so the weights saved
-then are those from before the step that went wrong.
+Precision: fp32 throughout by default on CPU. bf16 (the default on GPU) is FSDP2's mixed precision, in one
+process too (a one-rank process group): bf16 weights and activations in the network; fp32 sharded parameters,
+gradient reduction, Adam and EMA; t, s and the RoPE positions are never cast (model.MMDiT.forward). Nothing in
+a step waits on the device: the per-sample terms stay there until a log step, and a non-finite gradient makes
+Adam skip its update (and every update after it until that log step stops the run), so the weights saved then
+are those from before the step that went wrong.
 """
 import argparse
 import concurrent.futures
@@ -121,7 +123,8 @@ def get_args(argv=None):
     p.add_argument("--sample-every", type=number(int, 0), default=1000, help="preview grid every N steps (0: never)")
     p.add_argument("--build-cache", default=None, metavar="DIR", help="encode --data (a manifest) into DIR and exit")
     p.add_argument("--cache-batch", type=number(int, 1), default=16, help="images per encoder call of --build-cache")
-    # The method's options; each assumption of docs/method.md (A n, its section 11) is one flag with its stated default.
+    # The method's options; each assumption of docs/method.md (A n, its section 11) is one flag
+    # with its stated default.
     m = p.add_argument_group("method (docs/method.md; A n = its assumption n, section 11)")
     m.add_argument("--p-drop", type=number(float, 0, 1), default=0.1, help="caption dropout for guidance (A 1)")
     m.add_argument("--p-equal", type=number(float, 0, 1), default=0.5, help="probability of s = t (s.13, A 4)")
@@ -173,19 +176,21 @@ def areas(text):
 
 
 def lr_at(step, args):
-    """Linear warmup, then linear decay from --lr to --lr-min at the last step of the schedule (docs/method.md §9, A 9)."""
+    """Linear warmup, then linear decay from --lr to --lr-min at the last step of the schedule
+    (docs/method.md §9, A 9)."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     frac = (step - args.warmup) / max(1, args.schedule_steps - args.warmup)
     return args.lr + (args.lr_min - args.lr) * min(1.0, frac)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Distributed set-up: torchrun's environment decides; FSDP2 shards every transformer block and the root.
 
 def init_distributed(args):
-    """-> (rank, world size). Under torchrun: one process group (NCCL on GPUs, gloo on CPU), one GPU per process.
-    bf16 in one process: a one-rank group, so that FSDP2's mixed precision computes there as it does on N."""
+    """-> (rank, world size). Under torchrun: one process group (NCCL on GPUs, gloo on CPU), one GPU
+    per process. bf16 in one process: a one-rank group, so that FSDP2's mixed precision computes
+    there as it does on N."""
     backend = "nccl" if args.device.startswith("cuda") else "gloo"
     timeout = datetime.timedelta(seconds=args.dist_timeout)
     if "RANK" not in os.environ:
@@ -195,7 +200,8 @@ def init_distributed(args):
     if args.device.startswith("cuda"):
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(args.device)
-    # torchrun's store outlives a restart: keys under this attempt's prefix, so no worker reads a dead one's address
+    # torchrun's store outlives a restart: keys under this attempt's prefix, so no worker
+    # reads a dead one's address
     store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(backend, timeout=timeout, rank=rank, world_size=world,
@@ -204,18 +210,20 @@ def init_distributed(args):
 
 
 def checkpoint_activations(block):
-    """Activation checkpointing of one block: it keeps its inputs and recomputes the rest in backward. The checkpoint
-    sits inside the block's call, so the recomputation does not run the block's hooks (FSDP's gather) again. (A
-    function, not a functools.partial: torch.compile leaves a module whose forward is a partial uncompiled.)"""
+    """Activation checkpointing of one block: it keeps its inputs and recomputes the rest in backward. The
+    checkpoint sits inside the block's call, so the recomputation does not run the block's hooks
+    (FSDP's gather) again. (A function, not a functools.partial: torch.compile leaves a module whose forward
+    is a partial uncompiled.)"""
     forward = block.forward
     block.forward = lambda *args: checkpoint(forward, *args, use_reentrant=False)
 
 
 def parallelize(model, args):
-    """Per block: activation checkpointing and torch.compile; then FSDP2 under a process group, each block its own
-    shard group, so one block's parameters are gathered at a time. bf16 parameters for compute, fp32 gradient
-    reduction (A 9); the sharded fp32 parameters are what the optimizer and the EMA see. FSDP casts no
-    input (cast_forward_inputs=False): the network casts its activations itself and keeps t, s and RoPE in fp32."""
+    """Per block: activation checkpointing and torch.compile; then FSDP2 under a process group, each
+    block its own shard group, so one block's parameters are gathered at a time. bf16 parameters for
+    compute, fp32 gradient reduction (A 9); the sharded fp32 parameters are what the optimizer and the
+    EMA see. FSDP casts no input (cast_forward_inputs=False): the network casts its activations itself
+    and keeps t, s and RoPE in fp32."""
     blocks = [*model.double_blocks, *model.single_blocks]
     for block in blocks:
         if args.act_ckpt:
@@ -232,9 +240,10 @@ def parallelize(model, args):
 
 
 def setup(args, frozen_parts=True):
-    """The system (denoiser, real frozen parts unless `frozen_parts` is False), the denoiser and its EMA sharded alike, Adam
-    (its state sharded with them) and the per-device peak for MFU; train and bench.py share it. Adam is the fused
-    one: it can skip a step on the device (found_inf), so no step waits on the host to read the gradient norm."""
+    """The system (denoiser, real frozen parts unless `frozen_parts` is False), the denoiser and its EMA
+    sharded alike, Adam (its state sharded with them) and the per-device peak for MFU; train and bench.py
+    share it. Adam is the fused one: it can skip a step on the device (found_inf), so no step waits on the
+    host to read the gradient norm."""
     if args.device.startswith("cuda"):
         torch.backends.cuda.enable_cudnn_sdp(False)  # its backward failed with torch 2.11 + CUDA 13
     torch.manual_seed(args.seed)                                           # the same initial weights on every rank
@@ -290,9 +299,9 @@ def main(argv=None):
 
 
 def build_cache(args, rank, world):
-    """--build-cache: the frozen parts alone (no denoiser) encode the manifest once into a cache (data.write_cache),
-    in bf16 on GPU (the autoencoder too), --cache-batch images at a time; the text is stored in the encoders'
-    precision, as training would see it online."""
+    """--build-cache: the frozen parts alone (no denoiser) encode the manifest once into a cache
+    (data.write_cache), in bf16 on GPU (the autoencoder too), --cache-batch images at a time; the text is
+    stored in the encoders' precision, as training would see it online."""
     cfg = CONFIGS[args.size]
     if args.data == "shapes" or data.is_cache(args.data):
         raise SystemExit("--build-cache needs --data MANIFEST.tsv")
@@ -307,7 +316,7 @@ def build_cache(args, rank, world):
                      meta=meta, batch=args.cache_batch, rank=rank, world=world)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The memory check: before any weight is built, the memory plan (bench.py) against the device's memory.
 
 def device_memory(args):
@@ -320,8 +329,9 @@ def device_memory(args):
 
 
 def choose_accum(args, world):
-    """--accum, or the fewest micro-steps with which the memory plan fits the device (1 when its memory is unknown).
-    A batch that does not split, or a micro-batch that does not fit, stops here, naming the flags that would fit."""
+    """--accum, or the fewest micro-steps with which the memory plan fits the
+    device (1 when its memory is unknown). A batch that does not split, or a micro-batch that does not fit,
+    stops here, naming the flags that would fit."""
     B, A = args.batch, args.accum
     if B % (world * (A or 1)):
         raise SystemExit(f"--batch {B} is not divisible by world size {world} x --accum {A or 1}")
@@ -353,7 +363,7 @@ def choose_accum(args, world):
                      + (f"fits with {' or '.join(hints)}" if hints else "nothing fits: use more devices"))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Training
 
 def train(args, rank, world):
@@ -463,7 +473,7 @@ def train(args, rank, world):
     return history
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The run folder: resume a run, or start one afresh without mixing it with another's files
 
 # What a run writes in its folder; a fresh run refuses a folder that holds any of these unless --overwrite.
@@ -472,9 +482,10 @@ SCHEDULE = ("schedule_steps", "warmup", "tau_frac", "aux_start_frac")
 
 
 def prepare_out(args, rank):
-    """What this run does with --out, decided before anything is built: -> (the step folder to resume from, its step)
-    or (None, 0) for a fresh start. A fresh run never deletes or mixes with another run's checkpoints unless told to:
-    an --out that holds a run is refused, or with --overwrite emptied of that run's files first."""
+    """What this run does with --out, decided before anything is
+    built: -> (the step folder to resume from, its step) or (None, 0) for a fresh start. A fresh run never
+    deletes or mixes with another run's checkpoints unless told to: an --out that holds a run is refused, or
+    with --overwrite emptied of that run's files first."""
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     latest = os.path.join(args.out, "latest")
     if args.resume or (restarted and os.path.isfile(latest)):
@@ -503,9 +514,10 @@ def prepare_out(args, rank):
 
 
 def keep_schedule(args, saved, rank):
-    """On resume, the resumed run's schedule stays (warm-up, the length of the learning-rate decay, the tau anneal and
-    the auxiliary-term start, all fixed by the --steps it was started with): a different --steps only moves where
-    training stops. --reschedule fits the schedule to this run's flags instead. Either way a difference is said."""
+    """On resume, the resumed run's schedule stays (warm-up, the length of the learning-rate decay, the tau
+    anneal and the auxiliary-term start, all fixed by the --steps it was started with): a different --steps
+    only moves where training stops. --reschedule fits the schedule to this run's flags instead. Either way
+    a difference is said."""
     was = {k: saved.get(k, getattr(args, k)) for k in SCHEDULE}
     was["schedule_steps"] = saved.get("schedule_steps", saved["steps"])  # runs saved before it had its own key
     now = {k: getattr(args, k) for k in SCHEDULE}
@@ -523,7 +535,7 @@ def keep_schedule(args, saved, rank):
          f"--reschedule for the schedule of these flags ({describe(now)})", rank=rank)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # One step: the batch, its times and noises, the objective, the update
 
 def bucket_step(system):
@@ -532,9 +544,9 @@ def bucket_step(system):
 
 
 def fetch(source, step, rank, b, A, device):
-    """The host side of a step for this rank, a function of (seed, step) alone: the global batch's items and this
-    rank's A slices (images and captions, or cached rows), pinned on CUDA so that the copy to the device is
-    asynchronous. Runs on the prefetch thread."""
+    """The host side of a step for this rank, a function of (seed, step) alone: the global batch's items and
+    this rank's A slices (images and captions, or cached rows), pinned on CUDA so that the copy to the device
+    is asynchronous. Runs on the prefetch thread."""
     items = source.indices(step)                                           # the global batch, same on every rank
     mine = items[rank * b * A:(rank + 1) * b * A]
     parts = [source.batch(mine[m * b:(m + 1) * b]) for m in range(A)]
@@ -545,9 +557,10 @@ def fetch(source, step, rank, b, A, device):
 
 
 def load_batch(part, source, system, dropped, fake_prefix, cached):
-    """A fetched slice -> (x0 tokens (b, L, C), cond (txt, vec), fake, token grid (h, w)); fake(idx) gives c_fake's
-    encoding (s.8) for the samples idx. Online: images through the autoencoder (or pixels), captions with dropout
-    applied through T5 and CLIP. Cached: the rows, with phi's encodings where the caption was dropped."""
+    """A fetched slice -> (x0 tokens (b, L, C), cond (txt, vec), fake, token grid (h, w)); fake(idx)
+    gives c_fake's encoding (s.8) for the samples idx. Online: images through the autoencoder
+    (or pixels), captions with dropout applied through T5 and CLIP. Cached: the rows, with phi's
+    encodings where the caption was dropped."""
     p = system.cfg.patch
     dev = lambda x: x.to(system.device, non_blocking=True)
     if cached:
@@ -570,7 +583,8 @@ def load_batch(part, source, system, dropped, fake_prefix, cached):
 
 
 def draw(gen, args, step, B, L, tau_steps, dropped):
-    """The step's per-sample times for the whole global batch (B floats, on every rank): t (s.11-s.12), s (s.13)."""
+    """The step's per-sample times for the whole global batch (B floats, on every rank):
+    t (s.11-s.12), s (s.13)."""
     t = selfe.sample_t(B, L, args.anchor, generator=gen)
     s = selfe.sample_s(t, selfe.tau_at(step, tau_steps), args.p_equal,
                        dropped if args.dropped == "equal" else None, generator=gen)
@@ -578,9 +592,9 @@ def draw(gen, args, step, B, L, tau_steps, dropped):
 
 
 def noise(seed, step, positions, L, C, device):
-    """eps (Eq. 1) and eps' (the re-noising of s.6), (n, L, C) each, for the samples at these global-batch positions:
-    each from its own generator seeded by (seed, step, position), so no rank draws noise it does not use, and a
-    sample's noise does not depend on how the batch is split."""
+    """eps (Eq. 1) and eps' (the re-noising of s.6), (n, L, C) each, for the samples at these global-batch
+    positions: each from its own generator seeded by (seed, step, position), so no rank draws noise it does
+    not use, and a sample's noise does not depend on how the batch is split."""
     out = torch.empty(len(positions), 2, L, C, device=device)
     for k, i in enumerate(positions):
         g = torch.Generator(device).manual_seed(data.stream_seed(seed, (step << 20) + i, stride=1 << 40))
@@ -589,23 +603,24 @@ def noise(seed, step, positions, L, C, device):
 
 
 def eval_size(count, b, world, compiled):
-    """How many samples the evaluation passes of a slice run on, `count` of them needing it (losses.selfe_loss pads
-    with zero-weight samples): on N ranks every rank makes the same forward calls (FSDP gathers each block's weights
-    in them), so never 0 there; a compiled block never sees a batch of 1, for which dynamo specialises a graph."""
+    """How many samples the evaluation passes of a slice run on, `count` of them needing it
+    (losses.selfe_loss pads with zero-weight samples): on N ranks every rank makes the same forward calls
+    (FSDP gathers each block's weights in them), so never 0 there; a compiled block never sees a batch of 1,
+    for which dynamo specialises a graph."""
     if count == 0 and world == 1:
         return 0
     return min(b, max(count, 2 if compiled else 1))
 
 
-# A step's per-sample terms, as the rows of one tensor so that logging gathers them in one call: the weighted total
-# (what the loss averages), the data term, the self-evaluation term, and L_fake and the loss, which are scalars of a
-# micro-batch repeated over its samples.
+# A step's per-sample terms, as the rows of one tensor so that logging gathers them in one call: the weighted
+# total (what the loss averages), the data term, the self-evaluation term, and L_fake and the loss, which are
+# scalars of a micro-batch repeated over its samples.
 TERMS = ("total", "data", "self", "fake", "loss")
 
 
 def objective(args, G, G_ema, x0, t, s, cond, null, *, fake, eps, eps_self, evaluate, fake_norm, eval_size):
-    """One micro-batch: the loss (Eq. 21, or Eq. 3 for --objective fm) and its terms as a (len(TERMS), b) tensor on the
-    loss's device, so that logging reads them back later without a sync here."""
+    """One micro-batch: the loss (Eq. 21, or Eq. 3 for --objective fm) and its terms as a (len(TERMS), b)
+    tensor on the loss's device, so that logging reads them back later without a sync here."""
     if args.objective == "fm":
         out = losses.fm_loss(G, x0, t, cond, t_min=args.t_min, eps=eps)
     else:
@@ -620,9 +635,10 @@ def objective(args, G, G_ema, x0, t, s, cond, null, *, fake, eps, eps_self, eval
 
 
 def update(model, opt, system, args, step, skip):
-    """Clip, Adam, EMA. A non-finite gradient norm (the same on every rank) turns `skip` on, on the device: fused
-    Adam then leaves weights and state as they were (its found_inf, the protocol of torch.amp.GradScaler), and so
-    does the EMA, for this step and each one after it until the log step reads it. -> (skip, grad norm)."""
+    """Clip, Adam, EMA. A non-finite gradient norm (the same on every rank) turns `skip` on, on the device:
+    fused Adam then leaves weights and state as they were
+    (its found_inf, the protocol of torch.amp.GradScaler), and so does the EMA, for this step and each one
+    after it until the log step reads it. -> (skip, grad norm)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     skip = skip | ~torch.isfinite(grad_norm)
@@ -634,13 +650,14 @@ def update(model, opt, system, args, step, skip):
 
 
 def step_flops(flops, batch, n_self, aux):
-    """Model FLOPs of one training step, from the forward FLOPs of one sample (MMDiT.flops): the trained pass forward
-    and backward (3 F per sample), the two evaluation passes without gradient on the n_self samples with s < t, and,
-    with the auxiliary term, L_fake's forward and backward on them. Training logs it; bench.py measures with it."""
+    """Model FLOPs of one training step, from the forward FLOPs of one sample (MMDiT.flops): the trained pass
+    forward and backward (3 F per sample), the two evaluation passes without gradient on the n_self samples
+    with s < t, and, with the auxiliary term, L_fake's forward and backward on them. Training logs it;
+    bench.py measures with it."""
     return 3 * flops * batch + 2 * flops * n_self + (3 * flops * n_self if aux else 0)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Logging: the pending steps come to the host in one copy per window; one line and one record per step
 
 def gather(x, world):
@@ -653,8 +670,9 @@ def gather(x, world):
 
 
 def read_back(pending, world, A, args):
-    """The steps since the last read: every rank's per-sample terms and the grad norms to the host in one copy, then
-    one record per step (the loss and each term over the global batch, lambda, the share of s < t)."""
+    """The steps since the last read: every rank's per-sample terms and the grad norms to the
+    host in one copy, then one record per step
+    (the loss and each term over the global batch, lambda, the share of s < t)."""
     stacked = gather(torch.stack([p["terms"] for p in pending]), world).cpu()  # (n, len(TERMS), B), global order
     grad_norms = torch.stack([p["grad_norm"] for p in pending]).float().cpu()
     records = []
@@ -676,8 +694,9 @@ def read_back(pending, world, A, args):
 
 
 def nonfinite_stop(records, pending, system, flags, opt, args, rank):
-    """The first step with a non-finite loss or gradient stops the run: its update and every later one were skipped,
-    so the weights saved now are those from before it; its batch (items, t, s, dropped captions) is saved beside."""
+    """The first step with a non-finite loss or gradient stops the run: its update and every later one
+    were skipped, so the weights saved now are those from before it; its batch
+    (items, t, s, dropped captions) is saved beside."""
     for rec, p in zip(records, pending):
         if math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"]):
             continue
@@ -696,8 +715,9 @@ def device_name(device):
 
 
 def log(records, pending, args, step, t_window, world, peak, device):
-    """One line for the window's last step: every loss term, lambda, the share of s < t, grad norm, throughput over
-    the window (samples/s, tokens/s, TFLOP/s per device, MFU), peak memory, ETA, and the loss by t-bin."""
+    """One line for the window's last step: every loss term, lambda, the share of s < t, grad
+    norm, throughput over the window (samples/s, tokens/s, TFLOP/s per device, MFU), peak memory,
+    ETA, and the loss by t-bin."""
     rec = records[-1]
     t = torch.cat([p["t"] for p in pending])
     per = torch.cat([p["per_sample"] for p in pending])
@@ -725,8 +745,8 @@ def log(records, pending, args, step, t_window, world, peak, device):
 
 
 def preview(system, args, step, rank):
-    """A grid of the EMA model: rows 1, 2, 4 steps; columns the preview prompts. Every rank samples (the sharded EMA
-    needs all of them); rank 0 writes the file."""
+    """A grid of the EMA model: rows 1, 2, 4 steps; columns the preview prompts. Every rank samples
+    (the sharded EMA needs all of them); rank 0 writes the file."""
     rows = [sampler.sample(system, PREVIEW_PROMPTS, n, anchor=args.anchor, objective=args.objective)
             for n in (1, 2, 4)]
     if rank == 0:
@@ -735,11 +755,12 @@ def preview(system, args, step, rank):
         print(f"preview: {path}", flush=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints (the layout: selfe.py, docs/formats.md §1). Every rank writes its shards into step-N.tmp/; only after all
-# have finished does rank 0 rename the folder and then replace `latest` atomically, so a crash (or a rank dying under
-# torchrun) never leaves a partial checkpoint behind `latest`. Randomness is keyed by (seed, step) and the data
-# position is the step, so model, EMA, optimizer and step are the whole training state.
+# ------------------------------------------------------------------------------------------------------------
+# Checkpoints (the layout: selfe.py, docs/formats.md §1). Every rank writes its shards into
+# step-N.tmp/; only after all have finished does rank 0 rename the folder and then replace `latest`
+# atomically, so a crash (or a rank dying under torchrun) never leaves a partial checkpoint behind
+# `latest`. Randomness is keyed by (seed, step) and the data position is the step, so model, EMA,
+# optimizer and step are the whole training state.
 
 STEP_FOLDER = re.compile(r"step-(\d+)")
 
@@ -779,8 +800,9 @@ def save_checkpoint(out, system, step, flags, optimizer=None, keep=2):
         with open(os.path.join(out, "latest.tmp"), "w") as f:
             f.write(name + "\n")
         os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
-        # keep this one and the keep - 1 before it; never touch a later-numbered folder (a run resumed from an earlier
-        # step), so clean-up can never delete the checkpoint `latest` names
+        # keep this one and the keep - 1 before it; never touch a later-numbered
+        # folder (a run resumed from an earlier step), so clean-up can never delete the
+        # checkpoint `latest` names
         numbered = [(int(m[1]), m[0]) for m in map(STEP_FOLDER.fullmatch, os.listdir(out)) if m]
         older = sorted(pair for pair in numbered if pair[0] < step)
         for _, d in older[:max(0, len(older) - (keep - 1))]:

@@ -1,7 +1,7 @@
-"""Training at scale, on CPU: torchrun with 2 processes (gloo) and FSDP2 against 1 process, kill-and-resume across
-ranks, a rank that dies mid-checkpoint, aspect-ratio buckets, the latent/text cache, the FLOP count, activation
-checkpointing, and bad input. Multi-process runs go through the real `torchrun` command line. (bf16, compile, the
-memory plan and the benchmark: test_scale.py.)"""
+"""Training at scale, on CPU: torchrun with 2 processes (gloo) and FSDP2 against 1 process, kill-and-resume
+across ranks, a rank that dies mid-checkpoint, aspect-ratio buckets, the latent/text cache, the FLOP count,
+activation checkpointing, and bad input. Multi-process runs go through the real `torchrun` command line.
+(bf16, compile, the memory plan and the benchmark: test_scale.py.)"""
 import json
 import os
 import shutil
@@ -19,13 +19,15 @@ import selfe
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# 4 steps; tau anneals over the first, the auxiliary term runs from step 3: every part of the objective is exercised
+# 4 steps; tau anneals over the first, the auxiliary term runs from step 3: every part of
+# the objective is exercised
 ARGS = ["--steps", "4", "--batch", "8", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "0",
         "--tau-frac", "0.25", "--aux-start-frac", "0.5"]
 
 
 def run(out, *extra, procs=1, script="train.py", env=None):
-    """train.py in a fresh process (torchrun --nproc_per_node procs when procs > 1); returns its log records."""
+    """train.py in a fresh process (torchrun --nproc_per_node procs when procs > 1);
+    returns its log records."""
     launcher = [sys.executable, script] if procs == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--standalone", script]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})}
@@ -57,7 +59,7 @@ def assert_same_weights(wa, wb, tol=2e-5):
     assert worst < tol, worst
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 2 processes = 1 process
 
 @pytest.fixture(scope="module")
@@ -67,8 +69,9 @@ def one_proc(tmp_path_factory):
 
 
 def test_two_processes_with_accumulation_match_one(one_proc, tmp_path):
-    """Global batch 8 as 8 x 1 rank x 1 micro-step and as 2 x 2 ranks x 2 micro-steps: the same loss trajectory,
-    every term, and the same parameters and EMA after 4 steps (tolerance 2e-5: only summation order differs)."""
+    """Global batch 8 as 8 x 1 rank x 1 micro-step and as 2 x 2 ranks x 2 micro-steps: the same loss
+    trajectory, every term, and the same parameters and EMA after 4 steps
+    (tolerance 2e-5: only summation order differs)."""
     out1, log1 = one_proc
     log2 = run(tmp_path, "--accum", "2", procs=2)
     assert_same_run(log1, log2)
@@ -79,8 +82,9 @@ def test_two_processes_with_accumulation_match_one(one_proc, tmp_path):
 
 
 def test_two_nodes_match_one_process(one_proc, tmp_path):
-    """Multi-node as torchrun runs it: two agents ("nodes", one process each, LOCAL_RANK 0 on both) meet through c10d
-    rendezvous on localhost, the path of `torchrun --nnodes 2 --rdzv-endpoint HOST:PORT`. Same run as one process."""
+    """Multi-node as torchrun runs it: two agents ("nodes", one process each, LOCAL_RANK 0 on both) meet
+    through c10d rendezvous on localhost, the path of `torchrun --nnodes 2 --rdzv-endpoint HOST:PORT`.
+    Same run as one process."""
     import socket
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -99,8 +103,9 @@ def test_two_nodes_match_one_process(one_proc, tmp_path):
 
 
 def test_kill_and_resume_under_two_processes_equals_uninterrupted(one_proc, tmp_path):
-    """Stop after step 2 (keep only its checkpoint), resume under 2 processes: steps 3-4 and the final weights equal
-    the uninterrupted run. The checkpoint was written by 1 process, so this also reshards the optimizer state."""
+    """Stop after step 2 (keep only its checkpoint), resume under 2 processes: steps 3-4 and the final
+    weights equal the uninterrupted run. The checkpoint was written by 1 process, so this also
+    reshards the optimizer state."""
     out1, log1 = one_proc
     resumed = tmp_path / "resumed"
     os.makedirs(resumed)
@@ -118,7 +123,7 @@ import train
 real = train.save_checkpoint
 
 def dying(out, system, step, *a, **k):
-    # the first attempt: rank 1 dies while step 4's checkpoint is half written (a partial shard, nothing renamed)
+    # first attempt: rank 1 dies while step 4's checkpoint is half written (a partial shard, nothing renamed)
     if step == 4 and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and os.environ["RANK"] == "1":
         os.makedirs(os.path.join(out, "step-0000004.tmp", "dcp"), exist_ok=True)
         open(os.path.join(out, "step-0000004.tmp", "dcp", "__1_0.distcp"), "wb").write(b"partial")
@@ -131,10 +136,11 @@ train.main()
 
 
 def test_a_rank_that_dies_resumes_from_the_last_complete_checkpoint(one_proc, tmp_path):
-    """torchrun --max-restarts: rank 1 dies during step 4's checkpoint; the restarted job resumes from step 2 (not the
-    partial step 4) and ends where the uninterrupted run ends. (More than one restart is allowed, with a short
-    --dist-timeout: after a restart gloo's connection between the new workers is sometimes refused or never made on
-    a loaded 2-core machine; such an attempt fails, logs nothing, and the next one resumes the same way.)"""
+    """torchrun --max-restarts: rank 1 dies during step 4's checkpoint; the restarted job resumes from
+    step 2 (not the partial step 4) and ends where the uninterrupted run ends.
+    (More than one restart is allowed, with a short --dist-timeout: after a restart gloo's connection between
+    the new workers is sometimes refused or never made on a loaded 2-core machine; such an attempt fails, logs
+    nothing, and the next one resumes the same way.)"""
     out1, log1 = one_proc
     (tmp_path / "crash.py").write_text(CRASH)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
@@ -151,7 +157,7 @@ def test_a_rank_that_dies_resumes_from_the_last_complete_checkpoint(one_proc, tm
     assert_same_weights(weights(tmp_path / "straight", 6), weights(tmp_path / "run", 6))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # buckets and manifests
 
 def make_manifest(folder, sizes, n_each):
@@ -205,7 +211,7 @@ def test_image_smaller_than_its_bucket_is_named(tmp_path):
     assert len(data.ManifestData(manifest, [32], 8, batch=2, skip_bad=True)) == 2
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # caches
 
 def test_training_from_the_cache_equals_training_online(tmp_path):
@@ -237,7 +243,7 @@ def test_cache_of_other_settings_or_missing_shard_is_refused(tmp_path):
         train.main([*ARGS, "--data", str(cache), "--batch", "2", "--out", str(tmp_path / "r")])
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # throughput accounting
 
 def test_flop_count_matches_torch_flop_counter():
@@ -253,7 +259,7 @@ def test_flop_count_matches_torch_flop_counter():
     assert net.flops(h * w, Lt) * B == counter.get_total_flops()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # bad input
 
 def test_world_size_must_divide_the_batch(tmp_path):
@@ -276,7 +282,8 @@ def test_missing_or_foreign_checkpoint_shard_is_named(one_proc, tmp_path):
 
 
 def test_partial_checkpoint_is_never_resumed(one_proc, tmp_path):
-    """A step folder still named .tmp (a crash before the rename) is ignored: `latest` names the complete one."""
+    """A step folder still named .tmp (a crash before the rename) is ignored: `latest`
+    names the complete one."""
     out1, _ = one_proc
     shutil.copytree(out1, tmp_path / "run", symlinks=True)
     os.makedirs(tmp_path / "run" / "step-0000006.tmp" / "dcp")
@@ -284,8 +291,8 @@ def test_partial_checkpoint_is_never_resumed(one_proc, tmp_path):
 
 
 def test_activation_checkpointing_changes_nothing_but_memory():
-    """Same gradients with and without; and the checkpoint sits inside each block's call: a block's hooks (where
-    FSDP gathers its weights) run once per forward, not again when backward recomputes it."""
+    """Same gradients with and without; and the checkpoint sits inside each block's call: a block's hooks
+    (where FSDP gathers its weights) run once per forward, not again when backward recomputes it."""
     torch.manual_seed(0)
     cfg = model.CONFIGS["tiny"]
     nets = [model.MMDiT(cfg) for _ in range(2)]

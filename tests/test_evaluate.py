@@ -1,7 +1,7 @@
-"""The GenEval-style checker (evaluate.py) held against docs/evaluation.md §6's validation targets: ground-truth renders
-score ~1, one-fact hard negatives 0, blank and noise images 0, shuffled prompts at the chance level an oracle
-computes, 64 px robustness under noise and blur; edge cases; the CLI's errors, determinism and common random numbers.
-CPU only. Run: python -m pytest -q tests/test_evaluate.py"""
+"""The GenEval-style checker (evaluate.py) held against docs/evaluation.md §6's validation targets:
+ground-truth renders score ~1, one-fact hard negatives 0, blank and noise images 0, shuffled prompts at the
+chance level an oracle computes, 64 px robustness under noise and blur; edge cases; the CLI's errors,
+determinism and common random numbers. CPU only. Run: python -m pytest -q tests/test_evaluate.py"""
 import functools
 import json
 import os
@@ -21,7 +21,8 @@ N = 8  # prompts per task
 
 @functools.cache
 def truth(world_name):
-    """Ground-truth renders of the prompt set (seen and held-out), their oracle objects, and hard negatives."""
+    """Ground-truth renders of the prompt set (seen and held-out), their oracle
+    objects, and hard negatives."""
     world = data.WORLDS[world_name]
     specs = [dict(s, index=i) for i, s in enumerate(ev.prompt_set(world, N, seed=3))]
     images, objects, negs, neg_specs, neg_kinds = [], [], [], [], []
@@ -44,7 +45,7 @@ def accuracy(images, specs, world):
     return float(np.mean([ok for ok, _ in ev.score(images, specs, world)]))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Validation targets (docs/evaluation.md §6)
 
 @pytest.mark.parametrize("world_name", ["small", "full"])
@@ -55,8 +56,8 @@ def test_ground_truth_scores_high_and_sees_exactly_the_scene(world_name):
     assert acc >= 0.98, [(s["prompt"], why) for s, (ok, why) in zip(specs, res) if not ok]
     summary = ev.summarize(specs, [ok for ok, _ in res])
     assert set(summary["tasks"]) == set(data.TASKS) and min(summary["tasks"].values()) >= 0.9
-    # stronger than the verdict (extra objects are not penalised by GenEval): the checker finds every object, with
-    # its class and colour, and invents none (plain nearest-colour labels invented 'brown' rims)
+    # stronger than the verdict (extra objects are not penalised by GenEval): the checker finds every object,
+    # with its class and colour, and invents none (plain nearest-colour labels invented 'brown' rims)
     exact = 0
     for img, objs in zip(data.to_uint8(images).numpy(), objects):
         found = sorted((o["class"], o["color"]) for o in ev.detect(img, world) if o["conf"] >= ev.KEEP_CONF)
@@ -76,10 +77,11 @@ def test_hard_negatives_score_zero(world_name):
 @pytest.mark.parametrize("world_name", ["small", "full"])
 @pytest.mark.parametrize("within_task", [True, False])
 def test_shuffled_prompts_score_at_chance(world_name, within_task):
-    """Each image judged against another prompt (of its task, or of any task): the checker must agree with an oracle
-    that judges the same pairs on the true scene; chance is what the oracle says, not 0 ('a circle' holds for an
-    image of two circles). Measured: checker = oracle within tasks (0.02 / 0.00); across tasks 0.11 vs 0.13 (small:
-    GenEval looks only at the most confident circle, which may be the wrong colour) and 0.03 vs 0.03 (full)."""
+    """Each image judged against another prompt (of its task, or of any task): the checker must agree with an
+    oracle that judges the same pairs on the true scene; chance is what the oracle says,
+    not 0 ('a circle' holds for an image of two circles). Measured: checker = oracle within tasks
+    (0.02 / 0.00); across tasks 0.11 vs 0.13 (small: GenEval looks only at the most confident circle, which
+    may be the wrong colour) and 0.03 vs 0.03 (full)."""
     world, specs, images, objects, *_ = truth(world_name)
     perm = list(range(len(specs)))
     groups = [[i for i in perm if specs[i]["tag"] == t] for t in data.TASKS] if within_task else [perm[:]]
@@ -110,8 +112,8 @@ def test_blank_and_noise_images_score_zero(world_name):
 
 @pytest.mark.parametrize("kind", ["noise10", "noise20", "blur1", "jitter", "downup"])
 def test_robust_at_64px(kind):
-    """docs/evaluation.md §6: at 64 px under noise sigma 10 or 20, blur sigma 1, colour jitter, 2x down/up: >= 0.98, hard negatives
-    0.00 (measured: 1.00 and 0.00 for every kind)."""
+    """docs/evaluation.md §6: at 64 px under noise sigma 10 or 20, blur sigma 1, colour jitter, 2x
+    down/up: >= 0.98, hard negatives 0.00 (measured: 1.00 and 0.00 for every kind)."""
     world, specs, images, _, negs, neg_specs, _ = truth("full")
     g = torch.Generator().manual_seed(1)
     assert accuracy(ev.perturb(images, kind, g), specs, world) >= 0.98
@@ -126,7 +128,7 @@ def test_perturbations_do_something():
         assert (ev.perturb(images, kind, g) - images).abs().mean() > 0.01, kind
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Edge cases
 
 def render(objs, R, level=122.0):
@@ -143,10 +145,10 @@ def found(img, world):
 
 @pytest.mark.parametrize("world_name", ["small", "full"])
 def test_small_antialiased_shapes_at_subpixel_offsets(world_name):
-    """Every shape in every colour at the smallest nominal size the world draws (counting's lower bound: 7.7 px at
-    32 px), at fractional positions, so that anti-aliased rims dominate. (Crowded layouts may shrink objects to 0.7 of
-    that; at 32 px such 5 px squares read as ambiguous square/circle in 2 of 6 colours: the 'fragile under blur'
-    of docs/evaluation.md §2.)"""
+    """Every shape in every colour at the smallest nominal size the world draws
+    (counting's lower bound: 7.7 px at 32 px), at fractional positions, so that anti-aliased rims dominate.
+    (Crowded layouts may shrink objects to 0.7 of that; at 32 px such 5 px squares read as ambiguous
+    square/circle in 2 of 6 colours: the 'fragile under blur' of docs/evaluation.md §2.)"""
     world = data.WORLDS[world_name]
     R = world.resolution
     side = world.size_counting[0] * R
@@ -175,8 +177,8 @@ def test_touching_shapes_of_two_colours_are_split(world_name):
 
 
 def test_colour_labels_are_mixture_aware():
-    """Every palette colour blended over every background level at 25-100% coverage is labelled as itself (plain
-    nearest-colour labelling reads a 50% red rim on gray as brown, a 50% white one as gray...)."""
+    """Every palette colour blended over every background level at 25-100% coverage is labelled as itself
+    (plain nearest-colour labelling reads a 50% red rim on gray as brown, a 50% white one as gray...)."""
     world = data.WORLDS["full"]
     pal = np.array([data.PALETTE[c] for c in world.colors], np.float32)
     alphas = np.linspace(0.25, 1, 13)
@@ -189,8 +191,9 @@ def test_colour_labels_are_mixture_aware():
 
 
 def test_rejects_what_is_not_a_shape_of_the_world():
-    """docs/evaluation.md §4 step 5's confidence rules: stretched shapes (aspect > 1.6), shapes filling the frame (side > 0.85 R), blobs
-    that fit no template; and a shape of another world (a star in the 3-shape world) is not read as one of its own."""
+    """docs/evaluation.md §4 step 5's confidence rules: stretched shapes (aspect > 1.6), shapes filling the
+    frame (side > 0.85 R), blobs that fit no template; and a shape of another
+    world (a star in the 3-shape world) is not read as one of its own."""
     full, small = data.WORLDS["full"], data.WORLDS["small"]
     assert found(render([("square", "red", (10, 25, 50, 40))], 64), full) == []           # a 40 x 15 bar
     assert found(render([("circle", "blue", (2, 2, 62, 62))], 64), full) == []            # fills the frame
@@ -225,7 +228,7 @@ def test_components_match_flood_fill():
         assert len(pairs) == n  # the two labelings are the same partition
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # GenEval logic, the prompt set and the report
 
 def obj(cls, conf=0.9, iou=None, color="red", box=(0, 0, 10, 10)):
@@ -280,7 +283,7 @@ def test_overall_is_the_plain_mean_of_the_six_tasks():
     assert summary["overall"] == pytest.approx((1 + 1 + 0.5) / 6, abs=1e-5)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The CLI
 
 @pytest.fixture(scope="module")
@@ -327,8 +330,9 @@ def test_cli_rejects_checkpoints_it_cannot_judge(ckpt, tmp_path, name, message, 
 
 
 def test_cli_scores_what_it_is_given(ckpt, tmp_path, monkeypatch):
-    """End to end with the sampler replaced by a perfect model (ground-truth renders of the very prompts it is asked
-    for): the sweep must pair images, prompts and scores correctly, seen and held-out."""
+    """End to end with the sampler replaced by a perfect model
+    (ground-truth renders of the very prompts it is asked for): the sweep must pair images, prompts and scores
+    correctly, seen and held-out."""
     import sample
     world = data.WORLDS["small"]
     by_prompt = {s["prompt"]: s for s in ev.prompt_set(world, 2)}
@@ -361,8 +365,8 @@ def test_cli_is_deterministic_and_shares_noise_across_models(ckpt, tmp_path):
 
 
 def test_colours_diagnostic_reads_colours_but_not_shapes():
-    """colours_match accepts a render of the prompt, and a blob of the right colours but the wrong shape; it refuses
-    a missing or an extra colour, and has no verdict on a prompt that names no colour."""
+    """colours_match accepts a render of the prompt, and a blob of the right colours but the wrong shape; it
+    refuses a missing or an extra colour, and has no verdict on a prompt that names no colour."""
     world = data.WORLDS["full"]
     spec = {"include": [{"class": "circle", "count": 1, "color": "red"}, {"class": "square", "count": 1,
                                                                           "color": "blue"}], "exclude": []}
@@ -378,8 +382,8 @@ def test_colours_diagnostic_reads_colours_but_not_shapes():
 
 
 def test_denoising_diagnostic_measures_the_velocity_error_and_the_prompts_share(ckpt, monkeypatch):
-    """An oracle that returns the true velocity eps - x0 when given the prompt and 0 for phi: the conditional error
-    must be 0, the unconditional one E||eps - x0||^2, and the gain 1, at every t (t = 1 included)."""
+    """An oracle that returns the true velocity eps - x0 when given the prompt and 0 for phi: the conditional
+    error must be 0, the unconditional one E||eps - x0||^2, and the gain 1, at every t (t = 1 included)."""
     system, _, world = ev.load(str(ckpt / "ok"), "cpu")
     n = 6
     images, _ = data.shapes_batch(world, range(n), 0 + 7919)
@@ -401,8 +405,8 @@ def test_denoising_diagnostic_measures_the_velocity_error_and_the_prompts_share(
 
 
 def test_contrast_is_zero_on_flat_gray_and_halves_with_a_half_faded_scene():
-    """The faintness diagnostic: a flat image has none; fading a ground-truth scene halfway to its background (as a
-    posterior-mean blur fades) halves it, since the background is the image's median colour."""
+    """The faintness diagnostic: a flat image has none; fading a ground-truth scene halfway to its background
+    (as a posterior-mean blur fades) halves it, since the background is the image's median colour."""
     world = data.WORLDS["small"]
     rng = random.Random(3)
     spec = data.sample_spec(world, rng, task="single")

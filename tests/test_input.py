@@ -1,5 +1,6 @@
-"""Bad input is named and loses nothing: run folders and their checkpoints, resumed schedules, manifests and their
-images, damaged checkpoint files, sampler flags; and every command line turns the project's errors into one line."""
+"""Bad input is named and loses nothing: run folders and their checkpoints, resumed schedules, manifests
+and their images, damaged checkpoint files, sampler flags; and every command line turns the project's
+errors into one line."""
 import json
 import os
 import shutil
@@ -37,12 +38,13 @@ def ckpt(tmp_path_factory):
     return root / "run"
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # run folders: a fresh run never destroys another run's checkpoints
 
 def test_fresh_run_into_a_folder_holding_a_run_is_refused_and_loses_nothing(tmp_path):
-    """The data-loss case: a finished run with later-numbered checkpoints, then a fresh shorter run into its folder.
-    It is refused with what to do, and nothing is touched; with --overwrite the old run's files go first."""
+    """The data-loss case: a finished run with later-numbered checkpoints, then a fresh shorter run
+    into its folder. It is refused with what to do, and nothing is touched; with --overwrite the old
+    run's files go first."""
     out = tmp_path / "run"
     _train(out)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -56,8 +58,9 @@ def test_fresh_run_into_a_folder_holding_a_run_is_refused_and_loses_nothing(tmp_
 
 
 def test_clean_up_never_deletes_the_checkpoint_latest_names(tmp_path):
-    """Checkpoint clean-up keeps the newest ones up to the step just written, by number: folders numbered above it
-    (another run's, or this run's before it was resumed from an earlier step) are never its to delete."""
+    """Checkpoint clean-up keeps the newest ones up to the step just written, by number: folders
+    numbered above it (another run's, or this run's before it was resumed from an earlier step)
+    are never its to delete."""
     torch.manual_seed(0)
     system = selfe.SelfE(model.CONFIGS["tiny"])
     system.make_ema()
@@ -80,9 +83,9 @@ def test_resume_without_a_checkpoint_is_named_and_makes_nothing(tmp_path):
 
 
 def test_resume_keeps_the_schedule_of_the_run_unless_asked(tmp_path, capsys):
-    """A 2-step run resumed with --steps 4: the learning rate has finished its decay at step 2 and stays at --lr-min
-    (and tau and the auxiliary-term start stay where they were), and the log says so; --reschedule fits the schedule
-    to 4 steps instead."""
+    """A 2-step run resumed with --steps 4: the learning rate has finished its decay at step 2 and stays at
+    --lr-min (and tau and the auxiliary-term start stay where they were), and the log says so; --reschedule
+    fits the schedule to 4 steps instead."""
     _train(tmp_path / "a", "--steps", "2")
     for name in ("kept", "refit"):
         shutil.copytree(tmp_path / "a", tmp_path / name)
@@ -97,7 +100,7 @@ def test_resume_keeps_the_schedule_of_the_run_unless_asked(tmp_path, capsys):
     assert refit[0]["lr"] > 1e-4 and "learning rate decaying to step 4" in capsys.readouterr().out
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # manifests and their images
 
 def noise_image(path, size=(40, 40), seed=0):
@@ -130,8 +133,8 @@ def test_image_cut_short_is_caught_at_start_up(tmp_path):
 
 
 def test_image_damaged_during_the_run_is_named_or_replaced_with_skip_bad(tmp_path, capsys):
-    """An image that breaks after start-up: without --skip-bad an error naming its line; with it, a warning and the
-    next image of its bucket in its place, the same every time (so ranks and a resumed run agree)."""
+    """An image that breaks after start-up: without --skip-bad an error naming its line; with it, a warning
+    and the next image of its bucket in its place, the same every time (so ranks and a resumed run agree)."""
     for i in range(4):
         noise_image(tmp_path / f"{i}.jpg", seed=i)
     m = tmp_path / "m.tsv"
@@ -163,7 +166,7 @@ def test_manifest_that_is_not_utf8_or_has_a_bom(tmp_path):
         data.read_manifest(str(tmp_path / "gone.tsv"))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # damaged checkpoints: named, with the file
 
 @pytest.mark.parametrize("file, damage, message", [
@@ -191,7 +194,7 @@ def test_damaged_snapshot_config_is_named(tmp_path):
         encoders.read_config(str(tmp_path))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # flags: checked when parsed, the error naming the flag
 
 @pytest.fixture
@@ -239,7 +242,7 @@ def test_time_warp_anchor_must_lie_below_4096():
         selfe.mu_of_length(4096, 4096)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # one line for every command line
 
 def test_cli_run_turns_input_errors_into_one_line(tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""The method, held against the paper: losses (Eqs. 14-21, S.1 Results 1-2), the denoiser, the sampler (docs/method.md §7),
-training and checkpoints, the shapes world, and bad input. CPU only, tiny shapes."""
+"""The method, held against the paper: losses (Eqs. 14-21, S.1 Results 1-2), the denoiser, the sampler
+(docs/method.md §7), training and checkpoints, the shapes world, and bad input. CPU only, tiny shapes."""
 import argparse
 import json
 import math
@@ -19,12 +19,12 @@ import selfe
 import train
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # helpers
 
 def toy_heads(seed=0):
-    """A differentiable stand-in for G with parameters (a, b), and an EMA copy with other values: lets a test compute
-    the exact gradient the paper predicts and compare it with autograd through losses.py."""
+    """A differentiable stand-in for G with parameters (a, b), and an EMA copy with other values: lets a test
+    compute the exact gradient the paper predicts and compare it with autograd through losses.py."""
     g = torch.Generator().manual_seed(seed)
     a, b = torch.randn(3, generator=g).requires_grad_(), torch.randn(3, generator=g).requires_grad_()
     a_e, b_e = torch.randn(3, generator=g), torch.randn(3, generator=g)
@@ -53,7 +53,7 @@ def tiny_system(seed=0, nonzero=True):
     return system
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # losses
 
 def test_lambda_and_weight():
@@ -98,7 +98,8 @@ def _expected_grads(G, G_ema, params, x0, t, s, cond, null, fake, k, target_norm
     lam = losses.lam(t, s)
     w = 1 / t.pow(2)
     N = x0[0].numel()
-    # d/dx0_hat of w [ ||x0_hat - x0||^2 + lam ||x0_hat - x_self||^2 ] / N; the self part is 2 lam Delta (S.1 Result 1-2)
+    # d/dx0_hat of w [ ||x0_hat - x0||^2 + lam ||x0_hat - x_self||^2 ] / N; the self part
+    # is 2 lam Delta (S.1 Result 1-2)
     d_self = torch.zeros_like(x0_hat)
     d_self[idx] = lam[idx].view(-1, 1, 1) * 2 * delta
     grad_x0_hat = (w.view(-1, 1, 1) / N) * (2 * (x0_hat.detach() - x0) + d_self) / len(t)
@@ -108,9 +109,10 @@ def _expected_grads(G, G_ema, params, x0, t, s, cond, null, fake, k, target_norm
 
 @pytest.mark.parametrize("aux", [False, True])
 def test_self_evaluation_gradient_is_classifier_score(aux):
-    """Eq. 16 form: the gradient w.r.t. x0_hat of lam ||x0_hat - x_self||^2 is 2 lam (G(x_s,s,s,phi) - G_ema(x_s,s,s,c))
-    (S.1 Result 1), or 2 lam times the k-mixture of s.6 with the auxiliary term (Result 2); nothing else reaches the
-    parameters through the evaluation passes, and L_fake trains only the fake-prompt pass (s.8)."""
+    """Eq. 16 form: the gradient w.r.t. x0_hat of lam ||x0_hat - x_self||^2 is 2 lam
+    (G(x_s,s,s,phi) - G_ema(x_s,s,s,c)) (S.1 Result 1), or 2 lam times the k-mixture of s.6 with the auxiliary
+    term (Result 2); nothing else reaches the parameters through the evaluation passes, and L_fake trains only
+    the fake-prompt pass (s.8)."""
     G, G_ema, params = toy_heads()
     x0, cond, null, fake = batch()
     t = torch.tensor([0.9, 0.7, 0.5, 0.3])
@@ -140,7 +142,8 @@ def test_self_eval_target_uses_ema_for_conditional_and_current_for_unconditional
 
 
 def test_s_equals_t_is_exactly_flow_matching():
-    """With s = t, lambda = 0 and w = 1/t^2 turns ||G - x0||^2 into the velocity loss ||V - (eps - x0)||^2 (Eq. 3, 7)."""
+    """With s = t, lambda = 0 and w = 1/t^2 turns ||G - x0||^2 into the velocity loss
+    ||V - (eps - x0)||^2 (Eq. 3, 7)."""
     system = tiny_system()
     h, w = system.grid
     x0 = system.encode_images(data.shapes_batch(data.WORLDS["small"], range(4))[0])
@@ -200,7 +203,7 @@ def test_time_sampling():
     assert selfe.tau_at(150, 300) == 0.5 and selfe.tau_at(900, 300) == 1.0
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the denoiser
 
 @pytest.mark.parametrize("size,target", [("2b", 2.2e9), ("0.5b", 0.55e9)])
@@ -252,7 +255,7 @@ def test_fresh_model_is_identity_blocks_and_zero_velocity():
     assert v.abs().max() == 0
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the sampler
 
 def test_time_grid_runs_from_one_to_zero():
@@ -312,7 +315,7 @@ def test_fixed_seed_reproduces_the_image_whatever_the_batch():
     assert (a[1] - c[1]).abs().max() > 1e-3
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # training and checkpoints
 
 def test_loss_falls_on_a_fixed_batch():
@@ -344,8 +347,8 @@ def _train(out, *extra):
 
 
 def test_resume_continues_exactly(tmp_path):
-    """Kill after step 2 (simulated by pointing `latest` at the step-2 checkpoint), resume: steps 3-4 match, with the
-    tau anneal and the auxiliary term (from step 3 of 4) active."""
+    """Kill after step 2 (simulated by pointing `latest` at the step-2 checkpoint), resume: steps 3-4 match,
+    with the tau anneal and the auxiliary term (from step 3 of 4) active."""
     full = _train(tmp_path / "a", "--batch", "8")
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     (tmp_path / "b" / "latest").write_text("step-0000002\n")
@@ -385,7 +388,7 @@ def test_nonfinite_loss_stops_and_saves(tmp_path, monkeypatch):
     assert any((tmp_path / "run" / "nonfinite-step-0").rglob("batch.pt"))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # bad input
 
 def test_unknown_preset_lists_choices(capsys):
@@ -425,8 +428,9 @@ def test_checkpoint_of_the_byte_level_tiny_preset_is_named(tmp_path):
 
 
 def test_word_tokenizer_round_trips_captions_and_encodes_any_prompt():
-    """The tiny preset's stand-in tokenizer: one id per word of every world's captions (round trip exact, all inside
-    the word vocabulary, within the preset's text length); anything else still encodes, through hashed buckets."""
+    """The tiny preset's stand-in tokenizer: one id per word of every world's captions
+    (round trip exact, all inside the word vocabulary, within the preset's text length); anything else still
+    encodes, through hashed buckets."""
     cfg = model.CONFIGS["tiny"]
     tok = encoders.WordTokenizer(data.WORDS, cfg.t5_max_len)
     n_words = 3 + len(data.WORDS)
@@ -470,7 +474,7 @@ def test_manifest_errors_name_file_and_line(tmp_path):
     assert images[0, 0].mean() > 0.5 and images[0, 1].mean() < -0.5  # red, in [-1, 1]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the shapes world
 
 def test_samples_depend_only_on_seed_and_index():

@@ -1,6 +1,7 @@
-"""Parity of our hand-written frozen parts and their loaders against the reference implementations (docs/formats.md §4-5):
-small random references built with transformers / diffusers / sentencepiece / open_clip, saved in their own key
-layout, loaded with our code, compared in float32. Then bad input: every malformed checkpoint stops with one error.
+"""Parity of our hand-written frozen parts and their loaders against the reference implementations
+(docs/formats.md §4-5): small random references built with
+transformers / diffusers / sentencepiece / open_clip, saved in their own key layout, loaded with our code,
+compared in float32. Then bad input: every malformed checkpoint stops with one error.
 
 Test-only packages: transformers, diffusers, protobuf, sentencepiece, `pip install --no-deps open_clip_torch`.
 """
@@ -36,7 +37,7 @@ def perturb_(module, std=0.1, seed=0):
     return module
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # T5 v1.1 encoder against transformers.T5EncoderModel, through the sharded HF layout
 
 @pytest.fixture(scope="module")
@@ -87,13 +88,14 @@ def test_t5_single_file_with_tied_embedding(t5_ref, tmp_path):
         assert maxerr(ours(ids), ref(input_ids=ids).last_hidden_state) <= TOL
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # CLIP text model against transformers.CLIPTextModel, keys with and without `text_model.`
 
 @pytest.fixture(scope="module")
 def clip_ref(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
-    # eos_token_id 2 as in the public config: transformers then pools at argmax(ids), our rule at the first vocab-1
+    # eos_token_id 2 as in the public config: transformers then pools at argmax(ids), our
+    # rule at the first vocab-1
     cfg = transformers.CLIPTextConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                       intermediate_size=64, max_position_embeddings=20, hidden_act="quick_gelu",
                                       eos_token_id=2, bos_token_id=0, pad_token_id=1)
@@ -105,8 +107,8 @@ def clip_ref(tmp_path_factory):
 
 
 def clip_ids():
-    """Start 98, body below 98, end 99 = vocab - 1 at different places, padded with 99 (FLUX's framing): the ids
-    where argmax(ids) (transformers, legacy eos 2) and the first end token (ours) agree."""
+    """Start 98, body below 98, end 99 = vocab - 1 at different places, padded with 99 (FLUX's framing): the
+    ids where argmax(ids) (transformers, legacy eos 2) and the first end token (ours) agree."""
     g = torch.Generator().manual_seed(2)
     ids = torch.full((3, 20), 99)
     for i, n in enumerate((3, 11, 18)):
@@ -139,9 +141,9 @@ def test_clip_parity_both_prefixes(clip_ref, tmp_path):
     check_clip(encoders.load_clip(str(tmp_path), dtype=torch.float32), ref)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# FLUX autoencoder against diffusers.AutoencoderKL: the diffusers layout, and the BFL layout through diffusers' own
-# converter (an independent check of our key names)
+# ------------------------------------------------------------------------------------------------------------
+# FLUX autoencoder against diffusers.AutoencoderKL: the diffusers layout, and the BFL layout through
+# diffusers' own converter (an independent check of our key names)
 
 @pytest.fixture(scope="module")
 def ae_ref(tmp_path_factory):
@@ -182,7 +184,8 @@ def test_autoencoder_bfl_layout_parity(ae_ref, tmp_path):
     cfg = encoders.AutoEncoderConfig(ch=32, ch_mult=(1, 2, 2))
     sd = {k: v.contiguous() for k, v in encoders.load_autoencoder(str(folder), dtype=torch.float32).state_dict().items()}
     save_file(sd, str(tmp_path / "ae.safetensors"))
-    # diffusers' converter reads the BFL names: it must find every one of ours and give back the reference weights
+    # diffusers' converter reads the BFL names: it must find every one of ours and give
+    # back the reference weights
     conv = convert_ldm_vae_checkpoint(dict(sd), dict(ref.config))
     want = ref.state_dict()
     assert set(conv) == set(want)
@@ -190,12 +193,14 @@ def test_autoencoder_bfl_layout_parity(ae_ref, tmp_path):
     check_ae(encoders.load_autoencoder(str(tmp_path / "ae.safetensors"), dtype=torch.float32, config=cfg), ref)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# FLUX transformer: our MMDiT (dual_time off) against diffusers.FluxTransformer2DModel, weights through the BFL layout
+# ------------------------------------------------------------------------------------------------------------
+# FLUX transformer: our MMDiT (dual_time off) against diffusers.FluxTransformer2DModel,
+# weights through the BFL layout
 
 def bfl_to_diffusers(sd, n_double, n_single, hidden):
-    """BFL FLUX keys -> diffusers FluxTransformer2DModel keys (the facts of diffusers' single-file converter, written
-    out here because that converter hard-codes hidden 3072). Pops every key it maps: leftovers are unknown names."""
+    """BFL FLUX keys -> diffusers FluxTransformer2DModel keys
+    (the facts of diffusers' single-file converter, written out here because that converter hard-codes hidden
+    3072). Pops every key it maps: leftovers are unknown names."""
     sd, out = dict(sd), {}
 
     def move(src, dst):
@@ -288,7 +293,7 @@ def test_flux_presets():
         assert 11.8e9 < n < 12.0e9  # FLUX.1 is "12B": schnell 11.89B, dev 11.90B parameters
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Tokenizers
 
 CORPUS = ["a photo of a red circle to the left of a blue square", "two cats sitting on a sofa, oil painting",
@@ -311,8 +316,8 @@ def spiece(tmp_path_factory):
 
 
 def varied_prompts(n, seed):
-    """Hundreds of strings: case, punctuation, digits, contractions, accents, CJK, Cyrillic, Arabic, emoji, combining
-    marks (NFC and NFD), odd whitespace, long runs."""
+    """Hundreds of strings: case, punctuation, digits, contractions, accents, CJK, Cyrillic, Arabic, emoji,
+    combining marks (NFC and NFD), odd whitespace, long runs."""
     rng = random.Random(seed)
     pieces = ["a", "photo", "of", "cat", "DOG", "Astronaut", "riding", "horse", "café", "naïve", "Straße", "ÆØÅ",
               "İstanbul", "東京", "一只猫", "кошка", "العربية", "ελληνικά", "हिन्दी", "😀", "🐱‍👤", "❤️", "2024", "3.14",
@@ -341,8 +346,8 @@ def test_t5_tokenizer_against_transformers(spiece):
     assert len(CORPUS) < len(prompts) and any(len(ours.sp.encode(p)) > 31 for p in prompts)  # truncation exercised
 
 
-# Special tokens typed in a prompt: transformers' tokenizers (the reference FLUX pipelines use) read them as those
-# tokens, matched as written, before any normalisation; a sentinel beyond the tokenizer's count is text.
+# Special tokens typed in a prompt: transformers' tokenizers (the reference FLUX pipelines use) read them as
+# those tokens, matched as written, before any normalisation; a sentinel beyond the tokenizer's count is text.
 T5_TYPED = ["a </s> b", "a</s>b", "</s>", "  </s>  ", "<pad>a red circle", "a <unk> b",
             "x <extra_id_0> y <extra_id_99>", "a </S> <PAD>", "café </s>déjà", "<s> a", "a</s></s>b",
             "<extra_id_100> <extra_id_01>"]
@@ -380,8 +385,8 @@ def clip_files(folder):
 
 
 def open_clip_tokenizer(pkg_dir, monkeypatch):
-    """open_clip's SimpleTokenizer (OpenAI's), imported by file path so open_clip/__init__ (and torchvision) never
-    loads; ftfy is reduced to its NFC normalisation, the text cleaning we follow."""
+    """open_clip's SimpleTokenizer (OpenAI's), imported by file path so open_clip/__init__ (and torchvision)
+    never loads; ftfy is reduced to its NFC normalisation, the text cleaning we follow."""
     pytest.importorskip("regex")
     monkeypatch.setitem(sys.modules, "ftfy", types.SimpleNamespace(fix_text=lambda s: unicodedata.normalize("NFC", s)))
     spec = importlib.util.spec_from_file_location("open_clip_tokenizer", os.path.join(pkg_dir, "tokenizer.py"))
@@ -418,7 +423,7 @@ def test_clip_tokenizer_against_transformers(tmp_path):
     assert ours.encode("ΣΟΦΟΣ") == ours.encode("σοφοσ") != ours.encode("σοφος")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # A snapshot folder, and bad input: one clear error naming the file and the first offending keys
 
 def test_find_pretrained(tmp_path):
@@ -442,7 +447,8 @@ def test_find_pretrained(tmp_path):
 
 
 def test_snapshot_folder_end_to_end(t5_ref, clip_ref, ae_ref, spiece, tmp_path):
-    """A FLUX-layout folder assembled from the references: find_pretrained's paths feed every loader and tokenizer."""
+    """A FLUX-layout folder assembled from the references: find_pretrained's paths feed every
+    loader and tokenizer."""
     import shutil
     for (_, src), name in ((t5_ref, "text_encoder_2"), (clip_ref, "text_encoder"), (ae_ref, "vae")):
         shutil.copytree(src, tmp_path / name)

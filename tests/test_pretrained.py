@@ -1,7 +1,8 @@
-"""The real-frozen-parts path end to end, offline: a FLUX-layout snapshot folder built from small random reference
-models (transformers T5 and CLIP, diffusers autoencoder, a trained sentencepiece, the real CLIP vocabulary) drives
-`train.py --pretrained`, `sample.py --ckpt` (which finds the parts through the checkpoint) and
-`sample.py --size flux-schnell --pretrained` (a public-layout FLUX transformer through our MMDiT and sampler)."""
+"""The real-frozen-parts path end to end, offline: a FLUX-layout snapshot folder built from small random
+reference models (transformers T5 and CLIP, diffusers autoencoder, a trained sentencepiece, the real CLIP
+vocabulary) drives `train.py --pretrained`, `sample.py --ckpt`
+(which finds the parts through the checkpoint) and `sample.py --size flux-schnell
+--pretrained` (a public-layout FLUX transformer through our MMDiT and sampler)."""
 import dataclasses
 import shutil
 
