@@ -137,7 +137,8 @@ def block_recompute(cfg, batch, area, dtype):
         vec = torch.randn(batch, cfg.hidden_size, dtype=dtype)
         pe = net.pe_embedder(torch.cat((torch.zeros(1, cfg.t5_max_len, 3), selfe.image_ids(h, w, "meta")), 1))
     most = 0
-    for block, inputs in ((net.double_blocks[0], (img, txt)), (net.single_blocks[0], (torch.cat((txt, img), 1),))):
+    for block, inputs in ((net.double_blocks[0], (img, txt)),
+                          (net.single_blocks[0], (torch.cat((txt, img), 1),))):
         with FusedAttention(), Alive() as alive:
             out = block(*inputs, vec, pe)
             most = max(most, alive.bytes())
@@ -170,10 +171,11 @@ def memory_plan(cfg, batch, area, world=1, act_ckpt=False, precision="bf16", obj
 def print_plan(args, world):
     cfg = CONFIGS[args.size]
     area = max(args.resolution)
-    plans = [memory_plan(cfg, args.batch, area, world, ckpt, args.precision, args.objective) for ckpt in (False, True)]
+    plans = [memory_plan(cfg, args.batch, area, world, ckpt, args.precision, args.objective)
+             for ckpt in (False, True)]
     h, w = tokens(cfg, area)
-    print(f"memory plan: --size {args.size}, micro-batch {args.batch} per device at {area} px ({h * w} image + "
-          f"{cfg.t5_max_len} text tokens), {world} device(s), {args.precision}, "
+    print(f"memory plan: --size {args.size}, micro-batch {args.batch} per device at {area} px ({h * w} image "
+          f"+ {cfg.t5_max_len} text tokens), {world} device(s), {args.precision}, "
           f"{'Self-E + aux step, every sample evaluated' if args.objective == 'selfe' else 'FM step'}")
     print("| GiB per device | without act-ckpt | with --act-ckpt |\n|---|---|---|")
     for part in plans[0]:
@@ -227,8 +229,9 @@ def bench_rows(args, targs, world, system, model, ema, opt, area, say):
 
     def step(objective, aux):  # train.py's iteration: objective, backward, clip, Adam, EMA
         a = argparse.Namespace(**{**vars(targs), "objective": objective})
-        loss, _ = train.objective(a, G, G_ema, x0, t, s, cond, null, fake=fake if aux else None, eps=eps,
-                                  eps_self=eps_self, evaluate=evaluate, fake_norm=max(n_eval, 1), eval_size=size)
+        loss, _ = train.objective(a, G, G_ema, x0, t, s, cond, null, fake=fake if aux else None,
+                                  eps=eps, eps_self=eps_self, evaluate=evaluate,
+                                  fake_norm=max(n_eval, 1), eval_size=size)
         loss.backward()
         train.update(model, opt, system, targs, 10 ** 6, skip)
 
@@ -269,8 +272,8 @@ def benchmark(args, rank, world):
         mfu = f"{100 * tf / peak:.1f}" if peak else "-"
         mem = "-" if mem != mem else f"{mem:.1f}"                        # nan: no allocator statistics on CPU
         ratio = "-" if ratio != ratio else f"{ratio:.2f}x"
-        print(f"| {area}^2 | {L} | {'yes' if compiled else 'no'} | {name} | {ms:.1f} | {tf:.3g} | {mfu} | {mem} | "
-              f"{ratio} |", flush=True)
+        print(f"| {area}^2 | {L} | {'yes' if compiled else 'no'} | {name} | {ms:.1f} | {tf:.3g} | {mfu} | "
+              f"{mem} | {ratio} |", flush=True)
 
     for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
         targs = train.get_args(["--size", args.size, "--device", args.device, "--precision", args.precision,
@@ -279,11 +282,11 @@ def benchmark(args, rank, world):
         system, model, ema, opt, peak = train.setup(targs, frozen_parts=False)
         peak = args.peak_tflops or peak
         if rank == 0 and not rows:
-            print(f"{args.size} on {world} x {train.device_name(system.device)}, micro-batch {args.batch} per device, "
-                  f"{cfg.t5_max_len} text tokens, {args.precision}{', act-ckpt' if args.act_ckpt else ''}; "
-                  f"peak {peak or 'unknown'} TFLOP/s")
-            print("| pixels | image tokens | compiled | measurement | ms | TFLOP/s | MFU % | peak mem GiB | vs FM |\n"
-                  "|---|---|---|---|---|---|---|---|---|", flush=True)
+            print(f"{args.size} on {world} x {train.device_name(system.device)}, micro-batch {args.batch} "
+                  f"per device, {cfg.t5_max_len} text tokens, {args.precision}"
+                  f"{', act-ckpt' if args.act_ckpt else ''}; peak {peak or 'unknown'} TFLOP/s")
+            print("| pixels | image tokens | compiled | measurement | ms | TFLOP/s | MFU % | peak mem GiB | "
+                  "vs FM |\n|---|---|---|---|---|---|---|---|---|", flush=True)
         with train.compile_config(targs), train.compile_errors(targs):
             for area in areas:
                 bench_rows(args, targs, world, system, model, ema, opt, area, say)
@@ -349,7 +352,8 @@ def write_t5_checkpoint(folder, layers, max_shard=5 * 10**9):
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=1)
     with safetensors.safe_open(os.path.join(folder, next(iter(weight_map.values()))), "pt") as f:
-        assert f.get_tensor("shared.weight").shape == (config.vocab_size, config.d_model)  # the reference reader
+        # the files read back with the reference reader too
+        assert f.get_tensor("shared.weight").shape == (config.vocab_size, config.d_model)
     return total, len(shards)
 
 
@@ -396,34 +400,40 @@ def t5_load(args):
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)
     floor = run("--touch-only", str(size))["seconds"]
-    print(f"load_t5: {r['seconds']:.1f} s, {size / 1e9 / r['seconds']:.2f} GB/s (checkpoint in the page cache); "
-          f"allocating and first-touching {size / 1e9:.2f} GB alone takes {floor:.1f} s here")
-    print(f"peak RSS {r['peak_rss'] / 1e9:.2f} GB = {r['peak_rss'] / size:.3f} x the checkpoint ({size / 1e9:.2f} GB); "
-          f"RSS before loading {r['rss_before'] / 1e9:.2f} GB; loaded parameters {r['param_bytes'] / 1e9:.2f} GB; "
-          f"target <= 1.3 x: {'met' if r['peak_rss'] <= 1.3 * size else 'NOT met'}")
+    print(f"load_t5: {r['seconds']:.1f} s, {size / 1e9 / r['seconds']:.2f} GB/s (checkpoint in the page "
+          f"cache); allocating and first-touching {size / 1e9:.2f} GB alone takes {floor:.1f} s here")
+    print(f"peak RSS {r['peak_rss'] / 1e9:.2f} GB = {r['peak_rss'] / size:.3f} x the checkpoint "
+          f"({size / 1e9:.2f} GB); RSS before loading {r['rss_before'] / 1e9:.2f} GB; loaded parameters "
+          f"{r['param_bytes'] / 1e9:.2f} GB; target <= 1.3 x: "
+          f"{'met' if r['peak_rss'] <= 1.3 * size else 'NOT met'}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="2b", choices=list(CONFIGS))
     p.add_argument("--batch", type=int, default=8, help="per-device micro-batch")
-    p.add_argument("--resolution", default=None, help="square sides in pixels, e.g. 256,512 (default: 256,512; "
-                   "the preset's for tiny and --plan)")
+    p.add_argument("--resolution", default=None,
+                   help="square sides in pixels, e.g. 256,512 (default: 256,512; the preset's "
+                   "for tiny and --plan)")
     p.add_argument("--iters", type=int, default=10, help="timed calls per measurement")
-    p.add_argument("--compile", default="both", choices=("off", "on", "both"), help="blocks eager, compiled, or both")
+    p.add_argument("--compile", default="both", choices=("off", "on", "both"),
+                   help="blocks eager, compiled, or both")
     p.add_argument("--act-ckpt", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default=None, choices=("bf16", "fp32"), help="default: bf16 on GPU and for "
                    "--plan, fp32 on CPU")
-    p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: H100 789)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="per-device peak for MFU (default: H100 789)")
     p.add_argument("--plan", action="store_true", help="print the memory plan and exit (meta device only)")
     p.add_argument("--world", type=int, default=None, help="devices the states are sharded over, for --plan "
                    "(default: torchrun's WORLD_SIZE, or 1)")
     p.add_argument("--objective", default="selfe", choices=("selfe", "fm"), help="the step --plan counts")
     t = p.add_argument_group("frozen-part load memory (--t5-load)")
-    t.add_argument("--t5-load", action="store_true", help="peak host memory of loading a T5-XXL-shaped checkpoint")
+    t.add_argument("--t5-load", action="store_true",
+                   help="peak host memory of loading a T5-XXL-shaped checkpoint")
     t.add_argument("--dir", default="/tmp/t5xxl-synthetic", help="where the synthetic checkpoint is written")
-    t.add_argument("--layers", type=int, default=24, help="24 is the real T5-XXL (9.5 GB); fewer for a small disk")
+    t.add_argument("--layers", type=int, default=24,
+                   help="24 is the real T5-XXL (9.5 GB); fewer for a small disk")
     t.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
     t.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
     t.add_argument("--touch-only", type=int, help=argparse.SUPPRESS)

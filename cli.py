@@ -44,7 +44,8 @@ def number(kind=int, lo=None, hi=None):
         try:
             x = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not math.isfinite(x) or (lo is not None and x < lo) or (hi is not None and x > hi):
             raise argparse.ArgumentTypeError(f"{text!r} is not {span}")
         return x
@@ -67,8 +68,8 @@ def s_schedule(text):
     except ValueError:
         a = math.nan
     if not 0 <= a <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: use next (s_k = t_(k+1)), current (s_k = t_k) or a number in "
-                                         f"[0, 1]")
+        raise argparse.ArgumentTypeError(f"{text!r}: use next (s_k = t_(k+1)), current (s_k = t_k) or "
+                                         "a number in [0, 1]")
     return text
 
 
@@ -80,7 +81,8 @@ def step_counts(text):
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected step counts like 1,2,4,8,50") from None
     if not steps or min(steps) < 1 or max(steps) > MAX_STEPS or len(set(steps)) != len(steps):
-        raise argparse.ArgumentTypeError(f"{text!r}: step counts must be distinct integers in [1, {MAX_STEPS}]")
+        raise argparse.ArgumentTypeError(f"{text!r}: step counts must be distinct integers in "
+                                         f"[1, {MAX_STEPS}]")
     return steps
 
 

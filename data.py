@@ -55,7 +55,8 @@ PALETTE = {  # sRGB; every pair at least 38 CIE76 delta-E apart (docs/evaluation
     "blue": (20, 90, 240), "purple": (150, 30, 190), "pink": (255, 120, 200), "brown": (125, 70, 25),
     "black": (10, 10, 10), "white": (250, 250, 250),
 }
-PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars", "cross": "crosses"}
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles",
+          "star": "stars", "cross": "crosses"}
 NUMBERS = {2: "two", 3: "three", 4: "four"}
 RELATIONS = ("left of", "right of", "above", "below")
 TASKS = ("single", "two", "counting", "colors", "position", "color_attr")
@@ -82,14 +83,15 @@ class World:
 
 WORLDS = {
     # The CPU demo: 32 px, three shapes that stay distinct at that size, six colours, larger objects.
-    "small": World("small", 32, ("circle", "square", "triangle"), ("red", "green", "blue", "yellow", "purple", "white"),
+    "small": World("small", 32, ("circle", "square", "triangle"),
+                   ("red", "green", "blue", "yellow", "purple", "white"),
                    heldout=(("green", "square"), ("yellow", "triangle")),
                    size_single=(0.38, 0.56), size_two=(0.30, 0.42), size_position=(0.30, 0.40),
                    size_counting=(0.24, 0.32), max_free_objects=3),
     # The reference world for GPU runs: 64 px, five shapes, ten colours.
     "full": World("full", 64, ("circle", "square", "triangle", "star", "cross"), tuple(PALETTE),
-                  heldout=(("green", "square"), ("yellow", "triangle"), ("purple", "star"), ("orange", "cross"),
-                           ("pink", "circle"))),
+                  heldout=(("green", "square"), ("yellow", "triangle"), ("purple", "star"),
+                           ("orange", "cross"), ("pink", "circle"))),
 }
 
 
@@ -111,7 +113,8 @@ def caption(spec):
         return f"a photo of {NUMBERS[inc[0]['count']]} {PLURAL[inc[0]['class']]}"
     if task == "position":  # GenEval: include[1] is `relation` of include[0]
         a, b = inc[1], inc[0]
-        return f"a photo of {phrase(a.get('color'), a['class'])} {a['position'][0]} {phrase(b.get('color'), b['class'])}"
+        subject, reference = phrase(a.get("color"), a["class"]), phrase(b.get("color"), b["class"])
+        return f"a photo of {subject} {a['position'][0]} {reference}"
     names = [phrase(o.get("color"), o["class"]) for o in inc]
     if task == "free":
         if len(inc) == 2 and "position" in inc[1]:
@@ -128,7 +131,8 @@ def sample_spec(world, rng, task=None, seen=True):
     least one held-out pair."""
     pairs = world.pairs(seen=True)
     named_pairs = pairs if seen else world.pairs(seen=False)
-    if task is None:  # about three quarters in the evaluation templates, a quarter free scenes (docs/evaluation.md §2)
+    # about three quarters in the evaluation templates, a quarter free scenes (docs/evaluation.md §2)
+    if task is None:
         task = rng.choice(TASKS) if rng.random() < 0.75 else "free"
     shape = lambda: rng.choice(world.shapes)
     if task == "single":
@@ -211,8 +215,8 @@ def layout(spec, world, rng, max_tries=500):
             for _ in range(50):
                 x, y = rng.uniform(margin, R - margin - side), rng.uniform(margin, R - margin - side)
                 box = [x, y, x + side, y + side]
-                if all(box[0] >= b[2] + gap or b[0] >= box[2] + gap or box[1] >= b[3] + gap or b[1] >= box[3] + gap
-                       for b in boxes):
+                if all(box[0] >= b[2] + gap or b[0] >= box[2] + gap or box[1] >= b[3] + gap
+                       or b[1] >= box[3] + gap for b in boxes):
                     boxes.append(box)
                     break
             else:
@@ -221,9 +225,11 @@ def layout(spec, world, rng, max_tries=500):
             continue
         ok = True
         for i, clause in enumerate(spec["include"]):
-            if "position" in clause:  # clause i is `rel` of clause j; one object each (GenEval position prompts)
+            # clause i is `rel` of clause j; one object each (GenEval position prompts)
+            if "position" in clause:
                 rel, j = clause["position"]
-                ok = ok and rel in relations(boxes[i], boxes[j], 0.15) and relations(boxes[i], boxes[j], 0.05) == {rel}
+                strict, loose = relations(boxes[i], boxes[j], 0.15), relations(boxes[i], boxes[j], 0.05)
+                ok = ok and rel in strict and loose == {rel}
         if ok:
             return [(s, c, b) for (s, c), b in zip(objects, boxes)]
     raise RuntimeError(f"could not lay out {spec['prompt']!r} at {R} px in {max_tries} tries")
@@ -236,7 +242,8 @@ def _star_triangles():
     pts = [((1.0 if k % 2 == 0 else 0.5) * math.cos(a), -(1.0 if k % 2 == 0 else 0.5) * math.sin(a))
            for k, a in enumerate(ang)]
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    cx, cy, hx, hy = (max(xs) + min(xs)) / 2, (max(ys) + min(ys)) / 2, (max(xs) - min(xs)) / 2, (max(ys) - min(ys)) / 2
+    cx, cy = (max(xs) + min(xs)) / 2, (max(ys) + min(ys)) / 2
+    hx, hy = (max(xs) - min(xs)) / 2, (max(ys) - min(ys)) / 2
     pts = [((x - cx) / hx, (y - cy) / hy) for x, y in pts]
     centre = (-cx / hx, -cy / hy)
     return [(centre, pts[k], pts[(k + 1) % 10]) for k in range(10)]
@@ -278,7 +285,8 @@ def shape_alpha(shape, box, R, supersample=4):
     """Anti-aliased coverage (R, R) in [0, 1] of one shape in its box, from supersample^2
     inside-tests per pixel."""
     x1, y1, x2, y2 = box
-    sub = (torch.arange(R * supersample, dtype=torch.float32) + 0.5) / supersample  # sub-pixel centres, pixels
+    # sub-pixel centres, in pixels
+    sub = (torch.arange(R * supersample, dtype=torch.float32) + 0.5) / supersample
     u = (sub[None, :] - (x1 + x2) / 2) / ((x2 - x1) / 2)
     v = (sub[:, None] - (y1 + y2) / 2) / ((y2 - y1) / 2)
     hit = inside(shape, u.expand(len(sub), -1), v.expand(-1, len(sub))).float()
@@ -319,8 +327,8 @@ def shapes_batch(world, indices, seed=0):
 
 # Every word of every shapes world's captions, in a fixed order: a word's id is part of the tiny preset, so
 # this tuple only ever grows at its end. A caption of the world is then one token per word, not one per byte.
-WORDS = ("a", "an", "photo", "of", "and", ",", "to", "the", "left", "right", "above", "below", "two", "three", "four",
-         *PALETTE, *PLURAL, *PLURAL.values())
+WORDS = ("a", "an", "photo", "of", "and", ",", "to", "the", "left", "right", "above", "below", "two", "three",
+         "four", *PALETTE, *PLURAL, *PLURAL.values())
 
 
 def warn(msg):
@@ -339,14 +347,15 @@ def read_manifest(path, base_dir=None, skip_bad=False):
     base_dir (default: the manifest's folder). A malformed line, one that is not UTF-8, or a missing image
     stops with file and line, or is skipped with a warning if skip_bad."""
     if os.path.isdir(path):
-        raise ManifestError(f"{path}: a folder but not a finished cache (no index.json); --data takes a manifest "
-                            f"(image path<TAB>prompt lines) or a cache folder made by --build-cache")
+        raise ManifestError(f"{path}: a folder but not a finished cache (no index.json); --data takes a "
+                            "manifest (image path<TAB>prompt lines) or a cache folder made by --build-cache")
     try:
         with open(path, "rb") as f:
             lines = f.read().splitlines()  # \n, \r\n or \r, as text mode reads them
     except OSError as e:
         raise ManifestError(f"{path}: cannot read the manifest ({e.strerror})") from e
-    if lines and lines[0].startswith(codecs.BOM_UTF8):  # an editor's byte-order mark is not part of the first path
+    # an editor's byte-order mark is not part of the first path
+    if lines and lines[0].startswith(codecs.BOM_UTF8):
         lines[0] = lines[0][len(codecs.BOM_UTF8):]
     base_dir = base_dir or os.path.dirname(os.path.abspath(path))
     entries = []
@@ -354,7 +363,8 @@ def read_manifest(path, base_dir=None, skip_bad=False):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            problem = f"not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); save the manifest as UTF-8"
+            problem = (f"not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); save the manifest as "
+                       f"UTF-8")
         else:
             if not line.strip() or line.startswith("#"):
                 continue
@@ -469,7 +479,8 @@ class ManifestData:
     line (or, with skip_bad, left out). A batch's images are decoded by `workers` threads
     (PIL releases the GIL while it decodes and resizes)."""
 
-    def __init__(self, path, areas, step, batch, seed=0, base_dir=None, skip_bad=False, max_ratio=2.0, workers=1):
+    def __init__(self, path, areas, step, batch, seed=0, base_dir=None, skip_bad=False,
+                 max_ratio=2.0, workers=1):
         self.path, self.skip_bad = path, skip_bad
         self.decode = concurrent.futures.ThreadPoolExecutor(workers).map if workers > 1 else map
         self.entries = read_manifest(path, base_dir, skip_bad)
@@ -486,7 +497,8 @@ class ManifestData:
             for area in areas:
                 H, W = nearest_bucket(size, buckets(area, step, max_ratio))
                 if size[0] < W or size[1] < H:
-                    problem = f"{path}:{line}: image {img} is {size[0]}x{size[1]}, smaller than its {W}x{H} bucket"
+                    problem = (f"{path}:{line}: image {img} is {size[0]}x{size[1]}, smaller than its {W}x{H} "
+                               f"bucket")
                     if not skip_bad:
                         raise ManifestError(problem + " (pass --skip-bad to leave it out of that bucket)")
                     warn(problem + "; left out")
@@ -526,7 +538,8 @@ class ManifestData:
                 return load_image(img, size, where=f"{self.path}:{line}: "), prompt
             except ManifestError as err:
                 if not self.skip_bad:
-                    raise ManifestError(f"{err} (pass --skip-bad to draw another image of its bucket instead)") from err
+                    hint = "pass --skip-bad to draw another image of its bucket instead"
+                    raise ManifestError(f"{err} ({hint})") from err
                 warn(f"{err}; drawing the next image of its bucket instead")
                 self.unreadable.add(j)
         H, W = self.items[i][1]
@@ -596,11 +609,12 @@ def write_cache(out, source, encode_latents, encode_text, *, fake_prefix, meta, 
                     part[f].append(v.cpu())
             tensors = {f: torch.cat(v).contiguous() for f, v in part.items()}
             tensors["item"] = torch.tensor(items[k:k + shard_items])
-            safetensors.torch.save_file(tensors, os.path.join(out, f"shard-{rank:05d}-{n_shard:05d}.safetensors"),
+            safetensors.torch.save_file(tensors,
+                                        os.path.join(out, f"shard-{rank:05d}-{n_shard:05d}.safetensors"),
                                         metadata={"bucket": json.dumps(bucket)})
             n_shard += 1
-            print(f"cache: rank {rank} shard {n_shard}: {len(tensors['item'])} items of {bucket[0]}x{bucket[1]}",
-                  flush=True)
+            print(f"cache: rank {rank} shard {n_shard}: {len(tensors['item'])} items of "
+                  f"{bucket[0]}x{bucket[1]}", flush=True)
     if world > 1:
         dist.barrier()
     if rank != 0:
@@ -608,7 +622,8 @@ def write_cache(out, source, encode_latents, encode_text, *, fake_prefix, meta, 
     txt, vec = encode_text([""])
     fake_txt, fake_vec = encode_text([fake_prefix])
     safetensors.torch.save_file({"txt": txt.cpu().contiguous(), "vec": vec.cpu().contiguous(),
-                                 "fake_txt": fake_txt.cpu().contiguous(), "fake_vec": fake_vec.cpu().contiguous()},
+                                 "fake_txt": fake_txt.cpu().contiguous(),
+                                 "fake_vec": fake_vec.cpu().contiguous()},
                                 os.path.join(out, "null.safetensors"))
     with open(os.path.join(out, "index.json.tmp"), "w") as f:
         json.dump({**meta, "items": len(source)}, f, indent=1)
@@ -626,14 +641,16 @@ class CachedData:
 
     def __init__(self, path, expect, batch, seed=0):
         if not is_cache(path):
-            raise ManifestError(f"{path}: not a finished cache (no index.json); build one with train.py --build-cache")
+            raise ManifestError(f"{path}: not a finished cache (no index.json); build one with "
+                                "train.py --build-cache")
         self.path = path
         with open(os.path.join(path, "index.json")) as f:
             self.meta = json.load(f)
         for key, want in expect.items():
             if self.meta.get(key) != want:
-                raise ManifestError(f"{path}/index.json: the cache was built with {key} = {self.meta.get(key)!r}, "
-                                    f"this run needs {want!r}; rebuild it with this run's settings")
+                raise ManifestError(f"{path}/index.json: the cache was built with {key} = "
+                                    f"{self.meta.get(key)!r}, this run needs {want!r}; rebuild it with "
+                                    "this run's settings")
         self.where = {}  # item -> (file, row)
         item_buckets = [None] * self.meta["items"]
         for name in sorted(os.listdir(path)):
@@ -647,8 +664,8 @@ class CachedData:
                     item_buckets[i] = bucket
         missing = [i for i, b in enumerate(item_buckets) if b is None]
         if missing:
-            raise ManifestError(f"{path}: {len(missing)} of {len(item_buckets)} items are in no shard (first: item "
-                                f"{missing[0]}); a shard file is missing")
+            raise ManifestError(f"{path}: {len(missing)} of {len(item_buckets)} items are in no shard "
+                                f"(first: item {missing[0]}); a shard file is missing")
         with safetensors.safe_open(os.path.join(path, "null.safetensors"), "pt") as f:
             self.null = {k: f.get_tensor(k) for k in f.keys()}
         self.order = Batches(item_buckets, batch, seed, path)

@@ -109,7 +109,8 @@ class T5Attention(nn.Module):
 
     def forward(self, x, bias):
         B, L, _ = x.shape
-        q, k, v = (f(x).view(B, L, self.c.num_heads, self.c.d_kv).transpose(1, 2) for f in (self.q, self.k, self.v))
+        q, k, v = (f(x).view(B, L, self.c.num_heads, self.c.d_kv).transpose(1, 2)
+                   for f in (self.q, self.k, self.v))
         scores = torch.matmul(q, k.transpose(-1, -2)).float() + bias  # T5 does not scale by 1/sqrt(d)
         out = torch.matmul(scores.softmax(-1).type_as(v), v)
         return self.o(out.transpose(1, 2).reshape(B, L, -1))
@@ -193,7 +194,8 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x):
         B, L, d = x.shape
-        q, k, v = (f(x).view(B, L, self.heads, -1).transpose(1, 2) for f in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (f(x).view(B, L, self.heads, -1).transpose(1, 2)
+                   for f in (self.q_proj, self.k_proj, self.v_proj))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, d))
 
@@ -308,7 +310,8 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         h = self.norm(x)
-        q, k, v = (f(h).flatten(2).transpose(1, 2)[:, None] for f in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        # q, k, v: (B, 1, HW, C), one head over all positions
+        q, k, v = (f(h).flatten(2).transpose(1, 2)[:, None] for f in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj_out(h)
 
@@ -378,9 +381,10 @@ class Decoder(nn.Module):
         up = []
         for i in reversed(range(len(c.ch_mult))):  # built top-down, stored by level index as BFL does
             level = nn.Module()
-            level.block = nn.ModuleList(ResnetBlock(block_in if j == 0 else c.ch * c.ch_mult[i], c.ch * c.ch_mult[i])
+            block_out = c.ch * c.ch_mult[i]
+            level.block = nn.ModuleList(ResnetBlock(block_in if j == 0 else block_out, block_out)
                                         for j in range(c.num_res_blocks + 1))
-            block_in = c.ch * c.ch_mult[i]
+            block_in = block_out
             if i > 0:
                 level.upsample = Upsample(block_in)
             up.insert(0, level)
@@ -428,7 +432,8 @@ def frame(prompts, encode, max_len, start, end, pad, unit):
     for i, p in enumerate(prompts):
         body = encode(p)
         if len(body) > room:
-            print(f"warning: prompt of {len(body)} {unit} truncated to {room}: {p[:60]!r}...", file=sys.stderr)
+            print(f"warning: prompt of {len(body)} {unit} truncated to {room}: "
+                  f"{p[:60]!r}...", file=sys.stderr)
             body = body[:room]
         seq = start + body + end
         ids[i, :len(seq)] = torch.tensor(seq)
@@ -455,7 +460,8 @@ class T5Tokenizer:
         n = self.sp.get_piece_size()
         self.special = {"</s>": self.eos_id, "<pad>": self.pad_id, "<unk>": self.sp.unk_id(),
                         **{f"<extra_id_{k}>": n + extra_ids - 1 - k for k in range(extra_ids)}}
-        self.split = re.compile("(" + "|".join(re.escape(t) for t in sorted(self.special, key=len, reverse=True)) + ")")
+        longest_first = sorted(self.special, key=len, reverse=True)
+        self.split = re.compile("(" + "|".join(re.escape(t) for t in longest_first) + ")")
 
     def encode(self, text):
         """text -> ids without the end token."""
@@ -471,7 +477,7 @@ class T5Tokenizer:
 def bytes_to_unicode():
     """GPT-2/CLIP's reversible map from the 256 bytes to printable characters: printable Latin-1 bytes map to
     themselves, the others to 256, 257, ... in order."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
     extra = [b for b in range(256) if b not in keep]
     return {b: chr(b) for b in keep} | {b: chr(256 + n) for n, b in enumerate(extra)}
 
@@ -491,7 +497,8 @@ def _category_class(major):
     return "".join(ranges)
 
 
-CLIP_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"  # Unicode White_Space
+# Unicode White_Space
+CLIP_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 
 
 @functools.cache
@@ -552,19 +559,22 @@ class CLIPTokenizer:
     def encode(self, text):
         """text -> BPE ids without the start and end tokens."""
         ids = []
-        for piece in re.split(r"(<\|startoftext\|>|<\|endoftext\|>)", text):  # special tokens first, case and all
+        # special tokens first, case and all
+        for piece in re.split(r"(<\|startoftext\|>|<\|endoftext\|>)", text):
             if piece in ("<|startoftext|>", "<|endoftext|>"):
                 ids.append(self.vocab[piece])
                 continue
-            # lower-cased one character at a time, as transformers does: str.lower()
-            # turns a word-final Σ into ς
-            piece = re.sub(f"[{CLIP_WHITESPACE}]+", " ", unicodedata.normalize("NFC", piece)).replace("Σ", "σ").lower()
+            piece = re.sub(f"[{CLIP_WHITESPACE}]+", " ", unicodedata.normalize("NFC", piece))
+            # lower-cased one character at a time, as transformers does (str.lower() makes a final Σ ς)
+            piece = piece.replace("Σ", "σ").lower()
             for word in clip_pattern().findall(piece):
-                ids += [self.vocab[s] for s in self.bpe("".join(self.byte_char[b] for b in word.encode("utf-8")))]
+                mapped = "".join(self.byte_char[b] for b in word.encode("utf-8"))
+                ids += [self.vocab[s] for s in self.bpe(mapped)]
         return ids
 
     def __call__(self, prompts):
-        return frame(prompts, self.encode, self.max_len, [self.bos_id], [self.eos_id], self.eos_id, "CLIP tokens")
+        return frame(prompts, self.encode, self.max_len, [self.bos_id], [self.eos_id],
+                     self.eos_id, "CLIP tokens")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -595,7 +605,8 @@ class WordTokenizer:
     def encode(self, text):
         """text -> ids without the framing tokens."""
         first_unknown = 3 + len(self.vocabulary)
-        return [self.ids.get(w, first_unknown + zlib.crc32(w.encode("utf-8")) % self.unknown) for w in self.words(text)]
+        return [self.ids.get(w, first_unknown + zlib.crc32(w.encode("utf-8")) % self.unknown)
+                for w in self.words(text)]
 
     def decode(self, ids):
         """ids (with or without framing) -> text; unknown words come back as <unk:k>."""
@@ -656,7 +667,8 @@ def read_header(path):
             raise CheckpointError(f"{path}: not a safetensors file (bad header entry {k!r}: {v!r})") from e
         entries[k] = Entry(path, dtype, shape, 8 + n + a, b - a)
         if 8 + n + b > size:
-            raise CheckpointError(f"{path}: truncated: tensor {k!r} ends at byte {8 + n + b}, the file has {size}")
+            raise CheckpointError(f"{path}: truncated: tensor {k!r} ends at byte {8 + n + b}, "
+                                  f"the file has {size}")
     return entries
 
 
@@ -673,9 +685,10 @@ def check_entries(module, entries, where):
                                FILE_DTYPES[e.dtype].itemsize)]
     if missing or unexpected or wrong or dtypes:
         raise CheckpointError(
-            f"{where}: cannot load: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}, wrong shapes "
-            f"{wrong[:5]}, unsupported dtypes or sizes {dtypes[:5]} ({len(missing)} missing, {len(unexpected)} "
-            f"unexpected, {len(wrong)} wrong shapes, {len(dtypes)} bad dtypes in all; floats F32/F16/BF16 expected)")
+            f"{where}: cannot load: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}, wrong "
+            f"shapes {wrong[:5]}, unsupported dtypes or sizes {dtypes[:5]} ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(wrong)} wrong shapes, {len(dtypes)} bad dtypes in all; "
+            f"floats F32/F16/BF16 expected)")
 
 
 def load_strict(module, sd, where):
@@ -686,11 +699,13 @@ def load_strict(module, sd, where):
     unexpected = [k for k in sd if k not in own]
     wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in own
              if k in sd and sd[k].shape != own[k].shape]
-    dtypes = [f"{k}: {sd[k].dtype}" for k in own if k in sd and own[k].is_floating_point() != sd[k].is_floating_point()]
+    dtypes = [f"{k}: {sd[k].dtype}" for k in own if k in sd
+              and own[k].is_floating_point() != sd[k].is_floating_point()]
     if missing or unexpected or wrong or dtypes:
-        raise CheckpointError(f"{where}: cannot load: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}, "
-                              f"wrong shapes {wrong[:5]}, wrong dtypes {dtypes[:5]} ({len(missing)} missing, "
-                              f"{len(unexpected)} unexpected, {len(wrong)} wrong shapes, {len(dtypes)} wrong dtypes)")
+        raise CheckpointError(f"{where}: cannot load: missing keys {missing[:5]}, unexpected keys "
+                              f"{unexpected[:5]}, wrong shapes {wrong[:5]}, wrong dtypes {dtypes[:5]} "
+                              f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} wrong "
+                              f"shapes, {len(dtypes)} wrong dtypes)")
     module.load_state_dict(sd)
 
 
@@ -757,7 +772,8 @@ def read_config(folder):
 def t5_config_from_hf(d):
     """Hugging Face T5Config fields -> our T5Config. Only v1.1's gated-GELU feed-forward is implemented."""
     if d.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
-        raise CheckpointError(f"T5 config feed_forward_proj={d['feed_forward_proj']!r}: only T5 v1.1's 'gated-gelu'")
+        raise CheckpointError(f"T5 config feed_forward_proj={d['feed_forward_proj']!r}: only T5 "
+                              "v1.1's 'gated-gelu'")
     return T5Config(**{k: d[k] for k in ("vocab_size", "d_model", "d_kv", "num_heads", "d_ff", "num_layers",
                                          "relative_attention_num_buckets", "relative_attention_max_distance",
                                          "layer_norm_epsilon") if k in d})
@@ -809,8 +825,9 @@ def clip_config_from_hf(d):
     49407 = vocab_size - 1, our first-end-token rule."""
     if d.get("hidden_act", "quick_gelu") != "quick_gelu":
         raise CheckpointError(f"CLIP config hidden_act={d['hidden_act']!r}: only 'quick_gelu' is implemented")
-    c = CLIPConfig(**{k: d[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                                        "intermediate_size", "max_position_embeddings", "layer_norm_eps") if k in d})
+    c = CLIPConfig(**{k: d[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers",
+                                        "num_attention_heads", "intermediate_size", "max_position_embeddings",
+                                        "layer_norm_eps") if k in d})
     c.eos_token_id = d["eos_token_id"] if d.get("eos_token_id", 2) != 2 else c.vocab_size - 1
     return c
 
@@ -822,8 +839,8 @@ def load_clip(path, dtype=torch.bfloat16, device="cpu", config=None):
     file = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
     hf = read_config(os.path.dirname(file))
     config = config or (clip_config_from_hf(hf) if hf else CLIPConfig())
-    entries = {(k if k.startswith("text_model.") else "text_model." + k): e for k, e in read_header(file).items()
-               if not k.endswith("embeddings.position_ids")}
+    entries = {(k if k.startswith("text_model.") else "text_model." + k): e
+               for k, e in read_header(file).items() if not k.endswith("embeddings.position_ids")}
     with torch.device("meta"):
         model = CLIPTextEncoder(config)
     return materialize(model, entries, file, dtype, device).requires_grad_(False)
@@ -832,9 +849,10 @@ def load_clip(path, dtype=torch.bfloat16, device="cpu", config=None):
 def ae_key_from_diffusers(key, n_levels):
     """One diffusers AutoencoderKL key -> its BFL name (docs/formats.md §4.2). diffusers numbers
     up_blocks the other way round."""
-    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
-            "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}  # new and deprecated diffusers names
-    m = re.fullmatch(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)", key)
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",  # diffusers
+            "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}  # and its deprecated names
+    m = re.fullmatch(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\."
+                     r"(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)", key)
     if m:
         part, kind, i, sub, j, rest = m.groups()
         i = int(i) if kind == "down" else n_levels - 1 - int(i)
@@ -853,12 +871,14 @@ def ae_key_from_diffusers(key, n_levels):
 def ae_config_from_diffusers(d):
     ch = d["block_out_channels"][0]
     if d.get("norm_num_groups", 32) != 32:
-        raise CheckpointError(f"autoencoder config norm_num_groups={d['norm_num_groups']}: only 32 is implemented")
+        raise CheckpointError(f"autoencoder config norm_num_groups={d['norm_num_groups']}: only "
+                              "32 is implemented")
+    shift = d.get("shift_factor", 0.1159) or 0.0  # diffusers writes null for none
     return AutoEncoderConfig(in_channels=d.get("in_channels", 3), out_ch=d.get("out_channels", 3), ch=ch,
                              ch_mult=tuple(c // ch for c in d["block_out_channels"]),
-                             num_res_blocks=d.get("layers_per_block", 2), z_channels=d.get("latent_channels", 16),
-                             scale_factor=d.get("scaling_factor", 0.3611),
-                             shift_factor=d.get("shift_factor", 0.1159) or 0.0)  # diffusers writes null for none
+                             num_res_blocks=d.get("layers_per_block", 2),
+                             z_channels=d.get("latent_channels", 16),
+                             scale_factor=d.get("scaling_factor", 0.3611), shift_factor=shift)
 
 
 def load_autoencoder(path, dtype=torch.float32, device="cpu", config=None):
@@ -874,7 +894,8 @@ def load_autoencoder(path, dtype=torch.float32, device="cpu", config=None):
         for k, e in entries.items():
             k = ae_key_from_diffusers(k, len(config.ch_mult))
             if re.search(r"attn_1\.(q|k|v|proj_out)\.weight$", k) and len(e.shape) == 2:
-                e = Entry(e.path, e.dtype, e.shape + (1, 1), e.offset, e.nbytes)  # Linear -> 1x1 conv, same bytes
+                # Linear -> 1x1 conv, same bytes
+                e = Entry(e.path, e.dtype, e.shape + (1, 1), e.offset, e.nbytes)
             renamed[k] = e
         entries = renamed
     with torch.device("meta"):
@@ -891,7 +912,8 @@ def find_pretrained(folder, transformer=False):
     j = lambda *p: os.path.join(folder, *p)
     first = lambda *cands: next((c for c in cands if os.path.isfile(c)), None)
     parts = {
-        "t5": (first(j("text_encoder_2", "model.safetensors.index.json"), j("text_encoder_2", "model.safetensors")),
+        "t5": (first(j("text_encoder_2", "model.safetensors.index.json"),
+                     j("text_encoder_2", "model.safetensors")),
                "text_encoder_2/model.safetensors.index.json (+ shards) or text_encoder_2/model.safetensors"),
         "clip": (first(j("text_encoder", "model.safetensors")), "text_encoder/model.safetensors"),
         "ae": (first(j("ae.safetensors"), j("vae", "diffusion_pytorch_model.safetensors")),
@@ -905,9 +927,10 @@ def find_pretrained(folder, transformer=False):
                                 "flux1-schnell.safetensors or flux1-dev.safetensors")
     missing = [want for got, want in parts.values() if got is None]
     if missing:
-        raise FileNotFoundError(f"{os.path.abspath(folder)} is not a FLUX.1 snapshot folder: missing {missing}. "
-                                f"Get one with `huggingface-cli download black-forest-labs/FLUX.1-schnell "
-                                f"--local-dir DIR`.")
+        raise FileNotFoundError(f"{os.path.abspath(folder)} is not a FLUX.1 snapshot folder: missing "
+                                f"{missing}. Get one with `huggingface-cli download "
+                                "black-forest-labs/FLUX.1-schnell --local-dir DIR`.")
     parts = {k: got for k, (got, _) in parts.items()}
-    parts["t5"], parts["clip"] = os.path.dirname(parts["t5"]), os.path.dirname(parts["clip"])  # folders: configs too
+    # T5 and CLIP as folders: their config.json sits beside the weights
+    parts["t5"], parts["clip"] = os.path.dirname(parts["t5"]), os.path.dirname(parts["clip"])
     return parts

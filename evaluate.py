@@ -73,8 +73,8 @@ def background(img):
     (robust sigma from the median absolute difference)."""
     cols = img[:, [0, 1, -2, -1]]                               # (H, 4, 3)
     bg = np.median(cols, axis=1)                                # (H, 3)
-    pad = np.pad(bg, ((2, 2), (0, 0)), mode="edge")             # a 5-row running median drops objects touching a side
-    bg = np.median(np.stack([pad[i:i + len(bg)] for i in range(5)]), axis=0)
+    pad = np.pad(bg, ((2, 2), (0, 0)), mode="edge")
+    bg = np.median(np.stack([pad[i:i + len(bg)] for i in range(5)]), axis=0)  # drops objects touching a side
     diff = np.abs(np.diff(cols, axis=0))
     sigma = 1.4826 * float(np.median(diff)) / math.sqrt(2)
     return bg, sigma
@@ -164,16 +164,18 @@ def fit_shape(alpha, shapes, R, ss=2):
     sub = (torch.arange(W * ss, dtype=torch.float32) + 0.5) / ss
     u = (x0 + sub[None, :] - (bt[:, 0:1] + bt[:, 2:3]) / 2) / ((bt[:, 2:3] - bt[:, 0:1]) / 2)     # (N, W ss)
     v = (y0 + sub[None, :] - (bt[:, 1:2] + bt[:, 3:4]) / 2) / ((bt[:, 3:4] - bt[:, 1:2]) / 2)
-    grid = torch.stack(torch.broadcast_tensors(u[:, None, :], v[:, :, None]), dim=-1)            # (N, W ss, W ss, 2)
-    grid = grid.view(len(shapes), len(BLURS) * W * ss, W * ss, 2)  # a shape's blur hypotheses stacked in height
-    t = F.grid_sample(template_maps(tuple(shapes)), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    grid = torch.stack(torch.broadcast_tensors(u[:, None, :], v[:, :, None]), dim=-1)  # (N, W ss, W ss, 2)
+    grid = grid.view(len(shapes), len(BLURS) * W * ss, W * ss, 2)  # a shape's blurs stacked in height
+    t = F.grid_sample(template_maps(tuple(shapes)), grid, mode="bilinear", padding_mode="zeros",
+                      align_corners=False)
     t = F.avg_pool2d(t, ss).view(len(shapes), len(BLURS), W, W)
     t = torch.stack([gaussian_blur(t[:, j], sig) for j, sig in enumerate(BLURS)], dim=1)
     obs = np.zeros((W, W), np.float32)  # the object's alpha in the window, zero beyond the image
     ox, oy, ex, ey = max(x0, 0), max(y0, 0), min(x0 + W, R), min(y0 + W, R)
     obs[oy - y0:ey - y0, ox - x0:ex - x0] = alpha[oy:ey, ox:ex]
     obs = torch.from_numpy(obs)
-    iou = (torch.minimum(t, obs).sum((2, 3)) / torch.maximum(t, obs).sum((2, 3)).clamp_min(1e-6))  # (S, blurs)
+    # soft IoU of each shape and blur: (S, blurs)
+    iou = (torch.minimum(t, obs).sum((2, 3)) / torch.maximum(t, obs).sum((2, 3)).clamp_min(1e-6))
     best = iou.argmax(1)
     return {s: (iou[i, best[i]].item(), boxes[i * len(BLURS) + best[i]]) for i, s in enumerate(shapes)}
 
@@ -232,8 +234,11 @@ def detect(img, world):
             side_x, side_y = box[2] - box[0], box[3] - box[1]
             margin = iou - (fits[ranked[1]][0] if len(ranked) > 1 else 0)
             aspect = max(side_x, side_y) / max(min(side_x, side_y), 1e-6)
-            why = ("poor fit" if iou < KEEP_CONF else "ambiguous" if margin < 0.05 else "impure" if purity < 0.6
-                   else "too big" if max(side_x, side_y) > 0.85 * R else "elongated" if aspect > 1.6 else "")
+            why = ("poor fit" if iou < KEEP_CONF else
+                   "ambiguous" if margin < 0.05 else
+                   "impure" if purity < 0.6 else
+                   "too big" if max(side_x, side_y) > 0.85 * R else
+                   "elongated" if aspect > 1.6 else "")
             objects.append({"class": cls, "color": world.colors[k], "iou": round(iou, 4),
                             "conf": 0.0 if why else round(iou, 4), "box": [round(float(b), 2) for b in box],
                             "purity": round(float(purity), 3), "reject": why})
@@ -275,7 +280,8 @@ def judge(spec, objects):
                             got = data.relations(o["box"], t["box"])
                             if rel not in got:
                                 matched = False
-                                reasons.append(f"expected {req['class']} {rel} target, found {sorted(got) or 'none'}")
+                                reasons.append(f"expected {req['class']} {rel} target, found "
+                                               f"{sorted(got) or 'none'}")
                                 break
                         if not matched:
                             break
@@ -299,7 +305,8 @@ def colours_match(spec, objects):
 
 
 def describe(objects):
-    return ", ".join(f"{o['color']} {o['class']} {o['iou']:.2f}{'(' + o['reject'] + ')' if o['reject'] else ''}"
+    return ", ".join(f"{o['color']} {o['class']} "
+                     f"{o['iou']:.2f}{'(' + o['reject'] + ')' if o['reject'] else ''}"
                      for o in objects) or "nothing"
 
 
@@ -307,12 +314,14 @@ def score(images, specs, world, colours=False):
     """Images (B, 3, H, W) in [-1, 1] against their specs -> list of (correct, reason), with colours_match's
     verdict third if `colours`."""
     out, threads = [], torch.get_num_threads()
-    torch.set_num_threads(1)  # the checker's tensors are tiny: extra threads only add overhead (10x on a busy CPU)
+    # the checker's tensors are tiny: extra threads only add overhead (10x on a busy CPU)
+    torch.set_num_threads(1)
     try:
         for img, spec in zip(data.to_uint8(images).numpy(), specs):
             objects = detect(img, world)
             ok, why = judge(spec, objects)
-            out.append((ok, f"{why} | saw: {describe(objects)}") + ((colours_match(spec, objects),) if colours else ()))
+            verdict = (ok, f"{why} | saw: {describe(objects)}")
+            out.append(verdict + ((colours_match(spec, objects),) if colours else ()))
     finally:
         torch.set_num_threads(threads)
     return out
@@ -332,7 +341,8 @@ def prompt_set(world, n, seed=0):
     specs = []
     for seen, tasks in ((True, data.TASKS), (False, ("colors", "color_attr"))):
         for task in tasks:
-            rng = random.Random(f"selfe-eval-{seed}-{task}-{seen}")  # str seeds are stable across runs and platforms
+            # str seeds are stable across runs and platforms
+            rng = random.Random(f"selfe-eval-{seed}-{task}-{seen}")
             drawn, names = [], set()
             for _ in range(50 * n):
                 s = data.sample_spec(world, rng, task=task, seen=seen)
@@ -367,10 +377,10 @@ def summarize(specs, correct, colours=None):
     named = lambda key: sorted({o[key] for s in specs for o in s["include"] if o.get(key)})
     return {"tasks": tasks, "overall": mean(list(tasks.values())), "images": len(correct),
             "any_correct": mean([any(v) for v in by_prompt.values()]),
-            "per_shape": {k: mean([c for s, c in zip(specs, correct) if any(o["class"] == k for o in s["include"])])
-                          for k in named("class")},
-            "per_color": {k: mean([c for s, c in zip(specs, correct) if any(o.get("color") == k
-                                                                             for o in s["include"])])
+            "per_shape": {k: mean([c for s, c in zip(specs, correct)
+                                   if any(o["class"] == k for o in s["include"])]) for k in named("class")},
+            "per_color": {k: mean([c for s, c in zip(specs, correct)
+                                   if any(o.get("color") == k for o in s["include"])])
                           for k in named("color")},
             "colours_match": mean([c for c in colours or () if c is not None]) if colours else None}
 
@@ -405,7 +415,8 @@ def hard_negatives(spec, world, rng):
     if task == "position":
         variant("relation", lambda c: c[1].update({"position": [OPPOSITE[c[1]["position"][0]], 0]}))
     if task == "color_attr" and inc[0]["color"] != inc[1]["color"]:
-        variant("swap", lambda c: (c[0].update({"color": inc[1]["color"]}), c[1].update({"color": inc[0]["color"]})))
+        variant("swap", lambda c: (c[0].update({"color": inc[1]["color"]}),
+                                   c[1].update({"color": inc[0]["color"]})))
     if task == "two":
         variant("missing", lambda c: c.pop(i))
     return out
@@ -458,7 +469,8 @@ def validate(world, n=10, kinds=("clean",), seed=0, negatives=True):
         if negs is not None:
             nres = [ok for ok, _ in score(perturb(negs, kind, gen), neg_specs, world)]
             entry["negatives"] = round(float(np.mean(nres)), 4)
-            entry["negative_kinds"] = {k: round(float(np.mean([r for r, kk in zip(nres, neg_kinds) if kk == k])), 4)
+            entry["negative_kinds"] = {k: round(float(np.mean([r for r, kk in zip(nres, neg_kinds)
+                                                               if kk == k])), 4)
                                        for k in sorted(set(neg_kinds))}
         out[kind] = entry
     return out
@@ -483,8 +495,8 @@ def load(path, device):
     flags = meta.get("flags", {})
     name = flags.get("world")
     if flags.get("data", "shapes") != "shapes" or name not in data.WORLDS:
-        raise SystemExit(f"evaluate.py: {path} was trained on data {flags.get('data')!r}, world {name!r}: the checker "
-                         f"only knows the shapes worlds {', '.join(data.WORLDS)}")
+        raise SystemExit(f"evaluate.py: {path} was trained on data {flags.get('data')!r}, world {name!r}: "
+                         f"the checker only knows the shapes worlds {', '.join(data.WORLDS)}")
     world = data.WORLDS[name]
     if world.resolution != system.cfg.resolution:
         raise SystemExit(f"evaluate.py: {path}: world {name!r} is {world.resolution} px but the model makes "
@@ -505,7 +517,8 @@ def sweep(system, meta, world, specs, steps_list, args, tag):
     them -> (results per step count, grid rows)."""
     import sample
     results, rows = {}, []
-    picks = [next(i for i, s in enumerate(specs) if s["tag"] == t and s["seen"] == seen)  # one prompt per task
+    # one prompt per task
+    picks = [next(i for i, s in enumerate(specs) if s["tag"] == t and s["seen"] == seen)
              for seen, tasks in ((True, data.TASKS), (False, ("colors", "color_attr"))) for t in tasks]
     jobs = [(i, j) for i in range(len(specs)) for j in range(args.seeds)]
     all_images = {}
@@ -526,10 +539,10 @@ def sweep(system, meta, world, specs, steps_list, args, tag):
         per = [(specs[i], ok, col) for (i, _), (ok, _, col) in zip(jobs, res)]
         results[n] = {"seen": summarize(*zip(*[p for p in per if p[0]["seen"]])),
                       "heldout": summarize(*zip(*[p for p in per if not p[0]["seen"]]))
-                      if any(not s["seen"] for s in specs) else None,
-                      "sampling_s": round(gen_s, 2),
+                      if any(not s["seen"] for s in specs) else None, "sampling_s": round(gen_s, 2),
                       "images": [{"prompt": i, "image": j, "seed": noise_seed(args.seed, i, j), "correct": ok,
-                                  "reason": why, "colours_match": col} for (i, j), (ok, why, col) in zip(jobs, res)]}
+                                  "reason": why, "colours_match": col}
+                                 for (i, j), (ok, why, col) in zip(jobs, res)]}
         rows.append(images[[i * args.seeds for i in picks]])
         all_images[n] = images
     # any-step consistency: how far each step count's images are from the most-steps images of the same noise
@@ -578,14 +591,16 @@ def denoising_table(res):
 
 
 def table(results, which):
-    cols = (*COLUMNS, "colours*") if which == "seen" else ("colors", "color_attr", "overall", "any", "colours*")
+    held_out_cols = ("colors", "color_attr", "overall", "any", "colours*")
+    cols = (*COLUMNS, "colours*") if which == "seen" else held_out_cols
     lines = [f"{'steps':>5} " + " ".join(f"{c:>10}" for c in cols)]
     for n, r in results.items():
         s = r[which]
         vals = [s["tasks"].get(c) if c in data.TASKS else s["overall"] if c == "overall" else
                 s.get("colours_match") if c == "colours*" else s["any_correct"] for c in cols]
         lines.append(f"{n:>5} " + " ".join(f"{'-' if v is None else format(v, '.3f'):>10}" for v in vals))
-    for n, r in results.items():  # the per-shape view exposes a checker (or model) that reads blobs as one class
+    # the per-shape view exposes a checker (or model) that reads blobs as one class
+    for n, r in results.items():
         s = r[which]
         lines.append(f"{n:>5} per shape: " + " ".join(f"{k}={v:.2f}" for k, v in s["per_shape"].items()) +
                      "; per colour: " + " ".join(f"{k}={v:.2f}" for k, v in s["per_color"].items()))
@@ -595,27 +610,32 @@ def table(results, which):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="runs/tiny", help="run folder (uses its `latest`) or a step folder")
-    p.add_argument("--compare", nargs="+", default=[], metavar="DIR", help="more checkpoints, same prompts and noise")
+    p.add_argument("--compare", nargs="+", default=[], metavar="DIR",
+                   help="more checkpoints, same prompts and noise")
     p.add_argument("--steps", type=cli.step_counts, default="1,2,4,8,50", help="comma-separated step counts")
-    p.add_argument("--prompts", type=int, default=10, help="prompts per task (seen; and per colour task held out)")
+    p.add_argument("--prompts", type=int, default=10,
+                   help="prompts per task (seen; and per colour task held out)")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (GenEval: 4; A 14)")
     p.add_argument("--seed", type=cli.seed, default=0, help="prompt set and noise seed")
     p.add_argument("--out", type=cli.writable_folder, default=None, help="folder for eval.json and grid.png "
                    "(default: <ckpt>/eval)")
-    p.add_argument("--cfg", type=number(float), default=None, help="EP-CFG scale (sample.py's default: 5; 1 step: "
-                   "1)")
+    p.add_argument("--cfg", type=number(float), default=None,
+                   help="EP-CFG scale (sample.py's default: 5; 1 step: 1)")
     p.add_argument("--eta", type=number(float, 0, 1), default=1.0, help="DDIM eta")
-    p.add_argument("--s-schedule", type=cli.s_schedule, default=None, help="as in sample.py (default: its own)")
+    p.add_argument("--s-schedule", type=cli.s_schedule, default=None,
+                   help="as in sample.py (default: its own)")
     p.add_argument("--batch", type=int, default=64, help="images per sampling call")
-    p.add_argument("--denoise", type=int, default=256, metavar="N", help="also measure each model as a denoiser on "
-                   "N unseen ground-truth scenes: velocity error by t with the prompt and with phi (0: skip)")
+    p.add_argument("--denoise", type=int, default=256, metavar="N",
+                   help="also measure each model as a denoiser on N unseen ground-truth scenes: velocity "
+                   "error by t with the prompt and with phi (0: skip)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--validate", action="store_true", help="score ground truth, hard negatives and perturbations")
+    p.add_argument("--validate", action="store_true",
+                   help="score ground truth, hard negatives and perturbations")
     p.add_argument("--bench", action="store_true", help="checker speed on 64 px ground-truth renders")
     args = p.parse_args(argv)
     if args.prompts < 1 or args.seeds < 1 or args.seeds > 1000 or args.batch < 1 or args.denoise < 0:
-        p.error("--prompts and --batch must be >= 1, --seeds in [1, 1000], --denoise >= 0: an empty prompt set "
-                "measures nothing")
+        p.error("--prompts and --batch must be >= 1, --seeds in [1, 1000], --denoise >= 0: an empty prompt "
+                "set measures nothing")
     if args.bench:
         return bench()
     if args.validate:
@@ -642,15 +662,17 @@ def main(argv=None):
     for (system, meta, _), path, tag in zip(models, paths, "ABCDEFGH"):
         results, rows = sweep(system, meta, world, specs, args.steps, args, tag)
         all_rows.append(rows)
-        denoise = denoising(system, world, args.denoise, args.seed, batch=args.batch) if args.denoise else None
+        denoise = None
+        if args.denoise:
+            denoise = denoising(system, world, args.denoise, args.seed, batch=args.batch)
         report["models"].append({"tag": tag, "ckpt": path, "step": meta.get("step"),
                                  "objective": meta["flags"].get("objective"), "results": results,
                                  "denoising": denoise})
-        print(f"\nmodel {tag}: {path} (step {meta.get('step')}, objective {meta['flags'].get('objective')}, world "
-              f"{world.name}, {args.prompts} prompts per task x {args.seeds} images)")
-        print("seen compositions (overall = mean of the 6 tasks; any = % prompts with a correct image; colours* = "
-              "share of colour-naming prompts' images whose blobs have exactly the named colours, a diagnostic "
-              "outside Overall)")
+        print(f"\nmodel {tag}: {path} (step {meta.get('step')}, objective {meta['flags'].get('objective')}, "
+              f"world {world.name}, {args.prompts} prompts per task x {args.seeds} images)")
+        print("seen compositions (overall = mean of the 6 tasks; any = % prompts with a correct image; "
+              "colours* = share of colour-naming prompts' images whose blobs have exactly the named colours, "
+              "a diagnostic outside Overall)")
         print(table(results, "seen"))
         print("held-out compositions (overall = mean of colors and color_attr)")
         print(table(results, "heldout"))
@@ -659,8 +681,8 @@ def main(argv=None):
         print(f"contrast (RMS from the image's median colour; ground-truth renders {truth_contrast:.3f}): " +
               ", ".join(f"{n} steps {r['contrast']:.3f}" for n, r in results.items()))
         if denoise:
-            print(f"as a denoiser on {args.denoise} unseen ground-truth scenes (velocity error, s = t; gain = share of "
-                  f"the unconditional error the prompt removes)")
+            print(f"as a denoiser on {args.denoise} unseen ground-truth scenes (velocity error, s = t; gain "
+                  "= share of the unconditional error the prompt removes)")
             print(denoising_table(denoise))
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
@@ -670,10 +692,11 @@ def main(argv=None):
     if len(all_rows) > 1:  # one block per model, left to right, a blank column between blocks
         blank = torch.ones_like(all_rows[0][0][:1])
         rows = [torch.cat([x for block in row for x in (block, blank)][:-1]) for row in zip(*all_rows)]
-        grid = sample.save_grid(rows, os.path.join(out_dir, "compare.png"), max(1, 128 // world.resolution), labels)
+        grid = sample.save_grid(rows, os.path.join(out_dir, "compare.png"),
+                                max(1, 128 // world.resolution), labels)
     else:
-        grid = sample.save_grid(all_rows[0], os.path.join(out_dir, "grid.png"), max(1, 128 // world.resolution),
-                                labels)
+        grid = sample.save_grid(all_rows[0], os.path.join(out_dir, "grid.png"),
+                                max(1, 128 // world.resolution), labels)
     print(f"wrote {os.path.join(out_dir, 'eval.json')} and {grid}" +
           (f" (rows: step counts; blocks left to right: {', '.join(paths)})" if args.compare else ""))
     return report
@@ -682,7 +705,8 @@ def main(argv=None):
 def bench(n=60):
     world = data.WORLDS["full"]
     specs = [s for s in prompt_set(world, n // 6) if s["seen"]]
-    imgs = data.to_uint8(torch.stack([render_spec(s, world, data.sample_rng(1, i))[0] for i, s in enumerate(specs)]))
+    imgs = data.to_uint8(torch.stack([render_spec(s, world, data.sample_rng(1, i))[0]
+                                      for i, s in enumerate(specs)]))
     imgs = imgs.numpy()
     torch.set_num_threads(1)
     detect(imgs[0], world)

@@ -73,8 +73,9 @@ def pair_loss(x0_hat, x0, x_self, lam_st, *, target_norm=True):
     return per_sample_mse(x0_hat, x0) + lam_st * per_sample_mse(x0_hat, x_self)
 
 
-def selfe_loss(G, G_ema, x0, t, s, cond, null, *, evaluate=None, eval_size=None, fake=None, fake_norm=None, k=0.9,
-               target_norm=True, t_min=1e-3, fake_weight=1.0, fresh_noise=True, eps=None, eps_self=None):
+def selfe_loss(G, G_ema, x0, t, s, cond, null, *, evaluate=None, eval_size=None, fake=None,
+               fake_norm=None, k=0.9, target_norm=True, t_min=1e-3, fake_weight=1.0, fresh_noise=True,
+               eps=None, eps_self=None):
     """The full objective (Eq. 21): mean over the batch of w_{s,t} L_{s,t}, plus L_fake
     (s.8) when `fake` is given.
 
@@ -94,7 +95,7 @@ def selfe_loss(G, G_ema, x0, t, s, cond, null, *, evaluate=None, eval_size=None,
     eps = torch.randn_like(x0) if eps is None else eps
     x_t = selfe.forward_process(x0, t, eps)                             # Eq. 1
     x0_hat = G(x_t, t, s, cond)                                         # Eq. 6, with gradient
-    x_self = x0_hat.detach().float()                                    # Delta = 0 (s = t: lambda = 0, target x0)
+    x_self = x0_hat.detach().float()                                    # Delta = 0 (s = t: target x0)
     lam_st = lam(t, s)
     self_term = torch.zeros(len(t), device=x0.device)
     loss_fake = x0.new_zeros(())
@@ -118,8 +119,9 @@ def selfe_loss(G, G_ema, x0, t, s, cond, null, *, evaluate=None, eval_size=None,
     per_pair = pair_loss(x0_hat, x0, x_self, lam_st, target_norm=target_norm)
     w = fm_weight(t, t_min)
     loss = (w * per_pair).mean() + loss_fake
-    return {"loss": loss, "per_sample": (w * per_pair).detach(), "data": (w * per_sample_mse(x0_hat, x0)).detach(),
-            "self": self_term, "lam": lam_st, "selfeval": (s < t), "fake": loss_fake.detach()}
+    return {"loss": loss, "per_sample": (w * per_pair).detach(),
+            "data": (w * per_sample_mse(x0_hat, x0)).detach(), "self": self_term, "lam": lam_st,
+            "selfeval": (s < t), "fake": loss_fake.detach()}
 
 
 def fm_loss(G, x0, t, cond, *, t_min=1e-3, eps=None):

@@ -38,12 +38,12 @@ class Config:
     in_channels: int = 64          # d_img = latent channels * patch^2
     context_in_dim: int = 4096     # d_txt (T5)
     vec_in_dim: int = 768          # d_vec (pooled CLIP)
-    dual_time: bool = True         # Self-E's MLP_s(t - s) embedding (s.9); off for the public FLUX transformers
+    dual_time: bool = True         # Self-E's MLP_s(t - s) embedding (s.9); off for the FLUX transformers
     guidance_embed: bool = False   # FLUX.1-dev's distilled-guidance embedding; never used by Self-E
     # image space
     resolution: int = 256
     latent: str = "flux-vae"       # "flux-vae" (16 channels, /8) or "pixels" (3 channels, /1)
-    pixel_scale: float = 1.0       # "pixels": latents are the images in [-1, 1] times this (about unit variance)
+    pixel_scale: float = 1.0       # "pixels": latents = the images in [-1, 1] x this (about unit variance)
     patch: int = 2
     # text
     t5: encoders.T5Config = field(default_factory=encoders.T5Config)
@@ -80,21 +80,27 @@ CONFIGS = {
     # CPU demo: pixel space 32 px, patch 4 (64 image tokens), small random frozen T5 and CLIP over the shapes
     # world's words (16 text tokens).
     "tiny": Config(hidden_size=128, num_heads=4, depth=2, depth_single_blocks=2, axes_dim=(4, 14, 14),
-                   in_channels=3 * 4 * 4, context_in_dim=64, vec_in_dim=64, resolution=32, latent="pixels", patch=4,
-                   t5=encoders.T5Config(vocab_size=70, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2),
-                   clip=encoders.CLIPConfig(vocab_size=70, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   intermediate_size=128, max_position_embeddings=16, eos_token_id=1),
-                   t5_max_len=16, tokenizer="words", batch=32, steps=1000, lr=1e-3, ema_decay=0.995, world="small"),
+                   in_channels=3 * 4 * 4, context_in_dim=64, vec_in_dim=64, resolution=32, latent="pixels",
+                   patch=4,
+                   t5=encoders.T5Config(vocab_size=70, d_model=64, d_kv=16, num_heads=4, d_ff=128,
+                                        num_layers=2),
+                   clip=encoders.CLIPConfig(vocab_size=70, hidden_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, intermediate_size=128,
+                                            max_position_embeddings=16, eos_token_id=1),
+                   t5_max_len=16, tokenizer="words", batch=32, steps=1000, lr=1e-3, ema_decay=0.995,
+                   world="small"),
     # The paper's ablation model (Table 2): d 1024, 16 x 64 heads, 8 + 16 blocks, 256^2.
     "0.5b": Config(hidden_size=1024, num_heads=16, axes_dim=(8, 28, 28), resolution=256),
     # The paper's main model (S.2): d 2048, 16 x 128 heads, 8 + 16 blocks; phase 1 at 256^2.
     "2b": Config(hidden_size=2048, num_heads=16, axes_dim=(16, 56, 56), resolution=256),
     # The public FLUX.1 transformers (12B; docs/formats.md §4.5), to load
     # flux1-{schnell,dev}.safetensors into our MMDiT.
-    "flux-schnell": Config(hidden_size=3072, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=(16, 56, 56),
-                           dual_time=False, guidance_embed=False, resolution=1024, t5_max_len=256),
-    "flux-dev": Config(hidden_size=3072, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=(16, 56, 56),
-                       dual_time=False, guidance_embed=True, resolution=1024, t5_max_len=512),
+    "flux-schnell": Config(hidden_size=3072, num_heads=24, depth=19, depth_single_blocks=38,
+                           axes_dim=(16, 56, 56), dual_time=False, guidance_embed=False, resolution=1024,
+                           t5_max_len=256),
+    "flux-dev": Config(hidden_size=3072, num_heads=24, depth=19, depth_single_blocks=38,
+                       axes_dim=(16, 56, 56), dual_time=False, guidance_embed=True, resolution=1024,
+                       t5_max_len=512),
 }
 
 
@@ -222,8 +228,9 @@ class DoubleStreamBlock(nn.Module):
             setattr(self, f"{stream}_norm1", nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6))
             setattr(self, f"{stream}_attn", SelfAttention(dim, num_heads, qkv_bias))
             setattr(self, f"{stream}_norm2", nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6))
-            setattr(self, f"{stream}_mlp", nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(approximate="tanh"),
-                                                         nn.Linear(mlp_hidden, dim)))
+            setattr(self, f"{stream}_mlp",
+                    nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(approximate="tanh"),
+                                  nn.Linear(mlp_hidden, dim)))
 
     def forward(self, img, txt, vec, pe):
         (i_shift1, i_scale1, i_gate1), (i_shift2, i_scale2, i_gate2) = self.img_mod(vec)
@@ -255,7 +262,8 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x, vec, pe):
         (shift, scale, gate), _ = self.modulation(vec)
-        qkv, mlp = self.linear1(modulate(self.pre_norm(x), shift, scale)).split([3 * self.dim, self.mlp_hidden], -1)
+        x_mod = modulate(self.pre_norm(x), shift, scale)
+        qkv, mlp = self.linear1(x_mod).split([3 * self.dim, self.mlp_hidden], -1)
         B, L, _ = x.shape
         q, k, v = qkv.view(B, L, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k = self.norm(q, k, v)
@@ -283,13 +291,14 @@ class MMDiT(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        assert sum(cfg.axes_dim) == cfg.head_dim, f"RoPE axes {cfg.axes_dim} must sum to the head dim {cfg.head_dim}"
+        assert sum(cfg.axes_dim) == cfg.head_dim, (f"RoPE axes {cfg.axes_dim} must sum to the head dim "
+                                                   f"{cfg.head_dim}")
         self.cfg = cfg
         d = cfg.hidden_size
         self.pe_embedder = EmbedND(cfg.theta, cfg.axes_dim)
         self.img_in = nn.Linear(cfg.in_channels, d)
         self.time_in = MLPEmbedder(256, d)                                       # MLP_t (s.9)
-        self.s_in = MLPEmbedder(256, d) if cfg.dual_time else None               # MLP_s (s.9), on the gap t - s
+        self.s_in = MLPEmbedder(256, d) if cfg.dual_time else None               # MLP_s (s.9), on t - s
         self.guidance_in = MLPEmbedder(256, d) if cfg.guidance_embed else None  # FLUX.1-dev only
         self.vector_in = MLPEmbedder(cfg.vec_in_dim, d)
         self.txt_in = nn.Linear(cfg.context_in_dim, d)
@@ -309,8 +318,8 @@ class MMDiT(nn.Module):
         for name, m in self.named_modules():
             if not isinstance(m, nn.Linear):
                 continue
-            if "_mod." in name or "modulation" in name or name.split(".")[0] in ("time_in", "s_in", "guidance_in",
-                                                                                  "vector_in"):
+            embedder = name.split(".")[0] in ("time_in", "s_in", "guidance_in", "vector_in")
+            if "_mod." in name or "modulation" in name or embedder:
                 rows = 1
             elif ".img_" in name or name in ("img_in", "final_layer.linear"):
                 rows = n_img
@@ -357,17 +366,17 @@ class MMDiT(nn.Module):
         s and the positions stay fp32 up to the sinusoids and the RoPE rotations
         (bf16 would put t = 0.33944 at 0.33984, and shift the phase of 1000 t by radians)."""
         dtype = self.img_in.weight.dtype
-        embed = lambda mlp, x: mlp(timestep_embedding(x).to(dtype))         # fp32 sinusoid, then the MLP's dtype
+        embed = lambda mlp, x: mlp(timestep_embedding(x).to(dtype))         # fp32 sinusoid, MLP's dtype
         vec = embed(self.time_in, t)                                        # e_t (s.9)
         if self.s_in is not None:
-            vec = vec + embed(self.s_in, t - s)                             # + e_s: the gap t - s, not s (s.9-s.10)
+            vec = vec + embed(self.s_in, t - s)                             # + e_s, of t - s (s.9-s.10)
         if self.guidance_in is not None:
             vec = vec + embed(self.guidance_in, guidance)
         vec = vec + self.vector_in(y.to(dtype))
         # clone: a 3-D Linear returns a view, and torch.compile would give the first block
         # (view inputs) its own graph
         img, txt = self.img_in(img.to(dtype)).clone(), self.txt_in(txt.to(dtype)).clone()
-        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))         # fp32 rotations (B or 1, 1, L, D/2, 2, 2)
+        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))         # (B or 1, 1, L, D/2, 2, 2) fp32
         for block in self.double_blocks:
             img, txt = block(img, txt, vec, pe)
         x = torch.cat((txt, img), 1)

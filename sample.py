@@ -102,7 +102,8 @@ def sample(system, prompts, steps=4, cfg=None, eta=1.0, s_schedule=None, seeds=N
         if cfg != 1:
             v = ep_cfg(v[:B], v[B:], cfg)
         x = ddim_step(x, v, t, t_next, eta, randn() if (eta > 0 and t_next > 0) else None)
-        if progress and (sys.stderr.isatty() or k + 1 == steps):  # a live counter on a terminal, one line in a log
+        # a live counter on a terminal, one line in a log
+        if progress and (sys.stderr.isatty() or k + 1 == steps):
             print(f"\r  step {k + 1}/{steps}", end="" if k + 1 < steps else "\n", file=sys.stderr, flush=True)
     return system.decode_tokens(x, h, w)
 
@@ -150,12 +151,12 @@ def load_system(args):
         if args.resolution:
             cfg = dataclasses.replace(cfg, resolution=args.resolution)
         weights = encoders.find_pretrained(args.pretrained, transformer=True)["transformer"]
-        system = selfe.SelfE(cfg, args.device, pretrained=args.pretrained, t5=args.t5, clip=args.clip, vae=args.vae,
-                             transformer=weights)
+        system = selfe.SelfE(cfg, args.device, pretrained=args.pretrained, t5=args.t5, clip=args.clip,
+                             vae=args.vae, transformer=weights)
         system.guidance = args.guidance
         return system, {"step": 0, "flags": FLUX_SAMPLING[args.size], "source": weights}
-    system, meta = selfe.load_checkpoint(args.ckpt, args.device, args.weights, args.pretrained, args.t5, args.clip,
-                                         args.vae, args.resolution)
+    system, meta = selfe.load_checkpoint(args.ckpt, args.device, args.weights, args.pretrained, args.t5,
+                                         args.clip, args.vae, args.resolution)
     meta["source"] = f"{selfe.resolve_checkpoint(args.ckpt)} (step {meta['step']}, {args.weights} weights)"
     return system, meta
 
@@ -165,30 +166,34 @@ def main(argv=None):
     p.add_argument("prompts", nargs="+", metavar="PROMPT")
     p.add_argument("--ckpt", default="runs/tiny", help="run folder (uses its `latest`) or a step folder")
     p.add_argument("--steps", type=number(int, 1, cli.MAX_STEPS), default=4, help="sampling steps (A 15)")
-    p.add_argument("--cfg", type=number(float), default=None, help="EP-CFG scale (default 5; 1 = no guidance; 1 "
-                   "step: 1; A 21, A 24)")
-    p.add_argument("--eta", type=number(float, 0, 1), default=None, help="DDIM eta (1 = the paper's setting, 0 = "
-                   "Euler, Eq. 22; A 7)")
-    p.add_argument("--s-schedule", type=cli.s_schedule, default=None, help="next (s_k = t_{k+1}), current (s_k = "
-                   "t_k) or a in [0, 1] (A 20, A 21)")
+    p.add_argument("--cfg", type=number(float), default=None,
+                   help="EP-CFG scale (default 5; 1 = no guidance; 1 step: 1; A 21, A 24)")
+    p.add_argument("--eta", type=number(float, 0, 1), default=None,
+                   help="DDIM eta (1 = the paper's setting, 0 = Euler, Eq. 22; A 7)")
+    p.add_argument("--s-schedule", type=cli.s_schedule, default=None,
+                   help="next (s_k = t_{k+1}), current (s_k = t_k) or a in [0, 1] (A 20, A 21)")
     p.add_argument("--seed", type=cli.seed, default=0)
     p.add_argument("--n", type=number(int, 1), default=1, help="images per prompt")
-    p.add_argument("--out", type=cli.image_file, default=None, help="image path (default sample.png, or sweep.png "
-                   "with --sweep)")
-    p.add_argument("--sweep", type=cli.step_counts, default=None, help="comma-separated step counts: one grid row per "
-                   "step count")
+    p.add_argument("--out", type=cli.image_file, default=None,
+                   help="image path (default sample.png, or sweep.png with --sweep)")
+    p.add_argument("--sweep", type=cli.step_counts, default=None,
+                   help="comma-separated step counts: one grid row per step count")
     p.add_argument("--weights", default="ema", choices=("ema", "model"))
-    p.add_argument("--anchor", type=cli.anchor, default=None, help="mu(L) anchor length (default: the run's; A 6)")
-    p.add_argument("--upscale", type=number(int, 1, 64), default=None, help="nearest-neighbour zoom of the PNG "
-                   "(default: to >= 256 px)")
-    p.add_argument("--resolution", type=number(int, 1), default=None, help="image side in pixels (default: the "
-                   "preset's)")
+    p.add_argument("--anchor", type=cli.anchor, default=None,
+                   help="mu(L) anchor length (default: the run's; A 6)")
+    p.add_argument("--upscale", type=number(int, 1, 64), default=None,
+                   help="nearest-neighbour zoom of the PNG (default: to >= 256 px)")
+    p.add_argument("--resolution", type=number(int, 1), default=None,
+                   help="image side in pixels (default: the preset's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     f = p.add_argument_group("real frozen parts and the public FLUX.1 transformers")
-    f.add_argument("--size", default=None, help="flux-schnell or flux-dev: sample the public FLUX.1 transformer")
-    f.add_argument("--pretrained", default=None, help="FLUX.1 snapshot folder (T5, CLIP, autoencoder, transformer)")
+    f.add_argument("--size", default=None,
+                   help="flux-schnell or flux-dev: sample the public FLUX.1 transformer")
+    f.add_argument("--pretrained", default=None,
+                   help="FLUX.1 snapshot folder (T5, CLIP, autoencoder, transformer)")
     f.add_argument("--t5", default=None, help="T5 v1.1 XXL folder (weights, config.json, spiece.model)")
-    f.add_argument("--clip", default=None, help="CLIP ViT-L/14 text folder (weights, config.json, vocab, merges)")
+    f.add_argument("--clip", default=None,
+                   help="CLIP ViT-L/14 text folder (weights, config.json, vocab, merges)")
     f.add_argument("--vae", default=None, help="FLUX autoencoder file (ae.safetensors or diffusers layout)")
     f.add_argument("--guidance", type=number(float), default=3.5, help="flux-dev's distilled guidance input")
     args = p.parse_args(argv)

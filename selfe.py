@@ -45,7 +45,8 @@ def mu_of_length(L, anchor=512, mu_anchor=0.5, mu_4096=1.15):
     """Length-dependent shift (docs/method.md §6): linear in the patch count L, 0.5 at `anchor`
     (paper 512, A 6; minFM/FLUX 256), 1.15 at 4096, extrapolated linearly outside."""
     if not 0 < anchor < 4096:
-        raise ValueError(f"anchor {anchor}: mu(L) is 0.5 there and 1.15 at 4096 tokens, so it must lie in (0, 4096)")
+        raise ValueError(f"anchor {anchor}: mu(L) is 0.5 there and 1.15 at 4096 tokens, so it "
+                         "must lie in (0, 4096)")
     return mu_anchor + (mu_4096 - mu_anchor) * (L - anchor) / (4096 - anchor)
 
 
@@ -92,7 +93,8 @@ def expand(cond, n):
 def patchify(x, p):
     """(B, C, H, W) -> (B, (H/p)(W/p), C p p) in FLUX's order, row-major over patches."""
     B, C, H, W = x.shape
-    return x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
+    x = x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, H/p, W/p, C, p, p)
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
 
 
 def unpatchify(x, h, w, p):
@@ -117,8 +119,8 @@ class SelfE:
     """Denoiser + frozen text encoders (+ autoencoder) of one preset. `denoiser` is trained;
     `ema` is its EMA copy."""
 
-    def __init__(self, cfg: model.Config, device="cpu", frozen_seed=0, pretrained=None, t5=None, clip=None, vae=None,
-                 transformer=None, frozen_parts=True, denoiser=True, ae_dtype=torch.float32):
+    def __init__(self, cfg: model.Config, device="cpu", frozen_seed=0, pretrained=None, t5=None, clip=None,
+                 vae=None, transformer=None, frozen_parts=True, denoiser=True, ae_dtype=torch.float32):
         """Build the denoiser (random init, directly on `device`) and the frozen parts. The tiny preset makes
         its stand-ins from `frozen_seed`; the others load the public weights from a FLUX.1 snapshot folder
         `pretrained`, or part by part from `t5` / `clip` folders
@@ -140,12 +142,15 @@ class SelfE:
         # the text encodings' dtype: the denoiser's parameters' (it casts its inputs itself)
         self.dtype = next(self.denoiser.parameters()).dtype if self.denoiser is not None else torch.float32
         self.ema, self.ae, self._null = None, None, None
-        if cfg.tokenizer == "words":  # the tiny preset's stand-ins: same classes as the real encoders, random, seeded
+        # the tiny preset's stand-ins: same classes as the real encoders, random, seeded
+        if cfg.tokenizer == "words":
             self.t5_tokenizer = encoders.WordTokenizer(data.WORDS, cfg.t5_max_len, "pad-end")
-            self.clip_tokenizer = encoders.WordTokenizer(data.WORDS, cfg.clip.max_position_embeddings, "start-end")
-            self.t5 = encoders.init_text_encoder(encoders.T5Encoder(cfg.t5), frozen_seed).to(self.device).requires_grad_(False)
-            self.clip = encoders.init_text_encoder(encoders.CLIPTextEncoder(cfg.clip), frozen_seed + 1).to(self.device)
-            self.clip.requires_grad_(False)
+            self.clip_tokenizer = encoders.WordTokenizer(data.WORDS, cfg.clip.max_position_embeddings,
+                                                         "start-end")
+            t5 = encoders.init_text_encoder(encoders.T5Encoder(cfg.t5), frozen_seed)
+            clip = encoders.init_text_encoder(encoders.CLIPTextEncoder(cfg.clip), frozen_seed + 1)
+            self.t5 = t5.to(self.device).requires_grad_(False)
+            self.clip = clip.to(self.device).requires_grad_(False)
         elif not frozen_parts:
             self.t5 = self.clip = None
         else:
@@ -153,7 +158,8 @@ class SelfE:
             self.t5 = encoders.load_t5(p["t5"], dtype, self.device).requires_grad_(False)
             self.clip = encoders.load_clip(p["clip"], dtype, self.device).requires_grad_(False)
             self.t5_tokenizer = encoders.T5Tokenizer(p["t5_tokenizer"], cfg.t5_max_len)
-            self.clip_tokenizer = encoders.CLIPTokenizer(p["clip_vocab"], p["clip_merges"], cfg.clip.max_position_embeddings)
+            self.clip_tokenizer = encoders.CLIPTokenizer(p["clip_vocab"], p["clip_merges"],
+                                                         cfg.clip.max_position_embeddings)
         if cfg.latent == "flux-vae" and frozen_parts:
             if cfg.tokenizer == "words":
                 raise ValueError("a flux-vae preset needs the pretrained frozen parts")
@@ -243,7 +249,8 @@ class SelfE:
         without the host reading it (train.py: a step whose update Adam skipped)."""
         d = min(decay, (1 + step) / (10 + step)) if warmup else decay
         reshard(self.ema)
-        local = lambda m: [p.to_local() if hasattr(p, "to_local") else p for p in m.parameters()]  # FSDP2 shards
+        # the local shards of FSDP2's parameters (the tensors themselves without FSDP)
+        local = lambda m: [p.to_local() if hasattr(p, "to_local") else p for p in m.parameters()]
         ema, new = local(self.ema), [p.detach() for p in local(self.denoiser)]
         if skip is None:
             torch._foreach_lerp_(ema, new, 1 - d)
@@ -270,12 +277,14 @@ def frozen_paths(pretrained=None, t5=None, clip=None, vae=None):
     elif t5 and clip and vae:
         p = {}
     else:
-        raise SystemExit("this preset uses the real frozen parts (T5-XXL, CLIP-L, FLUX autoencoder): pass "
-                         "--pretrained FLUX_DIR (a FLUX.1-schnell or -dev snapshot folder) or all of --t5, --clip, --vae")
+        raise SystemExit("this preset uses the real frozen parts (T5-XXL, CLIP-L, FLUX autoencoder): "
+                         "pass --pretrained FLUX_DIR (a FLUX.1-schnell or -dev snapshot folder) or all "
+                         "of --t5, --clip, --vae")
     if t5:
         p.update(t5=t5, t5_tokenizer=os.path.join(t5, "spiece.model"))
     if clip:
-        p.update(clip=clip, clip_vocab=os.path.join(clip, "vocab.json"), clip_merges=os.path.join(clip, "merges.txt"))
+        p.update(clip=clip, clip_vocab=os.path.join(clip, "vocab.json"),
+                 clip_merges=os.path.join(clip, "merges.txt"))
     if vae:
         p["ae"] = vae
     for key in ("t5_tokenizer", "clip_vocab", "clip_merges", "ae"):
@@ -324,7 +333,8 @@ def load_training_state(path, system, optimizer=None):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, checkpoint_id=where, no_dist=not dist.is_initialized())
-    except (Exception, CheckpointException) as e:  # a missing or foreign shard file, a shape that does not fit
+    # a missing or foreign shard file, a shape that does not fit
+    except (Exception, CheckpointException) as e:
         cause = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         raise encoders.CheckpointError(f"{where}: cannot load the checkpoint: {cause[-1].strip()}") from e
     set_model_state_dict(system.denoiser, state["model"])
@@ -341,8 +351,8 @@ def resolve_checkpoint(path):
         with open(latest) as f:
             name = f.read().strip()
         if not os.path.isfile(os.path.join(path, name, "config.json")):
-            raise encoders.CheckpointError(f"{latest} names {name!r}, which is not a complete checkpoint: write the name of "
-                                    f"one of the step-* folders there into it")
+            raise encoders.CheckpointError(f"{latest} names {name!r}, which is not a complete checkpoint: "
+                                           "write the name of one of the step-* folders there into it")
         return os.path.join(path, name)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"no checkpoint at {os.path.abspath(path)} (looked for {path}/latest and "
@@ -360,12 +370,13 @@ def read_meta(path):
         if not isinstance(meta["flags"], dict) or not isinstance(meta["step"], int):
             raise TypeError("'flags' is not an object or 'step' is not an integer")
     except (KeyError, TypeError, ValueError) as e:  # not the fields a checkpoint writes
-        raise encoders.CheckpointError(f"{file}: damaged ({type(e).__name__}: {e}); use another step-* folder of the "
-                                f"run") from e
+        raise encoders.CheckpointError(f"{file}: damaged ({type(e).__name__}: {e}); use another step-* "
+                                       "folder of the run") from e
     if cfg.tokenizer == "bytes":
-        raise encoders.CheckpointError(f"{file}: trained with an earlier tiny preset whose stand-in encoders read bytes; the "
-                                f"tiny preset now reads words (encoders.WordTokenizer), so this checkpoint cannot be "
-                                f"rebuilt: train it again with `python train.py`")
+        raise encoders.CheckpointError(f"{file}: trained with an earlier tiny preset whose stand-in encoders "
+                                       "read bytes; the tiny preset now reads words "
+                                       "(encoders.WordTokenizer), so this checkpoint cannot be rebuilt: "
+                                       "train it again with `python train.py`")
     return cfg, meta
 
 
@@ -389,8 +400,8 @@ def load_checkpoint(path, device="cpu", weights="ema", pretrained=None, t5=None,
     flags = meta["flags"]
     if resolution:
         cfg = dataclasses.replace(cfg, resolution=resolution)
-    system = SelfE(cfg, device, flags.get("seed", 0), pretrained or flags.get("pretrained"), t5 or flags.get("t5"),
-                   clip or flags.get("clip"), vae or flags.get("vae"))
+    system = SelfE(cfg, device, flags.get("seed", 0), pretrained or flags.get("pretrained"),
+                   t5 or flags.get("t5"), clip or flags.get("clip"), vae or flags.get("vae"))
     file = os.path.join(path, f"{weights}.safetensors")
     if weights == "model" and not os.path.isfile(file):  # the raw weights live in the sharded training state
         load_training_state(path, system)

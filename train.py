@@ -59,28 +59,35 @@ from cli import number
 from encoders import CheckpointError
 from model import CONFIGS
 
-PREVIEW_PROMPTS = ["a red circle to the left of a blue square", "a photo of a green circle", "a photo of three squares",
-                   "a photo of a triangle above a circle", "a photo of a white square and a purple triangle"]
-warnings.filterwarnings("ignore", message=".*returned a view tensor")  # FSDP2 on nn.Linear's 3-D output; we never
-                                                                      # modify the denoiser's output in place
+PREVIEW_PROMPTS = ["a red circle to the left of a blue square", "a photo of a green circle",
+                   "a photo of three squares", "a photo of a triangle above a circle",
+                   "a photo of a white square and a purple triangle"]
+# FSDP2 warns on nn.Linear's 3-D output; we never modify the denoiser's output in place
+warnings.filterwarnings("ignore", message=".*returned a view tensor")
 H100_PEAK = 789.0  # TFLOP/s: dense bf16 matmul measured on one H100 (the datasheet says 989)
-FIT = 0.85  # share of a device's memory the memory plan may fill: temporaries and the allocator's slack need the rest
+# share of a device's memory the memory plan may fill: temporaries and the allocator's slack need the rest
+FIT = 0.85
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="tiny", choices=list(CONFIGS), help="model preset")
-    p.add_argument("--data", default="shapes", help="'shapes' (built-in world), a TSV manifest (image path<TAB>prompt) "
-                   "or a cache folder made by --build-cache")
-    p.add_argument("--base-dir", default=None, help="base for relative manifest paths (default: the manifest's folder)")
-    p.add_argument("--skip-bad", action="store_true", help="skip malformed manifest lines and unusable images")
-    p.add_argument("--workers", type=number(int, 1), default=4, help="threads decoding a manifest's images, a step "
-                   "ahead")
-    p.add_argument("--resolution", type=areas, default=None, help="bucket areas in pixels, e.g. 256 or 256,512 (the "
-                   "1:1 mix of docs/method.md §9, A 13); default: the preset's")
-    p.add_argument("--max-ratio", type=number(float, 1), default=2.0, help="widest bucket aspect ratio (1: square "
-                   "crops; A 13)")
-    p.add_argument("--world", default=None, choices=list(data.WORLDS), help="shapes world (default: the preset's)")
+    p.add_argument("--data", default="shapes",
+                   help="'shapes' (built-in world), a TSV manifest (image path<TAB>prompt) or a cache folder "
+                   "made by --build-cache")
+    p.add_argument("--base-dir", default=None,
+                   help="base for relative manifest paths (default: the manifest's folder)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip malformed manifest lines and unusable images")
+    p.add_argument("--workers", type=number(int, 1), default=4,
+                   help="threads decoding a manifest's images, a step ahead")
+    p.add_argument("--resolution", type=areas, default=None,
+                   help="bucket areas in pixels, e.g. 256 or 256,512 (the 1:1 mix of docs/method.md §9, "
+                   "A 13); default: the preset's")
+    p.add_argument("--max-ratio", type=number(float, 1), default=2.0,
+                   help="widest bucket aspect ratio (1: square crops; A 13)")
+    p.add_argument("--world", default=None, choices=list(data.WORLDS),
+                   help="shapes world (default: the preset's)")
     p.add_argument("--pretrained", default=None, help="FLUX.1 snapshot folder: T5-XXL, CLIP-L, autoencoder")
     p.add_argument("--t5", default=None, help="T5 v1.1 XXL folder (overrides --pretrained's)")
     p.add_argument("--clip", default=None, help="CLIP ViT-L/14 text folder (overrides --pretrained's)")
@@ -90,62 +97,80 @@ def get_args(argv=None):
     p.add_argument("--batch", type=number(int, 1), default=None, help="global batch (default: the preset's)")
     p.add_argument("--accum", type=number(int, 1), default=None, help="gradient accumulation micro-steps per "
                    "iteration (default: the fewest with which the memory plan fits the GPU; 1 on CPU)")
-    p.add_argument("--lr", type=number(float, 0), default=None, help="peak learning rate (default: the preset's)")
-    p.add_argument("--lr-min", type=number(float, 0), default=1e-5, help="learning rate at the last step (linear "
-                   "decay; A 9)")
-    p.add_argument("--warmup", type=number(int, 0), default=None, help="warmup iterations (default: min(1000, steps "
-                   "/ 20); A 22)")
+    p.add_argument("--lr", type=number(float, 0), default=None,
+                   help="peak learning rate (default: the preset's)")
+    p.add_argument("--lr-min", type=number(float, 0), default=1e-5,
+                   help="learning rate at the last step (linear decay; A 9)")
+    p.add_argument("--warmup", type=number(int, 0), default=None,
+                   help="warmup iterations (default: min(1000, steps / 20); A 22)")
     p.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="A 9: minFM's default")
-    p.add_argument("--ema", type=number(float, 0, 1), default=None, help="EMA decay (paper 0.9999; default: the "
-                   "preset's; A 19)")
-    p.add_argument("--out", type=cli.writable_folder, default=None, help="run folder (default: runs/<size>[-fm])")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/latest (implied on a torchrun restart)")
+    p.add_argument("--ema", type=number(float, 0, 1), default=None,
+                   help="EMA decay (paper 0.9999; default: the preset's; A 19)")
+    p.add_argument("--out", type=cli.writable_folder, default=None,
+                   help="run folder (default: runs/<size>[-fm])")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out>/latest (implied on a torchrun restart)")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds a run: its "
                    "checkpoints, log and previews are deleted first (without it such an --out is refused)")
-    p.add_argument("--reschedule", action="store_true", help="with --resume: fit warm-up, learning-rate decay, tau "
-                   "anneal and auxiliary-term start to this --steps (default: keep the resumed run's)")
+    p.add_argument("--reschedule", action="store_true",
+                   help="with --resume: fit warm-up, learning-rate decay, tau anneal and auxiliary-term "
+                   "start to this --steps (default: keep the resumed run's)")
     p.add_argument("--seed", type=cli.seed, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default=None, choices=("bf16", "fp32"),
-                   help="compute dtype (default: bf16 on GPU, fp32 on CPU); parameters, EMA, optimizer stay fp32")
-    p.add_argument("--memory-gib", type=number(float, 0), default=None, help="per-device memory the memory plan "
-                   "must fit (default: the GPU's; not checked on CPU)")
-    p.add_argument("--dist-timeout", type=number(int, 1), default=1800, help="seconds a rank waits on the others "
-                   "(also when connecting), before the job fails and torchrun may restart it")
+                   help="compute dtype (default: bf16 on GPU, fp32 on CPU); parameters, EMA, "
+                   "optimizer stay fp32")
+    p.add_argument("--memory-gib", type=number(float, 0), default=None,
+                   help="per-device memory the memory plan must fit (default: the GPU's; not checked on CPU)")
+    p.add_argument("--dist-timeout", type=number(int, 1), default=1800,
+                   help="seconds a rank waits on the others (also when connecting), before the job fails and "
+                   "torchrun may restart it")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
-    p.add_argument("--compile-fallback", action="store_true", help="with --compile: run a block that fails to "
-                   "compile uncompiled (with dynamo's warning) instead of stopping")
+    p.add_argument("--compile-fallback", action="store_true",
+                   help="with --compile: run a block that fails to compile uncompiled (with dynamo's "
+                   "warning) instead of stopping")
     p.add_argument("--act-ckpt", action="store_true", help="activation checkpointing per transformer block")
-    p.add_argument("--peak-tflops", type=number(float, 0), default=None, help="per-device peak for MFU (default: "
-                   "H100 789)")
+    p.add_argument("--peak-tflops", type=number(float, 0), default=None,
+                   help="per-device peak for MFU (default: H100 789)")
     p.add_argument("--log-every", type=number(int, 1), default=50)
     p.add_argument("--ckpt-every", type=number(int, 1), default=500)
-    p.add_argument("--sample-every", type=number(int, 0), default=1000, help="preview grid every N steps (0: never)")
-    p.add_argument("--build-cache", default=None, metavar="DIR", help="encode --data (a manifest) into DIR and exit")
-    p.add_argument("--cache-batch", type=number(int, 1), default=16, help="images per encoder call of --build-cache")
+    p.add_argument("--sample-every", type=number(int, 0), default=1000,
+                   help="preview grid every N steps (0: never)")
+    p.add_argument("--build-cache", default=None, metavar="DIR",
+                   help="encode --data (a manifest) into DIR and exit")
+    p.add_argument("--cache-batch", type=number(int, 1), default=16,
+                   help="images per encoder call of --build-cache")
     # The method's options; each assumption of docs/method.md (A n, its section 11) is one flag
     # with its stated default.
     m = p.add_argument_group("method (docs/method.md; A n = its assumption n, section 11)")
-    m.add_argument("--p-drop", type=number(float, 0, 1), default=0.1, help="caption dropout for guidance (A 1)")
-    m.add_argument("--p-equal", type=number(float, 0, 1), default=0.5, help="probability of s = t (s.13, A 4)")
-    m.add_argument("--tau-frac", type=number(float, 0), default=300 / 710, help="tau anneals 0 -> 1 over this "
-                   "fraction (s.13, A 22)")
-    m.add_argument("--aux-start-frac", type=number(float, 0), default=550 / 710, help="auxiliary term from this "
-                   "fraction (S.2, A 22)")
+    m.add_argument("--p-drop", type=number(float, 0, 1), default=0.1,
+                   help="caption dropout for guidance (A 1)")
+    m.add_argument("--p-equal", type=number(float, 0, 1), default=0.5,
+                   help="probability of s = t (s.13, A 4)")
+    m.add_argument("--tau-frac", type=number(float, 0), default=300 / 710,
+                   help="tau anneals 0 -> 1 over this fraction (s.13, A 22)")
+    m.add_argument("--aux-start-frac", type=number(float, 0), default=550 / 710,
+                   help="auxiliary term from this fraction (S.2, A 22)")
     m.add_argument("--k", type=number(float, 0, 1), default=0.9, help="classifier-score share of Delta (s.6)")
     m.add_argument("--fake-prefix", default="fake image, ", help="c_fake = prefix + prompt (A 8)")
     m.add_argument("--fake-weight", type=number(float, 0), default=1.0, help="weight of L_fake (s.8, A 8)")
-    m.add_argument("--anchor", type=cli.anchor, default=512, help="patch count where mu = 0.5 (paper 512, minFM "
-                   "256; below 4096, where mu = 1.15; A 6)")
-    m.add_argument("--t-min", type=number(float, 1e-6, 1), default=1e-3, help="clamp of t in the 1/t^2 weight (A 11)")
-    m.add_argument("--no-target-norm", action="store_true", help="Eq. 16 instead of the normalized target (Eq. 20)")
-    m.add_argument("--reuse-noise", action="store_true", help="re-noise x0_hat with eps, not fresh noise (A 3)")
-    m.add_argument("--dropped", default="jump", choices=("jump", "equal"), help="caption-dropped samples: 'jump' keeps "
-                   "their s < t draw with Delta = 0 (c = phi: no classifier score), 'equal' forces s = t (A 2)")
-    m.add_argument("--delta-zero", action="store_true", help="the control: Self-E's s, lambda and target (Eq. 17-21) "
-                   "with Delta = 0 everywhere, no evaluation passes: what self-evaluation itself adds")
-    m.add_argument("--ema-warmup", action="store_true", help="warm the EMA decay up as min(d, (1 + n)/(10 + n)) (not "
-                   "in the paper, which keeps it constant; A 19)")
+    m.add_argument("--anchor", type=cli.anchor, default=512,
+                   help="patch count where mu = 0.5 (paper 512, minFM 256; below 4096, where mu = 1.15; A 6)")
+    m.add_argument("--t-min", type=number(float, 1e-6, 1), default=1e-3,
+                   help="clamp of t in the 1/t^2 weight (A 11)")
+    m.add_argument("--no-target-norm", action="store_true",
+                   help="Eq. 16 instead of the normalized target (Eq. 20)")
+    m.add_argument("--reuse-noise", action="store_true",
+                   help="re-noise x0_hat with eps, not fresh noise (A 3)")
+    m.add_argument("--dropped", default="jump", choices=("jump", "equal"),
+                   help="caption-dropped samples: 'jump' keeps their s < t draw with Delta = 0 (c = phi: no "
+                   "classifier score), 'equal' forces s = t (A 2)")
+    m.add_argument("--delta-zero", action="store_true",
+                   help="the control: Self-E's s, lambda and target (Eq. 17-21) with Delta = 0 everywhere, "
+                   "no evaluation passes: what self-evaluation itself adds")
+    m.add_argument("--ema-warmup", action="store_true",
+                   help="warm the EMA decay up as min(d, (1 + n)/(10 + n)) (not in the paper, which keeps "
+                   "it constant; A 19)")
     args = p.parse_args(argv)
     cfg = CONFIGS[args.size]
     for name, default in (("steps", cfg.steps), ("batch", cfg.batch), ("lr", cfg.lr), ("ema", cfg.ema_decay),
@@ -154,7 +179,8 @@ def get_args(argv=None):
             setattr(args, name, default)
     if args.warmup is None:
         args.warmup = min(1000, args.steps // 20)
-    args.schedule_steps = args.steps  # the length warm-up, decay and the method's fractions span (see --reschedule)
+    # the length warm-up, decay and the method's fractions span (see --reschedule)
+    args.schedule_steps = args.steps
     if args.precision is None:
         args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
     if args.delta_zero and args.objective != "selfe":
@@ -228,7 +254,8 @@ def parallelize(model, args):
     for block in blocks:
         if args.act_ckpt:
             checkpoint_activations(block)
-        if args.compile:  # sizes symbolic from the start: one graph serves every evaluation sub-batch and bucket
+        # sizes symbolic from the start: one graph serves every evaluation sub-batch and bucket
+        if args.compile:
             block.compile(dynamic=True)
     if dist.is_initialized():
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if args.precision == "bf16" else None,
@@ -246,12 +273,12 @@ def setup(args, frozen_parts=True):
     host to read the gradient norm."""
     if args.device.startswith("cuda"):
         torch.backends.cuda.enable_cudnn_sdp(False)  # its backward failed with torch 2.11 + CUDA 13
-    torch.manual_seed(args.seed)                                           # the same initial weights on every rank
-    system = selfe.SelfE(CONFIGS[args.size], args.device, args.seed, args.pretrained, args.t5, args.clip, args.vae,
-                         frozen_parts=frozen_parts)
+    torch.manual_seed(args.seed)                                      # the same initial weights on every rank
+    system = selfe.SelfE(CONFIGS[args.size], args.device, args.seed, args.pretrained, args.t5, args.clip,
+                         args.vae, frozen_parts=frozen_parts)
     ema = system.make_ema()
     model = parallelize(system.denoiser, args)
-    parallelize(ema, args)                                                 # the fp32 EMA, sharded like the model
+    parallelize(ema, args)                                              # the fp32 EMA, sharded like the model
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
     peak = args.peak_tflops or (H100_PEAK if "H100" in device_name(system.device) else None)
     return system, model, ema, opt, peak
@@ -274,10 +301,11 @@ def compile_errors(args):
     except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as e:
         if not args.compile:
             raise
-        inner = getattr(e, "inner_exception", None) or e                  # a backend's own error, if it raised one
+        inner = getattr(e, "inner_exception", None) or e             # a backend's own error, if it raised one
         cause = next((line.strip() for line in str(inner).splitlines() if line.strip()), "")
-        raise SystemExit(f"--compile: torch.compile failed ({type(inner).__name__}: {cause[:300]}); run without "
-                         f"--compile, or add --compile-fallback to run what fails to compile uncompiled") from e
+        raise SystemExit(f"--compile: torch.compile failed ({type(inner).__name__}: {cause[:300]}); run "
+                         "without --compile, or add --compile-fallback to run what fails to compile "
+                         "uncompiled") from e
 
 
 def log0(*a, rank=0):
@@ -306,14 +334,14 @@ def build_cache(args, rank, world):
     if args.data == "shapes" or data.is_cache(args.data):
         raise SystemExit("--build-cache needs --data MANIFEST.tsv")
     low = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    system = selfe.SelfE(cfg, args.device, args.seed, args.pretrained, args.t5, args.clip, args.vae, denoiser=False,
-                         ae_dtype=low)
+    system = selfe.SelfE(cfg, args.device, args.seed, args.pretrained, args.t5, args.clip, args.vae,
+                         denoiser=False, ae_dtype=low)
     source = data.ManifestData(args.data, args.resolution, bucket_step(system), 1, args.seed, args.base_dir,
                                args.skip_bad, args.max_ratio, workers=args.workers)
     encode_text = lambda prompts: tuple(x.to(low) for x in system.encode_text(prompts))
     meta = data.cache_meta(cfg, args.seed, args.resolution, args.max_ratio, args.fake_prefix)
-    data.write_cache(args.build_cache, source, system.encode_latents, encode_text, fake_prefix=args.fake_prefix,
-                     meta=meta, batch=args.cache_batch, rank=rank, world=world)
+    data.write_cache(args.build_cache, source, system.encode_latents, encode_text,
+                     fake_prefix=args.fake_prefix, meta=meta, batch=args.cache_batch, rank=rank, world=world)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -341,15 +369,17 @@ def choose_accum(args, world):
         return A or 1
     import bench  # the memory plan lives with the benchmarks
     gib = lambda x: f"{x / 2 ** 30:.1f} GiB"
-    need = functools.cache(lambda a, ckpt: bench.memory_plan(CONFIGS[args.size], per_rank // a, max(args.resolution),
-                                                             world, ckpt, args.precision, args.objective)["total"])
+    need = functools.cache(lambda a, ckpt: bench.memory_plan(CONFIGS[args.size], per_rank // a,
+                                                             max(args.resolution), world, ckpt,
+                                                             args.precision, args.objective)["total"])
     options = [a for a in range(1, per_rank + 1) if per_rank % a == 0]
     first_fit = lambda ckpt: next((a for a in options if need(a, ckpt) <= FIT * capacity), None)
     if A and need(A, args.act_ckpt) <= FIT * capacity:
         return A
     if not A and first_fit(args.act_ckpt):
         return first_fit(args.act_ckpt)
-    hints = []  # what would fit: more micro-steps, or activation checkpointing (and as many micro-steps as it needs)
+    # what would fit: more micro-steps, or activation checkpointing (and as many micro-steps as it needs)
+    hints = []
     for ckpt in sorted({args.act_ckpt, True}):
         a = first_fit(ckpt)
         if a is not None:
@@ -358,8 +388,8 @@ def choose_accum(args, world):
     a = A or options[-1]
     raise SystemExit(f"--size {args.size} --batch {B} on {world} device(s), --accum {a}"
                      f"{' --act-ckpt' if args.act_ckpt else ''}: a micro-batch of {per_rank // a} at "
-                     f"{max(args.resolution)} px needs {gib(need(a, args.act_ckpt))} by the memory plan (python "
-                     f"bench.py --plan), over {FIT:.0%} of the device's {gib(capacity)}; "
+                     f"{max(args.resolution)} px needs {gib(need(a, args.act_ckpt))} by the memory plan "
+                     f"(python bench.py --plan), over {FIT:.0%} of the device's {gib(capacity)}; "
                      + (f"fits with {' or '.join(hints)}" if hints else "nothing fits: use more devices"))
 
 
@@ -371,7 +401,7 @@ def train(args, rank, world):
     args.accum = choose_accum(args, world)                                 # before any weight is built
     B, A = args.batch, args.accum
     b = B // (world * A)                                                   # per-rank micro-batch
-    resume_from, start = prepare_out(args, rank)                           # before anything is built or written
+    resume_from, start = prepare_out(args, rank)                         # before anything is built or written
     cached = data.is_cache(args.data)
     system, model, ema, opt, peak = setup(args, frozen_parts=not cached)
 
@@ -386,8 +416,8 @@ def train(args, rank, world):
                              f"{cfg.resolution} px and --resolution {args.resolution}")
         source = data.ShapesData(shapes, B, seed=args.seed)
     else:
-        source = data.ManifestData(args.data, args.resolution, bucket_step(system), B, args.seed, args.base_dir,
-                                   args.skip_bad, args.max_ratio, workers=args.workers)
+        source = data.ManifestData(args.data, args.resolution, bucket_step(system), B, args.seed,
+                                   args.base_dir, args.skip_bad, args.max_ratio, workers=args.workers)
     if not cached:
         null = system.null_cond()                                          # phi, batch 1
     tau_steps = round(args.tau_frac * args.schedule_steps)
@@ -401,17 +431,18 @@ def train(args, rank, world):
         log0(f"resumed from {resume_from} at step {start}", rank=rank)
     os.makedirs(args.out, exist_ok=True)
     n_params = sum(p.numel() for p in model.parameters())
-    sample_flops = functools.lru_cache(system.denoiser.flops)             # forward FLOPs of one sample (L, Lt)
-    log0(f"{args.size}: {n_params / 1e6:.2f}M denoiser parameters, objective {args.objective}, {args.steps} steps x "
-         f"batch {B} (= {b} x {world} ranks x {A} accum) on {args.device} in {args.precision}; data {args.data} "
-         f"({len(source) if hasattr(source, '__len__') else 'unlimited'} items); tau over {tau_steps} steps, aux from "
-         f"{aux_start}", rank=rank)
+    sample_flops = functools.lru_cache(system.denoiser.flops)            # forward FLOPs of one sample (L, Lt)
+    log0(f"{args.size}: {n_params / 1e6:.2f}M denoiser parameters, objective {args.objective}, {args.steps} "
+         f"steps x batch {B} (= {b} x {world} ranks x {A} accum) on {args.device} in {args.precision}; data "
+         f"{args.data} ({len(source) if hasattr(source, '__len__') else 'unlimited'} items); tau over "
+         f"{tau_steps} steps, aux from {aux_start}", rank=rank)
 
     # The next step's batch is read (rendered, decoded, pinned) on a thread while this step computes.
     prefetch = concurrent.futures.ThreadPoolExecutor(1)
     ahead = prefetch.submit(fetch, source, start, rank, b, A, system.device)
-    skip = torch.zeros((), dtype=torch.bool, device=system.device)         # an update was skipped since the last read
-    history, pending, window = [], [], []                                  # steps not yet read back; not yet logged
+    # whether an update was skipped since the last read (on the device: no sync)
+    skip = torch.zeros((), dtype=torch.bool, device=system.device)
+    history, pending, window = [], [], []                           # steps not yet read back; not yet logged
     t0 = t_window = time.time()
     for step in range(start, args.steps):
         items, parts = ahead.result()
@@ -420,42 +451,45 @@ def train(args, rank, world):
         lr = lr_at(step, args)
         for group in opt.param_groups:
             group["lr"] = lr
-        gen = torch.Generator().manual_seed(data.stream_seed(args.seed, step))  # the step's draws, same on every rank
+        # the step's dropout, t and s: one generator for the global batch, the same on every rank
+        gen = torch.Generator().manual_seed(data.stream_seed(args.seed, step))
         dropped = selfe.caption_dropout(B, args.p_drop, gen)                # (B,) bool
         aux = args.objective == "selfe" and step >= aux_start and not args.delta_zero  # L_fake late (s.6-s.8)
         terms = []
         for micro in range(A):
-            off = (rank * A + micro) * b                                    # this slice's place in the global batch
+            off = (rank * A + micro) * b                                    # this slice's place in the batch
             sl = slice(off, off + b)
-            x0, cond, fake, (h, w) = load_batch(parts[micro], source, system, dropped[sl], args.fake_prefix, cached)
-            L = x0.shape[1]                                                 # h w tokens: buckets vary the grid
-            G = functools.partial(system.G, model, h=h, w=w)               # current weights (with grad when enabled)
-            G_ema = functools.partial(system.G, ema, h=h, w=w)             # EMA weights: the conditional pass (S.2)
+            x0, cond, fake, (h, w) = load_batch(parts[micro], source, system, dropped[sl], args.fake_prefix,
+                                                cached)
+            L = x0.shape[1]                                                 # h w tokens (buckets vary h, w)
+            G = functools.partial(system.G, model, h=h, w=w)               # current weights, with grad
+            G_ema = functools.partial(system.G, ema, h=h, w=w)             # EMA: the conditional pass (S.2)
             if micro == 0:
                 t_all, s_all = draw(gen, args, step, B, L, tau_steps, dropped)
                 evaluate_all = (s_all < t_all) & ~dropped & (not args.delta_zero)  # Delta = 0 for the rest
                 n_self = int(evaluate_all.sum())                            # on the host: no device sync
             eps, eps_self = noise(args.seed, step, range(off, off + b), L, x0.shape[2], system.device)
             if dist.is_initialized():
-                model.set_requires_gradient_sync(micro == A - 1)           # reduce-scatter once per iteration
+                model.set_requires_gradient_sync(micro == A - 1)           # reduce-scatter once per step
             dev = lambda x: x.to(system.device, non_blocking=True)
+            n_eval = eval_size(int(evaluate_all[sl].sum()), b, world, args.compile)
             with compile_errors(args):
                 loss, micro_terms = objective(args, G, G_ema, x0, dev(t_all[sl]), dev(s_all[sl]), cond, null,
                                               fake=fake if aux else None, eps=eps, eps_self=eps_self,
-                                              evaluate=dev(evaluate_all[sl]), fake_norm=max(n_self, 1) * b / B,
-                                              eval_size=eval_size(int(evaluate_all[sl].sum()), b, world,
-                                                                  args.compile))
+                                              evaluate=dev(evaluate_all[sl]), eval_size=n_eval,
+                                              fake_norm=max(n_self, 1) * b / B)
                 (loss / A).backward()
             terms.append(micro_terms)
         skip, grad_norm = update(model, opt, system, args, step, skip)
 
         n_flops = step_flops(sample_flops(L, cond[0].shape[1]), B, n_self, aux)
-        pending.append(dict(step=step, lr=lr, items=items, t=t_all, s=s_all, dropped=dropped, evaluate=evaluate_all,
-                            terms=torch.cat(terms, 1), grad_norm=grad_norm, flops=n_flops,
-                            tokens=B * (L + cond[0].shape[1])))
+        pending.append(dict(step=step, lr=lr, items=items, t=t_all, s=s_all, dropped=dropped,
+                            evaluate=evaluate_all, terms=torch.cat(terms, 1), grad_norm=grad_norm,
+                            flops=n_flops, tokens=B * (L + cond[0].shape[1])))
         last = step + 1 == args.steps
         checkpointing = (step + 1) % args.ckpt_every == 0 or last
-        if (step + 1) % args.log_every == 0 or checkpointing:  # the pending steps to the host: one sync per window
+        # the pending steps to the host: one sync per window
+        if (step + 1) % args.log_every == 0 or checkpointing:
             history += read_back(pending, world, A, args)
             nonfinite_stop(history[-len(pending):], pending, system, flags, opt, args, rank)
             window, pending = window + pending, []
@@ -469,7 +503,8 @@ def train(args, rank, world):
             if system.t5 is not None:
                 preview(system, args, step + 1, rank)
     prefetch.shutdown()  # (a run stopped early leaves the idle thread to the interpreter's exit)
-    log0(f"done: {max(0, args.steps - start)} steps in {time.time() - t0:.0f} s; checkpoint in {args.out}", rank=rank)
+    log0(f"done: {max(0, args.steps - start)} steps in {time.time() - t0:.0f} s; checkpoint in {args.out}",
+         rank=rank)
     return history
 
 
@@ -490,19 +525,23 @@ def prepare_out(args, rank):
     latest = os.path.join(args.out, "latest")
     if args.resume or (restarted and os.path.isfile(latest)):
         if not os.path.isfile(latest):
-            raise CheckpointError(f"--resume: {args.out} holds no checkpoint (no {latest}); leave out --resume to "
-                                  f"start a run there")
+            raise CheckpointError(f"--resume: {args.out} holds no checkpoint (no {latest}); leave out "
+                                  "--resume to start a run there")
         path = selfe.resolve_checkpoint(args.out)
         cfg, meta = selfe.read_meta(path)
         if cfg != CONFIGS[args.size]:
             raise CheckpointError(f"{path} was trained with another preset than --size {args.size}")
         keep_schedule(args, meta["flags"], rank)
         return path, meta["step"]
-    found = sorted(n for n in os.listdir(args.out) if RUN_FILE.fullmatch(n)) if os.path.isdir(args.out) else []
-    if found and not (args.overwrite or restarted):  # a restart with no checkpoint yet replaces its own first attempt
-        raise CheckpointError(f"{args.out} already holds a run ({', '.join(found[:3])}{', ...' * (len(found) > 3)}): "
-                              f"pass --resume to continue it, --overwrite to delete it and start afresh, or choose "
-                              f"another --out")
+    found = []
+    if os.path.isdir(args.out):
+        found = sorted(n for n in os.listdir(args.out) if RUN_FILE.fullmatch(n))
+    # a restart with no checkpoint yet replaces its own first attempt
+    if found and not (args.overwrite or restarted):
+        raise CheckpointError(f"{args.out} already holds a run "
+                              f"({', '.join(found[:3])}{', ...' * (len(found) > 3)}): pass "
+                              "--resume to continue it, --overwrite to delete it and start afresh, "
+                              "or choose another --out")
     if rank == 0:
         for name in found:
             path = os.path.join(args.out, name)
@@ -519,20 +558,22 @@ def keep_schedule(args, saved, rank):
     only moves where training stops. --reschedule fits the schedule to this run's flags instead. Either way
     a difference is said."""
     was = {k: saved.get(k, getattr(args, k)) for k in SCHEDULE}
-    was["schedule_steps"] = saved.get("schedule_steps", saved["steps"])  # runs saved before it had its own key
+    # runs saved before it had its own key
+    was["schedule_steps"] = saved.get("schedule_steps", saved["steps"])
     now = {k: getattr(args, k) for k in SCHEDULE}
     if was == now:
         return
-    describe = lambda d: (f"warm-up {d['warmup']}, learning rate decaying to step {d['schedule_steps']}, tau over "
-                          f"{round(d['tau_frac'] * d['schedule_steps'])} steps, auxiliary term from step "
-                          f"{round(d['aux_start_frac'] * d['schedule_steps'])}")
+    describe = lambda d: (f"warm-up {d['warmup']}, learning rate decaying to step {d['schedule_steps']}, tau "
+                          f"over {round(d['tau_frac'] * d['schedule_steps'])} steps, auxiliary term from "
+                          f"step {round(d['aux_start_frac'] * d['schedule_steps'])}")
     if args.reschedule:
-        log0(f"--reschedule: the resumed run's schedule ({describe(was)}) becomes: {describe(now)}", rank=rank)
+        log0(f"--reschedule: the resumed run's schedule ({describe(was)}) becomes: "
+             f"{describe(now)}", rank=rank)
         return
     for k, v in was.items():
         setattr(args, k, v)
-    log0(f"resume keeps the run's schedule ({describe(was)}); --steps {args.steps} only says where to stop. Pass "
-         f"--reschedule for the schedule of these flags ({describe(now)})", rank=rank)
+    log0(f"resume keeps the run's schedule ({describe(was)}); --steps {args.steps} only says where to stop. "
+         f"Pass --reschedule for the schedule of these flags ({describe(now)})", rank=rank)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -547,12 +588,13 @@ def fetch(source, step, rank, b, A, device):
     """The host side of a step for this rank, a function of (seed, step) alone: the global batch's items and
     this rank's A slices (images and captions, or cached rows), pinned on CUDA so that the copy to the device
     is asynchronous. Runs on the prefetch thread."""
-    items = source.indices(step)                                           # the global batch, same on every rank
+    items = source.indices(step)                                        # the global batch, same on every rank
     mine = items[rank * b * A:(rank + 1) * b * A]
     parts = [source.batch(mine[m * b:(m + 1) * b]) for m in range(A)]
     if device.type == "cuda":
         pin = lambda x: x.pin_memory() if torch.is_tensor(x) else x
-        parts = [{k: pin(v) for k, v in p.items()} if isinstance(p, dict) else tuple(map(pin, p)) for p in parts]
+        parts = [{k: pin(v) for k, v in p.items()} if isinstance(p, dict) else tuple(map(pin, p))
+                 for p in parts]
     return items, parts
 
 
@@ -624,13 +666,14 @@ def objective(args, G, G_ema, x0, t, s, cond, null, *, fake, eps, eps_self, eval
     if args.objective == "fm":
         out = losses.fm_loss(G, x0, t, cond, t_min=args.t_min, eps=eps)
     else:
-        out = losses.selfe_loss(G, G_ema, x0, t, s, cond, null, evaluate=evaluate, eval_size=eval_size, fake=fake,
-                                fake_norm=fake_norm, k=args.k, target_norm=not args.no_target_norm, t_min=args.t_min,
-                                fake_weight=args.fake_weight, fresh_noise=not args.reuse_noise, eps=eps,
-                                eps_self=eps_self)
+        out = losses.selfe_loss(G, G_ema, x0, t, s, cond, null, evaluate=evaluate, eval_size=eval_size,
+                                fake=fake, fake_norm=fake_norm, k=args.k, target_norm=not args.no_target_norm,
+                                t_min=args.t_min, fake_weight=args.fake_weight,
+                                fresh_noise=not args.reuse_noise, eps=eps, eps_self=eps_self)
     zero = torch.zeros_like(out["per_sample"])
-    terms = {"total": out["per_sample"].float(), "data": out["data"].float(), "self": out.get("self", zero).float(),
-             "fake": zero + out.get("fake", 0), "loss": zero + out["loss"].detach()}
+    terms = {"total": out["per_sample"].float(), "data": out["data"].float(),
+             "self": out.get("self", zero).float(), "fake": zero + out.get("fake", 0),
+             "loss": zero + out["loss"].detach()}
     return out["loss"], torch.stack([terms[name] for name in TERMS])
 
 
@@ -673,14 +716,16 @@ def read_back(pending, world, A, args):
     """The steps since the last read: every rank's per-sample terms and the grad norms to the
     host in one copy, then one record per step
     (the loss and each term over the global batch, lambda, the share of s < t)."""
-    stacked = gather(torch.stack([p["terms"] for p in pending]), world).cpu()  # (n, len(TERMS), B), global order
+    # (n, len(TERMS), B): each pending step's terms, in global-batch order
+    stacked = gather(torch.stack([p["terms"] for p in pending]), world).cpu()
     grad_norms = torch.stack([p["grad_norm"] for p in pending]).float().cpu()
     records = []
     for p, rows, gn in zip(pending, stacked, grad_norms):
         terms = dict(zip(TERMS, rows))                                     # each (B,)
-        per_slice = lambda name: terms[name].view(world * A, -1)[:, 0]     # a micro-batch's scalar, once per slice
-        rec = {"step": p["step"] + 1, "loss": per_slice("loss").mean().item(), "data": terms["data"].mean().item(),
-               "grad_norm": gn.item(), "lr": p["lr"]}
+        # a micro-batch's scalar, once per slice
+        per_slice = lambda name: terms[name].view(world * A, -1)[:, 0]
+        rec = {"step": p["step"] + 1, "loss": per_slice("loss").mean().item(),
+               "data": terms["data"].mean().item(), "grad_norm": gn.item(), "lr": p["lr"]}
         if args.objective == "selfe":
             sel, ev = p["s"] < p["t"], p["evaluate"]
             lam = losses.lam(p["t"], p["s"])
@@ -706,8 +751,8 @@ def nonfinite_stop(records, pending, system, flags, opt, args, rank):
         if rank == 0:
             torch.save({"items": p["items"], "t": p["t"], "s": p["s"], "dropped": p["dropped"]},
                        os.path.join(debug, "batch.pt"))
-        raise SystemExit(f"step {step}: loss {rec['loss']}, gradient norm {rec['grad_norm']}; weights before this "
-                         f"step and its batch are in {debug}")
+        raise SystemExit(f"step {step}: loss {rec['loss']}, gradient norm {rec['grad_norm']}; weights before "
+                         f"this step and its batch are in {debug}")
 
 
 def device_name(device):
@@ -738,8 +783,9 @@ def log(records, pending, args, step, t_window, world, peak, device):
     if device.type == "cuda":
         speed += f" mem {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB"
     rec.update(samples_per_s=rate, tokens_per_s=tokens, tflops_per_device=tflops)
-    print(f"step {rec['step']:>6} loss {rec['loss']:.4f} data {rec['data']:.4f}{extra} | gnorm {rec['grad_norm']:.2f} "
-          f"lr {rec['lr']:.2e} | {speed} ETA {eta / 60:.1f} min | loss by t-bin {by_bin}", flush=True)
+    print(f"step {rec['step']:>6} loss {rec['loss']:.4f} data {rec['data']:.4f}{extra} | gnorm "
+          f"{rec['grad_norm']:.2f} lr {rec['lr']:.2e} | {speed} ETA {eta / 60:.1f} min | loss by t-bin "
+          f"{by_bin}", flush=True)
     with open(os.path.join(args.out, "log.jsonl"), "a") as f:
         f.write(json.dumps(rec) + "\n")
 
@@ -751,7 +797,8 @@ def preview(system, args, step, rank):
             for n in (1, 2, 4)]
     if rank == 0:
         path = sampler.save_grid(rows, os.path.join(args.out, f"preview-{step:07d}.png"),
-                                 upscale=max(1, 128 // system.cfg.resolution), labels=["1 step", "2 steps", "4 steps"])
+                                 upscale=max(1, 128 // system.cfg.resolution),
+                                 labels=["1 step", "2 steps", "4 steps"])
         print(f"preview: {path}", flush=True)
 
 
@@ -789,9 +836,11 @@ def save_checkpoint(out, system, step, flags, optimizer=None, keep=2):
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)          # gathered onto rank 0's CPU
     ema = get_model_state_dict(system.ema, options=full)
     if _rank0():
-        safetensors.torch.save_file({k: v.contiguous() for k, v in ema.items()}, os.path.join(tmp, "ema.safetensors"))
+        safetensors.torch.save_file({k: v.contiguous() for k, v in ema.items()},
+                                    os.path.join(tmp, "ema.safetensors"))
         if system.cfg.tokenizer == "words":  # random stand-ins travel with the checkpoint
-            safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in system.frozen_state().items()},
+            safetensors.torch.save_file({k: v.detach().cpu().contiguous()
+                                         for k, v in system.frozen_state().items()},
                                         os.path.join(tmp, "frozen.safetensors"))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump({"config": system.cfg.to_dict(), "flags": flags, "step": step}, f, indent=1)

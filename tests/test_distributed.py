@@ -31,8 +31,8 @@ def run(out, *extra, procs=1, script="train.py", env=None):
     launcher = [sys.executable, script] if procs == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--standalone", script]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})}
-    p = subprocess.run([*launcher, *ARGS, "--out", str(out), *extra], cwd=ROOT, env=full_env, capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run([*launcher, *ARGS, "--out", str(out), *extra], cwd=ROOT, env=full_env,
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     log = os.path.join(out, "log.jsonl")
     return [json.loads(line) for line in open(log)] if os.path.exists(log) else []
@@ -75,10 +75,12 @@ def test_two_processes_with_accumulation_match_one(one_proc, tmp_path):
     out1, log1 = one_proc
     log2 = run(tmp_path, "--accum", "2", procs=2)
     assert_same_run(log1, log2)
-    assert max(r["fake"] for r in log1) > 0 and max(r["frac_s_lt_t"] for r in log1) > 0  # self-eval and L_fake ran
+    # self-eval and L_fake ran
+    assert max(r["fake"] for r in log1) > 0 and max(r["frac_s_lt_t"] for r in log1) > 0
     assert_same_weights(weights(out1, 4), weights(tmp_path, 4))
     assert_same_weights(weights(out1, 4, "model"), weights(tmp_path, 4, "model"))
-    assert not torch.equal(weights(out1, 4)["img_in.weight"], weights(out1, 2)["img_in.weight"])  # it did train
+    # it did train
+    assert not torch.equal(weights(out1, 4)["img_in.weight"], weights(out1, 2)["img_in.weight"])
 
 
 def test_two_nodes_match_one_process(one_proc, tmp_path):
@@ -89,12 +91,12 @@ def test_two_nodes_match_one_process(one_proc, tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend",
-           "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "two-nodes", "train.py", *ARGS,
-           "--out", str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "two-nodes",
+           "train.py", *ARGS, "--out", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
+    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), "\n".join(o[-3000:] for o in outputs)
     out1, log1 = one_proc
@@ -143,11 +145,11 @@ def test_a_rank_that_dies_resumes_from_the_last_complete_checkpoint(one_proc, tm
     nothing, and the next one resumes the same way.)"""
     out1, log1 = one_proc
     (tmp_path / "crash.py").write_text(CRASH)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                        "--max-restarts", "3", str(tmp_path / "crash.py"), *ARGS, "--steps", "6",
-                        "--dist-timeout", "60", "--out", str(tmp_path / "run")], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1",
-                                                               "PYTHONPATH": ROOT}, capture_output=True, text=True,
-                       timeout=600)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--standalone", "--max-restarts", "3", str(tmp_path / "crash.py"), *ARGS, "--steps",
+                        "6", "--dist-timeout", "60", "--out", str(tmp_path / "run")], cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}, capture_output=True,
+                       text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     assert "resumed from" in p.stdout and "step-0000002 at step 2" in p.stdout
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
@@ -191,7 +193,8 @@ def test_buckets_one_resolution_per_batch_disjoint_and_resumable(tmp_path):
     fresh = data.ManifestData(manifest, [32], 8, batch=4, seed=1)  # a restarted run: same batch at every step
     assert all(fresh.indices(s) == src.indices(s) for s in (0, 7, 8, 40))
     assert src.indices(src.order.per_epoch) != src.indices(0)  # a new epoch reshuffles
-    mixed = data.ManifestData(manifest, [16, 32], 8, batch=4, seed=1)  # the 1:1 two-area mix: every image at both
+    # the 1:1 two-area mix: every image at both
+    mixed = data.ManifestData(manifest, [16, 32], 8, batch=4, seed=1)
     assert len(mixed) == 2 * len(src) and {b for _, b in mixed.items} >= {(16, 16), (32, 32)}
 
 
@@ -206,7 +209,8 @@ def test_training_on_buckets_feeds_the_token_count_to_the_time_warp(tmp_path, mo
 
 def test_image_smaller_than_its_bucket_is_named(tmp_path):
     manifest = make_manifest(tmp_path, [(40, 40), (30, 30)], 2)
-    with pytest.raises(data.ManifestError, match=r"m\.tsv:2: image .*1\.png is 30x30, smaller than its 32x32 bucket"):
+    with pytest.raises(data.ManifestError,
+                       match=r"m\.tsv:2: image .*1\.png is 30x30, smaller than its 32x32 bucket"):
         data.ManifestData(manifest, [32], 8, batch=2)
     assert len(data.ManifestData(manifest, [32], 8, batch=2, skip_bad=True)) == 2
 
@@ -232,7 +236,8 @@ def test_cache_of_other_settings_or_missing_shard_is_refused(tmp_path):
     manifest = make_manifest(tmp_path, [(40, 40)], 4)
     cache = tmp_path / "cache"
     train.main(["--data", manifest, "--build-cache", str(cache), "--batch", "2"])
-    with pytest.raises(data.ManifestError, match=r"index\.json: the cache was built with resolution = \[32\]"):
+    with pytest.raises(data.ManifestError,
+                       match=r"index\.json: the cache was built with resolution = \[32\]"):
         train.main([*ARGS, "--data", str(cache), "--resolution", "24", "--out", str(tmp_path / "r")])
     with pytest.raises(data.ManifestError, match="fake_prefix"):
         train.main([*ARGS, "--data", str(cache), "--fake-prefix", "bad, ", "--out", str(tmp_path / "r")])
@@ -254,7 +259,8 @@ def test_flop_count_matches_torch_flop_counter():
     B, h, w, Lt = 3, 6, 10, 20
     x, txt = torch.randn(B, h * w, cfg.in_channels), torch.randn(B, Lt, cfg.context_in_dim)
     t = torch.rand(B)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # attention as countable matmuls
+    # attention as countable matmuls
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         net(x, selfe.image_ids(h, w), txt, torch.zeros(1, Lt, 3), t, t, torch.randn(B, cfg.vec_in_dim))
     assert net.flops(h * w, Lt) * B == counter.get_total_flops()
 

@@ -140,7 +140,8 @@ def render(objs, R, level=122.0):
 
 
 def found(img, world):
-    return sorted((o["class"], o["color"]) for o in ev.detect(data.to_uint8(img)[0].numpy(), world) if o["conf"] >= ev.KEEP_CONF)
+    return sorted((o["class"], o["color"]) for o in ev.detect(data.to_uint8(img)[0].numpy(), world)
+                  if o["conf"] >= ev.KEEP_CONF)
 
 
 @pytest.mark.parametrize("world_name", ["small", "full"])
@@ -201,7 +202,8 @@ def test_rejects_what_is_not_a_shape_of_the_world():
                    ("square", "green", (14, 30, 28, 44))], 64)
     assert found(blob, full) == []                                                       # three merged shapes
     assert found(render([("star", "red", (10, 10, 30, 30))], 32), small) == []
-    assert found(render([("square", "red", (10, 25, 30, 45))], 64), full) == [("square", "red")]  # the control
+    # the control
+    assert found(render([("square", "red", (10, 25, 30, 45))], 64), full) == [("square", "red")]
 
 
 def test_components_match_flood_fill():
@@ -242,19 +244,21 @@ def test_judge_counting_exclude_counts_sloppy_extras():
     spec["exclude"][0].update(count=3, **{"class": "circle"})
     two = [obj("circle"), obj("circle"), obj("square")]
     assert ev.judge(spec, two)[0]
-    assert not ev.judge(spec, two + [obj("circle", conf=0.0, iou=0.65)])[0]   # a sloppy third circle breaks 'two'
+    # a sloppy third circle breaks 'two'
+    assert not ev.judge(spec, two + [obj("circle", conf=0.0, iou=0.65)])[0]
     assert ev.judge(spec, two + [obj("circle", conf=0.0, iou=0.55)])[0]       # a blob is not a circle
     assert not ev.judge(spec, [obj("circle"), obj("circle", conf=0.7)])[0]    # below the keep threshold
 
 
 def test_judge_position_uses_genevals_rule():
-    spec = {"tag": "position", "include": [{"class": "square", "count": 1},
-                                           {"class": "circle", "count": 1, "position": ["left of", 0]}], "exclude": []}
+    circle_left = {"class": "circle", "count": 1, "position": ["left of", 0]}
+    spec = {"tag": "position", "include": [{"class": "square", "count": 1}, circle_left], "exclude": []}
     left = [obj("circle", box=(0, 20, 10, 30)), obj("square", box=(30, 20, 40, 30))]
     assert ev.judge(spec, left)[0]
     right = [obj("circle", box=(30, 20, 40, 30)), obj("square", box=(0, 20, 10, 30))]
     assert not ev.judge(spec, right)[0]
-    overlapping = [obj("circle", box=(0, 0, 10, 10)), obj("square", box=(2, 0, 12, 10))]  # within 0.1 (dims): none
+    # within 0.1 (dims): none
+    overlapping = [obj("circle", box=(0, 0, 10, 10)), obj("square", box=(2, 0, 12, 10))]
     assert not ev.judge(spec, overlapping)[0]
 
 
@@ -276,7 +280,8 @@ def test_prompt_set_is_seeded_and_splits_held_out_pairs():
 def test_overall_is_the_plain_mean_of_the_six_tasks():
     world = data.WORLDS["small"]
     specs = [dict(s, index=i) for i, s in enumerate(ev.prompt_set(world, 2)) if s["seen"]]
-    correct = [s["tag"] in ("single", "two") or (s["tag"] == "counting" and i % 2 == 0) for i, s in enumerate(specs)]
+    correct = [s["tag"] in ("single", "two") or (s["tag"] == "counting" and i % 2 == 0)
+               for i, s in enumerate(specs)]
     summary = ev.summarize(specs, correct)
     assert summary["tasks"]["single"] == 1 and summary["tasks"]["position"] == 0
     assert summary["overall"] == pytest.approx(np.mean(list(summary["tasks"].values())), abs=1e-5)
@@ -299,7 +304,8 @@ def ckpt(tmp_path_factory):
     flags = {"world": "small", "anchor": 512, "objective": "selfe", "seed": 0, "data": "shapes"}
     train.save_checkpoint(str(root / "ok"), system, 1, flags)
     train.save_checkpoint(str(root / "mars"), system, 1, dict(flags, world="mars"))
-    train.save_checkpoint(str(root / "big"), system, 1, dict(flags, world="full"))  # a 32 px model, 64 px world
+    # a 32 px model, 64 px world
+    train.save_checkpoint(str(root / "big"), system, 1, dict(flags, world="full"))
     return root
 
 
@@ -309,9 +315,9 @@ def run_cli(ckpt, out, *extra):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--steps", "1,x"], "step counts"), (["--steps", "0,2"], "distinct integers"), (["--steps", ""], "step counts"),
-    (["--steps", "2,2"], "distinct"), (["--prompts", "0"], None), (["--seeds", "0"], None),
-    (["--denoise", "-1"], "--denoise >= 0"), (["--eta", "-1"], "argument --eta"),
+    (["--steps", "1,x"], "step counts"), (["--steps", "0,2"], "distinct integers"),
+    (["--steps", ""], "step counts"), (["--steps", "2,2"], "distinct"), (["--prompts", "0"], None),
+    (["--seeds", "0"], None), (["--denoise", "-1"], "--denoise >= 0"), (["--eta", "-1"], "argument --eta"),
     (["--s-schedule", "abc"], "argument --s-schedule"), (["--seed", "-1"], "argument --seed")])
 def test_cli_rejects_bad_arguments(ckpt, tmp_path, argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -320,12 +326,14 @@ def test_cli_rejects_bad_arguments(ckpt, tmp_path, argv, message, capsys):
     assert e.value.code != 0 and (message is None or message in text), text
 
 
-@pytest.mark.parametrize("name, message", [("missing", "no checkpoint"), ("mars", "only knows the shapes worlds"),
-                                           ("big", "64 px but the model makes 32 px")])
+@pytest.mark.parametrize("name, message",
+                         [("missing", "no checkpoint"), ("mars", "only knows the shapes worlds"),
+                          ("big", "64 px but the model makes 32 px")])
 def test_cli_rejects_checkpoints_it_cannot_judge(ckpt, tmp_path, name, message, capsys):
     import cli
     with pytest.raises(SystemExit) as e:
-        cli.run(ev.main, ["--ckpt", str(ckpt / name), "--steps", "1", "--prompts", "1", "--out", str(tmp_path)])
+        cli.run(ev.main, ["--ckpt", str(ckpt / name), "--steps", "1", "--prompts", "1", "--out",
+                          str(tmp_path)])
     assert message in str(e.value.code) + capsys.readouterr().err
 
 
@@ -356,7 +364,8 @@ def test_cli_is_deterministic_and_shares_noise_across_models(ckpt, tmp_path):
         saved = json.load(f)
     strip = lambda m: {n: [(r["seed"], r["correct"], r["reason"]) for r in v["images"]]
                        for n, v in m["results"].items()}
-    assert strip(saved["models"][0]) == strip(b["models"][0]) == strip(b["models"][1]) == strip(b["models"][2])
+    assert (strip(saved["models"][0]) == strip(b["models"][0]) == strip(b["models"][1])
+            == strip(b["models"][2]))
     assert saved["models"][0]["results"]["1"]["seen"] == a["models"][0]["results"]["1"]["seen"]
     assert saved["models"][0]["denoising"] == b["models"][0]["denoising"] == b["models"][1]["denoising"]
     assert os.path.isfile(tmp_path / "a" / "grid.png") and os.path.isfile(tmp_path / "b" / "compare.png")
@@ -401,7 +410,8 @@ def test_denoising_diagnostic_measures_the_velocity_error_and_the_prompts_share(
     expected = (eps - x0).pow(2).mean().item()
     assert set(res) == set(ev.DENOISE_TIMES)
     for t, r in res.items():
-        assert r["cond"] < 1e-9 and abs(r["uncond"] - expected) < 1e-5 * expected and abs(r["gain"] - 1) < 1e-6, t
+        assert (r["cond"] < 1e-9 and abs(r["uncond"] - expected) < 1e-5 * expected
+                and abs(r["gain"] - 1) < 1e-6), t
 
 
 def test_contrast_is_zero_on_flat_gray_and_halves_with_a_half_faded_scene():

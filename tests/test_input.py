@@ -23,8 +23,8 @@ FLAGS = {"world": "small", "anchor": 512, "objective": "selfe", "seed": 0, "data
 
 
 def _train(out, *extra):
-    return train.main(["--steps", "4", "--batch", "4", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "0",
-                       "--out", str(out), *extra])
+    return train.main(["--steps", "4", "--batch", "4", "--log-every", "1", "--ckpt-every", "2",
+                       "--sample-every", "0", "--out", str(out), *extra])
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,8 @@ def test_clean_up_never_deletes_the_checkpoint_latest_names(tmp_path):
     for step in (5, 10, 15):
         train.save_checkpoint(str(tmp_path), system, step, FLAGS)
         assert selfe.resolve_checkpoint(str(tmp_path)) == str(tmp_path / f"step-{step:07d}")
-    assert sorted(os.listdir(tmp_path)) == ["latest", "step-0000010", "step-0000015", "step-0000020", "step-0000030"]
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step-0000010", "step-0000015",
+                                            "step-0000020", "step-0000030"]
 
 
 def test_resume_without_a_checkpoint_is_named_and_makes_nothing(tmp_path):
@@ -78,7 +79,8 @@ def test_resume_without_a_checkpoint_is_named_and_makes_nothing(tmp_path):
     assert not (tmp_path / "none").exists()
     (tmp_path / "dangling").mkdir()
     (tmp_path / "dangling" / "latest").write_text("step-0000005\n")
-    with pytest.raises(encoders.CheckpointError, match=r"latest names 'step-0000005', which is not a complete checkpoint"):
+    with pytest.raises(encoders.CheckpointError,
+                       match=r"latest names 'step-0000005', which is not a complete checkpoint"):
         _train(tmp_path / "dangling", "--resume")
 
 
@@ -139,7 +141,8 @@ def test_image_damaged_during_the_run_is_named_or_replaced_with_skip_bad(tmp_pat
         noise_image(tmp_path / f"{i}.jpg", seed=i)
     m = tmp_path / "m.tsv"
     m.write_text("".join(f"{i}.jpg\tprompt {i}\n" for i in range(4)))
-    strict, lenient = data.ManifestData(str(m), [32], 8, 2), data.ManifestData(str(m), [32], 8, 2, skip_bad=True)
+    strict = data.ManifestData(str(m), [32], 8, 2)
+    lenient = data.ManifestData(str(m), [32], 8, 2, skip_bad=True)
     good, captions = lenient.batch([0, 1, 2, 3])
     cut(tmp_path / "2.jpg")
     with pytest.raises(data.ManifestError, match=r"m\.tsv:3: cannot read image .*2\.jpg.*--skip-bad"):
@@ -161,7 +164,8 @@ def test_manifest_that_is_not_utf8_or_has_a_bom(tmp_path):
     assert [e[2] for e in data.read_manifest(str(m), skip_bad=True)] == [1, 3]
     m.write_bytes("\ufeffok.png\ta red image\r\nok.png\tcafé\r\n".encode("utf-8"))
     entries = data.read_manifest(str(m))
-    assert [(os.path.basename(e[0]), e[1]) for e in entries] == [("ok.png", "a red image"), ("ok.png", "café")]
+    assert [(os.path.basename(e[0]), e[1]) for e in entries] == [("ok.png", "a red image"),
+                                                                 ("ok.png", "café")]
     with pytest.raises(data.ManifestError, match=r"gone\.tsv: cannot read the manifest"):
         data.read_manifest(str(tmp_path / "gone.tsv"))
 
@@ -204,10 +208,10 @@ def a_file(tmp_path):
 
 
 @pytest.mark.parametrize("flag, value", [
-    ("--eta", "-1"), ("--n", "0"), ("--seed", "18000000000000000000"), ("--seed", "-1"), ("--s-schedule", "abc"),
-    ("--s-schedule", "1.5"), ("--anchor", "4096"), ("--upscale", "-1"), ("--steps", "0"), ("--cfg", "nan"),
-    ("--sweep", "1,x"), ("--sweep", "0,2"), ("--resolution", "0"), ("--out", "noext"), ("--out", "FILE/x.png"),
-    ("--out", "DIR/folder.png")])
+    ("--eta", "-1"), ("--n", "0"), ("--seed", "18000000000000000000"), ("--seed", "-1"),
+    ("--s-schedule", "abc"), ("--s-schedule", "1.5"), ("--anchor", "4096"), ("--upscale", "-1"),
+    ("--steps", "0"), ("--cfg", "nan"), ("--sweep", "1,x"), ("--sweep", "0,2"), ("--resolution", "0"),
+    ("--out", "noext"), ("--out", "FILE/x.png"), ("--out", "DIR/folder.png")])
 def test_sampler_flags_are_checked_before_any_work(flag, value, a_file, tmp_path, capsys):
     (tmp_path / "folder.png").mkdir()
     value = value.replace("FILE", str(a_file)).replace("DIR", str(tmp_path))
@@ -219,7 +223,8 @@ def test_sampler_flags_are_checked_before_any_work(flag, value, a_file, tmp_path
 
 def test_resolution_that_is_not_a_whole_number_of_patches_is_refused(ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        sampler.main(["--ckpt", str(ckpt), "--resolution", "30", "--out", str(tmp_path / "x.png"), "a red circle"])
+        sampler.main(["--ckpt", str(ckpt), "--resolution", "30", "--out",
+                      str(tmp_path / "x.png"), "a red circle"])
     assert e.value.code == 2 and "multiples of 4 px: use 28 or 32" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
     sampler.main(["--ckpt", str(ckpt), "--resolution", "28", "--steps", "1", "--upscale", "1",
@@ -228,8 +233,9 @@ def test_resolution_that_is_not_a_whole_number_of_patches_is_refused(ckpt, tmp_p
     assert Image.open(tmp_path / "x.png").size == (28 + 4, 28 + 4)  # one image and the grid's 2 px padding
 
 
-@pytest.mark.parametrize("argv", [["--anchor", "4096"], ["--ckpt-every", "0"], ["--seed", "-3"], ["--p-drop", "2"],
-                                  ["--resolution", "32,x"], ["--resume", "--overwrite"], ["--reschedule"]])
+@pytest.mark.parametrize("argv", [["--anchor", "4096"], ["--ckpt-every", "0"], ["--seed", "-3"],
+                                  ["--p-drop", "2"], ["--resolution", "32,x"], ["--resume", "--overwrite"],
+                                  ["--reschedule"]])
 def test_train_flags_are_checked_before_any_work(argv, capsys):
     with pytest.raises(SystemExit) as e:
         train.get_args(argv)
@@ -257,13 +263,15 @@ def test_cli_run_turns_input_errors_into_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("script, argv, names", [
     ("train.py", ["--data", "BAD/m.tsv", "--steps", "1", "--out", "BAD/r"], "m.tsv"),
     ("sample.py", ["--ckpt", "BAD/run", "--out", "BAD/s.png", "a red circle"], "config.json"),
-    ("evaluate.py", ["--ckpt", "BAD/run", "--steps", "1", "--prompts", "1", "--out", "BAD/e"], "config.json")])
+    ("evaluate.py", ["--ckpt", "BAD/run", "--steps", "1", "--prompts", "1", "--out", "BAD/e"],
+     "config.json")])
 def test_every_command_line_reports_bad_input_in_one_line(ckpt, tmp_path, script, argv, names):
     shutil.copytree(ckpt, tmp_path / "run")
     (tmp_path / "run" / "step-0000001" / "config.json").write_text("{")
     (tmp_path / "m.tsv").write_bytes(b"x.png\t\xff\n")
     p = subprocess.run([sys.executable, script, *[a.replace("BAD", str(tmp_path)) for a in argv]], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     lines = p.stderr.strip().splitlines()
     assert lines[-1].startswith(f"{script}: error: ") and names in lines[-1], p.stderr

@@ -46,7 +46,8 @@ def batch(B=4, L=6, C=3, seed=0):
 def tiny_system(seed=0, nonzero=True):
     torch.manual_seed(seed)
     system = selfe.SelfE(model.CONFIGS["tiny"], frozen_seed=seed)
-    if nonzero:  # adaLN-Zero makes a fresh model output 0 everywhere: perturb so the tests see a real function
+    # adaLN-Zero makes a fresh model output 0 everywhere: perturb so the tests see a real function
+    if nonzero:
         with torch.no_grad():
             for p in system.denoiser.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
@@ -59,7 +60,8 @@ def tiny_system(seed=0, nonzero=True):
 def test_lambda_and_weight():
     t = torch.tensor([0.5, 0.8, 0.9, 0.99, 0.3])
     s = torch.tensor([0.0, 0.4, 0.0, 0.0, 0.3])
-    torch.testing.assert_close(losses.lam(t, s), torch.tensor([1.0, 10 / 3, 9.0, 99.0, 0.0]))  # docs/method.md §5.2 table
+    # docs/method.md §5.2 table
+    torch.testing.assert_close(losses.lam(t, s), torch.tensor([1.0, 10 / 3, 9.0, 99.0, 0.0]))
     torch.testing.assert_close(losses.fm_weight(torch.tensor([0.5, 0.0])), torch.tensor([4.0, 1e6]))
 
 
@@ -199,7 +201,7 @@ def test_time_sampling():
     forced = torch.zeros(len(t), dtype=torch.bool)
     forced[:100] = True
     assert (selfe.sample_s(t, 1.0, 0.5, forced)[:100] == t[:100]).all()   # dropped captions keep s = t
-    assert (selfe.sample_s(t, 0.0) == t).all()                             # tau = 0: s = t (self-eval fades in)
+    assert (selfe.sample_s(t, 0.0) == t).all()                           # tau = 0: s = t (self-eval fades in)
     assert selfe.tau_at(150, 300) == 0.5 and selfe.tau_at(900, 300) == 1.0
 
 
@@ -243,7 +245,8 @@ def test_rope_scores_depend_only_on_relative_position():
     q, k = torch.randn(1, 2, 5, 16, generator=g), torch.randn(1, 2, 5, 16, generator=g)
     ids = torch.randint(0, 20, (1, 5, 3), generator=g).float()
     scores = lambda ids: model.apply_rope(q, emb(ids)) @ model.apply_rope(k, emb(ids)).transpose(-1, -2)
-    torch.testing.assert_close(scores(ids), scores(ids + torch.tensor([3.0, -7.0, 11.0])), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scores(ids), scores(ids + torch.tensor([3.0, -7.0, 11.0])),
+                               rtol=1e-4, atol=1e-4)
     assert (scores(ids) - scores(ids * 2)).abs().max() > 1e-2
 
 
@@ -262,8 +265,9 @@ def test_time_grid_runs_from_one_to_zero():
     for n in (1, 2, 4, 8, 50):
         ts = sampler.time_grid(n, 1024)
         assert len(ts) == n + 1 and ts[0] == 1 and ts[-1] == 0 and (ts[1:] < ts[:-1]).all()
-    torch.testing.assert_close(sampler.time_grid(4, 1024), torch.tensor([1, 0.844, 0.644, 0.376, 0]), atol=1e-3,
-                               rtol=0)  # docs/method.md §7.1 table
+    # docs/method.md §7.1 table
+    torch.testing.assert_close(sampler.time_grid(4, 1024),
+                               torch.tensor([1, 0.844, 0.644, 0.376, 0]), atol=1e-3, rtol=0)
     ts = sampler.time_grid(4, 64)
     torch.testing.assert_close(sampler.second_times(ts, "next"), ts[1:])
     torch.testing.assert_close(sampler.second_times(ts, "current"), ts[:-1])
@@ -308,9 +312,11 @@ def test_ep_cfg_keeps_conditional_energy():
 
 def test_fixed_seed_reproduces_the_image_whatever_the_batch():
     system = tiny_system()
-    a = sampler.sample(system, ["a red circle", "a blue square"], steps=2, seeds=[3, 4], model=system.denoiser)
+    a = sampler.sample(system, ["a red circle", "a blue square"], steps=2, seeds=[3, 4],
+                       model=system.denoiser)
     b = sampler.sample(system, ["a blue square"], steps=2, seeds=[4], model=system.denoiser)
-    c = sampler.sample(system, ["a red circle", "a blue square"], steps=2, seeds=[3, 5], model=system.denoiser)
+    c = sampler.sample(system, ["a red circle", "a blue square"], steps=2, seeds=[3, 5],
+                       model=system.denoiser)
     torch.testing.assert_close(a[1:], b)
     assert (a[1] - c[1]).abs().max() > 1e-3
 
@@ -342,8 +348,8 @@ def test_loss_falls_on_a_fixed_batch():
 
 
 def _train(out, *extra):
-    return train.main(["--steps", "4", "--batch", "4", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "0",
-                       "--out", str(out), *extra])
+    return train.main(["--steps", "4", "--batch", "4", "--log-every", "1", "--ckpt-every", "2",
+                       "--sample-every", "0", "--out", str(out), *extra])
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -369,7 +375,8 @@ def test_checkpoint_roundtrip_through_sample_cli(tmp_path, capsys):
     system, meta = selfe.load_checkpoint(str(tmp_path / "run"))
     assert meta["flags"]["objective"] == "fm"
     out = tmp_path / "grid.png"
-    sampler.main(["--ckpt", str(tmp_path / "run"), "--sweep", "1,2", "--out", str(out), "a red circle", "a square"])
+    sampler.main(["--ckpt", str(tmp_path / "run"), "--sweep", "1,2", "--out", str(out),
+                  "a red circle", "a square"])
     from PIL import Image
     assert Image.open(out).size[0] > 2 * 32
 
@@ -444,12 +451,15 @@ def test_word_tokenizer_round_trips_captions_and_encodes_any_prompt():
                 assert len(ids) <= min(cfg.t5_max_len - 1, cfg.clip.max_position_embeddings - 2), prompt
     assert tok.encode("A RED Circle!") == tok.encode("a red circle") + tok.encode("!")
     crimson, scarlet = tok.encode("a crimson circle"), tok.encode("a scarlet circle")
-    assert n_words <= crimson[1] < tok.vocab_size and crimson == tok.encode("a crimson circle") and crimson != scarlet
-    odd = ["", "   ", "\U0001f600 emoji", "a\tred\ncircle", "über straße", "<pad> </s> <|endoftext|>", "1234", "_"]
+    assert (n_words <= crimson[1] < tok.vocab_size and crimson == tok.encode("a crimson circle")
+            and crimson != scarlet)
+    odd = ["", "   ", "\U0001f600 emoji", "a\tred\ncircle", "über straße",
+           "<pad> </s> <|endoftext|>", "1234", "_"]
     for framing in ("pad-end", "start-end"):
         ids = encoders.WordTokenizer(data.WORDS, 16, framing)(odd)
         assert ids.shape == (len(odd), 16) and 0 <= ids.min() and ids.max() < tok.vocab_size
-        assert (ids == encoders.WordTokenizer.eos_id).any(1).all()  # every row has its end token (CLIP pools there)
+        # every row has its end token (CLIP pools there)
+        assert (ids == encoders.WordTokenizer.eos_id).any(1).all()
     txt, vec = tiny_system().encode_text(odd)
     assert torch.isfinite(txt).all() and torch.isfinite(vec).all()
 
@@ -503,7 +513,8 @@ def test_training_stream_covers_tasks_and_never_shows_heldout_pairs(name):
             assert (clause.get("color"), clause["class"]) not in world.heldout
             if "position" in clause:
                 i_a = spec["include"].index(clause)
-                assert data.relations(objects[i_a][2], objects[clause["position"][1]][2]) == {clause["position"][0]}
+                assert data.relations(objects[i_a][2],
+                                      objects[clause["position"][1]][2]) == {clause["position"][0]}
         n = sum(c["count"] for c in spec["include"])
         assert len(objects) == n
     assert tasks == set(data.TASKS) | {"free"}

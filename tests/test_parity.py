@@ -59,7 +59,8 @@ def test_t5_sharded_layout_parity(t5_ref):
     assert len(set(index["weight_map"].values())) > 1, "the reference must be sharded to exercise the index"
     ours = encoders.load_t5(str(folder), dtype=torch.float32)
     assert ours.c.num_layers == 3 and ours.c.relative_attention_max_distance == 20  # config.json was read
-    ids = torch.randint(0, 120, (2, 40), generator=torch.Generator().manual_seed(1))  # 40 > max distance: log buckets
+    # 40 > max distance: log buckets
+    ids = torch.randint(0, 120, (2, 40), generator=torch.Generator().manual_seed(1))
     ids[:, 25:] = 0  # pads attend, as FLUX runs T5 without a mask
     with torch.no_grad():
         want = ref(input_ids=ids).last_hidden_state
@@ -76,8 +77,8 @@ def test_t5_single_file_with_tied_embedding(t5_ref, tmp_path):
     sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
     sd["encoder.embed_tokens.weight"] = sd["shared.weight"].clone()  # the tied copy some files carry
     save_file(sd, str(tmp_path / "model.safetensors"))
-    ours = encoders.load_t5(str(tmp_path / "model.safetensors"), dtype=torch.float32, config=encoders.t5_config_from_hf(
-        ref.config.to_dict()))
+    config = encoders.t5_config_from_hf(ref.config.to_dict())
+    ours = encoders.load_t5(str(tmp_path / "model.safetensors"), dtype=torch.float32, config=config)
     ids = torch.randint(0, 120, (1, 12))
     with torch.no_grad():
         assert maxerr(ours(ids), ref(input_ids=ids).last_hidden_state) <= TOL
@@ -94,11 +95,10 @@ def test_t5_single_file_with_tied_embedding(t5_ref, tmp_path):
 @pytest.fixture(scope="module")
 def clip_ref(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
-    # eos_token_id 2 as in the public config: transformers then pools at argmax(ids), our
-    # rule at the first vocab-1
-    cfg = transformers.CLIPTextConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      intermediate_size=64, max_position_embeddings=20, hidden_act="quick_gelu",
-                                      eos_token_id=2, bos_token_id=0, pad_token_id=1)
+    # eos_token_id 2 as in the public config: transformers pools at argmax(ids), we at the first vocab-1
+    cfg = transformers.CLIPTextConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=20,
+                                      hidden_act="quick_gelu", eos_token_id=2, bos_token_id=0, pad_token_id=1)
     torch.manual_seed(0)
     ref = perturb_(transformers.CLIPTextModel(cfg), std=0.05).eval()
     folder = tmp_path_factory.mktemp("snapshot") / "text_encoder"
@@ -134,7 +134,8 @@ def test_clip_parity_both_prefixes(clip_ref, tmp_path):
     check_clip(ours, ref)
     # the other prefix convention, plus the position_ids buffer old files carry
     sd = load_file(str(folder / "model.safetensors"))
-    flip = {(k[len("text_model."):] if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}
+    flip = {(k[len("text_model."):] if k.startswith("text_model.") else "text_model." + k): v
+            for k, v in sd.items()}
     flip["text_model.embeddings.position_ids"] = torch.arange(20)[None]
     save_file(flip, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
@@ -151,8 +152,9 @@ def ae_ref(tmp_path_factory):
     torch.manual_seed(0)
     ref = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
                                   up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64),
-                                  layers_per_block=2, latent_channels=16, norm_num_groups=32, use_quant_conv=False,
-                                  use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
+                                  layers_per_block=2, latent_channels=16, norm_num_groups=32,
+                                  use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611,
+                                  shift_factor=0.1159)
     ref = perturb_(ref, std=0.02).eval()
     folder = tmp_path_factory.mktemp("snapshot") / "vae"
     ref.save_pretrained(folder, safe_serialization=True)
@@ -182,7 +184,8 @@ def test_autoencoder_bfl_layout_parity(ae_ref, tmp_path):
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     ref, folder = ae_ref
     cfg = encoders.AutoEncoderConfig(ch=32, ch_mult=(1, 2, 2))
-    sd = {k: v.contiguous() for k, v in encoders.load_autoencoder(str(folder), dtype=torch.float32).state_dict().items()}
+    ae = encoders.load_autoencoder(str(folder), dtype=torch.float32)
+    sd = {k: v.contiguous() for k, v in ae.state_dict().items()}
     save_file(sd, str(tmp_path / "ae.safetensors"))
     # diffusers' converter reads the BFL names: it must find every one of ours and give
     # back the reference weights
@@ -190,7 +193,8 @@ def test_autoencoder_bfl_layout_parity(ae_ref, tmp_path):
     want = ref.state_dict()
     assert set(conv) == set(want)
     assert all(torch.equal(conv[k].reshape(want[k].shape), want[k]) for k in want)
-    check_ae(encoders.load_autoencoder(str(tmp_path / "ae.safetensors"), dtype=torch.float32, config=cfg), ref)
+    check_ae(encoders.load_autoencoder(str(tmp_path / "ae.safetensors"),
+                                       dtype=torch.float32, config=cfg), ref)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -217,7 +221,8 @@ def bfl_to_diffusers(sd, n_double, n_single, hidden):
         b, d = f"double_blocks.{i}", f"transformer_blocks.{i}"
         move(f"{b}.img_mod.lin", f"{d}.norm1.linear")
         move(f"{b}.txt_mod.lin", f"{d}.norm1_context.linear")
-        for stream, names in (("img", ("to_q", "to_k", "to_v")), ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))):
+        for stream, names in (("img", ("to_q", "to_k", "to_v")),
+                              ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))):
             for wb in ("weight", "bias"):
                 for name, part in zip(names, sd.pop(f"{b}.{stream}_attn.qkv.{wb}").chunk(3)):
                     out[f"{d}.attn.{name}.{wb}"] = part
@@ -252,16 +257,20 @@ def bfl_to_diffusers(sd, n_double, n_single, hidden):
 @pytest.mark.parametrize("guidance", [False, True])
 def test_flux_transformer_parity(guidance, tmp_path):
     diffusers = pytest.importorskip("diffusers")
-    cfg = model.Config(hidden_size=32, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6), in_channels=16,
-                       context_in_dim=24, vec_in_dim=20, dual_time=False, guidance_embed=guidance)
+    cfg = model.Config(hidden_size=32, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6),
+                       in_channels=16, context_in_dim=24, vec_in_dim=20, dual_time=False,
+                       guidance_embed=guidance)
     torch.manual_seed(0)
     src = perturb_(model.MMDiT(cfg), std=0.1)
-    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "flux1-test.safetensors"))
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()},
+              str(tmp_path / "flux1-test.safetensors"))
     ours = model.load_flux_transformer(str(tmp_path / "flux1-test.safetensors"), cfg, dtype=torch.float32)
     ref = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
-                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
-                                           pooled_projection_dim=20, guidance_embeds=guidance, axes_dims_rope=(4, 6, 6))
-    ref.load_state_dict(bfl_to_diffusers(load_file(str(tmp_path / "flux1-test.safetensors")), 2, 2, 32), strict=True)
+                                           attention_head_dim=16, num_attention_heads=2,
+                                           joint_attention_dim=24, pooled_projection_dim=20,
+                                           guidance_embeds=guidance, axes_dims_rope=(4, 6, 6))
+    mapped = bfl_to_diffusers(load_file(str(tmp_path / "flux1-test.safetensors")), 2, 2, 32)
+    ref.load_state_dict(mapped, strict=True)
     ref.eval()
     g = torch.Generator().manual_seed(4)
     B, h, w, Lt = 2, 3, 4, 5
@@ -273,8 +282,8 @@ def test_flux_transformer_parity(guidance, tmp_path):
     img_ids[..., 1], img_ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None]
     img_ids, txt_ids = img_ids.view(1, h * w, 3), torch.zeros(1, Lt, 3)
     with torch.no_grad():
-        want = ref(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t, img_ids=img_ids[0],
-                   txt_ids=txt_ids[0], guidance=gd, return_dict=False)[0]
+        want = ref(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
+                   img_ids=img_ids[0], txt_ids=txt_ids[0], guidance=gd, return_dict=False)[0]
         got = ours(img, img_ids, txt, txt_ids, t, None, y, gd)
     err = maxerr(got, want)
     print(f"FLUX transformer (guidance={guidance}) max abs err {err:.2e}")
@@ -284,7 +293,8 @@ def test_flux_transformer_parity(guidance, tmp_path):
 def test_flux_presets():
     for name, guidance, max_len in (("flux-schnell", False, 256), ("flux-dev", True, 512)):
         c = model.CONFIGS[name]
-        assert (c.hidden_size, c.num_heads, c.head_dim, c.depth, c.depth_single_blocks) == (3072, 24, 128, 19, 38)
+        assert ((c.hidden_size, c.num_heads, c.head_dim, c.depth, c.depth_single_blocks)
+                == (3072, 24, 128, 19, 38))
         assert (c.in_channels, c.context_in_dim, c.vec_in_dim, c.axes_dim) == (64, 4096, 768, (16, 56, 56))
         assert (c.dual_time, c.guidance_embed, c.t5_max_len, c.latent, c.tokenizer) == \
             (False, guidance, max_len, "flux-vae", "pretrained")
@@ -297,9 +307,10 @@ def test_flux_presets():
 # Tokenizers
 
 CORPUS = ["a photo of a red circle to the left of a blue square", "two cats sitting on a sofa, oil painting",
-          "The quick brown fox jumps over the lazy dog.", "An astronaut riding a horse on Mars, 4k, highly detailed",
-          "café déjà vu: naïve façade", "Straße über Größe", "一只猫坐在桌子上", "кошка сидит на столе",
-          "numbers 12345 and 3.14159, 1/2", "it's what we'll do; they're here!", "emoji 😀 and symbols #@%*"]
+          "The quick brown fox jumps over the lazy dog.",
+          "An astronaut riding a horse on Mars, 4k, highly detailed", "café déjà vu: naïve façade",
+          "Straße über Größe", "一只猫坐在桌子上", "кошка сидит на столе", "numbers 12345 and 3.14159, 1/2",
+          "it's what we'll do; they're here!", "emoji 😀 and symbols #@%*"]
 
 
 @pytest.fixture(scope="module")
@@ -309,9 +320,9 @@ def spiece(tmp_path_factory):
     rng = random.Random(0)
     words = " ".join(CORPUS).split()
     lines = CORPUS + [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(400)]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(path / "spiece"), vocab_size=128,
-                                   hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                   character_coverage=1.0, minloglevel=2)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(path / "spiece"),
+                                   vocab_size=128, hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2,
+                                   bos_id=-1, character_coverage=1.0, minloglevel=2)
     return str(path / "spiece.model")
 
 
@@ -319,11 +330,12 @@ def varied_prompts(n, seed):
     """Hundreds of strings: case, punctuation, digits, contractions, accents, CJK, Cyrillic, Arabic, emoji,
     combining marks (NFC and NFD), odd whitespace, long runs."""
     rng = random.Random(seed)
-    pieces = ["a", "photo", "of", "cat", "DOG", "Astronaut", "riding", "horse", "café", "naïve", "Straße", "ÆØÅ",
-              "İstanbul", "東京", "一只猫", "кошка", "العربية", "ελληνικά", "हिन्दी", "😀", "🐱‍👤", "❤️", "2024", "3.14",
-              "½", "²", "Ⅻ", "١٢٣", "it's", "WE'LL", "they're", "I'm", "you've", "he'd", "don't", "'S", "!!!", "?",
-              "...", ",", "(x)", "[y]", "{z}", "#tag", "@user", "e-mail", "x_y", "a/b", "--", "—", "“quoted”", "'",
-              '"', "~", "$5", "100%", "e\u0301", "n\u0303", "ﬁ", "ＡＢＣ", "<tag>", "a&b", "\\", "|", "^", "*"]
+    pieces = ["a", "photo", "of", "cat", "DOG", "Astronaut", "riding", "horse", "café", "naïve", "Straße",
+              "ÆØÅ", "İstanbul", "東京", "一只猫", "кошка", "العربية", "ελληνικά", "हिन्दी", "😀", "🐱‍👤", "❤️",
+              "2024", "3.14", "½", "²", "Ⅻ", "١٢٣", "it's", "WE'LL", "they're", "I'm", "you've", "he'd",
+              "don't", "'S", "!!!", "?", "...", ",", "(x)", "[y]", "{z}", "#tag", "@user", "e-mail", "x_y",
+              "a/b", "--", "—", "“quoted”", "'", '"', "~", "$5", "100%", "e\u0301", "n\u0303", "ﬁ", "ＡＢＣ",
+              "<tag>", "a&b", "\\", "|", "^", "*"]
     spaces = [" ", " ", " ", "  ", "\t", "\n", "\u3000", "\xa0", "\u2009", " \r\n ", ""]
     out = []
     for _ in range(n):
@@ -335,15 +347,18 @@ def varied_prompts(n, seed):
 def test_t5_tokenizer_against_transformers(spiece):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("google.protobuf")
-    ref = transformers.T5Tokenizer.from_pretrained(os.path.dirname(spiece), extra_ids=0)  # offline: a local folder
+    # offline: a local folder
+    ref = transformers.T5Tokenizer.from_pretrained(os.path.dirname(spiece), extra_ids=0)
     ours = encoders.T5Tokenizer(spiece, max_len=32)
     prompts = CORPUS + varied_prompts(300, seed=1) + [""]
     got = ours(prompts)
     want = torch.tensor(ref(prompts, padding="max_length", max_length=32, truncation=True).input_ids)
-    bad = [(p, got[i].tolist(), want[i].tolist()) for i, p in enumerate(prompts) if not torch.equal(got[i], want[i])]
+    bad = [(p, got[i].tolist(), want[i].tolist()) for i, p in enumerate(prompts)
+           if not torch.equal(got[i], want[i])]
     assert not bad, f"{len(bad)} of {len(prompts)} differ, first: {bad[:2]}"
     assert got[0, -1] == 0 and (got == 1).sum(1).eq(1).all()  # padded with 0, one end token 1 each
-    assert len(CORPUS) < len(prompts) and any(len(ours.sp.encode(p)) > 31 for p in prompts)  # truncation exercised
+    # truncation exercised
+    assert len(CORPUS) < len(prompts) and any(len(ours.sp.encode(p)) > 31 for p in prompts)
 
 
 # Special tokens typed in a prompt: transformers' tokenizers (the reference FLUX pipelines use) read them as
@@ -351,8 +366,9 @@ def test_t5_tokenizer_against_transformers(spiece):
 T5_TYPED = ["a </s> b", "a</s>b", "</s>", "  </s>  ", "<pad>a red circle", "a <unk> b",
             "x <extra_id_0> y <extra_id_99>", "a </S> <PAD>", "café </s>déjà", "<s> a", "a</s></s>b",
             "<extra_id_100> <extra_id_01>"]
-CLIP_TYPED = ["a <|ENDOFTEXT|> b", "<|EndOfText|>", "a <|endoftext|> b", "a<|endoftext|>b", "x <|startoftext|> y",
-              "ΟΔΟΣ ΣΟΦΟΣ.", "οδος", "ΣΣ σ ς Σa aΣ", "İstanbul ΑΣ"]  # capital sigma, final or not: σ
+# capital sigma, final or not: σ
+CLIP_TYPED = ["a <|ENDOFTEXT|> b", "<|EndOfText|>", "a <|endoftext|> b", "a<|endoftext|>b",
+              "x <|startoftext|> y", "ΟΔΟΣ ΣΟΦΟΣ.", "οδος", "ΣΣ σ ς Σa aΣ", "İstanbul ΑΣ"]
 
 
 @pytest.mark.parametrize("extra_ids", [0, 100])
@@ -366,7 +382,8 @@ def test_t5_tokenizer_reads_typed_special_tokens_as_transformers_does(spiece, ex
     bad = [(p, g, w) for p, g, w in zip(T5_TYPED, got, want) if g != w]
     assert not bad, f"{len(bad)} of {len(T5_TYPED)} differ, first: {bad[:2]}"
     assert got[0].count(1) == 2 and got[4][0] == 0  # '</s>' and '<pad>' typed are the end and pad tokens
-    assert (max(got[6]) == 128 + 99) == (extra_ids == 100)  # <extra_id_0> is the last id when there are sentinels
+    # <extra_id_0> is the last id when there are sentinels
+    assert (max(got[6]) == 128 + 99) == (extra_ids == 100)
 
 
 def clip_files(folder):
@@ -388,8 +405,10 @@ def open_clip_tokenizer(pkg_dir, monkeypatch):
     """open_clip's SimpleTokenizer (OpenAI's), imported by file path so open_clip/__init__ (and torchvision)
     never loads; ftfy is reduced to its NFC normalisation, the text cleaning we follow."""
     pytest.importorskip("regex")
-    monkeypatch.setitem(sys.modules, "ftfy", types.SimpleNamespace(fix_text=lambda s: unicodedata.normalize("NFC", s)))
-    spec = importlib.util.spec_from_file_location("open_clip_tokenizer", os.path.join(pkg_dir, "tokenizer.py"))
+    monkeypatch.setitem(sys.modules, "ftfy",
+                        types.SimpleNamespace(fix_text=lambda s: unicodedata.normalize("NFC", s)))
+    spec = importlib.util.spec_from_file_location("open_clip_tokenizer",
+                                                  os.path.join(pkg_dir, "tokenizer.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.SimpleTokenizer()
@@ -401,7 +420,8 @@ def test_clip_tokenizer_against_openai(tmp_path, monkeypatch):
     assert ours(["a photo of a cat"])[0, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407, 49407]
     ref = open_clip_tokenizer(pkg, monkeypatch)
     prompts = CORPUS + varied_prompts(400, seed=2) + ["", "   ", "a" * 300, "word " * 200]
-    prompts = [p for p in prompts if "&" not in p]  # OpenAI unescapes HTML entities; transformers and we do not
+    # OpenAI unescapes HTML entities; transformers and we do not
+    prompts = [p for p in prompts if "&" not in p]
     bad = [(p, ours.encode(p), ref.encode(p)) for p in prompts if ours.encode(p) != ref.encode(p)]
     assert not bad, f"{len(bad)} of {len(prompts)} differ, first: {bad[:2]}"
     ids = ours(["word " * 200, ""])
@@ -419,7 +439,8 @@ def test_clip_tokenizer_against_transformers(tmp_path):
     got = ours(prompts).tolist()
     bad = [(p, g, w) for p, g, w in zip(prompts, got, want) if g != w]
     assert not bad, f"{len(bad)} of {len(prompts)} differ, first: {bad[:2]}"
-    assert ours.eos_id not in ours.encode("a <|ENDOFTEXT|> b") and ours.encode("a <|endoftext|> b")[1] == ours.eos_id
+    assert (ours.eos_id not in ours.encode("a <|ENDOFTEXT|> b")
+            and ours.encode("a <|endoftext|> b")[1] == ours.eos_id)
     assert ours.encode("ΣΟΦΟΣ") == ours.encode("σοφοσ") != ours.encode("σοφος")
 
 
@@ -429,11 +450,13 @@ def test_clip_tokenizer_against_transformers(tmp_path):
 def test_find_pretrained(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         encoders.find_pretrained(str(tmp_path))
-    for want in ("text_encoder_2/model.safetensors.index.json", "text_encoder/model.safetensors", "ae.safetensors",
-                 "tokenizer_2/spiece.model", "tokenizer/vocab.json", "tokenizer/merges.txt"):
+    for want in ("text_encoder_2/model.safetensors.index.json", "text_encoder/model.safetensors",
+                 "ae.safetensors", "tokenizer_2/spiece.model", "tokenizer/vocab.json",
+                 "tokenizer/merges.txt"):
         assert want in str(e.value)
-    for f in ("ae.safetensors", "text_encoder/model.safetensors", "text_encoder_2/model.safetensors.index.json",
-              "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer_2/spiece.model"):
+    for f in ("ae.safetensors", "text_encoder/model.safetensors",
+              "text_encoder_2/model.safetensors.index.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+              "tokenizer_2/spiece.model"):
         (tmp_path / f).parent.mkdir(exist_ok=True)
         (tmp_path / f).write_text("")
     parts = encoders.find_pretrained(str(tmp_path))
@@ -460,7 +483,8 @@ def test_snapshot_folder_end_to_end(t5_ref, clip_ref, ae_ref, spiece, tmp_path):
     assert parts["ae"].endswith(os.path.join("vae", "diffusion_pytorch_model.safetensors"))
     t5, clip = encoders.load_t5(parts["t5"], torch.float32), encoders.load_clip(parts["clip"], torch.float32)
     ae = encoders.load_autoencoder(parts["ae"], torch.float32)
-    t5_ids = encoders.T5Tokenizer(parts["t5_tokenizer"], 16)(["a red circle"])  # (1, 16), ids < the tiny vocab
+    # (1, 16), ids < the tiny vocab
+    t5_ids = encoders.T5Tokenizer(parts["t5_tokenizer"], 16)(["a red circle"])
     clip_ids = encoders.CLIPTokenizer(parts["clip_vocab"], parts["clip_merges"], max_len=20)(["a red circle"])
     assert t5(t5_ids).shape == (1, 16, 32) and clip_ids.shape == (1, 20)
     assert clip(clip_ids.clamp(max=99))[1].shape == (1, 32)  # the tiny CLIP: 100 ids, 20 positions
@@ -495,7 +519,8 @@ def test_bad_autoencoder_files(ae_file, monkeypatch):
     with pytest.raises(encoders.CheckpointError, match="missing keys \\['decoder.conv_in.weight'"):
         load()
     save_file({**sd, "decoder.conv_out.weight": torch.randn(3, 32, 1, 1)}, str(path))
-    with pytest.raises(encoders.CheckpointError, match="decoder.conv_out.weight: file \\(3, 32, 1, 1\\) vs model"):
+    with pytest.raises(encoders.CheckpointError,
+                       match="decoder.conv_out.weight: file \\(3, 32, 1, 1\\) vs model"):
         load()
     save_file({**sd, "encoder.conv_in.bias": torch.arange(32)}, str(path))
     with pytest.raises(encoders.CheckpointError, match="encoder.conv_in.bias: I64"):
@@ -524,7 +549,8 @@ def test_bad_sharded_t5(t5_ref, tmp_path):
         encoders.t5_config_from_hf({"feed_forward_proj": "relu"})
     cfg = encoders.T5Config(vocab_size=120, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=3,
                          relative_attention_num_buckets=8, relative_attention_max_distance=20)
-    with pytest.raises(encoders.CheckpointError, match="wrong shapes \\['encoder.block.0.layer.1.DenseReluDense"):
+    with pytest.raises(encoders.CheckpointError,
+                       match="wrong shapes \\['encoder.block.0.layer.1.DenseReluDense"):
         encoders.load_t5(str(folder), config=cfg)
 
 
@@ -533,6 +559,7 @@ def test_load_strict_in_memory():
     with pytest.raises(encoders.CheckpointError, match="here: cannot load: missing keys \\['bias'\\]"):
         encoders.load_strict(m, {"weight": torch.zeros(2, 3)}, "here")
     with pytest.raises(encoders.CheckpointError, match="wrong dtypes \\['bias: torch.int64'\\]"):
-        encoders.load_strict(m, {"weight": torch.zeros(2, 3), "bias": torch.zeros(2, dtype=torch.long)}, "here")
+        encoders.load_strict(m, {"weight": torch.zeros(2, 3), "bias": torch.zeros(2, dtype=torch.long)},
+                             "here")
     encoders.load_strict(m, {"weight": torch.ones(2, 3), "bias": torch.zeros(2)}, "here")
     assert m.weight.sum() == 6

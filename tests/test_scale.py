@@ -113,12 +113,14 @@ def test_compile_stays_compiled_over_self_e_steps_with_buckets(tmp_path, monkeyp
     real = selfe.sample_t
     monkeypatch.setattr(selfe, "sample_t", lambda n, L, *a, **k: lengths.append(L) or real(n, L, *a, **k))
     try:
-        log = train.main([*ARGS, "--steps", "6", "--data", manifest, "--compile", "--out", str(tmp_path / "run")])
+        log = train.main([*ARGS, "--steps", "6", "--data", manifest, "--compile", "--out",
+                          str(tmp_path / "run")])
         graphs = dict(counters["stats"])["unique_graphs"]
     finally:
         torch._dynamo.reset()
     assert len(set(lengths)) == 2 and max(r["fake"] for r in log) > 0  # both buckets, the auxiliary term
-    assert graphs == 4  # {double, single block} x {with grad, without}: no recompile for sizes, buckets or the EMA
+    # {double, single block} x {with grad, without}: no recompile for sizes, buckets or the EMA
+    assert graphs == 4
 
 
 def test_compile_failure_is_named_and_falls_back_only_when_asked(tmp_path, monkeypatch):
@@ -127,10 +129,12 @@ def test_compile_failure_is_named_and_falls_back_only_when_asked(tmp_path, monke
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=broken))
     torch._dynamo.reset()
     try:
-        with pytest.raises(SystemExit, match=r"--compile: torch\.compile failed .*no C\+\+ compiler.*fallback"):
+        with pytest.raises(SystemExit,
+                           match=r"--compile: torch\.compile failed .*no C\+\+ compiler.*fallback"):
             train.main([*ARGS, "--steps", "1", "--compile", "--out", str(tmp_path / "a")])
         torch._dynamo.reset()
-        log = train.main([*ARGS, "--steps", "2", "--compile", "--compile-fallback", "--out", str(tmp_path / "b")])
+        log = train.main([*ARGS, "--steps", "2", "--compile", "--compile-fallback", "--out",
+                          str(tmp_path / "b")])
     finally:
         torch._dynamo.reset()
     assert [r["step"] for r in log] == [1, 2]
@@ -146,7 +150,8 @@ def test_a_training_step_runs_on_another_device_type(objective):
     cfg = model.CONFIGS["tiny"]
     with torch.device("meta"):
         net = model.MMDiT(cfg)
-        x0, eps, eps_self = torch.randn(4, 64, cfg.in_channels), torch.randn(4, 64, 48), torch.randn(4, 64, 48)
+        x0 = torch.randn(4, 64, cfg.in_channels)
+        eps, eps_self = torch.randn(4, 64, 48), torch.randn(4, 64, 48)
         cond = (torch.randn(4, 16, cfg.context_in_dim), torch.randn(4, cfg.vec_in_dim))
         t = torch.rand(4)
         evaluate = torch.tensor([True, False, True, False])
@@ -208,8 +213,8 @@ def test_memory_plan_activations_match_measured_memory(act_ckpt):
     (so a free returns it at once), at micro-batch 16 minus
     micro-batch 4 (what does not scale with the batch cancels). Within 5%."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "16384", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    p = subprocess.run([sys.executable, "-c", MEASURE, str(int(act_ckpt))], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run([sys.executable, "-c", MEASURE, str(int(act_ckpt))], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     measured = int(p.stdout.split()[-1])
     cfg = model.CONFIGS["tiny"]
@@ -233,15 +238,18 @@ def test_a_batch_that_cannot_fit_stops_before_any_weight_is_built(monkeypatch):
     def built(*a, **k):
         raise AssertionError("a weight was built")
     monkeypatch.setattr(selfe, "SelfE", built)
-    with pytest.raises(SystemExit, match=r"--batch 64 on 1 device.*needs .* GiB by the memory plan.*fits with "
-                                         r"--accum \d+ .* or --act-ckpt"):
+    with pytest.raises(SystemExit,
+                       match=r"--batch 64 on 1 device.*needs .* GiB by the memory plan.*fits with "
+                       r"--accum \d+ .* or --act-ckpt"):
         train.main([*ARGS, "--batch", "64", "--accum", "1", "--memory-gib", "0.25"])
     with pytest.raises(SystemExit, match="nothing fits"):
         train.main([*ARGS, "--memory-gib", "0.01"])
     cfg = model.CONFIGS["tiny"]
     need = lambda b: bench.memory_plan(cfg, b, 32, 1, False, "fp32")["total"] / 2 ** 30
-    args = train.get_args([*ARGS, "--batch", "64", "--memory-gib", str((need(16) + need(32)) / 2 / train.FIT)])
-    assert train.choose_accum(args, 1) == 4  # the fewest micro-steps that fit: micro-batch 16 fits, 32 does not
+    args = train.get_args([*ARGS, "--batch", "64", "--memory-gib",
+                           str((need(16) + need(32)) / 2 / train.FIT)])
+    # the fewest micro-steps that fit: micro-batch 16 fits, 32 does not
+    assert train.choose_accum(args, 1) == 4
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -288,4 +296,4 @@ def test_manifest_images_decode_in_threads_off_the_training_thread(tmp_path, mon
     monkeypatch.setattr(data.ShapesData, "batch", lambda self, i: threads.add(threading.current_thread()) or
                         real(self, i))
     train.main([*ARGS, "--steps", "2", "--out", str(tmp_path / "run")])
-    assert threading.main_thread() not in threads                        # read a step ahead, on the prefetch thread
+    assert threading.main_thread() not in threads                  # read a step ahead, on the prefetch thread
