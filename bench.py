@@ -1,42 +1,59 @@
-"""Benchmarks: what a training step costs on the path training takes, and what it needs before any device is rented.
+"""Benchmarks: what a training step costs on the path training takes, and what it needs
+before any device is rented.
 
     python bench.py --size 2b                          # one GPU: the table below, eager and compiled
     torchrun --nproc_per_node 8 bench.py --size 2b     # each of 8 GPUs, sharded as train.py shards them
     python bench.py --plan --size 2b --batch 16 --world 8        # memory plan per device: no GPU, no weights
-    python bench_t5_load.py                            # frozen-part load memory (T5-XXL, host RSS)
+    python bench.py --t5-load                          # frozen-part load memory (T5-XXL, host RSS)
+    python bench.py --t5-load --layers 6 --keep        # smaller, for a disk that cannot take 9.5 GB
 
-The table: at each resolution (2b: 256^2 = 256 image + 512 text tokens, and 512^2), per-device micro-batch --batch:
-the denoiser's forward+backward, an FM step, a Self-E step and a Self-E step with the auxiliary term (half the batch
-at s < t), each as ms, model TFLOP/s per device, MFU, peak memory and its ratio to the FM step; eager, then with the
-blocks compiled. A step is train.py's: train.setup's network (FSDP2 bf16 mixed precision, also in one process),
-train.objective, backward, train.update (clip, Adam, EMA). Each row prints as it is measured; a row that runs out of
-memory prints OOM and the next one runs (on N ranks an OOM on one rank only can leave the others waiting).
+The table: at each resolution (2b: 256^2 = 256 image + 512 text tokens, and 512^2), per-device micro-batch
+--batch: the denoiser's forward+backward, an FM step, a Self-E step and a Self-E step with the auxiliary term
+(half the batch at s < t), each as ms, model TFLOP/s per device, MFU, peak memory and its ratio to the FM
+step; eager, then with the blocks compiled. A step is train.py's: train.setup's network
+(FSDP2 bf16 mixed precision, also in one process), train.objective, backward, train.update (clip, Adam, EMA).
+Each row prints as it is measured; a row that runs out of memory prints OOM and the next one runs
+(on N ranks an OOM on one rank only can leave the others waiting).
 
-The memory plan: per device, the fp32 parameters, gradients, Adam moments and EMA (sharded over --world ranks), the
-weights FSDP gathers at a time, and the activations a training step keeps for backward, with and without
-activation checkpointing. The activations are counted by running that step on the meta device (shapes and dtypes,
-no memory): every tensor the step makes and that is still alive when backward starts. train.py checks the same plan
-against the GPU's memory before it builds a weight.
+The memory plan: per device, the fp32 parameters, gradients, Adam moments and EMA
+(sharded over --world ranks), the weights FSDP gathers at a time, and the activations a training step keeps
+for backward, with and without activation checkpointing. The activations are counted by running that step on
+the meta device (shapes and dtypes, no memory): every tensor the step makes and that is still alive when
+backward starts. train.py checks the same plan against the GPU's memory before it builds a weight.
+
+The load memory (--t5-load): a synthetic checkpoint with T5 v1.1 XXL's real key names and shapes, laid out as
+FLUX.1's text_encoder_2/ (bf16, two shards of at most 5 GB, index and config; about 9.5 GB), is loaded by
+encoders.load_t5 in a fresh process, whose peak RSS is held against the file size (target: at most 1.3 x).
 """
 import argparse
+import dataclasses
+import functools
 import gc
+import json
 import os
+import resource
+import shutil
+import subprocess
+import sys
 import time
 import weakref
 
+import safetensors
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import encoders
 import losses
 import selfe
 import train
 from model import CONFIGS, MMDiT
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The memory plan
 
 class Alive(TorchDispatchMode):
@@ -61,8 +78,8 @@ class Alive(TorchDispatchMode):
 
 
 class FusedAttention(TorchFunctionMode):
-    """Meta tensors take SDPA's math path, which keeps the (L, L) attention matrix; count what a fused kernel keeps
-    (the output and the log-sum-exp) instead, as flash attention on a GPU does."""
+    """Meta tensors take SDPA's math path, which keeps the (L, L) attention matrix; count what a fused kernel
+    keeps (the output and the log-sum-exp) instead, as flash attention on a GPU does."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is F.scaled_dot_product_attention:
@@ -77,9 +94,9 @@ def tokens(cfg, area):
 
 
 def training_forward(cfg, batch, area, dtype, act_ckpt, objective, device):
-    """The forward of a training step at micro-batch `batch` on random inputs, weights in `dtype`: -> a function that
-    runs it and returns the loss. Self-E with the auxiliary term and every sample evaluated (its worst case: every
-    pass that keeps activations runs on the whole batch), or FM."""
+    """The forward of a training step at micro-batch `batch` on random inputs, weights in `dtype`: -> a
+    function that runs it and returns the loss. Self-E with the auxiliary term and every sample evaluated
+    (its worst case: every pass that keeps activations runs on the whole batch), or FM."""
     with torch.device(device):
         net = MMDiT(cfg).to(dtype)
         h, w = tokens(cfg, area)
@@ -99,7 +116,8 @@ def training_forward(cfg, batch, area, dtype, act_ckpt, objective, device):
 
 
 def step_activations(cfg, batch, area, dtype, act_ckpt, objective):
-    """Bytes a training step keeps for backward, counted on the meta device: what its forward made and still holds."""
+    """Bytes a training step keeps for backward, counted on the meta device: what its forward
+    made and still holds."""
     forward = training_forward(cfg, batch, area, dtype, act_ckpt, objective, "meta")
     with FusedAttention(), Alive() as alive:
         loss = forward()
@@ -109,8 +127,8 @@ def step_activations(cfg, batch, area, dtype, act_ckpt, objective):
 
 
 def block_recompute(cfg, batch, area, dtype):
-    """Bytes one block's recomputation holds in backward under activation checkpointing: the larger of the double-
-    and single-stream block's activations at micro-batch `batch`, counted on the meta device."""
+    """Bytes one block's recomputation holds in backward under activation checkpointing: the larger of the
+    double- and single-stream block's activations at micro-batch `batch`, counted on the meta device."""
     h, w = tokens(cfg, area)
     with torch.device("meta"):
         net = MMDiT(cfg).to(dtype)
@@ -119,7 +137,8 @@ def block_recompute(cfg, batch, area, dtype):
         vec = torch.randn(batch, cfg.hidden_size, dtype=dtype)
         pe = net.pe_embedder(torch.cat((torch.zeros(1, cfg.t5_max_len, 3), selfe.image_ids(h, w, "meta")), 1))
     most = 0
-    for block, inputs in ((net.double_blocks[0], (img, txt)), (net.single_blocks[0], (torch.cat((txt, img), 1),))):
+    for block, inputs in ((net.double_blocks[0], (img, txt)),
+                          (net.single_blocks[0], (torch.cat((txt, img), 1),))):
         with FusedAttention(), Alive() as alive:
             out = block(*inputs, vec, pe)
             most = max(most, alive.bytes())
@@ -128,11 +147,12 @@ def block_recompute(cfg, batch, area, dtype):
 
 
 def memory_plan(cfg, batch, area, world=1, act_ckpt=False, precision="bf16", objective="selfe"):
-    """Bytes per device for training `cfg` at per-device micro-batch `batch` on squares of `area` pixels over `world`
-    ranks -> dict of the parts and their 'total'. Parameters, gradients, Adam's two moments and the EMA are fp32 and
-    sharded; under FSDP (N ranks, or bf16) two blocks' weights are gathered at a time in the compute dtype, with one
-    block's fp32 gradient before its reduce-scatter. Activations: what the step's forward keeps for backward, plus
-    one block's recomputation under act_ckpt. Temporaries are not counted (train.py leaves them 15%)."""
+    """Bytes per device for training `cfg` at per-device micro-batch `batch` on squares of `area` pixels over
+    `world` ranks -> dict of the parts and their 'total'. Parameters, gradients, Adam's two moments and the
+    EMA are fp32 and sharded; under FSDP (N ranks, or bf16) two blocks' weights are gathered at a time in the
+    compute dtype, with one block's fp32 gradient before its reduce-scatter. Activations: what the step's
+    forward keeps for backward, plus one block's recomputation under act_ckpt. Temporaries are not counted
+    (train.py leaves them 15%)."""
     with torch.device("meta"):
         net = MMDiT(cfg)
     n = sum(p.numel() for p in net.parameters())
@@ -151,10 +171,11 @@ def memory_plan(cfg, batch, area, world=1, act_ckpt=False, precision="bf16", obj
 def print_plan(args, world):
     cfg = CONFIGS[args.size]
     area = max(args.resolution)
-    plans = [memory_plan(cfg, args.batch, area, world, ckpt, args.precision, args.objective) for ckpt in (False, True)]
+    plans = [memory_plan(cfg, args.batch, area, world, ckpt, args.precision, args.objective)
+             for ckpt in (False, True)]
     h, w = tokens(cfg, area)
-    print(f"memory plan: --size {args.size}, micro-batch {args.batch} per device at {area} px ({h * w} image + "
-          f"{cfg.t5_max_len} text tokens), {world} device(s), {args.precision}, "
+    print(f"memory plan: --size {args.size}, micro-batch {args.batch} per device at {area} px ({h * w} image "
+          f"+ {cfg.t5_max_len} text tokens), {world} device(s), {args.precision}, "
           f"{'Self-E + aux step, every sample evaluated' if args.objective == 'selfe' else 'FM step'}")
     print("| GiB per device | without act-ckpt | with --act-ckpt |\n|---|---|---|")
     for part in plans[0]:
@@ -162,7 +183,7 @@ def print_plan(args, world):
     return plans
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The benchmark
 
 def measure(fn, iters, device):
@@ -197,8 +218,8 @@ def bench_rows(args, targs, world, system, model, ema, opt, area, say):
     evaluate = s < t
     n_eval = int(evaluate.sum())
     size = train.eval_size(n_eval, b, world, targs.compile)
-    G = lambda x, t_, s_, c: system.G(model, x, t_, s_, c, *grid)
-    G_ema = lambda x, t_, s_, c: system.G(ema, x, t_, s_, c, *grid)
+    G = functools.partial(system.G, model, h=grid[0], w=grid[1])
+    G_ema = functools.partial(system.G, ema, h=grid[0], w=grid[1])
     fake = lambda idx: tuple(c[idx] for c in cond)
     skip = torch.zeros((), dtype=torch.bool, device=dev)
 
@@ -208,15 +229,17 @@ def bench_rows(args, targs, world, system, model, ema, opt, area, say):
 
     def step(objective, aux):  # train.py's iteration: objective, backward, clip, Adam, EMA
         a = argparse.Namespace(**{**vars(targs), "objective": objective})
-        loss, _ = train.objective(a, G, G_ema, x0, t, s, cond, null, fake if aux else None, eps, eps_self, evaluate,
+        loss, _ = train.objective(a, G, G_ema, x0, t, s, cond, null, fake=fake if aux else None,
+                                  eps=eps, eps_self=eps_self, evaluate=evaluate,
                                   fake_norm=max(n_eval, 1), eval_size=size)
         loss.backward()
         train.update(model, opt, system, targs, 10 ** 6, skip)
 
     F_ = system.denoiser.flops(L, Lt)
-    rows = (("denoiser fwd+bwd", fwd_bwd, 3 * F_ * b), ("FM step", lambda: step("fm", False), 3 * F_ * b),
-            ("Self-E step", lambda: step("selfe", False), 3 * F_ * b + 2 * F_ * n_eval),
-            ("Self-E step + aux", lambda: step("selfe", True), 3 * F_ * b + 5 * F_ * n_eval))
+    rows = (("denoiser fwd+bwd", fwd_bwd, train.step_flops(F_, b, 0, False)),
+            ("FM step", lambda: step("fm", False), train.step_flops(F_, b, 0, False)),
+            ("Self-E step", lambda: step("selfe", False), train.step_flops(F_, b, n_eval, False)),
+            ("Self-E step + aux", lambda: step("selfe", True), train.step_flops(F_, b, n_eval, True)))
     fm_ms = None
     for name, fn, flops in rows:
         try:
@@ -249,21 +272,21 @@ def benchmark(args, rank, world):
         mfu = f"{100 * tf / peak:.1f}" if peak else "-"
         mem = "-" if mem != mem else f"{mem:.1f}"                        # nan: no allocator statistics on CPU
         ratio = "-" if ratio != ratio else f"{ratio:.2f}x"
-        print(f"| {area}^2 | {L} | {'yes' if compiled else 'no'} | {name} | {ms:.1f} | {tf:.3g} | {mfu} | {mem} | "
-              f"{ratio} |", flush=True)
+        print(f"| {area}^2 | {L} | {'yes' if compiled else 'no'} | {name} | {ms:.1f} | {tf:.3g} | {mfu} | "
+              f"{mem} | {ratio} |", flush=True)
 
     for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
         targs = train.get_args(["--size", args.size, "--device", args.device, "--precision", args.precision,
                                 "--seed", "0", *(["--compile"] if compiled else []),
                                 *(["--act-ckpt"] if args.act_ckpt else [])])
-        system, model, ema, opt, peak = train.setup(targs, encoders=False)
+        system, model, ema, opt, peak = train.setup(targs, frozen_parts=False)
         peak = args.peak_tflops or peak
         if rank == 0 and not rows:
-            print(f"{args.size} on {world} x {train.device_name(system.device)}, micro-batch {args.batch} per device, "
-                  f"{cfg.t5_max_len} text tokens, {args.precision}{', act-ckpt' if args.act_ckpt else ''}; "
-                  f"peak {peak or 'unknown'} TFLOP/s")
-            print("| pixels | image tokens | compiled | measurement | ms | TFLOP/s | MFU % | peak mem GiB | vs FM |\n"
-                  "|---|---|---|---|---|---|---|---|---|", flush=True)
+            print(f"{args.size} on {world} x {train.device_name(system.device)}, micro-batch {args.batch} "
+                  f"per device, {cfg.t5_max_len} text tokens, {args.precision}"
+                  f"{', act-ckpt' if args.act_ckpt else ''}; peak {peak or 'unknown'} TFLOP/s")
+            print("| pixels | image tokens | compiled | measurement | ms | TFLOP/s | MFU % | peak mem GiB | "
+                  "vs FM |\n|---|---|---|---|---|---|---|---|---|", flush=True)
         with train.compile_config(targs), train.compile_errors(targs):
             for area in areas:
                 bench_rows(args, targs, world, system, model, ema, opt, area, say)
@@ -274,24 +297,153 @@ def benchmark(args, rank, world):
     return rows
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Frozen-part load memory: a T5-XXL-shaped checkpoint through encoders.load_t5, in a fresh process
+
+def write_bf16_safetensors(path, shapes, tile):
+    """A bf16 safetensors file streamed tensor by tensor (header, then bytes cut from `tile`), never
+    holding a shard in memory."""
+    header, offset = {}, 0
+    for k, s in shapes.items():
+        n = 2 * torch.Size(s).numel()
+        header[k] = {"dtype": "BF16", "shape": list(s), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for s in shapes.values():
+            n = 2 * torch.Size(s).numel()
+            while n:
+                chunk = tile[:n]
+                f.write(chunk)
+                n -= len(chunk)
+
+
+def write_t5_checkpoint(folder, layers, max_shard=5 * 10**9):
+    """A synthetic T5 v1.1 XXL checkpoint laid out as FLUX's text_encoder_2/: HF T5EncoderModel's keys and
+    shapes (those of encoders.T5Encoder; the tied encoder.embed_tokens.weight is not stored), bf16, shards of
+    at most 5 GB, model.safetensors.index.json and config.json; about 9.5 GB at 24
+    layers. -> (bytes, shard count)."""
+    config = encoders.T5Config(num_layers=layers)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in encoders.T5Encoder(config).state_dict().items()}
+    os.makedirs(folder, exist_ok=True)
+    shards, cur, size = [], {}, 0
+    for k, s in shapes.items():  # HF's rule: start a new shard when the next tensor would pass max_shard
+        n = 2 * torch.Size(s).numel()
+        if cur and size + n > max_shard:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k], size = s, size + n
+    shards.append(cur)
+    tile = (torch.randn(32 << 20, generator=torch.Generator().manual_seed(0)) * 0.05).bfloat16()
+    tile = tile.view(torch.uint8).numpy().tobytes()  # 64 MB of plausible bf16 values, tiled
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_bf16_safetensors(os.path.join(folder, name), shard, tile)
+        total += sum(2 * torch.Size(s).numel() for s in shard.values())
+        weight_map.update({k: name for k in shard})
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    hf_config = {**dataclasses.asdict(config), "feed_forward_proj": "gated-gelu", "is_gated_act": True,
+                 "dense_act_fn": "gelu_new", "model_type": "t5"}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=1)
+    with safetensors.safe_open(os.path.join(folder, next(iter(weight_map.values()))), "pt") as f:
+        # the files read back with the reference reader too
+        assert f.get_tensor("shared.weight").shape == (config.vocab_size, config.d_model)
+    return total, len(shards)
+
+
+def load_t5_and_measure(folder):
+    """Runs in a fresh process: peak RSS of exactly this load."""
+    rss0 = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    t0 = time.perf_counter()
+    t5 = encoders.load_t5(folder, dtype=torch.bfloat16, device="cpu")
+    seconds = time.perf_counter() - t0
+    params = sum(p.numel() * p.element_size() for p in t5.parameters())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    print(json.dumps({"seconds": seconds, "rss_before": rss0, "peak_rss": peak, "param_bytes": params}))
+
+
+def touch_and_measure(nbytes):
+    """Runs in a fresh process: the time to allocate and first-touch as many bytes, the floor for any loader
+    (on some VMs the first touch of fresh memory, not the reading, dominates)."""
+    t0 = time.perf_counter()
+    torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+    print(json.dumps({"seconds": time.perf_counter() - t0}))
+
+
+def t5_load(args):
+    """Write the synthetic checkpoint, load it in a fresh process and report that process's peak RSS
+    (getrusage), its RSS before loading and the wall time, against the target peak RSS <= 1.3 x the
+    checkpoint: the loader reads each tensor straight into its parameter. Timings are with the checkpoint in
+    the page cache (it was just written)."""
+    with torch.device("meta"):
+        t5 = encoders.T5Encoder(encoders.T5Config(num_layers=args.layers))
+    need = 2 * sum(p.numel() for p in t5.parameters())
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(args.dir))).free
+    if need > 0.9 * free:
+        sys.exit(f"{need / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free: use --layers N to write less")
+    t0 = time.perf_counter()
+    size, n_shards = write_t5_checkpoint(args.dir, args.layers)
+    print(f"wrote {size / 1e9:.2f} GB in {n_shards} shards ({args.layers} layers) to {args.dir} "
+          f"in {time.perf_counter() - t0:.0f} s")
+    run = lambda *flags: json.loads(subprocess.run(
+        [sys.executable, __file__, "--t5-load", "--dir", args.dir, *flags], check=True, capture_output=True,
+        text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip().splitlines()[-1])
+    try:
+        r = run("--load-only")
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.dir, ignore_errors=True)
+    floor = run("--touch-only", str(size))["seconds"]
+    print(f"load_t5: {r['seconds']:.1f} s, {size / 1e9 / r['seconds']:.2f} GB/s (checkpoint in the page "
+          f"cache); allocating and first-touching {size / 1e9:.2f} GB alone takes {floor:.1f} s here")
+    print(f"peak RSS {r['peak_rss'] / 1e9:.2f} GB = {r['peak_rss'] / size:.3f} x the checkpoint "
+          f"({size / 1e9:.2f} GB); RSS before loading {r['rss_before'] / 1e9:.2f} GB; loaded parameters "
+          f"{r['param_bytes'] / 1e9:.2f} GB; target <= 1.3 x: "
+          f"{'met' if r['peak_rss'] <= 1.3 * size else 'NOT met'}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="2b", choices=list(CONFIGS))
     p.add_argument("--batch", type=int, default=8, help="per-device micro-batch")
-    p.add_argument("--resolution", default=None, help="square sides in pixels, e.g. 256,512 (default: 256,512; "
-                   "the preset's for tiny and --plan)")
+    p.add_argument("--resolution", default=None,
+                   help="square sides in pixels, e.g. 256,512 (default: 256,512; the preset's "
+                   "for tiny and --plan)")
     p.add_argument("--iters", type=int, default=10, help="timed calls per measurement")
-    p.add_argument("--compile", default="both", choices=("off", "on", "both"), help="blocks eager, compiled, or both")
+    p.add_argument("--compile", default="both", choices=("off", "on", "both"),
+                   help="blocks eager, compiled, or both")
     p.add_argument("--act-ckpt", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default=None, choices=("bf16", "fp32"), help="default: bf16 on GPU and for "
                    "--plan, fp32 on CPU")
-    p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: H100 789)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="per-device peak for MFU (default: H100 789)")
     p.add_argument("--plan", action="store_true", help="print the memory plan and exit (meta device only)")
     p.add_argument("--world", type=int, default=None, help="devices the states are sharded over, for --plan "
                    "(default: torchrun's WORLD_SIZE, or 1)")
     p.add_argument("--objective", default="selfe", choices=("selfe", "fm"), help="the step --plan counts")
+    t = p.add_argument_group("frozen-part load memory (--t5-load)")
+    t.add_argument("--t5-load", action="store_true",
+                   help="peak host memory of loading a T5-XXL-shaped checkpoint")
+    t.add_argument("--dir", default="/tmp/t5xxl-synthetic", help="where the synthetic checkpoint is written")
+    t.add_argument("--layers", type=int, default=24,
+                   help="24 is the real T5-XXL (9.5 GB); fewer for a small disk")
+    t.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
+    t.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
+    t.add_argument("--touch-only", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.t5_load:
+        if args.load_only:
+            return load_t5_and_measure(args.dir)
+        if args.touch_only:
+            return touch_and_measure(args.touch_only)
+        return t5_load(args)
     cfg = CONFIGS[args.size]
     default_res = str(cfg.resolution) if args.size == "tiny" or args.plan else "256,512"
     args.resolution = [int(r) for r in (args.resolution or default_res).split(",")]
@@ -306,8 +458,8 @@ def main(argv=None):
     try:
         return benchmark(args, rank, world)
     finally:
-        if train.dist.is_initialized():
-            train.dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""What the command lines (train.py, sample.py, evaluate.py) share: flag types that check their range when the flags
-are parsed, and the one place where the project's errors become a one-line message and an exit status.
+"""What the command lines (train.py, sample.py, evaluate.py) share: flag types that check their range when the
+flags are parsed, and the one place where the project's errors become a one-line message and an exit status.
 
-Bad input is named, never a traceback: a flag out of range is argparse's usage error (exit status 2) naming the
-flag; a bad file (a manifest line, an image, a damaged or missing checkpoint, a path that cannot be written) is one
-line naming the file and what to do (exit status 1). Anything else is a bug and keeps its traceback.
+Bad input is named, never a traceback: a flag out of range is argparse's usage error (exit status 2)
+naming the flag; a bad file (a manifest line, an image, a damaged or missing checkpoint, a path that
+cannot be written) is one line naming the file and what to do (exit status 1). Anything else is a bug
+and keeps its traceback.
 """
 import argparse
 import math
@@ -11,14 +12,17 @@ import os
 import sys
 
 import data
-import model
+import encoders
 
-# The errors a user fixes by changing their input. OSError covers files that are missing, unreadable or unwritable.
-INPUT_ERRORS = (data.ManifestError, model.CheckpointError, OSError)
+# The errors a user fixes by changing their input. OSError covers files that are missing,
+# unreadable or unwritable.
+INPUT_ERRORS = (data.ManifestError, encoders.CheckpointError, OSError)
 
-# Seeds key random generators as (seed << 40) + (step << 20) + position (train.py) or seed * 1000 + image
-# (sample.py): below 2^23 every key fits the 64 bits a torch.Generator takes.
+# Seeds key random generators (data.stream_seed), at most as seed * 2^40 + (step << 20) + position (train.py):
+# below 2^23 every key fits the 64 bits a torch.Generator takes.
 MAX_SEED = 2 ** 23 - 1
+# Step counts: far past where more steps change a sample, so a larger count is a typo.
+MAX_STEPS = 1000
 
 
 def run(main, argv=None):
@@ -40,7 +44,8 @@ def number(kind=int, lo=None, hi=None):
         try:
             x = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not math.isfinite(x) or (lo is not None and x < lo) or (hi is not None and x > hi):
             raise argparse.ArgumentTypeError(f"{text!r} is not {span}")
         return x
@@ -48,12 +53,14 @@ def number(kind=int, lo=None, hi=None):
 
 
 seed = number(int, 0, MAX_SEED)
-# mu(L) runs from 0.5 at the anchor length to 1.15 at 4096 tokens (selfe.mu_of_length): the anchor lies below 4096
+# mu(L) runs from 0.5 at the anchor length to 1.15 at 4096 tokens (selfe.mu_of_length):
+# the anchor lies below 4096
 anchor = number(int, 1, 4095)
 
 
 def s_schedule(text):
-    """--s-schedule of sample.py and evaluate.py: 'next', 'current' or a number a in [0, 1] (sample.second_times)."""
+    """--s-schedule of sample.py and evaluate.py: 'next', 'current' or a number a in [0, 1]
+    (sample.second_times)."""
     if text in ("next", "current"):
         return text
     try:
@@ -61,14 +68,28 @@ def s_schedule(text):
     except ValueError:
         a = math.nan
     if not 0 <= a <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: use next (s_k = t_(k+1)), current (s_k = t_k) or a number in "
-                                         f"[0, 1]")
+        raise argparse.ArgumentTypeError(f"{text!r}: use next (s_k = t_(k+1)), current (s_k = t_k) or "
+                                         "a number in [0, 1]")
     return text
 
 
+def step_counts(text):
+    """--sweep of sample.py, --steps of evaluate.py: distinct comma-separated step counts,
+    each in [1, MAX_STEPS]."""
+    try:
+        steps = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected step counts like 1,2,4,8,50") from None
+    if not steps or min(steps) < 1 or max(steps) > MAX_STEPS or len(set(steps)) != len(steps):
+        raise argparse.ArgumentTypeError(f"{text!r}: step counts must be distinct integers in "
+                                         f"[1, {MAX_STEPS}]")
+    return steps
+
+
 def writable_folder(text):
-    """An argparse `type` for an output folder: it is a folder or can be made as one (its nearest existing ancestor
-    is a folder we may write in), so that a long run does not fail only when it first writes."""
+    """An argparse `type` for an output folder: it is a folder or can be made as one
+    (its nearest existing ancestor is a folder we may write in), so that a long run does not fail only
+    when it first writes."""
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
     _check_writable(text)
@@ -76,8 +97,8 @@ def writable_folder(text):
 
 
 def image_file(text):
-    """An argparse `type` for an output image: a file name with an extension PIL writes (.png, .jpg, ...), in a folder
-    that exists or can be made, checked before any sampling."""
+    """An argparse `type` for an output image: a file name with an extension PIL writes (.png, .jpg, ...), in
+    a folder that exists or can be made, checked before any sampling."""
     from PIL import Image
     ext = os.path.splitext(text)[1].lower()
     if Image.registered_extensions().get(ext) not in Image.SAVE:

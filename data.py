@@ -1,12 +1,14 @@
 """Everything that turns files (or nothing at all) into tensors.
 
-- The shapes world (../shared/EVAL.md): a procedurally rendered text-to-image world whose prompts follow GenEval's
-  six task templates, so that the paper's evaluation (Table 1) can be answered exactly from pixels.
-  Every scene is a `spec` (GenEval-style metadata: include clauses with class, count, colour, position) laid out and
-  rendered anti-aliased; sample i of a stream is seeded by (seed, i) alone, so streams are unlimited and reproducible.
-- The word-level tokenizer of the tiny preset's frozen stand-in encoders.
-- Real data: the TSV manifest (image path <TAB> prompt), aspect-ratio buckets, the deterministic global batch order
-  that train.py shards across ranks, and the latent/text caches (METHOD.md 9).
+- The shapes world (docs/evaluation.md): a procedurally rendered text-to-image world whose prompts follow
+  GenEval's six task templates, so that the paper's evaluation (Table 1) can be answered exactly from
+  pixels. Every scene is a `spec` (GenEval-style metadata: include clauses with class, count, colour,
+  position) laid out and rendered anti-aliased; sample i of a stream is seeded by (seed, i) alone, so
+  streams are unlimited and reproducible.
+- The world's words (`WORDS`), which the tiny preset's stand-in text encoders read (encoders.WordTokenizer).
+- Real data: the TSV manifest (image path <TAB> prompt), aspect-ratio buckets, the deterministic global batch
+  order that train.py shards across ranks, and the latent/text caches with their builder
+  (docs/method.md §9, A 13).
 """
 import codecs
 import concurrent.futures
@@ -15,24 +17,46 @@ import json
 import math
 import os
 import random
-import re
 import sys
-import unicodedata
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
+import safetensors
+import safetensors.torch
 import torch
+import torch.distributed as dist
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+# Seeds and pixels, as every file uses them
+
+def stream_seed(seed, index, stride=1_000_003):
+    """The seed of item `index` of random stream `seed`: seed * stride + index. Every random draw of training,
+    sampling and evaluation comes from a generator seeded by one of these keys, so a number depends on its
+    place alone, never on batch size, process count or order:
+        shapes sample i, the shuffle of epoch e (sample_rng)    (seed, i), (seed, e)
+        step k's caption dropout, t and s (train.py)            (seed, k)
+        eps and eps' of batch position i at step k (train.py)   (seed, (k << 20) + i, stride=1 << 40)
+        image j of evaluation prompt i (evaluate.noise_seed)    (seed, 1000 i + j)
+        image i of sample.py                                    (seed, i, stride=1000)
+    cli.MAX_SEED keeps every key within the 64 bits a torch.Generator takes."""
+    return seed * stride + index
+
+
+def to_uint8(images):
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 on the CPU, rounded as a saved PNG holds them."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu()
+
+
+# ------------------------------------------------------------------------------------------------------------
 # The shapes world
 
-PALETTE = {  # sRGB; every pair at least 38 CIE76 delta-E apart (EVAL.md)
+PALETTE = {  # sRGB; every pair at least 38 CIE76 delta-E apart (docs/evaluation.md §2)
     "red": (225, 25, 35), "orange": (250, 140, 0), "yellow": (250, 230, 40), "green": (20, 170, 60),
     "blue": (20, 90, 240), "purple": (150, 30, 190), "pink": (255, 120, 200), "brown": (125, 70, 25),
     "black": (10, 10, 10), "white": (250, 250, 250),
 }
-PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars", "cross": "crosses"}
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles",
+          "star": "stars", "cross": "crosses"}
 NUMBERS = {2: "two", 3: "three", 4: "four"}
 RELATIONS = ("left of", "right of", "above", "below")
 TASKS = ("single", "two", "counting", "colors", "position", "color_attr")
@@ -40,7 +64,7 @@ TASKS = ("single", "two", "counting", "colors", "position", "color_attr")
 
 @dataclass(frozen=True)
 class World:
-    """One shapes world. Box sides are fractions of the image side, per task (EVAL.md 'Sizes')."""
+    """One shapes world. Box sides are fractions of the image side, per task (docs/evaluation.md §2)."""
     name: str
     resolution: int
     shapes: tuple
@@ -59,14 +83,15 @@ class World:
 
 WORLDS = {
     # The CPU demo: 32 px, three shapes that stay distinct at that size, six colours, larger objects.
-    "small": World("small", 32, ("circle", "square", "triangle"), ("red", "green", "blue", "yellow", "purple", "white"),
+    "small": World("small", 32, ("circle", "square", "triangle"),
+                   ("red", "green", "blue", "yellow", "purple", "white"),
                    heldout=(("green", "square"), ("yellow", "triangle")),
                    size_single=(0.45, 0.56), size_two=(0.36, 0.44), size_position=(0.34, 0.42),
                    size_counting=(0.28, 0.33), max_free_objects=3),
     # The reference world for GPU runs: 64 px, five shapes, ten colours.
     "full": World("full", 64, ("circle", "square", "triangle", "star", "cross"), tuple(PALETTE),
-                  heldout=(("green", "square"), ("yellow", "triangle"), ("purple", "star"), ("orange", "cross"),
-                           ("pink", "circle"))),
+                  heldout=(("green", "square"), ("yellow", "triangle"), ("purple", "star"),
+                           ("orange", "cross"), ("pink", "circle"))),
 }
 
 
@@ -81,13 +106,15 @@ def phrase(color, shape):
 
 
 def caption(spec):
-    """GenEval's prompt templates (all start 'a photo of'); free scenes read 'a red circle to the left of ...'."""
+    """GenEval's prompt templates (all start 'a photo of'); free scenes read 'a red
+    circle to the left of ...'."""
     inc, task = spec["include"], spec["tag"]
     if task == "counting":
         return f"a photo of {NUMBERS[inc[0]['count']]} {PLURAL[inc[0]['class']]}"
     if task == "position":  # GenEval: include[1] is `relation` of include[0]
         a, b = inc[1], inc[0]
-        return f"a photo of {phrase(a.get('color'), a['class'])} {a['position'][0]} {phrase(b.get('color'), b['class'])}"
+        subject, reference = phrase(a.get("color"), a["class"]), phrase(b.get("color"), b["class"])
+        return f"a photo of {subject} {a['position'][0]} {reference}"
     names = [phrase(o.get("color"), o["class"]) for o in inc]
     if task == "free":
         if len(inc) == 2 and "position" in inc[1]:
@@ -99,11 +126,13 @@ def caption(spec):
 
 
 def sample_spec(world, rng, task=None, seen=True):
-    """Draw a scene description (GenEval metadata plus 'prompt'). Training draws seen=True: no held-out pair, not even
-    through a colour the caption leaves open. seen=False draws a prompt that names at least one held-out pair."""
+    """Draw a scene description (GenEval metadata plus 'prompt'). Training draws seen=True: no held-out
+    pair, not even through a colour the caption leaves open. seen=False draws a prompt that names at
+    least one held-out pair."""
     pairs = world.pairs(seen=True)
     named_pairs = pairs if seen else world.pairs(seen=False)
-    if task is None:  # about three quarters in the evaluation templates, a quarter free scenes (EVAL.md)
+    # about three quarters in the evaluation templates, a quarter free scenes (docs/evaluation.md §2)
+    if task is None:
         task = rng.choice(TASKS) if rng.random() < 0.75 else "free"
     shape = lambda: rng.choice(world.shapes)
     if task == "single":
@@ -151,17 +180,22 @@ def relations(box_a, box_b, threshold=0.1):
         return set()
     dx, dy = revised / np.linalg.norm(offset)
     out = set()
-    if dx < -0.5: out.add("left of")
-    if dx > 0.5: out.add("right of")
-    if dy < -0.5: out.add("above")
-    if dy > 0.5: out.add("below")
+    if dx < -0.5:
+        out.add("left of")
+    if dx > 0.5:
+        out.add("right of")
+    if dy < -0.5:
+        out.add("above")
+    if dy > 0.5:
+        out.add("below")
     return out
 
 
 def layout(spec, world, rng, max_tries=500):
-    """Place the objects a spec asks for: a list of (shape, color, [x1, y1, x2, y2]) in pixels. Boxes never touch
-    (gap max(2 px, 0.05 R)); a stated relation is never borderline: it holds under GenEval's rule with the stricter
-    margin 0.15, and no other relation appears even with the looser margin 0.05 (GenEval uses 0.1)."""
+    """Place the objects a spec asks for: a list of (shape, color, [x1, y1, x2, y2]) in pixels. Boxes
+    never touch (gap max(2 px, 0.05 R)); a stated relation is never borderline: it holds under
+    GenEval's rule with the stricter margin 0.15, and no other relation appears even with the looser
+    margin 0.05 (GenEval uses 0.1)."""
     R = world.resolution
     sizes = {"single": world.size_single, "colors": world.size_single, "counting": world.size_counting,
              "position": world.size_position}.get(spec["tag"], world.size_two)
@@ -181,8 +215,8 @@ def layout(spec, world, rng, max_tries=500):
             for _ in range(50):
                 x, y = rng.uniform(margin, R - margin - side), rng.uniform(margin, R - margin - side)
                 box = [x, y, x + side, y + side]
-                if all(box[0] >= b[2] + gap or b[0] >= box[2] + gap or box[1] >= b[3] + gap or b[1] >= box[3] + gap
-                       for b in boxes):
+                if all(box[0] >= b[2] + gap or b[0] >= box[2] + gap or box[1] >= b[3] + gap
+                       or b[1] >= box[3] + gap for b in boxes):
                     boxes.append(box)
                     break
             else:
@@ -191,22 +225,25 @@ def layout(spec, world, rng, max_tries=500):
             continue
         ok = True
         for i, clause in enumerate(spec["include"]):
-            if "position" in clause:  # clause i is `rel` of clause j; one object each (GenEval position prompts)
+            # clause i is `rel` of clause j; one object each (GenEval position prompts)
+            if "position" in clause:
                 rel, j = clause["position"]
-                ok = ok and rel in relations(boxes[i], boxes[j], 0.15) and relations(boxes[i], boxes[j], 0.05) == {rel}
+                strict, loose = relations(boxes[i], boxes[j], 0.15), relations(boxes[i], boxes[j], 0.05)
+                ok = ok and rel in strict and loose == {rel}
         if ok:
             return [(s, c, b) for (s, c), b in zip(objects, boxes)]
     raise RuntimeError(f"could not lay out {spec['prompt']!r} at {R} px in {max_tries} tries")
 
 
 def _star_triangles():
-    """The 5-point star (inner radius 0.5 of outer, apex up) as 10 triangles around its centre, rescaled so that its
-    tight box is the unit square [-1, 1]^2 (u right, v down)."""
+    """The 5-point star (inner radius 0.5 of outer, apex up) as 10 triangles around its centre, rescaled so
+    that its tight box is the unit square [-1, 1]^2 (u right, v down)."""
     ang = [math.pi / 2 + k * math.pi / 5 for k in range(10)]
     pts = [((1.0 if k % 2 == 0 else 0.5) * math.cos(a), -(1.0 if k % 2 == 0 else 0.5) * math.sin(a))
            for k, a in enumerate(ang)]
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    cx, cy, hx, hy = (max(xs) + min(xs)) / 2, (max(ys) + min(ys)) / 2, (max(xs) - min(xs)) / 2, (max(ys) - min(ys)) / 2
+    cx, cy = (max(xs) + min(xs)) / 2, (max(ys) + min(ys)) / 2
+    hx, hy = (max(xs) - min(xs)) / 2, (max(ys) - min(ys)) / 2
     pts = [((x - cx) / hx, (y - cy) / hy) for x, y in pts]
     centre = (-cx / hx, -cy / hy)
     return [(centre, pts[k], pts[(k + 1) % 10]) for k in range(10)]
@@ -225,7 +262,8 @@ def _in_triangle(u, v, a, b, c):
 
 
 def inside(shape, u, v):
-    """Inside test in box coordinates: the shape's tight box is [-1, 1]^2, u right, v down (EVAL.md)."""
+    """Inside test in box coordinates: the shape's tight box is [-1, 1]^2, u right, v down
+    (docs/evaluation.md §2)."""
     box = (u.abs() <= 1) & (v.abs() <= 1)
     if shape == "circle":
         return u * u + v * v <= 1
@@ -244,9 +282,11 @@ def inside(shape, u, v):
 
 
 def shape_alpha(shape, box, R, supersample=4):
-    """Anti-aliased coverage (R, R) in [0, 1] of one shape in its box, from supersample^2 inside-tests per pixel."""
+    """Anti-aliased coverage (R, R) in [0, 1] of one shape in its box, from supersample^2
+    inside-tests per pixel."""
     x1, y1, x2, y2 = box
-    sub = (torch.arange(R * supersample, dtype=torch.float32) + 0.5) / supersample  # sub-pixel centres, pixels
+    # sub-pixel centres, in pixels
+    sub = (torch.arange(R * supersample, dtype=torch.float32) + 0.5) / supersample
     u = (sub[None, :] - (x1 + x2) / 2) / ((x2 - x1) / 2)
     v = (sub[:, None] - (y1 + y2) / 2) / ((y2 - y1) / 2)
     hit = inside(shape, u.expand(len(sub), -1), v.expand(-1, len(sub))).float()
@@ -254,8 +294,8 @@ def shape_alpha(shape, box, R, supersample=4):
 
 
 def render(objects, R, rng):
-    """One scene -> (3, R, R) float image in [-1, 1]: flat neutral gray with an optional mild vertical gradient,
-    shapes composited over it."""
+    """One scene -> (3, R, R) float image in [-1, 1]: flat neutral gray with an optional mild vertical
+    gradient, shapes composited over it."""
     level = rng.uniform(108, 136)
     grad = rng.uniform(-6, 6) if rng.random() < 0.5 else 0.0
     ramp = torch.linspace(-1, 1, R) * grad
@@ -268,7 +308,7 @@ def render(objects, R, rng):
 
 def sample_rng(seed, index):
     """Sample `index` of stream `seed` has its own generator: independent of batch size, workers and order."""
-    return random.Random(seed * 1_000_003 + index)
+    return random.Random(stream_seed(seed, index))
 
 
 def shapes_batch(world, indices, seed=0):
@@ -282,207 +322,20 @@ def shapes_batch(world, indices, seed=0):
     return torch.stack(images), captions
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The word-level tokenizer of the tiny preset's frozen stand-in encoders
+# ------------------------------------------------------------------------------------------------------------
+# The words of the shapes world, as the tiny preset's stand-in encoders read them (encoders.WordTokenizer)
 
-# Every word of every shapes world's captions, in a fixed order: a word's id is part of the tiny preset, so this tuple
-# only ever grows at its end. A caption of the world is then one token per word, not one per byte.
-WORDS = ("a", "an", "photo", "of", "and", ",", "to", "the", "left", "right", "above", "below", "two", "three", "four",
-         *PALETTE, *PLURAL, *PLURAL.values())
-
-
-class WordTokenizer:
-    """Words of the shapes world as tokens, in the framings the real encoders use: 'pad-end' (T5: words, end, pad...)
-    and 'start-end' (CLIP: start, words, end, end...; pooled at the first end). ids: 0 pad, 1 end, 2 start, then one
-    per word of WORDS, then `unknown` buckets. Text is lower-cased and split into runs of letters or digits and single
-    punctuation marks; a word outside WORDS goes to a bucket chosen by a stable hash of it (crc32), so any prompt
-    encodes, and different unknown words mostly stay different inputs (training never shows them)."""
-    pad_id, eos_id, bos_id = 0, 1, 2
-    unknown = 32
-
-    def __init__(self, max_len, framing="pad-end"):
-        if framing not in ("pad-end", "start-end"):
-            raise ValueError(f"framing {framing!r}: use 'pad-end' or 'start-end'")
-        self.max_len, self.framing = max_len, framing
-        self.ids = {w: 3 + i for i, w in enumerate(WORDS)}
-        self.vocab_size = 3 + len(WORDS) + self.unknown
-
-    @staticmethod
-    def words(text):
-        return re.findall(r"[^\W_]+|[^\w\s]|_", unicodedata.normalize("NFKC", text).lower())
-
-    def encode(self, text):
-        """text -> ids without the framing tokens."""
-        first_unknown = 3 + len(WORDS)
-        return [self.ids.get(w, first_unknown + zlib.crc32(w.encode("utf-8")) % self.unknown) for w in self.words(text)]
-
-    def decode(self, ids):
-        """ids (with or without framing) -> text; unknown words come back as <unk:k>."""
-        words = {i: w for w, i in self.ids.items()}
-        out = [words.get(i, f"<unk:{i - 3 - len(WORDS)}>") for i in ids if i > self.bos_id]
-        return " ".join(out).replace(" ,", ",")
-
-    def __call__(self, prompts):
-        ids = torch.full((len(prompts), self.max_len), self.pad_id if self.framing == "pad-end" else self.eos_id)
-        room = self.max_len - (1 if self.framing == "pad-end" else 2)
-        for i, p in enumerate(prompts):
-            body = self.encode(p)
-            if len(body) > room:
-                warn(f"prompt of {len(body)} words truncated to {room}: {p[:60]!r}...")
-                body = body[:room]
-            seq = body + [self.eos_id] if self.framing == "pad-end" else [self.bos_id] + body + [self.eos_id]
-            ids[i, :len(seq)] = torch.tensor(seq)
-        return ids  # (B, max_len)
+# Every word of every shapes world's captions, in a fixed order: a word's id is part of the tiny preset, so
+# this tuple only ever grows at its end. A caption of the world is then one token per word, not one per byte.
+WORDS = ("a", "an", "photo", "of", "and", ",", "to", "the", "left", "right", "above", "below", "two", "three",
+         "four", *PALETTE, *PLURAL, *PLURAL.values())
 
 
 def warn(msg):
     print(f"warning: {msg}", file=sys.stderr)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The real tokenizers (FLUX's framing): T5 through sentencepiece, CLIP's byte-level BPE by hand
-
-class T5Tokenizer:
-    """sentencepiece ids of `spiece.model`, then the end token 1, padded with 0 to max_len (256 schnell, 512 dev).
-    As transformers' T5Tokenizer (the reference FLUX pipelines use), the special tokens '</s>', '<pad>', '<unk>' and
-    the sentinels '<extra_id_0>' ... '<extra_id_{extra_ids - 1}>' typed in a prompt are those tokens, not text:
-    the prompt is split at them and each piece goes through sentencepiece alone. T5's vocabulary has 100 sentinels,
-    numbered down from the last id (<extra_id_0> is the sentencepiece size + 99)."""
-    pad_id, eos_id = 0, 1
-
-    def __init__(self, spiece_path, max_len, extra_ids=100):
-        import sentencepiece  # a runtime dependency, needed only with the real encoders
-        if not os.path.isfile(spiece_path):
-            raise FileNotFoundError(f"{spiece_path}: T5 sentencepiece model not found")
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=spiece_path)
-        self.max_len = max_len
-        n = self.sp.get_piece_size()
-        self.special = {"</s>": self.eos_id, "<pad>": self.pad_id, "<unk>": self.sp.unk_id(),
-                        **{f"<extra_id_{k}>": n + extra_ids - 1 - k for k in range(extra_ids)}}
-        self.split = re.compile("(" + "|".join(re.escape(t) for t in sorted(self.special, key=len, reverse=True)) + ")")
-
-    def encode(self, text):
-        """text -> ids without the end token."""
-        ids = []
-        for piece in self.split.split(text):  # text, special, text, ...
-            ids += [self.special[piece]] if piece in self.special else self.sp.encode(piece)
-        return ids
-
-    def __call__(self, prompts):
-        ids = torch.full((len(prompts), self.max_len), self.pad_id)
-        for i, p in enumerate(prompts):
-            body = self.encode(p)
-            if len(body) > self.max_len - 1:
-                warn(f"prompt of {len(body)} T5 tokens truncated to {self.max_len - 1}: {p[:60]!r}...")
-                body = body[:self.max_len - 1]
-            ids[i, :len(body) + 1] = torch.tensor(body + [self.eos_id])
-        return ids  # (B, max_len)
-
-
-def bytes_to_unicode():
-    """GPT-2/CLIP's reversible map from the 256 bytes to printable characters: printable Latin-1 bytes map to
-    themselves, the others to 256, 257, ... in order."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    extra = [b for b in range(256) if b not in keep]
-    return {b: chr(b) for b in keep} | {b: chr(256 + n) for n, b in enumerate(extra)}
-
-
-def _category_class(major):
-    """A `re` character class body of every code point whose Unicode general category starts with `major` ('L' is
-    regex's \\p{L}, 'N' is \\p{N}); Python's `re` has no such classes. Exact at Python's Unicode version."""
-    ranges, start = [], None
-    for cp in range(sys.maxunicode + 2):
-        hit = cp <= sys.maxunicode and unicodedata.category(chr(cp))[0] == major
-        if hit and start is None:
-            start = cp
-        elif not hit and start is not None:
-            ranges.append(re.escape(chr(start)) + ("-" + re.escape(chr(cp - 1)) if cp - 1 > start else ""))
-            start = None
-    return "".join(ranges)
-
-
-CLIP_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"  # Unicode White_Space
-
-
-@functools.cache
-def clip_pattern():
-    """CLIP's pre-split: contractions, runs of letters, single digits, runs of other non-space characters (OpenAI's
-    `'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+`), built once. The special tokens are split off
-    before (CLIPTokenizer.encode)."""
-    L, N, S = _category_class("L"), _category_class("N"), CLIP_WHITESPACE
-    return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d|[{L}]+|[{N}]|[^{S}{L}{N}]+")
-
-
-class CLIPTokenizer:
-    """CLIP's byte-level BPE from `vocab.json` + `merges.txt` (HF layout), framed as FLUX does: start 49406, at most
-    75 tokens, end 49407, padded with 49407 to 77. Text is NFC-normalised, whitespace-collapsed and lower-cased, as
-    OpenAI's tokenizer with ftfy reduced to NFC, and as transformers' CLIPTokenizer, the reference FLUX pipelines use.
-    Where the two differ we follow transformers: HTML entities are not unescaped; '<|startoftext|>' and
-    '<|endoftext|>' typed in a prompt are those tokens only as written (matched before lower-casing, so
-    '<|ENDOFTEXT|>' is text); a capital sigma becomes σ, never the word-final ς of Python's str.lower()."""
-
-    def __init__(self, vocab_path, merges_path, max_len=77):
-        for p in (vocab_path, merges_path):
-            if not os.path.isfile(p):
-                raise FileNotFoundError(f"{p}: CLIP tokenizer file not found")
-        with open(vocab_path, encoding="utf-8") as f:
-            self.vocab = json.load(f)
-        with open(merges_path, encoding="utf-8") as f:
-            merges = [tuple(line.split()) for line in f.read().split("\n")
-                      if line.strip() and not line.startswith("#version")]
-        self.ranks = {m: i for i, m in enumerate(merges)}
-        self.bos_id, self.eos_id = self.vocab["<|startoftext|>"], self.vocab["<|endoftext|>"]
-        self.byte_char = bytes_to_unicode()
-        self.max_len = max_len
-        self.cache = {}
-
-    def bpe(self, word):
-        """One pre-split word (already byte-mapped) -> its BPE symbols; the last symbol carries '</w>'."""
-        if word in self.cache:
-            return self.cache[word]
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(symbols) > 1:
-            pairs = {(a, b) for a, b in zip(symbols, symbols[1:])}
-            best = min(pairs, key=lambda p: self.ranks.get(p, math.inf))
-            if best not in self.ranks:
-                break
-            merged, i = [], 0
-            while i < len(symbols):  # merge every occurrence, left to right
-                if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
-        self.cache[word] = symbols
-        return symbols
-
-    def encode(self, text):
-        """text -> BPE ids without the start and end tokens."""
-        ids = []
-        for piece in re.split(r"(<\|startoftext\|>|<\|endoftext\|>)", text):  # special tokens first, case and all
-            if piece in ("<|startoftext|>", "<|endoftext|>"):
-                ids.append(self.vocab[piece])
-                continue
-            # lower-cased one character at a time, as transformers does: str.lower() turns a word-final Σ into ς
-            piece = re.sub(f"[{CLIP_WHITESPACE}]+", " ", unicodedata.normalize("NFC", piece)).replace("Σ", "σ").lower()
-            for word in clip_pattern().findall(piece):
-                ids += [self.vocab[s] for s in self.bpe("".join(self.byte_char[b] for b in word.encode("utf-8")))]
-        return ids
-
-    def __call__(self, prompts):
-        ids = torch.full((len(prompts), self.max_len), self.eos_id)
-        for i, p in enumerate(prompts):
-            body = self.encode(p)
-            if len(body) > self.max_len - 2:
-                warn(f"prompt of {len(body)} CLIP tokens truncated to {self.max_len - 2}: {p[:60]!r}...")
-                body = body[:self.max_len - 2]
-            ids[i, :len(body) + 2] = torch.tensor([self.bos_id] + body + [self.eos_id])
-        return ids  # (B, max_len)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Real data: a TSV manifest of (image path, prompt)
 
 class ManifestError(ValueError):
@@ -490,18 +343,19 @@ class ManifestError(ValueError):
 
 
 def read_manifest(path, base_dir=None, skip_bad=False):
-    """Lines 'image_path<TAB>prompt' in UTF-8 (a byte-order mark is allowed); relative paths resolve against base_dir
-    (default: the manifest's folder). A malformed line, one that is not UTF-8, or a missing image stops with file and
-    line, or is skipped with a warning if skip_bad."""
+    """Lines 'image_path<TAB>prompt' in UTF-8 (a byte-order mark is allowed); relative paths resolve against
+    base_dir (default: the manifest's folder). A malformed line, one that is not UTF-8, or a missing image
+    stops with file and line, or is skipped with a warning if skip_bad."""
     if os.path.isdir(path):
-        raise ManifestError(f"{path}: a folder but not a finished cache (no index.json); --data takes a manifest "
-                            f"(image path<TAB>prompt lines) or a cache folder made by --build-cache")
+        raise ManifestError(f"{path}: a folder but not a finished cache (no index.json); --data takes a "
+                            "manifest (image path<TAB>prompt lines) or a cache folder made by --build-cache")
     try:
         with open(path, "rb") as f:
             lines = f.read().splitlines()  # \n, \r\n or \r, as text mode reads them
     except OSError as e:
         raise ManifestError(f"{path}: cannot read the manifest ({e.strerror})") from e
-    if lines and lines[0].startswith(codecs.BOM_UTF8):  # an editor's byte-order mark is not part of the first path
+    # an editor's byte-order mark is not part of the first path
+    if lines and lines[0].startswith(codecs.BOM_UTF8):
         lines[0] = lines[0][len(codecs.BOM_UTF8):]
     base_dir = base_dir or os.path.dirname(os.path.abspath(path))
     entries = []
@@ -509,7 +363,8 @@ def read_manifest(path, base_dir=None, skip_bad=False):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            problem = f"not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); save the manifest as UTF-8"
+            problem = (f"not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); save the manifest as "
+                       f"UTF-8")
         else:
             if not line.strip() or line.startswith("#"):
                 continue
@@ -533,9 +388,9 @@ def read_manifest(path, base_dir=None, skip_bad=False):
 
 
 def buckets(area, step, max_ratio=2.0):
-    """Aspect-ratio buckets (METHOD.md 9): (H, W) of at most area^2 pixels and close to it, sides multiples of `step`
-    (patch x autoencoder downsampling, or more), aspect ratios within [1/max_ratio, max_ratio]; max_ratio 1 gives the
-    square alone."""
+    """Aspect-ratio buckets (A 13): (H, W) of at most area^2 pixels and close to it, sides multiples of `step`
+    (patch x autoencoder downsampling, or more), aspect ratios within [1/max_ratio, max_ratio];
+    max_ratio 1 gives the square alone."""
     out = []
     for h in range(step, int(area * math.sqrt(max_ratio)) + 1, step):
         w = area * area // h // step * step
@@ -551,9 +406,9 @@ def nearest_bucket(size, options):
 
 
 def image_size(path):
-    """(W, H) of an image file whose data has been read to the end, so that a file cut short or damaged fails at
-    start-up, not at the step that draws it. Cheaper than decoding: a PNG has each chunk's checksum verified, a JPEG
-    is decoded at 1/8 scale (PIL's draft mode); other formats are decoded."""
+    """(W, H) of an image file whose data has been read to the end, so that a file cut short or damaged fails
+    at start-up, not at the step that draws it. Cheaper than decoding: a PNG has each chunk's checksum
+    verified, a JPEG is decoded at 1/8 scale (PIL's draft mode); other formats are decoded."""
     from PIL import Image
     with Image.open(path) as im:
         size = im.size
@@ -585,10 +440,11 @@ def load_image(path, size, where=""):
 
 
 class Batches:
-    """The global batch of every step, identical on every rank and a function of (seed, step) alone, so a resumed run
-    continues exactly where it stopped. Epoch e shuffles each bucket's items with the epoch's seed, cuts them into
-    batches of `batch` (a bucket's remainder waits for the next epoch's shuffle), and shuffles the batches: every batch
-    holds one bucket. train.py gives rank r the r-th slice of each global batch, so ranks see disjoint items."""
+    """The global batch of every step, identical on every rank and a function of (seed, step) alone, so a
+    resumed run continues exactly where it stopped. Epoch e shuffles each bucket's items with the epoch's
+    seed, cuts them into batches of `batch` (a bucket's remainder waits for the next epoch's shuffle), and
+    shuffles the batches: every batch holds one bucket. train.py gives rank r the r-th slice of each global
+    batch, so ranks see disjoint items."""
 
     def __init__(self, item_buckets, batch, seed=0, where="data"):
         self.batch, self.seed = batch, seed
@@ -617,13 +473,14 @@ class Batches:
 
 
 class ManifestData:
-    """A TSV manifest as training items: every (image, area) pair goes to the bucket of its aspect ratio at each area
-    of `areas` (one area: that phase; 256 and 512: METHOD.md 9's 1:1 mix). Every image is read at start
-    (`image_size`); one that cannot be read, or is smaller than its bucket, is an error naming its line (or, with
-    skip_bad, left out). A batch's images are decoded by `workers` threads (PIL releases the GIL while it decodes
-    and resizes)."""
+    """A TSV manifest as training items: every (image, area) pair goes to the bucket of its aspect ratio at
+    each area of `areas` (one area: that phase; 256 and 512: docs/method.md §9's 1:1 mix). Every image is read
+    at start (`image_size`); one that cannot be read, or is smaller than its bucket, is an error naming its
+    line (or, with skip_bad, left out). A batch's images are decoded by `workers` threads
+    (PIL releases the GIL while it decodes and resizes)."""
 
-    def __init__(self, path, areas, step, batch, seed=0, base_dir=None, skip_bad=False, max_ratio=2.0, workers=1):
+    def __init__(self, path, areas, step, batch, seed=0, base_dir=None, skip_bad=False,
+                 max_ratio=2.0, workers=1):
         self.path, self.skip_bad = path, skip_bad
         self.decode = concurrent.futures.ThreadPoolExecutor(workers).map if workers > 1 else map
         self.entries = read_manifest(path, base_dir, skip_bad)
@@ -640,7 +497,8 @@ class ManifestData:
             for area in areas:
                 H, W = nearest_bucket(size, buckets(area, step, max_ratio))
                 if size[0] < W or size[1] < H:
-                    problem = f"{path}:{line}: image {img} is {size[0]}x{size[1]}, smaller than its {W}x{H} bucket"
+                    problem = (f"{path}:{line}: image {img} is {size[0]}x{size[1]}, smaller than its {W}x{H} "
+                               f"bucket")
                     if not skip_bad:
                         raise ManifestError(problem + " (pass --skip-bad to leave it out of that bucket)")
                     warn(problem + "; left out")
@@ -662,9 +520,10 @@ class ManifestData:
         return torch.stack([image for image, _ in pairs]), [prompt for _, prompt in pairs]
 
     def load(self, i):
-        """Item i -> (image, prompt). An image that passed the start-up check can still fail here (changed or removed
-        since): an error naming its line, or with skip_bad a warning and the next readable item of its bucket in its
-        place. That choice depends on the items alone, so every rank and a resumed run make the same one."""
+        """Item i -> (image, prompt). An image that passed the start-up check can still fail here
+        (changed or removed since): an error naming its line, or with skip_bad a warning and the next readable
+        item of its bucket in its place. That choice depends on the items alone, so every rank and a resumed
+        run make the same one."""
         def candidates():  # i, then the rest of its bucket in order, wrapping around (listed only if i fails)
             yield i
             group = self.order.groups[self.items[i][1]]
@@ -679,7 +538,8 @@ class ManifestData:
                 return load_image(img, size, where=f"{self.path}:{line}: "), prompt
             except ManifestError as err:
                 if not self.skip_bad:
-                    raise ManifestError(f"{err} (pass --skip-bad to draw another image of its bucket instead)") from err
+                    hint = "pass --skip-bad to draw another image of its bucket instead"
+                    raise ManifestError(f"{err} ({hint})") from err
                 warn(f"{err}; drawing the next image of its bucket instead")
                 self.unreadable.add(j)
         H, W = self.items[i][1]
@@ -699,22 +559,38 @@ class ShapesData:
         return shapes_batch(self.world, indices, self.seed)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Latent and text caches: the frozen encoders run once over a manifest; training then reads shards instead.
-#   <dir>/shard-RRRRR-NNNNN.safetensors  items of one bucket: item (n,), latent (n, C, h, w), txt (n, Lt, d_txt)
-#                                        T5 states, vec (n, d_vec) CLIP pooled, and fake_txt / fake_vec for c_fake (s.8)
-#   <dir>/null.safetensors               the empty prompt phi and c_fake of it (txt, vec, fake_txt, fake_vec), batch 1
-#   <dir>/index.json                     what the cache was built with; written last, so its presence means complete
-# Items are numbered as ManifestData numbers them, so a cached run draws exactly the batches an online run draws.
-# Size: T5-XXL states are Lt x 4096 values per caption (4 MiB at 512 tokens in bf16), twice with c_fake. The text is
-# stored in the encoders' precision (bf16 on GPU), as training would see it online.
+# ------------------------------------------------------------------------------------------------------------
+# Latent and text caches (docs/formats.md §2): the frozen encoders run once over a manifest; training then
+# reads shards instead.
+#   <dir>/shard-RRRRR-NNNNN.safetensors  items of one bucket: item (n,), latent (n, C, h, w), T5 states
+#                                        txt (n, Lt, d_txt), CLIP pooled vec (n, d_vec), and fake_txt and
+#                                        fake_vec for c_fake (s.8)
+#   <dir>/null.safetensors               the empty prompt phi and c_fake of it (txt, vec, fake_txt,
+#                                        fake_vec), batch 1
+#   <dir>/index.json                     what the cache was built with; written last: present means complete
+# Items are numbered as ManifestData numbers them, so a cached run draws exactly the batches an online run
+# draws. Size: T5-XXL states are Lt x 4096 values per caption (4 MiB at 512 tokens in bf16), twice with
+# c_fake. The text is stored in the encoders' precision (bf16 on GPU), as training would see it online.
 
 CACHE_FIELDS = ("latent", "txt", "vec", "fake_txt", "fake_vec")
 
 
-def write_cache_shards(out, source, encode_latents, encode_text, fake_prefix, batch, rank=0, world=1, shard_items=256):
-    """Encode rank's share of `source` (a ManifestData; items rank, rank + world, ...) into shards, one bucket each."""
-    from safetensors.torch import save_file
+def cache_meta(cfg, seed, resolution, max_ratio, fake_prefix):
+    """What a cache depends on (its index.json, less the item count): the frozen parts of preset `cfg`,
+    the stand-ins' seed (tiny), the bucket areas and ratio, the c_fake prefix. CachedData refuses a
+    cache whose values differ."""
+    c = cfg.to_dict()
+    return {"encoders": {k: c[k] for k in ("t5", "clip", "t5_max_len", "tokenizer", "latent")},
+            "stand_in_seed": seed if cfg.tokenizer == "words" else None,
+            "resolution": resolution, "max_ratio": max_ratio, "fake_prefix": fake_prefix}
+
+
+def write_cache(out, source, encode_latents, encode_text, *, fake_prefix, meta, batch, rank=0, world=1,
+                shard_items=256):
+    """Encode `source` (a ManifestData) into the cache folder `out`: rank r writes items r, r + world, ...
+    into shards of one bucket each, `batch` images per encoder call; once every rank is done, rank 0 writes
+    the null encodings and then index.json (`meta` and the item count), whose presence marks the cache
+    complete. Collective under torchrun."""
     os.makedirs(out, exist_ok=True)
     mine = {}
     for i in range(rank, len(source), world):
@@ -733,23 +609,26 @@ def write_cache_shards(out, source, encode_latents, encode_text, fake_prefix, ba
                     part[f].append(v.cpu())
             tensors = {f: torch.cat(v).contiguous() for f, v in part.items()}
             tensors["item"] = torch.tensor(items[k:k + shard_items])
-            save_file(tensors, os.path.join(out, f"shard-{rank:05d}-{n_shard:05d}.safetensors"),
-                      metadata={"bucket": json.dumps(bucket)})
+            safetensors.torch.save_file(tensors,
+                                        os.path.join(out, f"shard-{rank:05d}-{n_shard:05d}.safetensors"),
+                                        metadata={"bucket": json.dumps(bucket)})
             n_shard += 1
-            print(f"cache: rank {rank} shard {n_shard}: {len(tensors['item'])} items of {bucket[0]}x{bucket[1]}",
-                  flush=True)
-
-
-def finish_cache(out, encode_text, fake_prefix, meta, n_items):
-    """After every rank has written its shards: the null encodings, then index.json."""
-    from safetensors.torch import save_file
+            print(f"cache: rank {rank} shard {n_shard}: {len(tensors['item'])} items of "
+                  f"{bucket[0]}x{bucket[1]}", flush=True)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        return
     txt, vec = encode_text([""])
     fake_txt, fake_vec = encode_text([fake_prefix])
-    save_file({"txt": txt.cpu().contiguous(), "vec": vec.cpu().contiguous(), "fake_txt": fake_txt.cpu().contiguous(),
-               "fake_vec": fake_vec.cpu().contiguous()}, os.path.join(out, "null.safetensors"))
+    safetensors.torch.save_file({"txt": txt.cpu().contiguous(), "vec": vec.cpu().contiguous(),
+                                 "fake_txt": fake_txt.cpu().contiguous(),
+                                 "fake_vec": fake_vec.cpu().contiguous()},
+                                os.path.join(out, "null.safetensors"))
     with open(os.path.join(out, "index.json.tmp"), "w") as f:
-        json.dump({**meta, "items": n_items}, f, indent=1)
+        json.dump({**meta, "items": len(source)}, f, indent=1)
     os.replace(os.path.join(out, "index.json.tmp"), os.path.join(out, "index.json"))
+    print(f"cache: {len(source)} items in {out}", flush=True)
 
 
 def is_cache(path):
@@ -757,36 +636,37 @@ def is_cache(path):
 
 
 class CachedData:
-    """Training items read from a cache. `expect` is what this run would have built it with; any difference (another
-    preset's encoders, resolution, c_fake prefix, stand-in seed) is an error naming the key."""
+    """Training items read from a cache. `expect` is what this run would have built it with; any difference
+    (another preset's encoders, resolution, c_fake prefix, stand-in seed) is an error naming the key."""
 
     def __init__(self, path, expect, batch, seed=0):
-        from safetensors import safe_open
         if not is_cache(path):
-            raise ManifestError(f"{path}: not a finished cache (no index.json); build one with train.py --build-cache")
+            raise ManifestError(f"{path}: not a finished cache (no index.json); build one with "
+                                "train.py --build-cache")
         self.path = path
         with open(os.path.join(path, "index.json")) as f:
             self.meta = json.load(f)
         for key, want in expect.items():
             if self.meta.get(key) != want:
-                raise ManifestError(f"{path}/index.json: the cache was built with {key} = {self.meta.get(key)!r}, "
-                                    f"this run needs {want!r}; rebuild it with this run's settings")
+                raise ManifestError(f"{path}/index.json: the cache was built with {key} = "
+                                    f"{self.meta.get(key)!r}, this run needs {want!r}; rebuild it with "
+                                    "this run's settings")
         self.where = {}  # item -> (file, row)
         item_buckets = [None] * self.meta["items"]
         for name in sorted(os.listdir(path)):
             if not (name.startswith("shard-") and name.endswith(".safetensors")):
                 continue
             file = os.path.join(path, name)
-            with safe_open(file, "pt") as f:
+            with safetensors.safe_open(file, "pt") as f:
                 bucket = tuple(json.loads(f.metadata()["bucket"]))
                 for row, i in enumerate(f.get_tensor("item").tolist()):
                     self.where[i] = (file, row)
                     item_buckets[i] = bucket
         missing = [i for i, b in enumerate(item_buckets) if b is None]
         if missing:
-            raise ManifestError(f"{path}: {len(missing)} of {len(item_buckets)} items are in no shard (first: item "
-                                f"{missing[0]}); a shard file is missing")
-        with safe_open(os.path.join(path, "null.safetensors"), "pt") as f:
+            raise ManifestError(f"{path}: {len(missing)} of {len(item_buckets)} items are in no shard "
+                                f"(first: item {missing[0]}); a shard file is missing")
+        with safetensors.safe_open(os.path.join(path, "null.safetensors"), "pt") as f:
             self.null = {k: f.get_tensor(k) for k in f.keys()}
         self.order = Batches(item_buckets, batch, seed, path)
 
@@ -797,15 +677,15 @@ class CachedData:
         return self.order(step)
 
     def batch(self, indices):
-        """-> dict of CACHE_FIELDS, each (B, ...), for the items `indices` (one bucket); reads only those rows."""
-        from safetensors import safe_open
+        """-> dict of CACHE_FIELDS, each (B, ...), for the items `indices` (one bucket);
+        reads only those rows."""
         by_file = {}  # each shard opened once per batch
         for k, i in enumerate(indices):
             file, row = self.where[int(i)]
             by_file.setdefault(file, []).append((k, row))
         rows = [None] * len(indices)
         for file, wanted in by_file.items():
-            with safe_open(file, "pt") as f:
+            with safetensors.safe_open(file, "pt") as f:
                 slices = [f.get_slice(fld) for fld in CACHE_FIELDS]
                 for k, row in wanted:
                     rows[k] = [s[row:row + 1] for s in slices]

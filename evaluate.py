@@ -1,28 +1,32 @@
-"""GenEval-style evaluation on the shapes world: the checker, the fixed prompt set, the step-count sweep and its table.
+"""GenEval-style evaluation on the shapes world: checker, fixed prompt set, step-count sweep and its table.
 
     python evaluate.py --ckpt runs/tiny --steps 1,2,4,8,50
-    python evaluate.py --ckpt runs/tiny --compare runs/tiny-delta0 runs/tiny-fm   # same prompts and noise for all
-    python evaluate.py --validate        # the checker on ground-truth renders, hard negatives and perturbations
+    python evaluate.py --ckpt runs/tiny --compare runs/tiny-delta0 runs/tiny-fm  # same prompts and noise
+    python evaluate.py --validate        # the checker on ground-truth renders, hard negatives, perturbations
     python evaluate.py --bench           # checker speed, ms per 64 px image on one core
 
-The rules come from GenEval (Ghosh et al. 2023, github.com/djghosh13/geneval: six tasks, include/exclude clauses,
-the position rule, Overall = plain mean of the six task scores) and from ../shared/EVAL.md, whose detector we replace
-by an exact pixel checker (no neural network):
-  1. background per row from the border columns, noise level from border differences, a 3x3 median at >= 48 px on
-     noisy images, foreground = colour distance above an adaptive threshold;
-  2. mixture-aware colour labels: pixel = bg + a (c_k - bg), a in [0, 1] in closed form, smallest residual wins;
+The rules come from GenEval (Ghosh et al. 2023, github.com/djghosh13/geneval: six tasks, include/exclude
+clauses, the position rule, Overall = plain mean of the six task scores) and from docs/evaluation.md, whose
+detector we replace by an exact pixel checker (no neural network):
+  1. background per row from the border columns, noise level from border differences, a 3x3 median at >= 48 px
+     on noisy images, foreground = colour distance above an adaptive threshold;
+  2. mixture-aware colour labels: pixel = bg + a (c_k - bg), a in [0, 1] in closed
+     form, smallest residual wins;
   3. 8-connected components (pointer jumping in numpy), tiny ones dropped, two-colour components split;
   4. per object a soft alpha map, purity, alpha-weighted moments;
-  5. shape = argmax soft IoU against the world's own templates (data.inside) placed at the box the moments predict;
-  6. objects kept at confidence >= 0.75; counting's exclude counts every object of the class with IoU >= 0.60 (our
-     documented deviation: sloppy extras still break "exactly N"); 7. GenEval's include/exclude logic, unchanged.
-All thresholds were frozen on ground-truth renders under synthetic perturbations (`--validate`), not on model output.
-Diagnostics beside the six tasks, never part of Overall, for models that do not yet draw clean shapes: colours* (are
-the blobs' colours exactly the named ones), the RMS distance to the most-steps image, contrast (faint or not), and
-each model as a denoiser (velocity error by t, with the prompt and with phi).
-Measured (--validate, 20 prompts per task): ground truth 1.00 at 32 and 64 px, one-fact hard negatives 0.00; at 64 px
-under noise sigma 10 and 20, blur sigma 1, colour jitter, 2x down/up: 1.00 and 0.00; at 32 px under blur sigma 1 only
-0.81 (counting 0.15: blurred 8 px squares and circles fall within the 0.05 margin), EVAL.md's "fragile at 32 px".
+  5. shape = argmax soft IoU against the world's own templates (data.inside) placed at the
+     box the moments predict;
+  6. objects kept at confidence >= 0.75; counting's exclude counts every object of the class with
+     IoU >= 0.60 (our documented deviation: sloppy extras still break "exactly N"); 7. GenEval's
+     include/exclude logic, unchanged.
+All thresholds were frozen on ground-truth renders under synthetic perturbations (`--validate`), not on model
+output. Diagnostics beside the six tasks, never part of Overall, for models that do not yet draw clean shapes:
+colours* (are the blobs' colours exactly the named ones), the RMS distance to the most-steps image, contrast
+(faint or not), and each model as a denoiser (velocity error by t, with the prompt and with phi). Measured
+(--validate, 20 prompts per task): ground truth 1.00 at 32 and 64 px, one-fact hard negatives 0.00; at 64 px
+under noise sigma 10 and 20, blur sigma 1, colour jitter, 2x down/up: 1.00 and 0.00; at 32 px under blur
+sigma 1 only 0.81 (counting 0.15: blurred 8 px squares and circles fall within the 0.05 margin), the "fragile
+under blur" of docs/evaluation.md §2.
 """
 import argparse
 import functools
@@ -42,12 +46,12 @@ import data
 from cli import number
 
 KEEP_CONF = 0.75      # GenEval keeps detections above a confidence threshold; ours is the template IoU
-EXCLUDE_IOU = 0.60    # counting's exclude clause counts sloppier objects too (EVAL.md step 6)
+EXCLUDE_IOU = 0.60    # counting's exclude clause counts sloppier objects too (docs/evaluation.md §4 step 6)
 MIN_ALPHA = 0.2       # a pixel belongs to a colour when at least 20% of it is that colour over the background
 NOISY = 4.0           # border noise sigma (0-255 units) above which a 64 px image is median-filtered
 BLURS = (0.0, 0.6, 1.2)
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The checker: image -> objects
 
 
@@ -63,13 +67,14 @@ def gaussian_blur(x, sigma):
 
 
 def background(img):
-    """img (H, W, 3) float 0-255 -> (per-row background (H, 3), noise sigma). Layouts keep a border margin, so the two
-    outer columns on each side are background; the per-row median follows the vertical gradient. Vertical differences
-    along those columns cancel the gradient and leave the noise (robust sigma from the median absolute difference)."""
+    """img (H, W, 3) float 0-255 -> (per-row background (H, 3), noise sigma). Layouts keep a border margin, so
+    the two outer columns on each side are background; the per-row median follows the vertical gradient.
+    Vertical differences along those columns cancel the gradient and leave the noise
+    (robust sigma from the median absolute difference)."""
     cols = img[:, [0, 1, -2, -1]]                               # (H, 4, 3)
     bg = np.median(cols, axis=1)                                # (H, 3)
-    pad = np.pad(bg, ((2, 2), (0, 0)), mode="edge")             # a 5-row running median drops objects touching a side
-    bg = np.median(np.stack([pad[i:i + len(bg)] for i in range(5)]), axis=0)
+    pad = np.pad(bg, ((2, 2), (0, 0)), mode="edge")
+    bg = np.median(np.stack([pad[i:i + len(bg)] for i in range(5)]), axis=0)  # drops objects touching a side
     diff = np.abs(np.diff(cols, axis=0))
     sigma = 1.4826 * float(np.median(diff)) / math.sqrt(2)
     return bg, sigma
@@ -91,9 +96,10 @@ def shift_max(x, fill):
 
 
 def components(mask):
-    """8-connected components of a bool mask, no scipy: every pixel takes the largest index among its neighbours,
-    then follows its label as a pointer (pointer jumping), until nothing changes. -> (labels (H, W) with -1 off the
-    mask, number of components); labels are 0..n-1 in raster order of their largest pixel."""
+    """8-connected components of a bool mask, no scipy: every pixel takes the largest index among its
+    neighbours, then follows its label as a pointer (pointer jumping), until nothing
+    changes. -> (labels (H, W) with -1 off the mask, number of components); labels are 0..n-1 in raster order
+    of their largest pixel."""
     lab = np.where(mask, np.arange(mask.size).reshape(mask.shape), -1)
     while True:
         new = np.where(mask, shift_max(lab, -1), -1).ravel()
@@ -112,15 +118,16 @@ def components(mask):
 
 @functools.cache
 def template_maps(shapes, n=256):
-    """The world's own inside-test (data.inside via data.shape_alpha) on a fine grid over the unit box, anti-aliased:
-    (S, 1, n, n), one map per shape, sampled below at any box instead of re-running the inside-tests per object."""
+    """The world's own inside-test (data.inside via data.shape_alpha) on a fine grid over the unit box,
+    anti-aliased: (S, 1, n, n), one map per shape, sampled below at any box instead of re-running the
+    inside-tests per object."""
     return torch.stack([data.shape_alpha(s, (0, 0, n, n), n) for s in shapes])[:, None]
 
 
 @functools.cache
 def template_moments(shape):
-    """(mean u, mean v, std u, std v) of a shape in its unit box [-1, 1]^2: to predict the box from an object's
-    moments (a triangle's centroid sits below its box centre)."""
+    """(mean u, mean v, std u, std v) of a shape in its unit box [-1, 1]^2: to predict the box from an
+    object's moments (a triangle's centroid sits below its box centre)."""
     a = template_maps((shape,))[0, 0].double()
     g = (torch.arange(a.shape[0], dtype=torch.float64) + 0.5) / a.shape[0] * 2 - 1
     m = a.sum()
@@ -131,9 +138,9 @@ def template_moments(shape):
 
 
 def fit_shape(alpha, shapes, R, ss=2):
-    """Soft IoU = sum(min) / sum(max) of an object's alpha map (R, R) against each shape's template placed at the box
-    its moments predict, also blurred (sigma 0.6, 1.2 px) for soft outputs; the best blur counts.
-    -> {shape: (iou, box)}. All shapes and blurs are rendered in one window, in one batched call."""
+    """Soft IoU = sum(min) / sum(max) of an object's alpha map (R, R) against each shape's template placed at
+    the box its moments predict, also blurred (sigma 0.6, 1.2 px) for soft outputs; the best blur
+    counts. -> {shape: (iou, box)}. All shapes and blurs are rendered in one window, in one batched call."""
     ys, xs = np.nonzero(alpha > 0)
     w = alpha[ys, xs].astype(np.float64)
     m = w.sum()
@@ -157,25 +164,27 @@ def fit_shape(alpha, shapes, R, ss=2):
     sub = (torch.arange(W * ss, dtype=torch.float32) + 0.5) / ss
     u = (x0 + sub[None, :] - (bt[:, 0:1] + bt[:, 2:3]) / 2) / ((bt[:, 2:3] - bt[:, 0:1]) / 2)     # (N, W ss)
     v = (y0 + sub[None, :] - (bt[:, 1:2] + bt[:, 3:4]) / 2) / ((bt[:, 3:4] - bt[:, 1:2]) / 2)
-    grid = torch.stack(torch.broadcast_tensors(u[:, None, :], v[:, :, None]), dim=-1)            # (N, W ss, W ss, 2)
-    grid = grid.view(len(shapes), len(BLURS) * W * ss, W * ss, 2)  # a shape's blur hypotheses stacked in height
-    t = F.grid_sample(template_maps(tuple(shapes)), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    grid = torch.stack(torch.broadcast_tensors(u[:, None, :], v[:, :, None]), dim=-1)  # (N, W ss, W ss, 2)
+    grid = grid.view(len(shapes), len(BLURS) * W * ss, W * ss, 2)  # a shape's blurs stacked in height
+    t = F.grid_sample(template_maps(tuple(shapes)), grid, mode="bilinear", padding_mode="zeros",
+                      align_corners=False)
     t = F.avg_pool2d(t, ss).view(len(shapes), len(BLURS), W, W)
     t = torch.stack([gaussian_blur(t[:, j], sig) for j, sig in enumerate(BLURS)], dim=1)
     obs = np.zeros((W, W), np.float32)  # the object's alpha in the window, zero beyond the image
     ox, oy, ex, ey = max(x0, 0), max(y0, 0), min(x0 + W, R), min(y0 + W, R)
     obs[oy - y0:ey - y0, ox - x0:ex - x0] = alpha[oy:ey, ox:ex]
     obs = torch.from_numpy(obs)
-    iou = (torch.minimum(t, obs).sum((2, 3)) / torch.maximum(t, obs).sum((2, 3)).clamp_min(1e-6))  # (S, blurs)
+    # soft IoU of each shape and blur: (S, blurs)
+    iou = (torch.minimum(t, obs).sum((2, 3)) / torch.maximum(t, obs).sum((2, 3)).clamp_min(1e-6))
     best = iou.argmax(1)
     return {s: (iou[i, best[i]].item(), boxes[i * len(BLURS) + best[i]]) for i, s in enumerate(shapes)}
 
 
 def color_labels(img, bg, pal):
-    """Mixture-aware colour labels (EVAL.md: the fix that mattered). Each pixel is bg + a (c_k - bg) for the best
-    a in [0, 1] per palette colour (least squares, closed form); the label is the colour with the smallest residual.
-    Plain nearest-colour labels read a red-on-gray rim as brown. img (H, W, 3), bg (H, 3), pal (K, 3) ->
-    (labels (H, W), a (H, W, K))."""
+    """Mixture-aware colour labels (docs/evaluation.md §4 step 2). Each pixel is bg + a (c_k - bg) for the
+    best a in [0, 1] per palette colour (least squares, closed form); the label is the colour with the
+    smallest residual. Plain nearest-colour labels read a red-on-gray rim as brown. img (H, W, 3), bg (H, 3),
+    pal (K, 3) -> (labels (H, W), a (H, W, K))."""
     diff = img - bg[:, None, :]                                                 # (H, W, 3)
     d = pal[None] - bg[:, None, :]                                              # (H, K, 3)
     a = np.clip(np.einsum("hwc,hkc->hwk", diff, d) / (d * d).sum(-1)[:, None, :], 0, 1)   # (H, W, K)
@@ -184,8 +193,9 @@ def color_labels(img, bg, pal):
 
 
 def detect(img, world):
-    """img (H, W, 3) float 0-255 -> objects: dicts with class, color, conf (0 if rejected), iou, box [x1, y1, x2, y2],
-    purity. Only the world's shapes and colours are considered."""
+    """img (H, W, 3) 0-255 (as data.to_uint8 gives it) -> objects: dicts with class, color,
+    conf (0 if rejected), iou, box [x1, y1, x2, y2], purity. Only the world's shapes and
+    colours are considered."""
     R = img.shape[0]
     img = img.astype(np.float32)
     bg, sigma = background(img)
@@ -214,7 +224,8 @@ def detect(img, world):
             if part.sum() < min_area:
                 continue
             purity = counts[k] / (area - sum(counts[j] for j in major if j != k))
-            # soft alpha: this colour's blend over the part grown by 2 px (the anti-aliased rim), not over other objects
+            # soft alpha: this colour's blend over the part grown by 2 px
+            # (the anti-aliased rim), not over other objects
             grow = shift_max(shift_max(part, False), False) & ~(fg & ~part)
             alpha = np.where(grow, a[..., k], 0).astype(np.float32)
             fits = fit_shape(alpha, world.shapes, R)
@@ -223,21 +234,25 @@ def detect(img, world):
             side_x, side_y = box[2] - box[0], box[3] - box[1]
             margin = iou - (fits[ranked[1]][0] if len(ranked) > 1 else 0)
             aspect = max(side_x, side_y) / max(min(side_x, side_y), 1e-6)
-            why = ("poor fit" if iou < KEEP_CONF else "ambiguous" if margin < 0.05 else "impure" if purity < 0.6
-                   else "too big" if max(side_x, side_y) > 0.85 * R else "elongated" if aspect > 1.6 else "")
+            why = ("poor fit" if iou < KEEP_CONF else
+                   "ambiguous" if margin < 0.05 else
+                   "impure" if purity < 0.6 else
+                   "too big" if max(side_x, side_y) > 0.85 * R else
+                   "elongated" if aspect > 1.6 else "")
             objects.append({"class": cls, "color": world.colors[k], "iou": round(iou, 4),
                             "conf": 0.0 if why else round(iou, 4), "box": [round(float(b), 2) for b in box],
                             "purity": round(float(purity), 3), "reject": why})
     return objects
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # GenEval's judgement, unchanged except for counting's exclude clause
 
 
 def judge(spec, objects):
-    """-> (correct, reason). For an include clause only the `count` most confident kept objects of its class are
-    looked at; colour and position are judged on them; position against the objects matched by the clause named."""
+    """-> (correct, reason). For an include clause only the `count` most confident kept objects of
+    its class are looked at; colour and position are judged on them; position against the objects
+    matched by the clause named."""
     kept = sorted((o for o in objects if o["conf"] >= KEEP_CONF), key=lambda o: -o["conf"])
     by_class = lambda c: [o for o in kept if o["class"] == c]
     ok, reasons, groups = True, [], []
@@ -265,7 +280,8 @@ def judge(spec, objects):
                             got = data.relations(o["box"], t["box"])
                             if rel not in got:
                                 matched = False
-                                reasons.append(f"expected {req['class']} {rel} target, found {sorted(got) or 'none'}")
+                                reasons.append(f"expected {req['class']} {rel} target, found "
+                                               f"{sorted(got) or 'none'}")
                                 break
                         if not matched:
                             break
@@ -280,52 +296,53 @@ def judge(spec, objects):
 
 
 def colours_match(spec, objects):
-    """A diagnostic beside GenEval's six tasks, never part of Overall: are the colours of the blobs found exactly the
-    colours the prompt names (shapes, counts and positions ignored)? None when the prompt names no colour. It shows
-    whether the prompt gets through at all before a model draws shapes clean enough for the six tasks."""
+    """A diagnostic beside GenEval's six tasks, never part of Overall: are the colours of the blobs found
+    exactly the colours the prompt names (shapes, counts and positions ignored)? None when the prompt
+    names no colour. It shows whether the prompt gets through at all before a model draws shapes clean
+    enough for the six tasks."""
     named = {req["color"] for req in spec["include"] if req.get("color")}
     return None if not named else named == {o["color"] for o in objects}
 
 
 def describe(objects):
-    return ", ".join(f"{o['color']} {o['class']} {o['iou']:.2f}{'(' + o['reject'] + ')' if o['reject'] else ''}"
+    return ", ".join(f"{o['color']} {o['class']} "
+                     f"{o['iou']:.2f}{'(' + o['reject'] + ')' if o['reject'] else ''}"
                      for o in objects) or "nothing"
 
 
-def to_pixels(images):
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) float 0-255, rounded as in a saved PNG."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).cpu().numpy()
-
-
 def score(images, specs, world, colours=False):
-    """Images (B, 3, H, W) in [-1, 1] against their specs -> list of (correct, reason), with colours_match's verdict
-    third if `colours`."""
+    """Images (B, 3, H, W) in [-1, 1] against their specs -> list of (correct, reason), with colours_match's
+    verdict third if `colours`."""
     out, threads = [], torch.get_num_threads()
-    torch.set_num_threads(1)  # the checker's tensors are tiny: extra threads only add overhead (10x on a busy CPU)
+    # the checker's tensors are tiny: extra threads only add overhead (10x on a busy CPU)
+    torch.set_num_threads(1)
     try:
-        for img, spec in zip(to_pixels(images), specs):
+        for img, spec in zip(data.to_uint8(images).numpy(), specs):
             objects = detect(img, world)
             ok, why = judge(spec, objects)
-            out.append((ok, f"{why} | saw: {describe(objects)}") + ((colours_match(spec, objects),) if colours else ()))
+            verdict = (ok, f"{why} | saw: {describe(objects)}")
+            out.append(verdict + ((colours_match(spec, objects),) if colours else ()))
     finally:
         torch.set_num_threads(threads)
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The prompt set and the report
 
 
 def prompt_set(world, n, seed=0):
     """A fixed, seeded GenEval-style prompt set: n prompts per task drawn from the compositions training shows
-    (seen), and n per colour-naming task that name a held-out (colour, shape) pair (only colors and color_attr can).
-    Prompts are distinct while the world has enough of them, then repeat (small worlds have few single prompts)."""
+    (seen), and n per colour-naming task that name a held-out (colour, shape) pair
+    (only colors and color_attr can). Prompts are distinct while the world has enough of them, then repeat
+    (small worlds have few single prompts)."""
     if n < 1:
         raise ValueError(f"--prompts must be >= 1, got {n}")
     specs = []
     for seen, tasks in ((True, data.TASKS), (False, ("colors", "color_attr"))):
         for task in tasks:
-            rng = random.Random(f"selfe-eval-{seed}-{task}-{seen}")  # str seeds are stable across runs and platforms
+            # str seeds are stable across runs and platforms
+            rng = random.Random(f"selfe-eval-{seed}-{task}-{seen}")
             drawn, names = [], set()
             for _ in range(50 * n):
                 s = data.sample_spec(world, rng, task=task, seen=seen)
@@ -339,16 +356,17 @@ def prompt_set(world, n, seed=0):
 
 
 def render_spec(spec, world, rng):
-    """Ground truth: (image (3, R, R) in [-1, 1], oracle objects) of a spec, laid out and rendered as in training."""
+    """Ground truth: (image (3, R, R) in [-1, 1], oracle objects) of a spec, laid out and
+    rendered as in training."""
     objs = data.layout(spec, world, rng)
     truth = [{"class": s, "color": c, "iou": 1.0, "conf": 1.0, "box": b, "reject": ""} for s, c, b in objs]
     return data.render(objs, world.resolution, rng), truth
 
 
 def summarize(specs, correct, colours=None):
-    """Per task, Overall (plain mean of the task scores present), % prompts with any correct image, per shape and
-    per colour accuracy (over images whose prompt names it), and the colours_match diagnostic when given. specs,
-    correct and colours are per image."""
+    """Per task, Overall (plain mean of the task scores present), % prompts with any correct image, per shape
+    and per colour accuracy (over images whose prompt names it), and the colours_match diagnostic when given.
+    specs, correct and colours are per image."""
     def mean(xs):
         return round(float(np.mean(xs)), 6) if xs else None
     tasks = {t: mean([c for s, c in zip(specs, correct) if s["tag"] == t]) for t in data.TASKS}
@@ -359,23 +377,24 @@ def summarize(specs, correct, colours=None):
     named = lambda key: sorted({o[key] for s in specs for o in s["include"] if o.get(key)})
     return {"tasks": tasks, "overall": mean(list(tasks.values())), "images": len(correct),
             "any_correct": mean([any(v) for v in by_prompt.values()]),
-            "per_shape": {k: mean([c for s, c in zip(specs, correct) if any(o["class"] == k for o in s["include"])])
-                          for k in named("class")},
-            "per_color": {k: mean([c for s, c in zip(specs, correct) if any(o.get("color") == k
-                                                                             for o in s["include"])])
+            "per_shape": {k: mean([c for s, c in zip(specs, correct)
+                                   if any(o["class"] == k for o in s["include"])]) for k in named("class")},
+            "per_color": {k: mean([c for s, c in zip(specs, correct)
+                                   if any(o.get("color") == k for o in s["include"])])
                           for k in named("color")},
             "colours_match": mean([c for c in colours or () if c is not None]) if colours else None}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Validation of the checker itself: hard negatives and synthetic perturbations of ground-truth renders
 
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
 def hard_negatives(spec, world, rng):
-    """Specs that change exactly one fact of `spec` (shape, colour, count +-1, relation flipped, colours swapped, an
-    object missing), so that their renders must score 0 against spec's prompt. -> list of (kind, spec)."""
+    """Specs that change exactly one fact of `spec`
+    (shape, colour, count +-1, relation flipped, colours swapped, an object missing), so that their
+    renders must score 0 against spec's prompt. -> list of (kind, spec)."""
     inc, task = spec["include"], spec["tag"]
     out = []
     def variant(kind, edit):
@@ -396,15 +415,16 @@ def hard_negatives(spec, world, rng):
     if task == "position":
         variant("relation", lambda c: c[1].update({"position": [OPPOSITE[c[1]["position"][0]], 0]}))
     if task == "color_attr" and inc[0]["color"] != inc[1]["color"]:
-        variant("swap", lambda c: (c[0].update({"color": inc[1]["color"]}), c[1].update({"color": inc[0]["color"]})))
+        variant("swap", lambda c: (c[0].update({"color": inc[1]["color"]}),
+                                   c[1].update({"color": inc[0]["color"]})))
     if task == "two":
         variant("missing", lambda c: c.pop(i))
     return out
 
 
 def perturb(images, kind, gen):
-    """Synthetic damage of (B, 3, H, W) images in [-1, 1]: noise sigma 10/20 (0-255 units), blur sigma 1, colour
-    jitter (gain +-5%, offset +-8 per channel), 2x down/up sampling."""
+    """Synthetic damage of (B, 3, H, W) images in [-1, 1]: noise sigma 10/20 (0-255 units), blur sigma 1,
+    colour jitter (gain +-5%, offset +-8 per channel), 2x down/up sampling."""
     x = (images.float() + 1) * 127.5
     if kind.startswith("noise"):
         x = x + float(kind[5:]) * torch.randn(x.shape, generator=gen)
@@ -423,8 +443,9 @@ def perturb(images, kind, gen):
 
 
 def validate(world, n=10, kinds=("clean",), seed=0, negatives=True):
-    """Checker accuracy on ground-truth renders of the prompt set (n per task) under each perturbation, and on their
-    hard negatives (should be 0). -> {kind: {"truth": summary, "negatives": mean, "negative_kinds": {...}}}."""
+    """Checker accuracy on ground-truth renders of the prompt set (n per task) under each perturbation,
+    and on their hard negatives (should be 0). -> {kind: {"truth": summary, "negatives": mean,
+    "negative_kinds": {...}}}."""
     specs = [dict(s, index=i) for i, s in enumerate(prompt_set(world, n, seed)) if s["seen"]]
     imgs, negs, neg_specs, neg_kinds = [], [], [], []
     for i, spec in enumerate(specs):
@@ -448,32 +469,23 @@ def validate(world, n=10, kinds=("clean",), seed=0, negatives=True):
         if negs is not None:
             nres = [ok for ok, _ in score(perturb(negs, kind, gen), neg_specs, world)]
             entry["negatives"] = round(float(np.mean(nres)), 4)
-            entry["negative_kinds"] = {k: round(float(np.mean([r for r, kk in zip(nres, neg_kinds) if kk == k])), 4)
+            entry["negative_kinds"] = {k: round(float(np.mean([r for r, kk in zip(nres, neg_kinds)
+                                                               if kk == k])), 4)
                                        for k in sorted(set(neg_kinds))}
         out[kind] = entry
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The sweep: generate with shared noise, score, tabulate
 
 COLUMNS = data.TASKS + ("overall", "any")
 
 
 def noise_seed(seed, prompt, image):
-    """Common random numbers: image `image` of prompt `prompt` gets the same noise at every step count and in every
-    model, and does not depend on the batch it rides in."""
-    return seed * 1_000_003 + prompt * 1000 + image
-
-
-def parse_steps(text):
-    try:
-        steps = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise SystemExit(f"evaluate.py: --steps {text!r}: expected comma-separated step counts like 1,2,4,8,50")
-    if not steps or min(steps) < 1 or max(steps) > 1000 or len(set(steps)) != len(steps):
-        raise SystemExit(f"evaluate.py: --steps {text!r}: step counts must be distinct integers in [1, 1000]")
-    return steps
+    """Common random numbers: image `image` of prompt `prompt` gets the same noise at every step count and in
+    every model, and does not depend on the batch it rides in."""
+    return data.stream_seed(seed, prompt * 1000 + image)
 
 
 def load(path, device):
@@ -483,8 +495,8 @@ def load(path, device):
     flags = meta.get("flags", {})
     name = flags.get("world")
     if flags.get("data", "shapes") != "shapes" or name not in data.WORLDS:
-        raise SystemExit(f"evaluate.py: {path} was trained on data {flags.get('data')!r}, world {name!r}: the checker "
-                         f"only knows the shapes worlds {', '.join(data.WORLDS)}")
+        raise SystemExit(f"evaluate.py: {path} was trained on data {flags.get('data')!r}, world {name!r}: "
+                         f"the checker only knows the shapes worlds {', '.join(data.WORLDS)}")
     world = data.WORLDS[name]
     if world.resolution != system.cfg.resolution:
         raise SystemExit(f"evaluate.py: {path}: world {name!r} is {world.resolution} px but the model makes "
@@ -493,17 +505,20 @@ def load(path, device):
 
 
 def contrast(images):
-    """(B, 3, H, W) -> (B,): each image's RMS distance from its own median colour, i.e. from the flat background of this
-    world. It measures how strongly an image departs from gray: a posterior-mean blur (what plain flow matching gives at
-    very few steps, Eq. 4) is faint; noise is not. Ground-truth renders of the same prompts set the scale."""
+    """(B, 3, H, W) -> (B,): each image's RMS distance from its own median colour, i.e. from the flat
+    background of this world. It measures how strongly an image departs from gray: a posterior-mean blur
+    (what plain flow matching gives at very few steps, Eq. 4) is faint; noise is not. Ground-truth renders of
+    the same prompts set the scale."""
     return (images - images.flatten(2).median(2).values[..., None, None]).pow(2).mean((1, 2, 3)).sqrt()
 
 
 def sweep(system, meta, world, specs, steps_list, args, tag):
-    """Generate K images per prompt at each step count and score them -> (results per step count, grid rows)."""
+    """Generate K images per prompt at each step count and score
+    them -> (results per step count, grid rows)."""
     import sample
     results, rows = {}, []
-    picks = [next(i for i, s in enumerate(specs) if s["tag"] == t and s["seen"] == seen)  # one prompt per task
+    # one prompt per task
+    picks = [next(i for i, s in enumerate(specs) if s["tag"] == t and s["seen"] == seen)
              for seen, tasks in ((True, data.TASKS), (False, ("colors", "color_attr"))) for t in tasks]
     jobs = [(i, j) for i in range(len(specs)) for j in range(args.seeds)]
     all_images = {}
@@ -524,10 +539,10 @@ def sweep(system, meta, world, specs, steps_list, args, tag):
         per = [(specs[i], ok, col) for (i, _), (ok, _, col) in zip(jobs, res)]
         results[n] = {"seen": summarize(*zip(*[p for p in per if p[0]["seen"]])),
                       "heldout": summarize(*zip(*[p for p in per if not p[0]["seen"]]))
-                      if any(not s["seen"] for s in specs) else None,
-                      "sampling_s": round(gen_s, 2),
+                      if any(not s["seen"] for s in specs) else None, "sampling_s": round(gen_s, 2),
                       "images": [{"prompt": i, "image": j, "seed": noise_seed(args.seed, i, j), "correct": ok,
-                                  "reason": why, "colours_match": col} for (i, j), (ok, why, col) in zip(jobs, res)]}
+                                  "reason": why, "colours_match": col}
+                                 for (i, j), (ok, why, col) in zip(jobs, res)]}
         rows.append(images[[i * args.seeds for i in picks]])
         all_images[n] = images
     # any-step consistency: how far each step count's images are from the most-steps images of the same noise
@@ -543,18 +558,18 @@ DENOISE_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9, 0.97, 1.0)
 
 @torch.no_grad()
 def denoising(system, world, n=256, seed=0, times=DENOISE_TIMES, batch=64):
-    """The network as a denoiser, on n ground-truth scenes from their own stream (seed + 7919), not the training one:
-    at each t, the flow-matching velocity error ||V(x_t, t, t, c) - (eps - x0)||^2 (Eq. 3, = ||G - x0||^2 / t^2) with
-    the prompt and with phi, and the prompt's share of the error it removes, 1 - cond / uncond. A share near 0 means
-    the network ignores the prompt at that t. Same scenes and noise for every model. -> {t: {cond, uncond, gain}}."""
+    """The network as a denoiser, on n ground-truth scenes from their own stream (seed + 7919), not the
+    training one: at each t, the flow-matching velocity error ||V(x_t, t, t, c) - (eps - x0)||^2
+    (Eq. 3, = ||G - x0||^2 / t^2) with the prompt and with phi, and the prompt's share of the error it
+    removes, 1 - cond / uncond. A share near 0 means the network ignores the prompt at that t. Same scenes and
+    noise for every model. -> {t: {cond, uncond, gain}}."""
     import selfe
     images, captions = data.shapes_batch(world, range(n), seed + 7919)
     x0 = system.encode_images(images)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
     h, w = system.grid
     model = system.ema or system.denoiser
-    conds = {"cond": system.encode_text(captions), "uncond": tuple(c.expand(n, *c.shape[1:])
-                                                                    for c in system.null_cond())}
+    conds = {"cond": system.encode_text(captions), "uncond": system.null_cond(n)}
     out = {}
     for t in times:
         err = {"cond": 0.0, "uncond": 0.0}
@@ -576,14 +591,16 @@ def denoising_table(res):
 
 
 def table(results, which):
-    cols = (*COLUMNS, "colours*") if which == "seen" else ("colors", "color_attr", "overall", "any", "colours*")
+    held_out_cols = ("colors", "color_attr", "overall", "any", "colours*")
+    cols = (*COLUMNS, "colours*") if which == "seen" else held_out_cols
     lines = [f"{'steps':>5} " + " ".join(f"{c:>10}" for c in cols)]
     for n, r in results.items():
         s = r[which]
         vals = [s["tasks"].get(c) if c in data.TASKS else s["overall"] if c == "overall" else
                 s.get("colours_match") if c == "colours*" else s["any_correct"] for c in cols]
         lines.append(f"{n:>5} " + " ".join(f"{'-' if v is None else format(v, '.3f'):>10}" for v in vals))
-    for n, r in results.items():  # the per-shape view exposes a checker (or model) that reads blobs as one class
+    # the per-shape view exposes a checker (or model) that reads blobs as one class
+    for n, r in results.items():
         s = r[which]
         lines.append(f"{n:>5} per shape: " + " ".join(f"{k}={v:.2f}" for k, v in s["per_shape"].items()) +
                      "; per colour: " + " ".join(f"{k}={v:.2f}" for k, v in s["per_color"].items()))
@@ -593,32 +610,36 @@ def table(results, which):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="runs/tiny", help="run folder (uses its `latest`) or a step folder")
-    p.add_argument("--compare", nargs="+", default=[], metavar="DIR", help="more checkpoints, same prompts and noise")
-    p.add_argument("--steps", default="1,2,4,8,50", help="comma-separated step counts")
-    p.add_argument("--prompts", type=int, default=10, help="prompts per task (seen; and per colour task held out)")
-    p.add_argument("--seeds", type=int, default=4, help="images per prompt (GenEval: 4)")
+    p.add_argument("--compare", nargs="+", default=[], metavar="DIR",
+                   help="more checkpoints, same prompts and noise")
+    p.add_argument("--steps", type=cli.step_counts, default="1,2,4,8,50", help="comma-separated step counts")
+    p.add_argument("--prompts", type=int, default=10,
+                   help="prompts per task (seen; and per colour task held out)")
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt (GenEval: 4; A 14)")
     p.add_argument("--seed", type=cli.seed, default=0, help="prompt set and noise seed")
     p.add_argument("--out", type=cli.writable_folder, default=None, help="folder for eval.json and grid.png "
                    "(default: <ckpt>/eval)")
-    p.add_argument("--cfg", type=number(float), default=None, help="EP-CFG scale (sample.py's default: 5; 1 step: "
-                   "1)")
+    p.add_argument("--cfg", type=number(float), default=None,
+                   help="EP-CFG scale (sample.py's default: 5; 1 step: 1)")
     p.add_argument("--eta", type=number(float, 0, 1), default=1.0, help="DDIM eta")
-    p.add_argument("--s-schedule", type=cli.s_schedule, default=None, help="as in sample.py (default: its own)")
+    p.add_argument("--s-schedule", type=cli.s_schedule, default=None,
+                   help="as in sample.py (default: its own)")
     p.add_argument("--batch", type=int, default=64, help="images per sampling call")
-    p.add_argument("--denoise", type=int, default=256, metavar="N", help="also measure each model as a denoiser on "
-                   "N unseen ground-truth scenes: velocity error by t with the prompt and with phi (0: skip)")
+    p.add_argument("--denoise", type=int, default=256, metavar="N",
+                   help="also measure each model as a denoiser on N unseen ground-truth scenes: velocity "
+                   "error by t with the prompt and with phi (0: skip)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--validate", action="store_true", help="score ground truth, hard negatives and perturbations")
+    p.add_argument("--validate", action="store_true",
+                   help="score ground truth, hard negatives and perturbations")
     p.add_argument("--bench", action="store_true", help="checker speed on 64 px ground-truth renders")
     args = p.parse_args(argv)
     if args.prompts < 1 or args.seeds < 1 or args.seeds > 1000 or args.batch < 1 or args.denoise < 0:
-        p.error("--prompts and --batch must be >= 1, --seeds in [1, 1000], --denoise >= 0: an empty prompt set "
-                "measures nothing")
+        p.error("--prompts and --batch must be >= 1, --seeds in [1, 1000], --denoise >= 0: an empty prompt "
+                "set measures nothing")
     if args.bench:
         return bench()
     if args.validate:
         return print_validation(args.prompts, args.seed)
-    steps_list = parse_steps(args.steps)
     out_dir = args.out or os.path.join(args.ckpt, "eval")
     if not args.out:  # the default folder is checked now too, not after the sweep
         try:
@@ -632,47 +653,50 @@ def main(argv=None):
     world = models[0][2]
     specs = [dict(s, index=i) for i, s in enumerate(prompt_set(world, args.prompts, args.seed))]
     report = {"config": {k: v for k, v in vars(args).items() if k not in ("validate", "bench")} | {
-        "steps": steps_list, "world": world.name, "keep_conf": KEEP_CONF, "exclude_iou": EXCLUDE_IOU},
+        "steps": args.steps, "world": world.name, "keep_conf": KEEP_CONF, "exclude_iou": EXCLUDE_IOU},
         "prompts": specs, "models": []}
     all_rows = []
     truth = torch.stack([render_spec(s, world, data.sample_rng(args.seed, s["index"]))[0] for s in specs])
     truth_contrast = contrast(truth).mean().item()
     report["config"]["truth_contrast"] = round(truth_contrast, 4)
     for (system, meta, _), path, tag in zip(models, paths, "ABCDEFGH"):
-        results, rows = sweep(system, meta, world, specs, steps_list, args, tag)
+        results, rows = sweep(system, meta, world, specs, args.steps, args, tag)
         all_rows.append(rows)
-        denoise = denoising(system, world, args.denoise, args.seed, batch=args.batch) if args.denoise else None
+        denoise = None
+        if args.denoise:
+            denoise = denoising(system, world, args.denoise, args.seed, batch=args.batch)
         report["models"].append({"tag": tag, "ckpt": path, "step": meta.get("step"),
                                  "objective": meta["flags"].get("objective"), "results": results,
                                  "denoising": denoise})
-        print(f"\nmodel {tag}: {path} (step {meta.get('step')}, objective {meta['flags'].get('objective')}, world "
-              f"{world.name}, {args.prompts} prompts per task x {args.seeds} images)")
-        print("seen compositions (overall = mean of the 6 tasks; any = % prompts with a correct image; colours* = "
-              "share of colour-naming prompts' images whose blobs have exactly the named colours, a diagnostic "
-              "outside Overall)")
+        print(f"\nmodel {tag}: {path} (step {meta.get('step')}, objective {meta['flags'].get('objective')}, "
+              f"world {world.name}, {args.prompts} prompts per task x {args.seeds} images)")
+        print("seen compositions (overall = mean of the 6 tasks; any = % prompts with a correct image; "
+              "colours* = share of colour-naming prompts' images whose blobs have exactly the named colours, "
+              "a diagnostic outside Overall)")
         print(table(results, "seen"))
         print("held-out compositions (overall = mean of colors and color_attr)")
         print(table(results, "heldout"))
-        print(f"RMS pixel distance (in [-1, 1]) to the {max(steps_list)}-step image of the same noise: " +
+        print(f"RMS pixel distance (in [-1, 1]) to the {max(args.steps)}-step image of the same noise: " +
               ", ".join(f"{n} steps {r['rms_to_most_steps']:.3f}" for n, r in results.items()))
         print(f"contrast (RMS from the image's median colour; ground-truth renders {truth_contrast:.3f}): " +
               ", ".join(f"{n} steps {r['contrast']:.3f}" for n, r in results.items()))
         if denoise:
-            print(f"as a denoiser on {args.denoise} unseen ground-truth scenes (velocity error, s = t; gain = share of "
-                  f"the unconditional error the prompt removes)")
+            print(f"as a denoiser on {args.denoise} unseen ground-truth scenes (velocity error, s = t; gain "
+                  "= share of the unconditional error the prompt removes)")
             print(denoising_table(denoise))
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(report, f, indent=1)
     import sample
-    labels = [f"{n} step" + ("s" if n > 1 else "") for n in steps_list]
+    labels = [f"{n} step" + ("s" if n > 1 else "") for n in args.steps]
     if len(all_rows) > 1:  # one block per model, left to right, a blank column between blocks
         blank = torch.ones_like(all_rows[0][0][:1])
         rows = [torch.cat([x for block in row for x in (block, blank)][:-1]) for row in zip(*all_rows)]
-        grid = sample.save_grid(rows, os.path.join(out_dir, "compare.png"), max(1, 128 // world.resolution), labels)
+        grid = sample.save_grid(rows, os.path.join(out_dir, "compare.png"),
+                                max(1, 128 // world.resolution), labels)
     else:
-        grid = sample.save_grid(all_rows[0], os.path.join(out_dir, "grid.png"), max(1, 128 // world.resolution),
-                                labels)
+        grid = sample.save_grid(all_rows[0], os.path.join(out_dir, "grid.png"),
+                                max(1, 128 // world.resolution), labels)
     print(f"wrote {os.path.join(out_dir, 'eval.json')} and {grid}" +
           (f" (rows: step counts; blocks left to right: {', '.join(paths)})" if args.compare else ""))
     return report
@@ -681,7 +705,9 @@ def main(argv=None):
 def bench(n=60):
     world = data.WORLDS["full"]
     specs = [s for s in prompt_set(world, n // 6) if s["seen"]]
-    imgs = to_pixels(torch.stack([render_spec(s, world, data.sample_rng(1, i))[0] for i, s in enumerate(specs)]))
+    imgs = data.to_uint8(torch.stack([render_spec(s, world, data.sample_rng(1, i))[0]
+                                      for i, s in enumerate(specs)]))
+    imgs = imgs.numpy()
     torch.set_num_threads(1)
     detect(imgs[0], world)
     t = time.perf_counter()

@@ -2,64 +2,65 @@
 
 - `SelfE`: the dual-time denoiser and its frozen parts, built from a preset: text -> (T5 tokens, CLIP pooled),
   image <-> latent tokens (patchify), V and the sample head G = x_t - t V (Eq. 6).
-- The forward process x_t = (1 - t) x_0 + t eps (Eq. 1), logit-normal time with the length-dependent warp (s.11-s.12),
-  the second time s with its tau anneal (s.13), caption dropout (METHOD.md 3), EMA, and the checkpoint format.
-Equation numbers are the paper's, as collected in ../shared/METHOD.md.
+- The forward process x_t = (1 - t) x_0 + t eps (Eq. 1), logit-normal time with the
+  length-dependent warp (s.11-s.12), the second time s with its tau anneal (s.13), caption
+  dropout (A 1), EMA, and the checkpoint format.
+Equation numbers are the paper's; docs/method.md keys every citation (Eq. N, s.N, S.N, A N).
 """
 import dataclasses
-import json
 import math
 import os
-import re
-import shutil
 import warnings
 
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 import data
-import model as M
-from model import CONFIGS, CLIPTextEncoder, Config, MMDiT, T5Encoder, init_text_encoder, load_strict
+import encoders
+import model
 
-NULL_PROMPT = ""  # phi: the empty prompt, through both encoders (METHOD.md 3, [ASSUMPTION] 1)
+NULL_PROMPT = ""  # phi: the empty prompt, through both encoders (docs/method.md §3, A 1)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Forward process, sample head, time sampling
 
 def forward_process(x0, t, eps):
-    """Eq. (1) with (alpha_t, sigma_t) = (1 - t, t): x_t = (1 - t) x_0 + t eps. x0, eps (B, L, C); t (B,)."""
+    """Eq. 1 with (alpha_t, sigma_t) = (1 - t, t): x_t = (1 - t) x_0 + t eps. x0, eps (B, L, C); t (B,)."""
     t = t.view(-1, 1, 1)
     return (1 - t) * x0 + t * eps
 
 
 def g_head(x_t, t, v):
-    """Eq. (6): G = x_t - t V, the x_0 prediction."""
+    """Eq. 6: G = x_t - t V, the x_0 prediction."""
     return x_t - t.view(-1, 1, 1) * v
 
 
 def mu_of_length(L, anchor=512, mu_anchor=0.5, mu_4096=1.15):
-    """Length-dependent shift (METHOD.md 6): linear in the patch count L, 0.5 at `anchor` (paper 512, [ASSUMPTION] 6;
-    minFM/FLUX 256), 1.15 at 4096, extrapolated linearly outside."""
+    """Length-dependent shift (docs/method.md §6): linear in the patch count L, 0.5 at `anchor`
+    (paper 512, A 6; minFM/FLUX 256), 1.15 at 4096, extrapolated linearly outside."""
     if not 0 < anchor < 4096:
-        raise ValueError(f"anchor {anchor}: mu(L) is 0.5 there and 1.15 at 4096 tokens, so it must lie in (0, 4096)")
+        raise ValueError(f"anchor {anchor}: mu(L) is 0.5 there and 1.15 at 4096 tokens, so it "
+                         "must lie in (0, 4096)")
     return mu_anchor + (mu_4096 - mu_anchor) * (L - anchor) / (4096 - anchor)
 
 
 def warp(t, mu):
-    """(s.12): t -> e^mu / (e^mu + 1/t - 1), written to be exact at t = 0 and t = 1; mu > 0 pushes t toward noise."""
+    """s.12: t -> e^mu / (e^mu + 1/t - 1), written to be exact at t = 0 and t = 1;
+    mu > 0 pushes t toward noise."""
     return math.exp(mu) * t / (math.exp(mu) * t + 1 - t)
 
 
 def sample_t(n, L, anchor=512, device="cpu", generator=None, uniform=0.0):
-    """(s.11)-(s.12): t_raw = sigmoid(z), z ~ N(0, 1), then warped by mu(L). `uniform` > 0 (not in the paper) draws
-    that share of the t from U(0, 1) instead, so that t near 1, where one-step sampling starts, is trained at all on a
-    short run: the warped logit-normal puts about 2e-5 of its draws above 0.99 at L = 64."""
+    """s.11-s.12: t_raw = sigmoid(z), z ~ N(0, 1), then warped by mu(L). `uniform` > 0 (not in the paper,
+    A 25) draws that share of the t from U(0, 1) instead, so that t near 1, where one-step sampling starts,
+    is trained at all on a short run: the warped logit-normal puts about 2e-5 of its draws above 0.99 at
+    L = 64."""
     t = warp(torch.sigmoid(torch.randn(n, device=device, generator=generator)), mu_of_length(L, anchor))
     if uniform > 0:
         u = torch.rand(2, n, device=device, generator=generator)
@@ -68,13 +69,13 @@ def sample_t(n, L, anchor=512, device="cpu", generator=None, uniform=0.0):
 
 
 def tau_at(step, tau_steps):
-    """(s.13): tau anneals linearly from 0 to 1 over the first `tau_steps` iterations (paper: 300k of 710k)."""
+    """s.13: tau anneals linearly from 0 to 1 over the first `tau_steps` iterations (paper: 300k of 710k)."""
     return 1.0 if tau_steps <= 0 else min(1.0, step / tau_steps)
 
 
 def sample_s(t, tau, p_equal=0.5, force_equal=None, generator=None):
-    """(s.13): s = t with probability p_equal, else s ~ U((1 - tau) t, t). `force_equal` (B,) bool marks samples that
-    must keep s = t (caption-dropped samples under train.py --dropped equal, [ASSUMPTION] 2)."""
+    """s.13: s = t with probability p_equal, else s ~ U((1 - tau) t, t). `force_equal` (B,) bool marks samples
+    that must keep s = t (caption-dropped samples under train.py --dropped equal, A 2)."""
     u = torch.rand(2, *t.shape, device=t.device, generator=generator)
     equal = u[0] < p_equal
     if force_equal is not None:
@@ -84,17 +85,23 @@ def sample_s(t, tau, p_equal=0.5, force_equal=None, generator=None):
 
 
 def caption_dropout(n, p, generator=None):
-    """Classifier-free-guidance dropout ([ASSUMPTION] 1: p = 0.1): which of n captions become phi, the empty prompt."""
+    """Classifier-free-guidance dropout (A 1: p = 0.1): which of n captions become phi, the empty prompt."""
     return torch.rand(n, generator=generator) < p
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+def expand(cond, n):
+    """An encoding of batch 1 (phi's) as batch n: each (1, ...) -> (n, ...), a view."""
+    return tuple(c.expand(n, *c.shape[1:]) for c in cond)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Tokens <-> images
 
 def patchify(x, p):
     """(B, C, H, W) -> (B, (H/p)(W/p), C p p) in FLUX's order, row-major over patches."""
     B, C, H, W = x.shape
-    return x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
+    x = x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, H/p, W/p, C, p, p)
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
 
 
 def unpatchify(x, h, w, p):
@@ -112,52 +119,58 @@ def image_ids(h, w, device="cpu"):
     return ids.view(1, h * w, 3)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The system
 
 class SelfE:
-    """Denoiser + frozen text encoders (+ autoencoder) of one preset. `denoiser` is trained; `ema` is its EMA copy."""
+    """Denoiser + frozen text encoders (+ autoencoder) of one preset. `denoiser` is trained;
+    `ema` is its EMA copy."""
 
-    def __init__(self, cfg: Config, device="cpu", frozen_seed=0, pretrained=None, t5=None, clip=None, vae=None,
-                 transformer=None, encoders=True, denoiser=True, ae_dtype=torch.float32):
-        """Build the denoiser (random init, directly on `device`) and the frozen parts. The tiny preset makes its
-        stand-ins from `frozen_seed`; the others load the public weights from a FLUX.1 snapshot folder `pretrained`,
-        or part by part from `t5` / `clip` folders (weights, config and tokenizer files side by side) and a `vae`
-        file. `transformer` loads a public FLUX.1 transformer (BFL layout) as the denoiser. `encoders=False` skips the
-        real frozen parts (training from a cache, benchmarks); the tiny preset's stand-ins are always built, since
-        its checkpoints carry them. `denoiser=False` builds the frozen parts alone (the cache builder). The text
+    def __init__(self, cfg: model.Config, device="cpu", frozen_seed=0, pretrained=None, t5=None, clip=None,
+                 vae=None, transformer=None, frozen_parts=True, denoiser=True, ae_dtype=torch.float32):
+        """Build the denoiser (random init, directly on `device`) and the frozen parts. The tiny preset makes
+        its stand-ins from `frozen_seed`; the others load the public weights from a FLUX.1 snapshot folder
+        `pretrained`, or part by part from `t5` / `clip` folders
+        (weights, config and tokenizer files side by side) and a `vae` file. `transformer` loads a public
+        FLUX.1 transformer (BFL layout) as the denoiser. `frozen_parts=False` skips the real frozen parts
+        (training from a cache, benchmarks); the tiny preset's stand-ins are always built, since its
+        checkpoints carry them. `denoiser=False` builds the frozen parts alone (the cache builder). The text
         encoders run in bf16 on GPU, the autoencoder in `ae_dtype`."""
         self.cfg, self.device = cfg, torch.device(device)
         self.guidance = 3.5  # FLUX.1-dev's distilled guidance input; unused by Self-E presets
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32  # of the pretrained parts
         self.denoiser = None
         if transformer is not None:
-            self.denoiser = M.load_flux_transformer(transformer, cfg, dtype, self.device)
+            self.denoiser = model.load_flux_transformer(transformer, cfg, dtype, self.device)
         elif denoiser:
             with torch.device(self.device):
-                self.denoiser = MMDiT(cfg)
+                self.denoiser = model.MMDiT(cfg)
             self.denoiser.init_weights()
         # the text encodings' dtype: the denoiser's parameters' (it casts its inputs itself)
         self.dtype = next(self.denoiser.parameters()).dtype if self.denoiser is not None else torch.float32
         self.ema, self.ae, self._null = None, None, None
-        if cfg.tokenizer == "words":  # the tiny preset's stand-ins: same classes as the real encoders, random, seeded
-            self.t5_tokenizer = data.WordTokenizer(cfg.t5_max_len, "pad-end")
-            self.clip_tokenizer = data.WordTokenizer(cfg.clip.max_position_embeddings, "start-end")
-            self.t5 = init_text_encoder(T5Encoder(cfg.t5), frozen_seed).to(self.device).requires_grad_(False)
-            self.clip = init_text_encoder(CLIPTextEncoder(cfg.clip), frozen_seed + 1).to(self.device)
-            self.clip.requires_grad_(False)
-        elif not encoders:
+        # the tiny preset's stand-ins: same classes as the real encoders, random, seeded
+        if cfg.tokenizer == "words":
+            self.t5_tokenizer = encoders.WordTokenizer(data.WORDS, cfg.t5_max_len, "pad-end")
+            self.clip_tokenizer = encoders.WordTokenizer(data.WORDS, cfg.clip.max_position_embeddings,
+                                                         "start-end")
+            t5 = encoders.init_text_encoder(encoders.T5Encoder(cfg.t5), frozen_seed)
+            clip = encoders.init_text_encoder(encoders.CLIPTextEncoder(cfg.clip), frozen_seed + 1)
+            self.t5 = t5.to(self.device).requires_grad_(False)
+            self.clip = clip.to(self.device).requires_grad_(False)
+        elif not frozen_parts:
             self.t5 = self.clip = None
         else:
             p = frozen_paths(pretrained, t5, clip, vae)
-            self.t5 = M.load_t5(p["t5"], dtype, self.device).requires_grad_(False)
-            self.clip = M.load_clip(p["clip"], dtype, self.device).requires_grad_(False)
-            self.t5_tokenizer = data.T5Tokenizer(p["t5_tokenizer"], cfg.t5_max_len)
-            self.clip_tokenizer = data.CLIPTokenizer(p["clip_vocab"], p["clip_merges"], cfg.clip.max_position_embeddings)
-        if cfg.latent == "flux-vae" and encoders:
+            self.t5 = encoders.load_t5(p["t5"], dtype, self.device).requires_grad_(False)
+            self.clip = encoders.load_clip(p["clip"], dtype, self.device).requires_grad_(False)
+            self.t5_tokenizer = encoders.T5Tokenizer(p["t5_tokenizer"], cfg.t5_max_len)
+            self.clip_tokenizer = encoders.CLIPTokenizer(p["clip_vocab"], p["clip_merges"],
+                                                         cfg.clip.max_position_embeddings)
+        if cfg.latent == "flux-vae" and frozen_parts:
             if cfg.tokenizer == "words":
                 raise ValueError("a flux-vae preset needs the pretrained frozen parts")
-            self.ae = M.load_autoencoder(p["ae"], ae_dtype, self.device).requires_grad_(False)
+            self.ae = encoders.load_autoencoder(p["ae"], ae_dtype, self.device).requires_grad_(False)
 
     # -- text
     @torch.no_grad()
@@ -167,16 +180,17 @@ class SelfE:
         _, vec = self.clip(self.clip_tokenizer(prompts).to(self.device))
         return txt.to(self.dtype), vec.to(self.dtype)
 
-    def null_cond(self):
-        """The empty prompt's encoding, batch 1, computed once."""
+    def null_cond(self, n=1):
+        """The empty prompt's encoding (txt, vec), computed once, as batch n."""
         if self._null is None:
             self._null = self.encode_text([NULL_PROMPT])
-        return self._null
+        return expand(self._null, n)
 
     # -- images
     @property
     def downsample(self):
-        """Pixels per latent cell: the autoencoder's (FLUX: 8; 8 too when a flux-vae preset runs without it), else 1."""
+        """Pixels per latent cell: the autoencoder's
+        (FLUX: 8; 8 too when a flux-vae preset runs without it), else 1."""
         if self.ae is not None:
             return 2 ** (len(self.ae.c.ch_mult) - 1)
         return 8 if self.cfg.latent == "flux-vae" else 1
@@ -189,9 +203,9 @@ class SelfE:
 
     @torch.no_grad()
     def encode_latents(self, images):
-        """(B, 3, H, W) in [-1, 1] -> FLUX autoencoder latents (B, 16, H/8, W/8) in fp32, or the pixels scaled by
-        the preset's pixel_scale (tiny): like the autoencoder's scale_factor, it brings the data to about unit
-        variance, the scale the noise levels of Eq. 1 and the time warp of s.12 are meant for."""
+        """(B, 3, H, W) in [-1, 1] -> FLUX autoencoder latents (B, 16, H/8, W/8) in fp32, or the pixels scaled
+        by the preset's pixel_scale (tiny): like the autoencoder's scale_factor, it brings the data to about
+        unit variance, the scale the noise levels of Eq. 1 and the time warp of s.12 are meant for."""
         x = images.to(self.device, non_blocking=True)
         if self.ae is None:
             return x * self.cfg.pixel_scale
@@ -211,37 +225,39 @@ class SelfE:
         return x.clamp(-1, 1)
 
     # -- the network
-    def velocity(self, model, x, t, s, cond, h, w):
-        """V_theta(x, t, s, c): x (B, h w, C); t, s (B,) fp32; cond (txt, vec). Shared positions ride with batch 1."""
+    def velocity(self, net, x, t, s, cond, h, w):
+        """V_theta(x, t, s, c) of `net` (the denoiser or its EMA): x (B, h w, C); t, s (B,) fp32; cond
+        (txt, vec). Shared positions ride with batch 1."""
         txt, vec = cond
         img_ids = image_ids(h, w, x.device)
         txt_ids = torch.zeros(1, txt.shape[1], 3, device=x.device)
         guidance = torch.full_like(t, self.guidance) if self.cfg.guidance_embed else None
-        return model(x, img_ids, txt, txt_ids, t, s, vec, guidance)
+        return net(x, img_ids, txt, txt_ids, t, s, vec, guidance)
 
-    def G(self, model, x, t, s, cond, h, w):
-        """Eq. (6): G_theta(x_t, t, s, c) = x_t - t V_theta(x_t, t, s, c), in fp32."""
-        return g_head(x.float(), t, self.velocity(model, x, t, s, cond, h, w).float())
+    def G(self, net, x, t, s, cond, h, w):
+        """Eq. 6: G_theta(x_t, t, s, c) = x_t - t V_theta(x_t, t, s, c), in fp32."""
+        return g_head(x.float(), t, self.velocity(net, x, t, s, cond, h, w).float())
 
     # -- EMA
     def make_ema(self):
-        """The EMA copy. It only ever runs without gradient, yet its parameters keep requires_grad as the model's do:
-        torch.compile guards on that flag, so the two then share their compiled no-grad graphs."""
+        """The EMA copy. It only ever runs without gradient, yet its parameters keep requires_grad as the
+        model's do: torch.compile guards on that flag, so the two then share their compiled no-grad graphs."""
         with torch.device(self.device):
-            self.ema = MMDiT(self.cfg)
+            self.ema = model.MMDiT(self.cfg)
         self.ema.load_state_dict(self.denoiser.state_dict())
         return self.ema
 
     @torch.no_grad()
     def update_ema(self, decay, step, warmup=False, skip=None):
-        """EMA of the weights with a constant decay (S.2: 0.9999; neither the paper nor minFM warms it up). `warmup`
-        uses min(decay, (1 + step) / (10 + step)) instead: an EMA that follows the weights closely early on, so the
-        conditional self-evaluation pass runs on a fast-moving average for the first ~1/(1 - decay) steps. `skip`, a
-        0-dim bool tensor on the device, leaves the EMA unchanged where true without the host reading it (train.py:
-        a step whose update Adam skipped)."""
+        """EMA of the weights with a constant decay (S.2: 0.9999; neither the paper nor minFM warms it up).
+        `warmup` uses min(decay, (1 + step) / (10 + step)) instead: an EMA that follows the weights closely
+        early on, so the conditional self-evaluation pass runs on a fast-moving average for the first
+        ~1/(1 - decay) steps. `skip`, a 0-dim bool tensor on the device, leaves the EMA unchanged where true
+        without the host reading it (train.py: a step whose update Adam skipped)."""
         d = min(decay, (1 + step) / (10 + step)) if warmup else decay
         reshard(self.ema)
-        local = lambda m: [p.to_local() if hasattr(p, "to_local") else p for p in m.parameters()]  # FSDP2 shards
+        # the local shards of FSDP2's parameters (the tensors themselves without FSDP)
+        local = lambda m: [p.to_local() if hasattr(p, "to_local") else p for p in m.parameters()]
         ema, new = local(self.ema), [p.detach() for p in local(self.denoiser)]
         if skip is None:
             torch._foreach_lerp_(ema, new, 1 - d)
@@ -255,24 +271,27 @@ class SelfE:
     def load_frozen_state(self, sd, where):
         for name, mod in (("t5", self.t5), ("clip", self.clip)):
             part = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
-            load_strict(mod, part, f"{where} ({name}.*)")
+            encoders.load_strict(mod, part, f"{where} ({name}.*)")
 
 
 def frozen_paths(pretrained=None, t5=None, clip=None, vae=None):
-    """Where the real frozen parts come from: a FLUX.1 snapshot folder (model.find_pretrained), each part overridable;
-    or, without a folder, all three parts given: T5 and CLIP folders with their tokenizer files beside the weights
-    (as the google/t5-v1_1-xxl and openai/clip-vit-large-patch14 repositories have them) and the autoencoder file."""
+    """Where the real frozen parts come from: a FLUX.1 snapshot folder (encoders.find_pretrained), each part
+    overridable; or, without a folder, all three parts given: T5 and CLIP folders with their tokenizer files
+    beside the weights (as the google/t5-v1_1-xxl and openai/clip-vit-large-patch14 repositories have them)
+    and the autoencoder file."""
     if pretrained:
-        p = M.find_pretrained(pretrained)
+        p = encoders.find_pretrained(pretrained)
     elif t5 and clip and vae:
         p = {}
     else:
-        raise SystemExit("this preset uses the real frozen parts (T5-XXL, CLIP-L, FLUX autoencoder): pass "
-                         "--pretrained FLUX_DIR (a FLUX.1-schnell or -dev snapshot folder) or all of --t5, --clip, --vae")
+        raise SystemExit("this preset uses the real frozen parts (T5-XXL, CLIP-L, FLUX autoencoder): "
+                         "pass --pretrained FLUX_DIR (a FLUX.1-schnell or -dev snapshot folder) or all "
+                         "of --t5, --clip, --vae")
     if t5:
         p.update(t5=t5, t5_tokenizer=os.path.join(t5, "spiece.model"))
     if clip:
-        p.update(clip=clip, clip_vocab=os.path.join(clip, "vocab.json"), clip_merges=os.path.join(clip, "merges.txt"))
+        p.update(clip=clip, clip_vocab=os.path.join(clip, "vocab.json"),
+                 clip_merges=os.path.join(clip, "merges.txt"))
     if vae:
         p["ae"] = vae
     for key in ("t5_tokenizer", "clip_vocab", "clip_merges", "ae"):
@@ -281,38 +300,25 @@ def frozen_paths(pretrained=None, t5=None, clip=None, vae=None):
     return p
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: <out>/step-NNNNNNN/ holds
-#   dcp/               model, EMA and optimizer, sharded as they were trained (torch.distributed.checkpoint): resume
+# ------------------------------------------------------------------------------------------------------------
+# Checkpoints (written by train.py; docs/formats.md §1): <out>/step-NNNNNNN/ holds
+#   dcp/               model, EMA and optimizer, sharded as trained (torch.distributed.checkpoint): resume
 #   ema.safetensors    the EMA weights consolidated into one file: sample.py, evaluate.py
 #   frozen.safetensors the tiny preset's random frozen stand-ins
 #   config.json        preset, flags, step
-# and <out>/latest names the newest complete one. Every rank writes its shards into step-N.tmp/; only after all have
-# finished does rank 0 rename the folder and then replace `latest` atomically, so a crash (or a rank dying under
-# torchrun) never leaves a partial checkpoint behind `latest`. Randomness is keyed by (seed, step) and the data
-# position is the step, so model, EMA, optimizer and step are the whole training state.
-
-STEP_FOLDER = re.compile(r"step-(\d+)")
-
-
-def _rank0():
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
+# and <out>/latest names the newest complete one. Loading one (for sampling) is here; saving one is in
+# train.py, next to training.
 
 def reshard(module):
-    """Under FSDP2 the root's parameters stay gathered after a forward that no backward follows (the EMA's): shard them
-    again, so parameters, EMA and state dicts are all sharded alike."""
+    """Under FSDP2 the root's parameters stay gathered after a forward that no backward follows (the EMA's):
+    shard them again, so parameters, EMA and state dicts are all sharded alike."""
     if hasattr(module, "reshard"):
         module.reshard()
 
 
 def training_state(system, optimizer=None):
-    """The sharded state dicts (DTensors under FSDP2, plain tensors otherwise) that dcp saves and loads in place."""
+    """The sharded state dicts (DTensors under FSDP2, plain tensors otherwise) that dcp
+    saves and loads in place."""
     reshard(system.denoiser)
     state = {"model": get_model_state_dict(system.denoiser)}
     if system.ema is not None:
@@ -323,56 +329,21 @@ def training_state(system, optimizer=None):
     return state
 
 
-def save_checkpoint(out, system, step, flags, optimizer=None, keep=2):
-    """Write step-N (collective under torchrun: every rank calls it). Returns the final folder."""
-    name = f"step-{step:07d}"
-    tmp, final = os.path.join(out, name + ".tmp"), os.path.join(out, name)
-    if _rank0():
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier()
-    with warnings.catch_warnings():  # dcp warns that one process saves alone; that is intended
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save(training_state(system, optimizer), checkpoint_id=os.path.join(tmp, "dcp"),
-                 no_dist=not dist.is_initialized())
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)          # gathered onto rank 0's CPU
-    ema = get_model_state_dict(system.ema, options=full)
-    if _rank0():
-        save_file({k: v.contiguous() for k, v in ema.items()}, os.path.join(tmp, "ema.safetensors"))
-        if system.cfg.tokenizer == "words":  # random stand-ins travel with the checkpoint
-            save_file({k: v.detach().cpu().contiguous() for k, v in system.frozen_state().items()},
-                      os.path.join(tmp, "frozen.safetensors"))
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump({"config": system.cfg.to_dict(), "flags": flags, "step": step}, f, indent=1)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        with open(os.path.join(out, "latest.tmp"), "w") as f:
-            f.write(name + "\n")
-        os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
-        # keep this one and the keep - 1 before it; never touch a later-numbered folder (a run resumed from an earlier
-        # step), so clean-up can never delete the checkpoint `latest` names
-        numbered = [(int(m[1]), m[0]) for m in map(STEP_FOLDER.fullmatch, os.listdir(out)) if m]
-        older = sorted(pair for pair in numbered if pair[0] < step)
-        for _, d in older[:max(0, len(older) - (keep - 1))]:
-            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
-    _barrier()
-    return final
-
-
 def load_training_state(path, system, optimizer=None):
-    """Load model, EMA (if the system has one) and optimizer from `path`/dcp into the live objects, sharded or not,
-    whatever the world size that wrote them."""
+    """Load model, EMA (if the system has one) and optimizer from `path`/dcp into the live objects, sharded or
+    not, whatever the world size that wrote them."""
     where = os.path.join(path, "dcp")
     if not os.path.isfile(os.path.join(where, ".metadata")):
-        raise M.CheckpointError(f"{where}: no distributed checkpoint here (missing .metadata)")
+        raise encoders.CheckpointError(f"{where}: no distributed checkpoint here (missing .metadata)")
     state = training_state(system, optimizer)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, checkpoint_id=where, no_dist=not dist.is_initialized())
-    except (Exception, CheckpointException) as e:  # a missing or foreign shard file, a shape that does not fit
+    # a missing or foreign shard file, a shape that does not fit
+    except (Exception, CheckpointException) as e:
         cause = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        raise M.CheckpointError(f"{where}: cannot load the checkpoint: {cause[-1].strip()}") from e
+        raise encoders.CheckpointError(f"{where}: cannot load the checkpoint: {cause[-1].strip()}") from e
     set_model_state_dict(system.denoiser, state["model"])
     if system.ema is not None:
         set_model_state_dict(system.ema, state["ema"])
@@ -387,8 +358,8 @@ def resolve_checkpoint(path):
         with open(latest) as f:
             name = f.read().strip()
         if not os.path.isfile(os.path.join(path, name, "config.json")):
-            raise M.CheckpointError(f"{latest} names {name!r}, which is not a complete checkpoint: write the name of "
-                                    f"one of the step-* folders there into it")
+            raise encoders.CheckpointError(f"{latest} names {name!r}, which is not a complete checkpoint: "
+                                           "write the name of one of the step-* folders there into it")
         return os.path.join(path, name)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"no checkpoint at {os.path.abspath(path)} (looked for {path}/latest and "
@@ -397,52 +368,54 @@ def resolve_checkpoint(path):
 
 
 def read_meta(path):
-    """A step folder's config.json -> (Config, {"config", "flags", "step"}); a damaged one is an error naming it."""
+    """A step folder's config.json -> (Config, {"config", "flags", "step"}); a damaged one
+    is an error naming it."""
     file = os.path.join(path, "config.json")
-    meta = M.read_json(file)
+    meta = encoders.read_json(file)
     try:
-        cfg = Config.from_dict(meta["config"])
+        cfg = model.Config.from_dict(meta["config"])
         if not isinstance(meta["flags"], dict) or not isinstance(meta["step"], int):
             raise TypeError("'flags' is not an object or 'step' is not an integer")
     except (KeyError, TypeError, ValueError) as e:  # not the fields a checkpoint writes
-        raise M.CheckpointError(f"{file}: damaged ({type(e).__name__}: {e}); use another step-* folder of the "
-                                f"run") from e
+        raise encoders.CheckpointError(f"{file}: damaged ({type(e).__name__}: {e}); use another step-* "
+                                       "folder of the run") from e
     if cfg.tokenizer == "bytes":
-        raise M.CheckpointError(f"{file}: trained with an earlier tiny preset whose stand-in encoders read bytes; the "
-                                f"tiny preset now reads words (data.WordTokenizer), so this checkpoint cannot be "
-                                f"rebuilt: train it again with `python train.py`")
+        raise encoders.CheckpointError(f"{file}: trained with an earlier tiny preset whose stand-in encoders "
+                                       "read bytes; the tiny preset now reads words "
+                                       "(encoders.WordTokenizer), so this checkpoint cannot be rebuilt: "
+                                       "train it again with `python train.py`")
     return cfg, meta
 
 
 def read_weights(file, device="cpu"):
-    """A checkpoint's .safetensors -> state dict. The header is checked first (model.read_header), so a truncated or
-    damaged file is an error naming it, as is anything the reader itself refuses."""
-    M.read_header(file)
+    """A checkpoint's .safetensors -> state dict. The header is checked first (encoders.read_header), so a
+    truncated or damaged file is an error naming it, as is anything the reader itself refuses."""
+    encoders.read_header(file)
     try:
-        return load_file(file, device=str(device))
+        return safetensors.torch.load_file(file, device=str(device))
     except Exception as e:  # the safetensors reader's own error for a body the header check cannot see
-        raise M.CheckpointError(f"{file}: cannot read: {e}") from e
+        raise encoders.CheckpointError(f"{file}: cannot read: {e}") from e
 
 
 def load_checkpoint(path, device="cpu", weights="ema", pretrained=None, t5=None, clip=None, vae=None,
                     resolution=None):
-    """Rebuild the system from the config saved in a checkpoint and load its weights ('ema' or 'model'). The real
-    frozen parts come from the given paths, else from those the run was trained with; `resolution` overrides the
-    image size (the denoiser is resolution-free)."""
+    """Rebuild the system from the config saved in a checkpoint and load its weights ('ema' or 'model'). The
+    real frozen parts come from the given paths, else from those the run was trained with; `resolution`
+    overrides the image size (the denoiser is resolution-free)."""
     path = resolve_checkpoint(path)
     cfg, meta = read_meta(path)
     flags = meta["flags"]
     if resolution:
         cfg = dataclasses.replace(cfg, resolution=resolution)
-    system = SelfE(cfg, device, flags.get("seed", 0), pretrained or flags.get("pretrained"), t5 or flags.get("t5"),
-                   clip or flags.get("clip"), vae or flags.get("vae"))
+    system = SelfE(cfg, device, flags.get("seed", 0), pretrained or flags.get("pretrained"),
+                   t5 or flags.get("t5"), clip or flags.get("clip"), vae or flags.get("vae"))
     file = os.path.join(path, f"{weights}.safetensors")
     if weights == "model" and not os.path.isfile(file):  # the raw weights live in the sharded training state
         load_training_state(path, system)
     elif not os.path.isfile(file):
         raise FileNotFoundError(f"{file} missing: the checkpoint at {path} is incomplete")
     else:
-        load_strict(system.denoiser, read_weights(file, system.device), file)
+        encoders.load_strict(system.denoiser, read_weights(file, system.device), file)
     frozen = os.path.join(path, "frozen.safetensors")
     if cfg.tokenizer == "words":
         system.load_frozen_state(read_weights(frozen, system.device), frozen)
@@ -451,6 +424,6 @@ def load_checkpoint(path, device="cpu", weights="ema", pretrained=None, t5=None,
 
 
 def preset(name):
-    if name not in CONFIGS:
-        raise SystemExit(f"unknown preset {name!r}; choose from {', '.join(CONFIGS)}")
-    return CONFIGS[name]
+    if name not in model.CONFIGS:
+        raise SystemExit(f"unknown preset {name!r}; choose from {', '.join(model.CONFIGS)}")
+    return model.CONFIGS[name]

@@ -7,24 +7,27 @@
     torchrun --nproc_per_node 2 train.py              # also on CPU (gloo), for testing
     python train.py --size 2b --data manifest.tsv --pretrained FLUX_DIR --build-cache CACHE  # encoders once
     python train.py --size 2b --data CACHE            # then train from the cache, no frozen encoders loaded
-    python bench.py --plan --size 2b --batch 1024 --world 8   # the memory that needs per GPU, before renting any
+    python bench.py --plan --size 2b --batch 1024 --world 8   # memory per GPU, before renting any
 
-Read top to bottom: flags, distributed set-up (torchrun's environment; FSDP2 per block), the memory check, data, the
-loop (batch -> encode -> t, s -> losses.py -> backward, step, EMA), logging, checkpoints; then the cache builder.
-The recipe is METHOD.md section 9: Adam (0.9, 0.95), warmup then linear decay to 1e-5, EMA; the tau anneal and the
-auxiliary-term start are fractions of the run (paper: 300k and 550k of 710k iterations).
+Read top to bottom: flags, distributed set-up (torchrun's environment; FSDP2 per block), the memory check, the
+loop (`train`: batch -> encode -> t, s -> losses.py -> backward, step, EMA), then its parts in the order it
+calls them: the run folder, one step, logging, checkpoints.
+(--build-cache hands the frozen parts to data.write_cache.) The recipe is docs/method.md §9: Adam (0.9, 0.95),
+warmup then linear decay to 1e-5, EMA; the tau anneal and the auxiliary-term start are fractions of the run
+(paper: 300k and 550k of 710k iterations).
 
-One code path serves 1 or N processes. The global batch is split as batch = per-rank batch x world size x --accum.
-A step's caption dropout, t and s are drawn for the whole global batch from a generator seeded by (seed, step), the
-same on every rank, and each sample's noises from one seeded by (seed, step, its position); the data order is a
-function of the step too. So N processes follow the 1-process trajectory, and a resumed run continues exactly.
+One code path serves 1 or N processes. The global batch is split as batch = per-rank batch x world
+size x --accum. A step's caption dropout, t and s are drawn for the whole global batch from a generator seeded
+by (seed, step), the same on every rank, and each sample's noises from one seeded by
+(seed, step, its position) (data.stream_seed); the data order is a function of the step too. So N processes
+follow the 1-process trajectory, and a resumed run continues exactly.
 
-Precision: fp32 throughout by default on CPU. bf16 (the default on GPU) is FSDP2's mixed precision, in one process
-too (a one-rank process group): bf16 weights and activations in the network; fp32 sharded parameters, gradient
-reduction, Adam and EMA; t, s and the RoPE positions are never cast (model.MMDiT.forward).
-Nothing in a step waits on the device: the per-sample terms stay there until a log step, and a non-finite gradient
-makes Adam skip its update (and every update after it until that log step stops the run), so the weights saved
-then are those from before the step that went wrong.
+Precision: fp32 throughout by default on CPU. bf16 (the default on GPU) is FSDP2's mixed precision, in one
+process too (a one-rank process group): bf16 weights and activations in the network; fp32 sharded parameters,
+gradient reduction, Adam and EMA; t, s and the RoPE positions are never cast (model.MMDiT.forward). Nothing in
+a step waits on the device: the per-sample terms stay there until a log step, and a non-finite gradient makes
+Adam skip its update (and every update after it until that log step stops the run), so the weights saved then
+are those from before the step that went wrong.
 """
 import argparse
 import concurrent.futures
@@ -39,8 +42,11 @@ import shutil
 import time
 import warnings
 
+import safetensors.torch
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
@@ -50,30 +56,38 @@ import losses
 import sample as sampler
 import selfe
 from cli import number
-from model import CONFIGS, CheckpointError
+from encoders import CheckpointError
+from model import CONFIGS
 
-PREVIEW_PROMPTS = ["a red circle to the left of a blue square", "a photo of a green circle", "a photo of three squares",
-                   "a photo of a triangle above a circle", "a photo of a white square and a purple triangle"]
-warnings.filterwarnings("ignore", message=".*returned a view tensor")  # FSDP2 on nn.Linear's 3-D output; we never
-                                                                      # modify the denoiser's output in place
+PREVIEW_PROMPTS = ["a red circle to the left of a blue square", "a photo of a green circle",
+                   "a photo of three squares", "a photo of a triangle above a circle",
+                   "a photo of a white square and a purple triangle"]
+# FSDP2 warns on nn.Linear's 3-D output; we never modify the denoiser's output in place
+warnings.filterwarnings("ignore", message=".*returned a view tensor")
 H100_PEAK = 789.0  # TFLOP/s: dense bf16 matmul measured on one H100 (the datasheet says 989)
-FIT = 0.85  # share of a device's memory the memory plan may fill: temporaries and the allocator's slack need the rest
+# share of a device's memory the memory plan may fill: temporaries and the allocator's slack need the rest
+FIT = 0.85
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="tiny", choices=list(CONFIGS), help="model preset")
-    p.add_argument("--data", default="shapes", help="'shapes' (built-in world), a TSV manifest (image path<TAB>prompt) "
-                   "or a cache folder made by --build-cache")
-    p.add_argument("--base-dir", default=None, help="base for relative manifest paths (default: the manifest's folder)")
-    p.add_argument("--skip-bad", action="store_true", help="skip malformed manifest lines and unusable images")
-    p.add_argument("--workers", type=number(int, 1), default=4, help="threads decoding a manifest's images, a step "
-                   "ahead")
-    p.add_argument("--resolution", type=areas, default=None, help="bucket areas in pixels, e.g. 256 or 256,512 (the "
-                   "1:1 mix of METHOD.md 9); default: the preset's")
-    p.add_argument("--max-ratio", type=number(float, 1), default=2.0, help="widest bucket aspect ratio (1: square "
-                   "crops)")
-    p.add_argument("--world", default=None, choices=list(data.WORLDS), help="shapes world (default: the preset's)")
+    p.add_argument("--data", default="shapes",
+                   help="'shapes' (built-in world), a TSV manifest (image path<TAB>prompt) or a cache folder "
+                   "made by --build-cache")
+    p.add_argument("--base-dir", default=None,
+                   help="base for relative manifest paths (default: the manifest's folder)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip malformed manifest lines and unusable images")
+    p.add_argument("--workers", type=number(int, 1), default=4,
+                   help="threads decoding a manifest's images, a step ahead")
+    p.add_argument("--resolution", type=areas, default=None,
+                   help="bucket areas in pixels, e.g. 256 or 256,512 (the 1:1 mix of docs/method.md §9, "
+                   "A 13); default: the preset's")
+    p.add_argument("--max-ratio", type=number(float, 1), default=2.0,
+                   help="widest bucket aspect ratio (1: square crops; A 13)")
+    p.add_argument("--world", default=None, choices=list(data.WORLDS),
+                   help="shapes world (default: the preset's)")
     p.add_argument("--pretrained", default=None, help="FLUX.1 snapshot folder: T5-XXL, CLIP-L, autoencoder")
     p.add_argument("--t5", default=None, help="T5 v1.1 XXL folder (overrides --pretrained's)")
     p.add_argument("--clip", default=None, help="CLIP ViT-L/14 text folder (overrides --pretrained's)")
@@ -83,64 +97,83 @@ def get_args(argv=None):
     p.add_argument("--batch", type=number(int, 1), default=None, help="global batch (default: the preset's)")
     p.add_argument("--accum", type=number(int, 1), default=None, help="gradient accumulation micro-steps per "
                    "iteration (default: the fewest with which the memory plan fits the GPU; 1 on CPU)")
-    p.add_argument("--lr", type=number(float, 0), default=None, help="peak learning rate (default: the preset's)")
-    p.add_argument("--lr-min", type=number(float, 0), default=1e-5, help="learning rate at the last step (linear "
-                   "decay)")
-    p.add_argument("--warmup", type=number(int, 0), default=None, help="warmup iterations (default: min(1000, steps "
-                   "/ 20))")
-    p.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="[ASSUMPTION] 9: minFM's default")
-    p.add_argument("--ema", type=number(float, 0, 1), default=None, help="EMA decay (paper 0.9999; default: the "
-                   "preset's)")
-    p.add_argument("--out", type=cli.writable_folder, default=None, help="run folder (default: runs/<size>[-fm])")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/latest (implied on a torchrun restart)")
+    p.add_argument("--lr", type=number(float, 0), default=None,
+                   help="peak learning rate (default: the preset's)")
+    p.add_argument("--lr-min", type=number(float, 0), default=1e-5,
+                   help="learning rate at the last step (linear decay; A 9)")
+    p.add_argument("--warmup", type=number(int, 0), default=None,
+                   help="warmup iterations (default: min(1000, steps / 20); A 22)")
+    p.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="A 9: minFM's default")
+    p.add_argument("--ema", type=number(float, 0, 1), default=None,
+                   help="EMA decay (paper 0.9999; default: the preset's; A 19)")
+    p.add_argument("--out", type=cli.writable_folder, default=None,
+                   help="run folder (default: runs/<size>[-fm])")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out>/latest (implied on a torchrun restart)")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds a run: its "
                    "checkpoints, log and previews are deleted first (without it such an --out is refused)")
-    p.add_argument("--reschedule", action="store_true", help="with --resume: fit warm-up, learning-rate decay, tau "
-                   "anneal and auxiliary-term start to this --steps (default: keep the resumed run's)")
+    p.add_argument("--reschedule", action="store_true",
+                   help="with --resume: fit warm-up, learning-rate decay, tau anneal and auxiliary-term "
+                   "start to this --steps (default: keep the resumed run's)")
     p.add_argument("--seed", type=cli.seed, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default=None, choices=("bf16", "fp32"),
-                   help="compute dtype (default: bf16 on GPU, fp32 on CPU); parameters, EMA, optimizer stay fp32")
-    p.add_argument("--memory-gib", type=number(float, 0), default=None, help="per-device memory the memory plan "
-                   "must fit (default: the GPU's; not checked on CPU)")
-    p.add_argument("--dist-timeout", type=number(int, 1), default=1800, help="seconds a rank waits on the others "
-                   "(also when connecting), before the job fails and torchrun may restart it")
+                   help="compute dtype (default: bf16 on GPU, fp32 on CPU); parameters, EMA, "
+                   "optimizer stay fp32")
+    p.add_argument("--memory-gib", type=number(float, 0), default=None,
+                   help="per-device memory the memory plan must fit (default: the GPU's; not checked on CPU)")
+    p.add_argument("--dist-timeout", type=number(int, 1), default=1800,
+                   help="seconds a rank waits on the others (also when connecting), before the job fails and "
+                   "torchrun may restart it")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
-    p.add_argument("--compile-fallback", action="store_true", help="with --compile: run a block that fails to "
-                   "compile uncompiled (with dynamo's warning) instead of stopping")
+    p.add_argument("--compile-fallback", action="store_true",
+                   help="with --compile: run a block that fails to compile uncompiled (with dynamo's "
+                   "warning) instead of stopping")
     p.add_argument("--act-ckpt", action="store_true", help="activation checkpointing per transformer block")
-    p.add_argument("--peak-tflops", type=number(float, 0), default=None, help="per-device peak for MFU (default: "
-                   "H100 789)")
+    p.add_argument("--peak-tflops", type=number(float, 0), default=None,
+                   help="per-device peak for MFU (default: H100 789)")
     p.add_argument("--log-every", type=number(int, 1), default=50)
     p.add_argument("--ckpt-every", type=number(int, 1), default=500)
-    p.add_argument("--sample-every", type=number(int, 0), default=1000, help="preview grid every N steps (0: never)")
-    p.add_argument("--build-cache", default=None, metavar="DIR", help="encode --data (a manifest) into DIR and exit")
-    p.add_argument("--cache-batch", type=number(int, 1), default=16, help="images per encoder call of --build-cache")
-    # The method's options; each [ASSUMPTION] of METHOD.md is one flag with its stated default.
-    m = p.add_argument_group("method (METHOD.md; [A] n = its section 11 item n)")
-    m.add_argument("--p-drop", type=number(float, 0, 1), default=0.1, help="caption dropout for guidance [A] 1")
-    m.add_argument("--p-equal", type=number(float, 0, 1), default=0.5, help="probability of s = t (s.13)")
-    m.add_argument("--tau-frac", type=number(float, 0), default=300 / 710, help="tau anneals 0 -> 1 over this "
-                   "fraction (s.13)")
-    m.add_argument("--aux-start-frac", type=number(float, 0), default=550 / 710, help="auxiliary term from this "
-                   "fraction (S.2)")
+    p.add_argument("--sample-every", type=number(int, 0), default=1000,
+                   help="preview grid every N steps (0: never)")
+    p.add_argument("--build-cache", default=None, metavar="DIR",
+                   help="encode --data (a manifest) into DIR and exit")
+    p.add_argument("--cache-batch", type=number(int, 1), default=16,
+                   help="images per encoder call of --build-cache")
+    # The method's options; each assumption of docs/method.md (A n, its section 11) is one flag
+    # with its stated default.
+    m = p.add_argument_group("method (docs/method.md; A n = its assumption n, section 11)")
+    m.add_argument("--p-drop", type=number(float, 0, 1), default=0.1,
+                   help="caption dropout for guidance (A 1)")
+    m.add_argument("--p-equal", type=number(float, 0, 1), default=0.5,
+                   help="probability of s = t (s.13, A 4)")
+    m.add_argument("--tau-frac", type=number(float, 0), default=300 / 710,
+                   help="tau anneals 0 -> 1 over this fraction (s.13, A 22)")
+    m.add_argument("--aux-start-frac", type=number(float, 0), default=550 / 710,
+                   help="auxiliary term from this fraction (S.2, A 22)")
     m.add_argument("--k", type=number(float, 0, 1), default=0.9, help="classifier-score share of Delta (s.6)")
-    m.add_argument("--fake-prefix", default="fake image, ", help="c_fake = prefix + prompt [A] 8")
-    m.add_argument("--fake-weight", type=number(float, 0), default=1.0, help="weight of L_fake (s.8) [A] 8")
-    m.add_argument("--anchor", type=cli.anchor, default=512, help="patch count where mu = 0.5 (paper 512, minFM "
-                   "256; below 4096, where mu = 1.15) [A] 6")
-    m.add_argument("--t-min", type=number(float, 1e-6, 1), default=1e-3, help="clamp of t in the 1/t^2 weight [A] 11")
-    m.add_argument("--no-target-norm", action="store_true", help="Eq. 16 instead of the normalized target (Eq. 20)")
-    m.add_argument("--reuse-noise", action="store_true", help="re-noise x0_hat with eps, not fresh noise [A] 3")
-    m.add_argument("--dropped", default="jump", choices=("jump", "equal"), help="caption-dropped samples: 'jump' keeps "
-                   "their s < t draw with Delta = 0 (c = phi: no classifier score), 'equal' forces s = t [A] 2")
-    m.add_argument("--delta-zero", action="store_true", help="the control: Self-E's s, lambda and target (Eq. 17-21) "
-                   "with Delta = 0 everywhere, no evaluation passes: what self-evaluation itself adds")
-    m.add_argument("--t-uniform", type=number(float, 0, 1), default=0.0, help="share of t drawn from U(0, 1) "
-                   "instead of the warped logit-normal (s.11-s.12), so that t near 1 (one-step sampling) is trained on "
-                   "short runs (not in the paper: 0)")
-    m.add_argument("--ema-warmup", action="store_true", help="warm the EMA decay up as min(d, (1 + n)/(10 + n)) (not "
-                   "in the paper, which keeps it constant)")
+    m.add_argument("--fake-prefix", default="fake image, ", help="c_fake = prefix + prompt (A 8)")
+    m.add_argument("--fake-weight", type=number(float, 0), default=1.0, help="weight of L_fake (s.8, A 8)")
+    m.add_argument("--anchor", type=cli.anchor, default=512,
+                   help="patch count where mu = 0.5 (paper 512, minFM 256; below 4096, where mu = 1.15; A 6)")
+    m.add_argument("--t-min", type=number(float, 1e-6, 1), default=1e-3,
+                   help="clamp of t in the 1/t^2 weight (A 11)")
+    m.add_argument("--no-target-norm", action="store_true",
+                   help="Eq. 16 instead of the normalized target (Eq. 20)")
+    m.add_argument("--reuse-noise", action="store_true",
+                   help="re-noise x0_hat with eps, not fresh noise (A 3)")
+    m.add_argument("--dropped", default="jump", choices=("jump", "equal"),
+                   help="caption-dropped samples: 'jump' keeps their s < t draw with Delta = 0 (c = phi: no "
+                   "classifier score), 'equal' forces s = t (A 2)")
+    m.add_argument("--delta-zero", action="store_true",
+                   help="the control: Self-E's s, lambda and target (Eq. 17-21) with Delta = 0 everywhere, "
+                   "no evaluation passes: what self-evaluation itself adds")
+    m.add_argument("--t-uniform", type=number(float, 0, 1), default=0.0,
+                   help="share of t drawn from U(0, 1) instead of the warped logit-normal (s.11-s.12), so "
+                   "that t near 1 (one-step sampling) is trained on short runs (not in the paper: 0; A 25)")
+    m.add_argument("--ema-warmup", action="store_true",
+                   help="warm the EMA decay up as min(d, (1 + n)/(10 + n)) (not in the paper, which keeps "
+                   "it constant; A 19)")
     args = p.parse_args(argv)
     cfg = CONFIGS[args.size]
     for name, default in (("steps", cfg.steps), ("batch", cfg.batch), ("lr", cfg.lr), ("ema", cfg.ema_decay),
@@ -149,7 +182,8 @@ def get_args(argv=None):
             setattr(args, name, default)
     if args.warmup is None:
         args.warmup = min(1000, args.steps // 20)
-    args.schedule_steps = args.steps  # the length warm-up, decay and the method's fractions span (see --reschedule)
+    # the length warm-up, decay and the method's fractions span (see --reschedule)
+    args.schedule_steps = args.steps
     if args.precision is None:
         args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
     if args.delta_zero and args.objective != "selfe":
@@ -171,19 +205,21 @@ def areas(text):
 
 
 def lr_at(step, args):
-    """Linear warmup, then linear decay from --lr to --lr-min at the last step of the schedule (METHOD.md 9)."""
+    """Linear warmup, then linear decay from --lr to --lr-min at the last step of the schedule
+    (docs/method.md §9, A 9)."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     frac = (step - args.warmup) / max(1, args.schedule_steps - args.warmup)
     return args.lr + (args.lr_min - args.lr) * min(1.0, frac)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Distributed set-up: torchrun's environment decides; FSDP2 shards every transformer block and the root.
 
 def init_distributed(args):
-    """-> (rank, world size). Under torchrun: one process group (NCCL on GPUs, gloo on CPU), one GPU per process.
-    bf16 in one process: a one-rank group, so that FSDP2's mixed precision computes there as it does on N."""
+    """-> (rank, world size). Under torchrun: one process group (NCCL on GPUs, gloo on CPU), one GPU
+    per process. bf16 in one process: a one-rank group, so that FSDP2's mixed precision computes
+    there as it does on N."""
     backend = "nccl" if args.device.startswith("cuda") else "gloo"
     timeout = datetime.timedelta(seconds=args.dist_timeout)
     if "RANK" not in os.environ:
@@ -193,7 +229,8 @@ def init_distributed(args):
     if args.device.startswith("cuda"):
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(args.device)
-    # torchrun's store outlives a restart: keys under this attempt's prefix, so no worker reads a dead one's address
+    # torchrun's store outlives a restart: keys under this attempt's prefix, so no worker
+    # reads a dead one's address
     store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(backend, timeout=timeout, rank=rank, world_size=world,
@@ -202,23 +239,26 @@ def init_distributed(args):
 
 
 def checkpoint_activations(block):
-    """Activation checkpointing of one block: it keeps its inputs and recomputes the rest in backward. The checkpoint
-    sits inside the block's call, so the recomputation does not run the block's hooks (FSDP's gather) again. (A
-    function, not a functools.partial: torch.compile leaves a module whose forward is a partial uncompiled.)"""
+    """Activation checkpointing of one block: it keeps its inputs and recomputes the rest in backward. The
+    checkpoint sits inside the block's call, so the recomputation does not run the block's hooks
+    (FSDP's gather) again. (A function, not a functools.partial: torch.compile leaves a module whose forward
+    is a partial uncompiled.)"""
     forward = block.forward
     block.forward = lambda *args: checkpoint(forward, *args, use_reentrant=False)
 
 
 def parallelize(model, args):
-    """Per block: activation checkpointing and torch.compile; then FSDP2 under a process group, each block its own
-    shard group, so one block's parameters are gathered at a time. bf16 parameters for compute, fp32 gradient
-    reduction ([ASSUMPTION] 9); the sharded fp32 parameters are what the optimizer and the EMA see. FSDP casts no
-    input (cast_forward_inputs=False): the network casts its activations itself and keeps t, s and RoPE in fp32."""
+    """Per block: activation checkpointing and torch.compile; then FSDP2 under a process group, each
+    block its own shard group, so one block's parameters are gathered at a time. bf16 parameters for
+    compute, fp32 gradient reduction (A 9); the sharded fp32 parameters are what the optimizer and the
+    EMA see. FSDP casts no input (cast_forward_inputs=False): the network casts its activations itself
+    and keeps t, s and RoPE in fp32."""
     blocks = [*model.double_blocks, *model.single_blocks]
     for block in blocks:
         if args.act_ckpt:
             checkpoint_activations(block)
-        if args.compile:  # sizes symbolic from the start: one graph serves every evaluation sub-batch and bucket
+        # sizes symbolic from the start: one graph serves every evaluation sub-batch and bucket
+        if args.compile:
             block.compile(dynamic=True)
     if dist.is_initialized():
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if args.precision == "bf16" else None,
@@ -229,18 +269,19 @@ def parallelize(model, args):
     return model
 
 
-def setup(args, encoders=True):
-    """The system (denoiser, frozen parts unless `encoders` is False), the denoiser and its EMA sharded alike, Adam
-    (its state sharded with them) and the per-device peak for MFU; train and bench.py share it. Adam is the fused
-    one: it can skip a step on the device (found_inf), so no step waits on the host to read the gradient norm."""
+def setup(args, frozen_parts=True):
+    """The system (denoiser, real frozen parts unless `frozen_parts` is False), the denoiser and its EMA
+    sharded alike, Adam (its state sharded with them) and the per-device peak for MFU; train and bench.py
+    share it. Adam is the fused one: it can skip a step on the device (found_inf), so no step waits on the
+    host to read the gradient norm."""
     if args.device.startswith("cuda"):
         torch.backends.cuda.enable_cudnn_sdp(False)  # its backward failed with torch 2.11 + CUDA 13
-    torch.manual_seed(args.seed)                                           # the same initial weights on every rank
-    system = selfe.SelfE(CONFIGS[args.size], args.device, args.seed, args.pretrained, args.t5, args.clip, args.vae,
-                         encoders=encoders)
+    torch.manual_seed(args.seed)                                      # the same initial weights on every rank
+    system = selfe.SelfE(CONFIGS[args.size], args.device, args.seed, args.pretrained, args.t5, args.clip,
+                         args.vae, frozen_parts=frozen_parts)
     ema = system.make_ema()
     model = parallelize(system.denoiser, args)
-    parallelize(ema, args)                                                 # the fp32 EMA, sharded like the model
+    parallelize(ema, args)                                              # the fp32 EMA, sharded like the model
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
     peak = args.peak_tflops or (H100_PEAK if "H100" in device_name(system.device) else None)
     return system, model, ema, opt, peak
@@ -263,10 +304,11 @@ def compile_errors(args):
     except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as e:
         if not args.compile:
             raise
-        inner = getattr(e, "inner_exception", None) or e                  # a backend's own error, if it raised one
+        inner = getattr(e, "inner_exception", None) or e             # a backend's own error, if it raised one
         cause = next((line.strip() for line in str(inner).splitlines() if line.strip()), "")
-        raise SystemExit(f"--compile: torch.compile failed ({type(inner).__name__}: {cause[:300]}); run without "
-                         f"--compile, or add --compile-fallback to run what fails to compile uncompiled") from e
+        raise SystemExit(f"--compile: torch.compile failed ({type(inner).__name__}: {cause[:300]}); run "
+                         "without --compile, or add --compile-fallback to run what fails to compile "
+                         "uncompiled") from e
 
 
 def log0(*a, rank=0):
@@ -287,7 +329,25 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+def build_cache(args, rank, world):
+    """--build-cache: the frozen parts alone (no denoiser) encode the manifest once into a cache
+    (data.write_cache), in bf16 on GPU (the autoencoder too), --cache-batch images at a time; the text is
+    stored in the encoders' precision, as training would see it online."""
+    cfg = CONFIGS[args.size]
+    if args.data == "shapes" or data.is_cache(args.data):
+        raise SystemExit("--build-cache needs --data MANIFEST.tsv")
+    low = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    system = selfe.SelfE(cfg, args.device, args.seed, args.pretrained, args.t5, args.clip, args.vae,
+                         denoiser=False, ae_dtype=low)
+    source = data.ManifestData(args.data, args.resolution, bucket_step(system), 1, args.seed, args.base_dir,
+                               args.skip_bad, args.max_ratio, workers=args.workers)
+    encode_text = lambda prompts: tuple(x.to(low) for x in system.encode_text(prompts))
+    meta = data.cache_meta(cfg, args.seed, args.resolution, args.max_ratio, args.fake_prefix)
+    data.write_cache(args.build_cache, source, system.encode_latents, encode_text,
+                     fake_prefix=args.fake_prefix, meta=meta, batch=args.cache_batch, rank=rank, world=world)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # The memory check: before any weight is built, the memory plan (bench.py) against the device's memory.
 
 def device_memory(args):
@@ -300,8 +360,9 @@ def device_memory(args):
 
 
 def choose_accum(args, world):
-    """--accum, or the fewest micro-steps with which the memory plan fits the device (1 when its memory is unknown).
-    A batch that does not split, or a micro-batch that does not fit, stops here, naming the flags that would fit."""
+    """--accum, or the fewest micro-steps with which the memory plan fits the
+    device (1 when its memory is unknown). A batch that does not split, or a micro-batch that does not fit,
+    stops here, naming the flags that would fit."""
     B, A = args.batch, args.accum
     if B % (world * (A or 1)):
         raise SystemExit(f"--batch {B} is not divisible by world size {world} x --accum {A or 1}")
@@ -311,15 +372,17 @@ def choose_accum(args, world):
         return A or 1
     import bench  # the memory plan lives with the benchmarks
     gib = lambda x: f"{x / 2 ** 30:.1f} GiB"
-    need = functools.cache(lambda a, ckpt: bench.memory_plan(CONFIGS[args.size], per_rank // a, max(args.resolution),
-                                                             world, ckpt, args.precision, args.objective)["total"])
+    need = functools.cache(lambda a, ckpt: bench.memory_plan(CONFIGS[args.size], per_rank // a,
+                                                             max(args.resolution), world, ckpt,
+                                                             args.precision, args.objective)["total"])
     options = [a for a in range(1, per_rank + 1) if per_rank % a == 0]
     first_fit = lambda ckpt: next((a for a in options if need(a, ckpt) <= FIT * capacity), None)
     if A and need(A, args.act_ckpt) <= FIT * capacity:
         return A
     if not A and first_fit(args.act_ckpt):
         return first_fit(args.act_ckpt)
-    hints = []  # what would fit: more micro-steps, or activation checkpointing (and as many micro-steps as it needs)
+    # what would fit: more micro-steps, or activation checkpointing (and as many micro-steps as it needs)
+    hints = []
     for ckpt in sorted({args.act_ckpt, True}):
         a = first_fit(ckpt)
         if a is not None:
@@ -328,12 +391,12 @@ def choose_accum(args, world):
     a = A or options[-1]
     raise SystemExit(f"--size {args.size} --batch {B} on {world} device(s), --accum {a}"
                      f"{' --act-ckpt' if args.act_ckpt else ''}: a micro-batch of {per_rank // a} at "
-                     f"{max(args.resolution)} px needs {gib(need(a, args.act_ckpt))} by the memory plan (python "
-                     f"bench.py --plan), over {FIT:.0%} of the device's {gib(capacity)}; "
+                     f"{max(args.resolution)} px needs {gib(need(a, args.act_ckpt))} by the memory plan "
+                     f"(python bench.py --plan), over {FIT:.0%} of the device's {gib(capacity)}; "
                      + (f"fits with {' or '.join(hints)}" if hints else "nothing fits: use more devices"))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Training
 
 def train(args, rank, world):
@@ -341,12 +404,13 @@ def train(args, rank, world):
     args.accum = choose_accum(args, world)                                 # before any weight is built
     B, A = args.batch, args.accum
     b = B // (world * A)                                                   # per-rank micro-batch
-    resume_from, start = prepare_out(args, rank)                           # before anything is built or written
+    resume_from, start = prepare_out(args, rank)                         # before anything is built or written
     cached = data.is_cache(args.data)
-    system, model, ema, opt, peak = setup(args, encoders=not cached)
+    system, model, ema, opt, peak = setup(args, frozen_parts=not cached)
 
     if cached:
-        source = data.CachedData(args.data, cache_meta(args, cfg), B, args.seed)
+        meta = data.cache_meta(cfg, args.seed, args.resolution, args.max_ratio, args.fake_prefix)
+        source = data.CachedData(args.data, meta, B, args.seed)
         null = tuple(source.null[k].to(system.device).float() for k in ("txt", "vec"))
     elif args.data == "shapes":
         shapes = data.WORLDS[args.world]
@@ -355,8 +419,8 @@ def train(args, rank, world):
                              f"{cfg.resolution} px and --resolution {args.resolution}")
         source = data.ShapesData(shapes, B, seed=args.seed)
     else:
-        source = data.ManifestData(args.data, args.resolution, bucket_step(system), B, args.seed, args.base_dir,
-                                   args.skip_bad, args.max_ratio, workers=args.workers)
+        source = data.ManifestData(args.data, args.resolution, bucket_step(system), B, args.seed,
+                                   args.base_dir, args.skip_bad, args.max_ratio, workers=args.workers)
     if not cached:
         null = system.null_cond()                                          # phi, batch 1
     tau_steps = round(args.tau_frac * args.schedule_steps)
@@ -369,21 +433,19 @@ def train(args, rank, world):
             system.load_frozen_state(selfe.read_weights(frozen), frozen)
         log0(f"resumed from {resume_from} at step {start}", rank=rank)
     os.makedirs(args.out, exist_ok=True)
-    # `grid` (h, w) is the token grid of the batch in hand (buckets vary it), bound in the loop below
-    G = lambda x, t, s, c: system.G(model, x, t, s, c, *grid)             # current weights (with grad when enabled)
-    G_ema = lambda x, t, s, c: system.G(ema, x, t, s, c, *grid)            # EMA weights: the conditional pass (S.2)
     n_params = sum(p.numel() for p in model.parameters())
-    flops = functools.lru_cache(system.denoiser.flops)                    # forward FLOPs of one sample (L, Lt)
-    log0(f"{args.size}: {n_params / 1e6:.2f}M denoiser parameters, objective {args.objective}, {args.steps} steps x "
-         f"batch {B} (= {b} x {world} ranks x {A} accum) on {args.device} in {args.precision}; data {args.data} "
-         f"({len(source) if hasattr(source, '__len__') else 'unlimited'} items); tau over {tau_steps} steps, aux from "
-         f"{aux_start}", rank=rank)
+    sample_flops = functools.lru_cache(system.denoiser.flops)            # forward FLOPs of one sample (L, Lt)
+    log0(f"{args.size}: {n_params / 1e6:.2f}M denoiser parameters, objective {args.objective}, {args.steps} "
+         f"steps x batch {B} (= {b} x {world} ranks x {A} accum) on {args.device} in {args.precision}; data "
+         f"{args.data} ({len(source) if hasattr(source, '__len__') else 'unlimited'} items); tau over "
+         f"{tau_steps} steps, aux from {aux_start}", rank=rank)
 
     # The next step's batch is read (rendered, decoded, pinned) on a thread while this step computes.
     prefetch = concurrent.futures.ThreadPoolExecutor(1)
     ahead = prefetch.submit(fetch, source, start, rank, b, A, system.device)
-    skip = torch.zeros((), dtype=torch.bool, device=system.device)         # an update was skipped since the last read
-    history, pending, window = [], [], []                                  # steps not yet read back; not yet logged
+    # whether an update was skipped since the last read (on the device: no sync)
+    skip = torch.zeros((), dtype=torch.bool, device=system.device)
+    history, pending, window = [], [], []                           # steps not yet read back; not yet logged
     t0 = t_window = time.time()
     for step in range(start, args.steps):
         items, parts = ahead.result()
@@ -392,42 +454,45 @@ def train(args, rank, world):
         lr = lr_at(step, args)
         for group in opt.param_groups:
             group["lr"] = lr
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # the step's randomness, same on every rank
+        # the step's dropout, t and s: one generator for the global batch, the same on every rank
+        gen = torch.Generator().manual_seed(data.stream_seed(args.seed, step))
         dropped = selfe.caption_dropout(B, args.p_drop, gen)                # (B,) bool
         aux = args.objective == "selfe" and step >= aux_start and not args.delta_zero  # L_fake late (s.6-s.8)
         terms = []
         for micro in range(A):
-            off = (rank * A + micro) * b                                    # this slice's place in the global batch
+            off = (rank * A + micro) * b                                    # this slice's place in the batch
             sl = slice(off, off + b)
-            x0, cond, fake, grid = load_batch(parts[micro], source, system, dropped[sl], args.fake_prefix, cached)
-            L = x0.shape[1]
+            x0, cond, fake, (h, w) = load_batch(parts[micro], source, system, dropped[sl], args.fake_prefix,
+                                                cached)
+            L = x0.shape[1]                                                 # h w tokens (buckets vary h, w)
+            G = functools.partial(system.G, model, h=h, w=w)               # current weights, with grad
+            G_ema = functools.partial(system.G, ema, h=h, w=w)             # EMA: the conditional pass (S.2)
             if micro == 0:
                 t_all, s_all = draw(gen, args, step, B, L, tau_steps, dropped)
                 evaluate_all = (s_all < t_all) & ~dropped & (not args.delta_zero)  # Delta = 0 for the rest
                 n_self = int(evaluate_all.sum())                            # on the host: no device sync
             eps, eps_self = noise(args.seed, step, range(off, off + b), L, x0.shape[2], system.device)
             if dist.is_initialized():
-                model.set_requires_gradient_sync(micro == A - 1)           # reduce-scatter once per iteration
+                model.set_requires_gradient_sync(micro == A - 1)           # reduce-scatter once per step
             dev = lambda x: x.to(system.device, non_blocking=True)
+            n_eval = eval_size(int(evaluate_all[sl].sum()), b, world, args.compile)
             with compile_errors(args):
                 loss, micro_terms = objective(args, G, G_ema, x0, dev(t_all[sl]), dev(s_all[sl]), cond, null,
-                                              fake if aux else None, eps, eps_self, dev(evaluate_all[sl]),
-                                              fake_norm=max(n_self, 1) * b / B,
-                                              eval_size=eval_size(int(evaluate_all[sl].sum()), b, world,
-                                                                  args.compile))
+                                              fake=fake if aux else None, eps=eps, eps_self=eps_self,
+                                              evaluate=dev(evaluate_all[sl]), eval_size=n_eval,
+                                              fake_norm=max(n_self, 1) * b / B)
                 (loss / A).backward()
             terms.append(micro_terms)
         skip, grad_norm = update(model, opt, system, args, step, skip)
 
-        # model FLOPs: the trained pass fwd+bwd (3 F), the two no-grad evaluation passes and L_fake's fwd+bwd on s < t
-        F = flops(L, cond[0].shape[1])
-        n_flops = 3 * F * B + 2 * F * n_self + (3 * F * n_self if aux else 0)
-        pending.append(dict(step=step, lr=lr, items=items, t=t_all, s=s_all, dropped=dropped, evaluate=evaluate_all,
-                            terms=torch.cat(terms, 1), grad_norm=grad_norm, flops=n_flops,
-                            tokens=B * (L + cond[0].shape[1])))
+        n_flops = step_flops(sample_flops(L, cond[0].shape[1]), B, n_self, aux)
+        pending.append(dict(step=step, lr=lr, items=items, t=t_all, s=s_all, dropped=dropped,
+                            evaluate=evaluate_all, terms=torch.cat(terms, 1), grad_norm=grad_norm,
+                            flops=n_flops, tokens=B * (L + cond[0].shape[1])))
         last = step + 1 == args.steps
         checkpointing = (step + 1) % args.ckpt_every == 0 or last
-        if (step + 1) % args.log_every == 0 or checkpointing:  # the pending steps to the host: one sync per window
+        # the pending steps to the host: one sync per window
+        if (step + 1) % args.log_every == 0 or checkpointing:
             history += read_back(pending, world, A, args)
             nonfinite_stop(history[-len(pending):], pending, system, flags, opt, args, rank)
             window, pending = window + pending, []
@@ -436,14 +501,18 @@ def train(args, rank, world):
                     log(history[-len(window):], window, args, step, t_window, world, peak, system.device)
                 window, t_window = [], time.time()
         if checkpointing:
-            selfe.save_checkpoint(args.out, system, step + 1, flags, opt)
+            save_checkpoint(args.out, system, step + 1, flags, opt)
         if args.sample_every and ((step + 1) % args.sample_every == 0 or last):
             if system.t5 is not None:
                 preview(system, args, step + 1, rank)
     prefetch.shutdown()  # (a run stopped early leaves the idle thread to the interpreter's exit)
-    log0(f"done: {max(0, args.steps - start)} steps in {time.time() - t0:.0f} s; checkpoint in {args.out}", rank=rank)
+    log0(f"done: {max(0, args.steps - start)} steps in {time.time() - t0:.0f} s; checkpoint in {args.out}",
+         rank=rank)
     return history
 
+
+# ------------------------------------------------------------------------------------------------------------
+# The run folder: resume a run, or start one afresh without mixing it with another's files
 
 # What a run writes in its folder; a fresh run refuses a folder that holds any of these unless --overwrite.
 RUN_FILE = re.compile(r"latest(\.tmp)?|log\.jsonl|preview-\d+\.png|(nonfinite-)?step-\d+(\.tmp)?")
@@ -451,26 +520,31 @@ SCHEDULE = ("schedule_steps", "warmup", "tau_frac", "aux_start_frac")
 
 
 def prepare_out(args, rank):
-    """What this run does with --out, decided before anything is built: -> (the step folder to resume from, its step)
-    or (None, 0) for a fresh start. A fresh run never deletes or mixes with another run's checkpoints unless told to:
-    an --out that holds a run is refused, or with --overwrite emptied of that run's files first."""
+    """What this run does with --out, decided before anything is
+    built: -> (the step folder to resume from, its step) or (None, 0) for a fresh start. A fresh run never
+    deletes or mixes with another run's checkpoints unless told to: an --out that holds a run is refused, or
+    with --overwrite emptied of that run's files first."""
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     latest = os.path.join(args.out, "latest")
     if args.resume or (restarted and os.path.isfile(latest)):
         if not os.path.isfile(latest):
-            raise CheckpointError(f"--resume: {args.out} holds no checkpoint (no {latest}); leave out --resume to "
-                                  f"start a run there")
+            raise CheckpointError(f"--resume: {args.out} holds no checkpoint (no {latest}); leave out "
+                                  "--resume to start a run there")
         path = selfe.resolve_checkpoint(args.out)
         cfg, meta = selfe.read_meta(path)
         if cfg != CONFIGS[args.size]:
             raise CheckpointError(f"{path} was trained with another preset than --size {args.size}")
         keep_schedule(args, meta["flags"], rank)
         return path, meta["step"]
-    found = sorted(n for n in os.listdir(args.out) if RUN_FILE.fullmatch(n)) if os.path.isdir(args.out) else []
-    if found and not (args.overwrite or restarted):  # a restart with no checkpoint yet replaces its own first attempt
-        raise CheckpointError(f"{args.out} already holds a run ({', '.join(found[:3])}{', ...' * (len(found) > 3)}): "
-                              f"pass --resume to continue it, --overwrite to delete it and start afresh, or choose "
-                              f"another --out")
+    found = []
+    if os.path.isdir(args.out):
+        found = sorted(n for n in os.listdir(args.out) if RUN_FILE.fullmatch(n))
+    # a restart with no checkpoint yet replaces its own first attempt
+    if found and not (args.overwrite or restarted):
+        raise CheckpointError(f"{args.out} already holds a run "
+                              f"({', '.join(found[:3])}{', ...' * (len(found) > 3)}): pass "
+                              "--resume to continue it, --overwrite to delete it and start afresh, "
+                              "or choose another --out")
     if rank == 0:
         for name in found:
             path = os.path.join(args.out, name)
@@ -482,108 +556,56 @@ def prepare_out(args, rank):
 
 
 def keep_schedule(args, saved, rank):
-    """On resume, the resumed run's schedule stays (warm-up, the length of the learning-rate decay, the tau anneal and
-    the auxiliary-term start, all fixed by the --steps it was started with): a different --steps only moves where
-    training stops. --reschedule fits the schedule to this run's flags instead. Either way a difference is said."""
+    """On resume, the resumed run's schedule stays (warm-up, the length of the learning-rate decay, the tau
+    anneal and the auxiliary-term start, all fixed by the --steps it was started with): a different --steps
+    only moves where training stops. --reschedule fits the schedule to this run's flags instead. Either way
+    a difference is said."""
     was = {k: saved.get(k, getattr(args, k)) for k in SCHEDULE}
-    was["schedule_steps"] = saved.get("schedule_steps", saved["steps"])  # runs saved before it had its own key
+    # runs saved before it had its own key
+    was["schedule_steps"] = saved.get("schedule_steps", saved["steps"])
     now = {k: getattr(args, k) for k in SCHEDULE}
     if was == now:
         return
-    describe = lambda d: (f"warm-up {d['warmup']}, learning rate decaying to step {d['schedule_steps']}, tau over "
-                          f"{round(d['tau_frac'] * d['schedule_steps'])} steps, auxiliary term from step "
-                          f"{round(d['aux_start_frac'] * d['schedule_steps'])}")
+    describe = lambda d: (f"warm-up {d['warmup']}, learning rate decaying to step {d['schedule_steps']}, tau "
+                          f"over {round(d['tau_frac'] * d['schedule_steps'])} steps, auxiliary term from "
+                          f"step {round(d['aux_start_frac'] * d['schedule_steps'])}")
     if args.reschedule:
-        log0(f"--reschedule: the resumed run's schedule ({describe(was)}) becomes: {describe(now)}", rank=rank)
+        log0(f"--reschedule: the resumed run's schedule ({describe(was)}) becomes: "
+             f"{describe(now)}", rank=rank)
         return
     for k, v in was.items():
         setattr(args, k, v)
-    log0(f"resume keeps the run's schedule ({describe(was)}); --steps {args.steps} only says where to stop. Pass "
-         f"--reschedule for the schedule of these flags ({describe(now)})", rank=rank)
+    log0(f"resume keeps the run's schedule ({describe(was)}); --steps {args.steps} only says where to stop. "
+         f"Pass --reschedule for the schedule of these flags ({describe(now)})", rank=rank)
 
 
-def eval_size(count, b, world, compiled):
-    """How many samples the evaluation passes of a slice run on, `count` of them needing it (losses.selfe_loss pads
-    with zero-weight samples): on N ranks every rank makes the same forward calls (FSDP gathers each block's weights
-    in them), so never 0 there; a compiled block never sees a batch of 1, for which dynamo specialises a graph."""
-    if count == 0 and world == 1:
-        return 0
-    return min(b, max(count, 2 if compiled else 1))
-
-
-def objective(args, G, G_ema, x0, t, s, cond, null, fake, eps, eps_self, evaluate, fake_norm, eval_size):
-    """One micro-batch: the loss (Eq. 21, or Eq. 3 for --objective fm) and its per-sample terms as one (5, b) tensor on
-    the loss's device (total, data, self-evaluation, L_fake and the loss, the last two repeated), so that logging
-    reads them back later without a sync here."""
-    if args.objective == "fm":
-        out = losses.fm_loss(G, x0, t, cond, args.t_min, eps=eps)
-    else:
-        out = losses.selfe_loss(G, G_ema, x0, t, s, cond, null, evaluate=evaluate, eval_size=eval_size, fake=fake,
-                                fake_norm=fake_norm, k=args.k, target_norm=not args.no_target_norm, t_min=args.t_min,
-                                fake_weight=args.fake_weight, fresh_noise=not args.reuse_noise, eps=eps,
-                                eps_self=eps_self)
-    per_sample = out["per_sample"]
-    zero = torch.zeros_like(per_sample)
-    terms = torch.stack([per_sample.float(), out["data"].float(), out.get("self", zero).float(),
-                         zero + out.get("fake", 0), zero + out["loss"].detach()])
-    return out["loss"], terms
-
-
-def update(model, opt, system, args, step, skip):
-    """Clip, Adam, EMA. A non-finite gradient norm (the same on every rank) turns `skip` on, on the device: fused
-    Adam then leaves weights and state as they were (its found_inf, the protocol of torch.amp.GradScaler), and so
-    does the EMA, for this step and each one after it until the log step reads it. -> (skip, grad norm)."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    skip = skip | ~torch.isfinite(grad_norm)
-    opt.found_inf = skip.float()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    system.update_ema(args.ema, step, args.ema_warmup, skip=skip)
-    return skip, grad_norm.detach()
-
+# ------------------------------------------------------------------------------------------------------------
+# One step: the batch, its times and noises, the objective, the update
 
 def bucket_step(system):
     """Bucket sides are multiples of two patches of latent (32 px for FLUX's 8x autoencoder and patch 2)."""
     return 2 * system.cfg.patch * system.downsample
 
 
-def draw(gen, args, step, B, L, tau_steps, dropped):
-    """The step's per-sample times for the whole global batch (B floats, on every rank): t (s.11-s.12), s (s.13)."""
-    t = selfe.sample_t(B, L, args.anchor, generator=gen, uniform=args.t_uniform)
-    s = selfe.sample_s(t, selfe.tau_at(step, tau_steps), args.p_equal,
-                       dropped if args.dropped == "equal" else None, generator=gen)
-    return t, (t if args.objective == "fm" else s)
-
-
-def noise(seed, step, positions, L, C, device):
-    """eps (Eq. 1) and eps' (the re-noising of s.6), (n, L, C) each, for the samples at these global-batch positions:
-    each from its own generator seeded by (seed, step, position), so no rank draws noise it does not use, and a
-    sample's noise does not depend on how the batch is split."""
-    out = torch.empty(len(positions), 2, L, C, device=device)
-    for k, i in enumerate(positions):
-        g = torch.Generator(device).manual_seed((seed << 40) + (step << 20) + i)
-        out[k] = torch.randn(2, L, C, device=device, generator=g)
-    return out[:, 0], out[:, 1]
-
-
 def fetch(source, step, rank, b, A, device):
-    """The host side of a step for this rank, a function of (seed, step) alone: the global batch's items and this
-    rank's A slices (images and captions, or cached rows), pinned on CUDA so that the copy to the device is
-    asynchronous. Runs on the prefetch thread."""
-    items = source.indices(step)                                           # the global batch, same on every rank
+    """The host side of a step for this rank, a function of (seed, step) alone: the global batch's items and
+    this rank's A slices (images and captions, or cached rows), pinned on CUDA so that the copy to the device
+    is asynchronous. Runs on the prefetch thread."""
+    items = source.indices(step)                                        # the global batch, same on every rank
     mine = items[rank * b * A:(rank + 1) * b * A]
     parts = [source.batch(mine[m * b:(m + 1) * b]) for m in range(A)]
     if device.type == "cuda":
         pin = lambda x: x.pin_memory() if torch.is_tensor(x) else x
-        parts = [{k: pin(v) for k, v in p.items()} if isinstance(p, dict) else tuple(map(pin, p)) for p in parts]
+        parts = [{k: pin(v) for k, v in p.items()} if isinstance(p, dict) else tuple(map(pin, p))
+                 for p in parts]
     return items, parts
 
 
 def load_batch(part, source, system, dropped, fake_prefix, cached):
-    """A fetched slice -> (x0 tokens (b, L, C), cond (txt, vec), fake, token grid (h, w)); fake(idx) gives c_fake's
-    encoding (s.8) for the samples idx. Online: images through the autoencoder (or pixels), captions with dropout
-    applied through T5 and CLIP. Cached: the rows, with phi's encodings where the caption was dropped."""
+    """A fetched slice -> (x0 tokens (b, L, C), cond (txt, vec), fake, token grid (h, w)); fake(idx)
+    gives c_fake's encoding (s.8) for the samples idx. Online: images through the autoencoder
+    (or pixels), captions with dropout applied through T5 and CLIP. Cached: the rows, with phi's
+    encodings where the caption was dropped."""
     p = system.cfg.patch
     dev = lambda x: x.to(system.device, non_blocking=True)
     if cached:
@@ -605,6 +627,85 @@ def load_batch(part, source, system, dropped, fake_prefix, cached):
     return selfe.patchify(lat.float(), p), cond, fake, grid
 
 
+def draw(gen, args, step, B, L, tau_steps, dropped):
+    """The step's per-sample times for the whole global batch (B floats, on every rank):
+    t (s.11-s.12), s (s.13)."""
+    t = selfe.sample_t(B, L, args.anchor, generator=gen, uniform=args.t_uniform)
+    s = selfe.sample_s(t, selfe.tau_at(step, tau_steps), args.p_equal,
+                       dropped if args.dropped == "equal" else None, generator=gen)
+    return t, (t if args.objective == "fm" else s)
+
+
+def noise(seed, step, positions, L, C, device):
+    """eps (Eq. 1) and eps' (the re-noising of s.6), (n, L, C) each, for the samples at these global-batch
+    positions: each from its own generator seeded by (seed, step, position), so no rank draws noise it does
+    not use, and a sample's noise does not depend on how the batch is split."""
+    out = torch.empty(len(positions), 2, L, C, device=device)
+    for k, i in enumerate(positions):
+        g = torch.Generator(device).manual_seed(data.stream_seed(seed, (step << 20) + i, stride=1 << 40))
+        out[k] = torch.randn(2, L, C, device=device, generator=g)
+    return out[:, 0], out[:, 1]
+
+
+def eval_size(count, b, world, compiled):
+    """How many samples the evaluation passes of a slice run on, `count` of them needing it
+    (losses.selfe_loss pads with zero-weight samples): on N ranks every rank makes the same forward calls
+    (FSDP gathers each block's weights in them), so never 0 there; a compiled block never sees a batch of 1,
+    for which dynamo specialises a graph."""
+    if count == 0 and world == 1:
+        return 0
+    return min(b, max(count, 2 if compiled else 1))
+
+
+# A step's per-sample terms, as the rows of one tensor so that logging gathers them in one call: the weighted
+# total (what the loss averages), the data term, the self-evaluation term, and L_fake and the loss, which are
+# scalars of a micro-batch repeated over its samples.
+TERMS = ("total", "data", "self", "fake", "loss")
+
+
+def objective(args, G, G_ema, x0, t, s, cond, null, *, fake, eps, eps_self, evaluate, fake_norm, eval_size):
+    """One micro-batch: the loss (Eq. 21, or Eq. 3 for --objective fm) and its terms as a (len(TERMS), b)
+    tensor on the loss's device, so that logging reads them back later without a sync here."""
+    if args.objective == "fm":
+        out = losses.fm_loss(G, x0, t, cond, t_min=args.t_min, eps=eps)
+    else:
+        out = losses.selfe_loss(G, G_ema, x0, t, s, cond, null, evaluate=evaluate, eval_size=eval_size,
+                                fake=fake, fake_norm=fake_norm, k=args.k, target_norm=not args.no_target_norm,
+                                t_min=args.t_min, fake_weight=args.fake_weight,
+                                fresh_noise=not args.reuse_noise, eps=eps, eps_self=eps_self)
+    zero = torch.zeros_like(out["per_sample"])
+    terms = {"total": out["per_sample"].float(), "data": out["data"].float(),
+             "self": out.get("self", zero).float(), "fake": zero + out.get("fake", 0),
+             "loss": zero + out["loss"].detach()}
+    return out["loss"], torch.stack([terms[name] for name in TERMS])
+
+
+def update(model, opt, system, args, step, skip):
+    """Clip, Adam, EMA. A non-finite gradient norm (the same on every rank) turns `skip` on, on the device:
+    fused Adam then leaves weights and state as they were
+    (its found_inf, the protocol of torch.amp.GradScaler), and so does the EMA, for this step and each one
+    after it until the log step reads it. -> (skip, grad norm)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    skip = skip | ~torch.isfinite(grad_norm)
+    opt.found_inf = skip.float()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    system.update_ema(args.ema, step, args.ema_warmup, skip=skip)
+    return skip, grad_norm.detach()
+
+
+def step_flops(flops, batch, n_self, aux):
+    """Model FLOPs of one training step, from the forward FLOPs of one sample (MMDiT.flops): the trained pass
+    forward and backward (3 F per sample), the two evaluation passes without gradient on the n_self samples
+    with s < t, and, with the auxiliary term, L_fake's forward and backward on them. Training logs it;
+    bench.py measures with it."""
+    return 3 * flops * batch + 2 * flops * n_self + (3 * flops * n_self if aux else 0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Logging: the pending steps come to the host in one copy per window; one line and one record per step
+
 def gather(x, world):
     """(..., k) on each rank -> (..., world k), rank-major (the global-batch order)."""
     if world == 1:
@@ -615,40 +716,46 @@ def gather(x, world):
 
 
 def read_back(pending, world, A, args):
-    """The steps since the last read: every rank's per-sample terms and the grad norms to the host in one copy, then
-    one record per step (the loss and each term over the global batch, lambda, the share of s < t)."""
-    terms = gather(torch.stack([p["terms"] for p in pending]), world).cpu()  # (n, 5, B), global-batch order
+    """The steps since the last read: every rank's per-sample terms and the grad norms to the
+    host in one copy, then one record per step
+    (the loss and each term over the global batch, lambda, the share of s < t)."""
+    # (n, len(TERMS), B): each pending step's terms, in global-batch order
+    stacked = gather(torch.stack([p["terms"] for p in pending]), world).cpu()
     grad_norms = torch.stack([p["grad_norm"] for p in pending]).float().cpu()
     records = []
-    for p, st, gn in zip(pending, terms, grad_norms):
-        slices = st.view(5, world * A, -1)[:, :, 0]                        # each slice's batch-level terms
-        rec = {"step": p["step"] + 1, "loss": slices[4].mean().item(), "data": st[1].mean().item(),
-               "grad_norm": gn.item(), "lr": p["lr"]}
+    for p, rows, gn in zip(pending, stacked, grad_norms):
+        terms = dict(zip(TERMS, rows))                                     # each (B,)
+        # a micro-batch's scalar, once per slice
+        per_slice = lambda name: terms[name].view(world * A, -1)[:, 0]
+        rec = {"step": p["step"] + 1, "loss": per_slice("loss").mean().item(),
+               "data": terms["data"].mean().item(), "grad_norm": gn.item(), "lr": p["lr"]}
         if args.objective == "selfe":
             sel, ev = p["s"] < p["t"], p["evaluate"]
             lam = losses.lam(p["t"], p["s"])
-            rec.update(self=st[2][ev].mean().item() if ev.any() else 0.0,
+            rec.update(self=terms["self"][ev].mean().item() if ev.any() else 0.0,
                        lam=lam[sel].mean().item() if sel.any() else 0.0,
-                       frac_s_lt_t=sel.float().mean().item(), fake=slices[3].mean().item())  # slices' means average
-        p["per_sample"] = st[0]                                             # to the batch's
+                       frac_s_lt_t=sel.float().mean().item(),
+                       fake=per_slice("fake").mean().item())               # the slices' mean is the batch's
+        p["per_sample"] = terms["total"]
         records.append(rec)
     return records
 
 
 def nonfinite_stop(records, pending, system, flags, opt, args, rank):
-    """The first step with a non-finite loss or gradient stops the run: its update and every later one were skipped,
-    so the weights saved now are those from before it; its batch (items, t, s, dropped captions) is saved beside."""
+    """The first step with a non-finite loss or gradient stops the run: its update and every later one
+    were skipped, so the weights saved now are those from before it; its batch
+    (items, t, s, dropped captions) is saved beside."""
     for rec, p in zip(records, pending):
         if math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"]):
             continue
         step = p["step"]
         debug = os.path.join(args.out, f"nonfinite-step-{step}")
-        selfe.save_checkpoint(debug, system, step, flags, opt)
+        save_checkpoint(debug, system, step, flags, opt)
         if rank == 0:
             torch.save({"items": p["items"], "t": p["t"], "s": p["s"], "dropped": p["dropped"]},
                        os.path.join(debug, "batch.pt"))
-        raise SystemExit(f"step {step}: loss {rec['loss']}, gradient norm {rec['grad_norm']}; weights before this "
-                         f"step and its batch are in {debug}")
+        raise SystemExit(f"step {step}: loss {rec['loss']}, gradient norm {rec['grad_norm']}; weights before "
+                         f"this step and its batch are in {debug}")
 
 
 def device_name(device):
@@ -656,8 +763,9 @@ def device_name(device):
 
 
 def log(records, pending, args, step, t_window, world, peak, device):
-    """One line for the window's last step: every loss term, lambda, the share of s < t, grad norm, throughput over
-    the window (samples/s, tokens/s, TFLOP/s per device, MFU), peak memory, ETA, and the loss by t-bin."""
+    """One line for the window's last step: every loss term, lambda, the share of s < t, grad
+    norm, throughput over the window (samples/s, tokens/s, TFLOP/s per device, MFU), peak memory,
+    ETA, and the loss by t-bin."""
     rec = records[-1]
     t = torch.cat([p["t"] for p in pending])
     per = torch.cat([p["per_sample"] for p in pending])
@@ -678,53 +786,81 @@ def log(records, pending, args, step, t_window, world, peak, device):
     if device.type == "cuda":
         speed += f" mem {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB"
     rec.update(samples_per_s=rate, tokens_per_s=tokens, tflops_per_device=tflops)
-    print(f"step {rec['step']:>6} loss {rec['loss']:.4f} data {rec['data']:.4f}{extra} | gnorm {rec['grad_norm']:.2f} "
-          f"lr {rec['lr']:.2e} | {speed} ETA {eta / 60:.1f} min | loss by t-bin {by_bin}", flush=True)
+    print(f"step {rec['step']:>6} loss {rec['loss']:.4f} data {rec['data']:.4f}{extra} | gnorm "
+          f"{rec['grad_norm']:.2f} lr {rec['lr']:.2e} | {speed} ETA {eta / 60:.1f} min | loss by t-bin "
+          f"{by_bin}", flush=True)
     with open(os.path.join(args.out, "log.jsonl"), "a") as f:
         f.write(json.dumps(rec) + "\n")
 
 
 def preview(system, args, step, rank):
-    """A grid of the EMA model: rows 1, 2, 4 steps; columns the preview prompts. Every rank samples (the sharded EMA
-    needs all of them); rank 0 writes the file."""
+    """A grid of the EMA model: rows 1, 2, 4 steps; columns the preview prompts. Every rank samples
+    (the sharded EMA needs all of them); rank 0 writes the file."""
     rows = [sampler.sample(system, PREVIEW_PROMPTS, n, anchor=args.anchor, objective=args.objective)
             for n in (1, 2, 4)]
     if rank == 0:
         path = sampler.save_grid(rows, os.path.join(args.out, f"preview-{step:07d}.png"),
-                                 upscale=max(1, 128 // system.cfg.resolution), labels=["1 step", "2 steps", "4 steps"])
+                                 upscale=max(1, 128 // system.cfg.resolution),
+                                 labels=["1 step", "2 steps", "4 steps"])
         print(f"preview: {path}", flush=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Caches: the frozen encoders run once; ranks split the manifest.
+# ------------------------------------------------------------------------------------------------------------
+# Checkpoints (the layout: selfe.py, docs/formats.md §1). Every rank writes its shards into
+# step-N.tmp/; only after all have finished does rank 0 rename the folder and then replace `latest`
+# atomically, so a crash (or a rank dying under torchrun) never leaves a partial checkpoint behind
+# `latest`. Randomness is keyed by (seed, step) and the data position is the step, so model, EMA,
+# optimizer and step are the whole training state.
 
-def cache_meta(args, cfg):
-    """What a cache depends on; CachedData refuses a cache whose values differ from this run's."""
-    c = cfg.to_dict()
-    return {"encoders": {k: c[k] for k in ("t5", "clip", "t5_max_len", "tokenizer", "latent")},
-            "stand_in_seed": args.seed if cfg.tokenizer == "words" else None,
-            "resolution": args.resolution, "max_ratio": args.max_ratio, "fake_prefix": args.fake_prefix}
+STEP_FOLDER = re.compile(r"step-(\d+)")
 
 
-def build_cache(args, rank, world):
-    """The frozen parts alone (no denoiser), in bf16 on GPU (the autoencoder too), encoding --cache-batch images at
-    a time; the text is stored in the encoders' precision, as training would see it online."""
-    cfg = CONFIGS[args.size]
-    if args.data == "shapes" or data.is_cache(args.data):
-        raise SystemExit("--build-cache needs --data MANIFEST.tsv")
-    low = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    system = selfe.SelfE(cfg, args.device, args.seed, args.pretrained, args.t5, args.clip, args.vae, denoiser=False,
-                         ae_dtype=low)
-    source = data.ManifestData(args.data, args.resolution, bucket_step(system), 1, args.seed, args.base_dir,
-                               args.skip_bad, args.max_ratio, workers=args.workers)
-    encode_text = lambda prompts: tuple(x.to(low) for x in system.encode_text(prompts))
-    data.write_cache_shards(args.build_cache, source, system.encode_latents, encode_text, args.fake_prefix,
-                            args.cache_batch, rank, world)
-    if world > 1:
+def _rank0():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier():
+    if dist.is_initialized():
         dist.barrier()
-    if rank == 0:
-        data.finish_cache(args.build_cache, encode_text, args.fake_prefix, cache_meta(args, cfg), len(source))
-        print(f"cache: {len(source)} items in {args.build_cache}", flush=True)
+
+
+def save_checkpoint(out, system, step, flags, optimizer=None, keep=2):
+    """Write step-N (collective under torchrun: every rank calls it). Returns the final folder."""
+    name = f"step-{step:07d}"
+    tmp, final = os.path.join(out, name + ".tmp"), os.path.join(out, name)
+    if _rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    with warnings.catch_warnings():  # dcp warns that one process saves alone; that is intended
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(selfe.training_state(system, optimizer), checkpoint_id=os.path.join(tmp, "dcp"),
+                 no_dist=not dist.is_initialized())
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)          # gathered onto rank 0's CPU
+    ema = get_model_state_dict(system.ema, options=full)
+    if _rank0():
+        safetensors.torch.save_file({k: v.contiguous() for k, v in ema.items()},
+                                    os.path.join(tmp, "ema.safetensors"))
+        if system.cfg.tokenizer == "words":  # random stand-ins travel with the checkpoint
+            safetensors.torch.save_file({k: v.detach().cpu().contiguous()
+                                         for k, v in system.frozen_state().items()},
+                                        os.path.join(tmp, "frozen.safetensors"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump({"config": system.cfg.to_dict(), "flags": flags, "step": step}, f, indent=1)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with open(os.path.join(out, "latest.tmp"), "w") as f:
+            f.write(name + "\n")
+        os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
+        # keep this one and the keep - 1 before it; never touch a later-numbered
+        # folder (a run resumed from an earlier step), so clean-up can never delete the
+        # checkpoint `latest` names
+        numbered = [(int(m[1]), m[0]) for m in map(STEP_FOLDER.fullmatch, os.listdir(out)) if m]
+        older = sorted(pair for pair in numbered if pair[0] < step)
+        for _, d in older[:max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+    _barrier()
+    return final
 
 
 if __name__ == "__main__":

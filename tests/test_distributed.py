@@ -1,7 +1,7 @@
-"""Training at scale, on CPU: torchrun with 2 processes (gloo) and FSDP2 against 1 process, kill-and-resume across
-ranks, a rank that dies mid-checkpoint, aspect-ratio buckets, the latent/text cache, the FLOP count, activation
-checkpointing, and bad input. Multi-process runs go through the real `torchrun` command line. (bf16, compile, the
-memory plan and the benchmark: test_scale.py.)"""
+"""Training at scale, on CPU: torchrun with 2 processes (gloo) and FSDP2 against 1 process, kill-and-resume
+across ranks, a rank that dies mid-checkpoint, aspect-ratio buckets, the latent/text cache, the FLOP count,
+activation checkpointing, and bad input. Multi-process runs go through the real `torchrun` command line.
+(bf16, compile, the memory plan and the benchmark: test_scale.py.)"""
 import json
 import os
 import shutil
@@ -13,23 +13,26 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import encoders
 import model
 import selfe
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# 4 steps; tau anneals over the first, the auxiliary term runs from step 3: every part of the objective is exercised
+# 4 steps; tau anneals over the first, the auxiliary term runs from step 3: every part of
+# the objective is exercised
 ARGS = ["--steps", "4", "--batch", "8", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "0",
         "--tau-frac", "0.25", "--aux-start-frac", "0.5"]
 
 
 def run(out, *extra, procs=1, script="train.py", env=None):
-    """train.py in a fresh process (torchrun --nproc_per_node procs when procs > 1); returns its log records."""
+    """train.py in a fresh process (torchrun --nproc_per_node procs when procs > 1);
+    returns its log records."""
     launcher = [sys.executable, script] if procs == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--standalone", script]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})}
-    p = subprocess.run([*launcher, *ARGS, "--out", str(out), *extra], cwd=ROOT, env=full_env, capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run([*launcher, *ARGS, "--out", str(out), *extra], cwd=ROOT, env=full_env,
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     log = os.path.join(out, "log.jsonl")
     return [json.loads(line) for line in open(log)] if os.path.exists(log) else []
@@ -56,7 +59,7 @@ def assert_same_weights(wa, wb, tol=2e-5):
     assert worst < tol, worst
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 2 processes = 1 process
 
 @pytest.fixture(scope="module")
@@ -66,30 +69,34 @@ def one_proc(tmp_path_factory):
 
 
 def test_two_processes_with_accumulation_match_one(one_proc, tmp_path):
-    """Global batch 8 as 8 x 1 rank x 1 micro-step and as 2 x 2 ranks x 2 micro-steps: the same loss trajectory,
-    every term, and the same parameters and EMA after 4 steps (tolerance 2e-5: only summation order differs)."""
+    """Global batch 8 as 8 x 1 rank x 1 micro-step and as 2 x 2 ranks x 2 micro-steps: the same loss
+    trajectory, every term, and the same parameters and EMA after 4 steps
+    (tolerance 2e-5: only summation order differs)."""
     out1, log1 = one_proc
     log2 = run(tmp_path, "--accum", "2", procs=2)
     assert_same_run(log1, log2)
-    assert max(r["fake"] for r in log1) > 0 and max(r["frac_s_lt_t"] for r in log1) > 0  # self-eval and L_fake ran
+    # self-eval and L_fake ran
+    assert max(r["fake"] for r in log1) > 0 and max(r["frac_s_lt_t"] for r in log1) > 0
     assert_same_weights(weights(out1, 4), weights(tmp_path, 4))
     assert_same_weights(weights(out1, 4, "model"), weights(tmp_path, 4, "model"))
-    assert not torch.equal(weights(out1, 4)["img_in.weight"], weights(out1, 2)["img_in.weight"])  # it did train
+    # it did train
+    assert not torch.equal(weights(out1, 4)["img_in.weight"], weights(out1, 2)["img_in.weight"])
 
 
 def test_two_nodes_match_one_process(one_proc, tmp_path):
-    """Multi-node as torchrun runs it: two agents ("nodes", one process each, LOCAL_RANK 0 on both) meet through c10d
-    rendezvous on localhost, the path of `torchrun --nnodes 2 --rdzv-endpoint HOST:PORT`. Same run as one process."""
+    """Multi-node as torchrun runs it: two agents ("nodes", one process each, LOCAL_RANK 0 on both) meet
+    through c10d rendezvous on localhost, the path of `torchrun --nnodes 2 --rdzv-endpoint HOST:PORT`.
+    Same run as one process."""
     import socket
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend",
-           "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "two-nodes", "train.py", *ARGS,
-           "--out", str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "two-nodes",
+           "train.py", *ARGS, "--out", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
+    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), "\n".join(o[-3000:] for o in outputs)
     out1, log1 = one_proc
@@ -98,8 +105,9 @@ def test_two_nodes_match_one_process(one_proc, tmp_path):
 
 
 def test_kill_and_resume_under_two_processes_equals_uninterrupted(one_proc, tmp_path):
-    """Stop after step 2 (keep only its checkpoint), resume under 2 processes: steps 3-4 and the final weights equal
-    the uninterrupted run. The checkpoint was written by 1 process, so this also reshards the optimizer state."""
+    """Stop after step 2 (keep only its checkpoint), resume under 2 processes: steps 3-4 and the final
+    weights equal the uninterrupted run. The checkpoint was written by 1 process, so this also
+    reshards the optimizer state."""
     out1, log1 = one_proc
     resumed = tmp_path / "resumed"
     os.makedirs(resumed)
@@ -113,34 +121,35 @@ def test_kill_and_resume_under_two_processes_equals_uninterrupted(one_proc, tmp_
 
 CRASH = '''
 import os, sys
-import selfe, train
-real = selfe.save_checkpoint
+import train
+real = train.save_checkpoint
 
 def dying(out, system, step, *a, **k):
-    # the first attempt: rank 1 dies while step 4's checkpoint is half written (a partial shard, nothing renamed)
+    # first attempt: rank 1 dies while step 4's checkpoint is half written (a partial shard, nothing renamed)
     if step == 4 and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and os.environ["RANK"] == "1":
         os.makedirs(os.path.join(out, "step-0000004.tmp", "dcp"), exist_ok=True)
         open(os.path.join(out, "step-0000004.tmp", "dcp", "__1_0.distcp"), "wb").write(b"partial")
         os._exit(3)
     return real(out, system, step, *a, **k)
 
-selfe.save_checkpoint = dying
+train.save_checkpoint = dying
 train.main()
 '''
 
 
 def test_a_rank_that_dies_resumes_from_the_last_complete_checkpoint(one_proc, tmp_path):
-    """torchrun --max-restarts: rank 1 dies during step 4's checkpoint; the restarted job resumes from step 2 (not the
-    partial step 4) and ends where the uninterrupted run ends. (More than one restart is allowed, with a short
-    --dist-timeout: after a restart gloo's connection between the new workers is sometimes refused or never made on
-    a loaded 2-core machine; such an attempt fails, logs nothing, and the next one resumes the same way.)"""
+    """torchrun --max-restarts: rank 1 dies during step 4's checkpoint; the restarted job resumes from
+    step 2 (not the partial step 4) and ends where the uninterrupted run ends.
+    (More than one restart is allowed, with a short --dist-timeout: after a restart gloo's connection between
+    the new workers is sometimes refused or never made on a loaded 2-core machine; such an attempt fails, logs
+    nothing, and the next one resumes the same way.)"""
     out1, log1 = one_proc
     (tmp_path / "crash.py").write_text(CRASH)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                        "--max-restarts", "3", str(tmp_path / "crash.py"), *ARGS, "--steps", "6",
-                        "--dist-timeout", "60", "--out", str(tmp_path / "run")], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1",
-                                                               "PYTHONPATH": ROOT}, capture_output=True, text=True,
-                       timeout=600)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--standalone", "--max-restarts", "3", str(tmp_path / "crash.py"), *ARGS, "--steps",
+                        "6", "--dist-timeout", "60", "--out", str(tmp_path / "run")], cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}, capture_output=True,
+                       text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     assert "resumed from" in p.stdout and "step-0000002 at step 2" in p.stdout
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
@@ -150,7 +159,7 @@ def test_a_rank_that_dies_resumes_from_the_last_complete_checkpoint(one_proc, tm
     assert_same_weights(weights(tmp_path / "straight", 6), weights(tmp_path / "run", 6))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # buckets and manifests
 
 def make_manifest(folder, sizes, n_each):
@@ -184,7 +193,8 @@ def test_buckets_one_resolution_per_batch_disjoint_and_resumable(tmp_path):
     fresh = data.ManifestData(manifest, [32], 8, batch=4, seed=1)  # a restarted run: same batch at every step
     assert all(fresh.indices(s) == src.indices(s) for s in (0, 7, 8, 40))
     assert src.indices(src.order.per_epoch) != src.indices(0)  # a new epoch reshuffles
-    mixed = data.ManifestData(manifest, [16, 32], 8, batch=4, seed=1)  # the 1:1 two-area mix: every image at both
+    # the 1:1 two-area mix: every image at both
+    mixed = data.ManifestData(manifest, [16, 32], 8, batch=4, seed=1)
     assert len(mixed) == 2 * len(src) and {b for _, b in mixed.items} >= {(16, 16), (32, 32)}
 
 
@@ -199,12 +209,13 @@ def test_training_on_buckets_feeds_the_token_count_to_the_time_warp(tmp_path, mo
 
 def test_image_smaller_than_its_bucket_is_named(tmp_path):
     manifest = make_manifest(tmp_path, [(40, 40), (30, 30)], 2)
-    with pytest.raises(data.ManifestError, match=r"m\.tsv:2: image .*1\.png is 30x30, smaller than its 32x32 bucket"):
+    with pytest.raises(data.ManifestError,
+                       match=r"m\.tsv:2: image .*1\.png is 30x30, smaller than its 32x32 bucket"):
         data.ManifestData(manifest, [32], 8, batch=2)
     assert len(data.ManifestData(manifest, [32], 8, batch=2, skip_bad=True)) == 2
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # caches
 
 def test_training_from_the_cache_equals_training_online(tmp_path):
@@ -225,7 +236,8 @@ def test_cache_of_other_settings_or_missing_shard_is_refused(tmp_path):
     manifest = make_manifest(tmp_path, [(40, 40)], 4)
     cache = tmp_path / "cache"
     train.main(["--data", manifest, "--build-cache", str(cache), "--batch", "2"])
-    with pytest.raises(data.ManifestError, match=r"index\.json: the cache was built with resolution = \[32\]"):
+    with pytest.raises(data.ManifestError,
+                       match=r"index\.json: the cache was built with resolution = \[32\]"):
         train.main([*ARGS, "--data", str(cache), "--resolution", "24", "--out", str(tmp_path / "r")])
     with pytest.raises(data.ManifestError, match="fake_prefix"):
         train.main([*ARGS, "--data", str(cache), "--fake-prefix", "bad, ", "--out", str(tmp_path / "r")])
@@ -236,7 +248,7 @@ def test_cache_of_other_settings_or_missing_shard_is_refused(tmp_path):
         train.main([*ARGS, "--data", str(cache), "--batch", "2", "--out", str(tmp_path / "r")])
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # throughput accounting
 
 def test_flop_count_matches_torch_flop_counter():
@@ -247,12 +259,13 @@ def test_flop_count_matches_torch_flop_counter():
     B, h, w, Lt = 3, 6, 10, 20
     x, txt = torch.randn(B, h * w, cfg.in_channels), torch.randn(B, Lt, cfg.context_in_dim)
     t = torch.rand(B)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # attention as countable matmuls
+    # attention as countable matmuls
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         net(x, selfe.image_ids(h, w), txt, torch.zeros(1, Lt, 3), t, t, torch.randn(B, cfg.vec_in_dim))
     assert net.flops(h * w, Lt) * B == counter.get_total_flops()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # bad input
 
 def test_world_size_must_divide_the_batch(tmp_path):
@@ -267,15 +280,16 @@ def test_missing_or_foreign_checkpoint_shard_is_named(one_proc, tmp_path):
     (broken / "latest").write_text("step-0000002\n")
     shard = next((broken / "step-0000002" / "dcp").glob("*.distcp"))
     os.remove(shard)
-    with pytest.raises(model.CheckpointError, match=r"step-0000002/dcp: cannot load the checkpoint"):
+    with pytest.raises(encoders.CheckpointError, match=r"step-0000002/dcp: cannot load the checkpoint"):
         train.main([*ARGS, "--resume", "--out", str(broken)])
     shutil.rmtree(broken / "step-0000002" / "dcp")
-    with pytest.raises(model.CheckpointError, match=r"dcp: no distributed checkpoint here"):
+    with pytest.raises(encoders.CheckpointError, match=r"dcp: no distributed checkpoint here"):
         train.main([*ARGS, "--resume", "--out", str(broken)])
 
 
 def test_partial_checkpoint_is_never_resumed(one_proc, tmp_path):
-    """A step folder still named .tmp (a crash before the rename) is ignored: `latest` names the complete one."""
+    """A step folder still named .tmp (a crash before the rename) is ignored: `latest`
+    names the complete one."""
     out1, _ = one_proc
     shutil.copytree(out1, tmp_path / "run", symlinks=True)
     os.makedirs(tmp_path / "run" / "step-0000006.tmp" / "dcp")
@@ -283,8 +297,8 @@ def test_partial_checkpoint_is_never_resumed(one_proc, tmp_path):
 
 
 def test_activation_checkpointing_changes_nothing_but_memory():
-    """Same gradients with and without; and the checkpoint sits inside each block's call: a block's hooks (where
-    FSDP gathers its weights) run once per forward, not again when backward recomputes it."""
+    """Same gradients with and without; and the checkpoint sits inside each block's call: a block's hooks
+    (where FSDP gathers its weights) run once per forward, not again when backward recomputes it."""
     torch.manual_seed(0)
     cfg = model.CONFIGS["tiny"]
     nets = [model.MMDiT(cfg) for _ in range(2)]

@@ -1,7 +1,7 @@
-"""The GenEval-style checker (evaluate.py) held against ../shared/EVAL.md's validation targets: ground-truth renders
-score ~1, one-fact hard negatives 0, blank and noise images 0, shuffled prompts at the chance level an oracle
-computes, 64 px robustness under noise and blur; edge cases; the CLI's errors, determinism and common random numbers.
-CPU only. Run: python -m pytest -q tests/test_evaluate.py"""
+"""The GenEval-style checker (evaluate.py) held against docs/evaluation.md §6's validation targets:
+ground-truth renders score ~1, one-fact hard negatives 0, blank and noise images 0, shuffled prompts at the
+chance level an oracle computes, 64 px robustness under noise and blur; edge cases; the CLI's errors,
+determinism and common random numbers. CPU only. Run: python -m pytest -q tests/test_evaluate.py"""
 import functools
 import json
 import os
@@ -21,7 +21,8 @@ N = 8  # prompts per task
 
 @functools.cache
 def truth(world_name):
-    """Ground-truth renders of the prompt set (seen and held-out), their oracle objects, and hard negatives."""
+    """Ground-truth renders of the prompt set (seen and held-out), their oracle
+    objects, and hard negatives."""
     world = data.WORLDS[world_name]
     specs = [dict(s, index=i) for i, s in enumerate(ev.prompt_set(world, N, seed=3))]
     images, objects, negs, neg_specs, neg_kinds = [], [], [], [], []
@@ -44,8 +45,8 @@ def accuracy(images, specs, world):
     return float(np.mean([ok for ok, _ in ev.score(images, specs, world)]))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Validation targets (EVAL.md)
+# ------------------------------------------------------------------------------------------------------------
+# Validation targets (docs/evaluation.md §6)
 
 @pytest.mark.parametrize("world_name", ["small", "full"])
 def test_ground_truth_scores_high_and_sees_exactly_the_scene(world_name):
@@ -55,10 +56,10 @@ def test_ground_truth_scores_high_and_sees_exactly_the_scene(world_name):
     assert acc >= 0.98, [(s["prompt"], why) for s, (ok, why) in zip(specs, res) if not ok]
     summary = ev.summarize(specs, [ok for ok, _ in res])
     assert set(summary["tasks"]) == set(data.TASKS) and min(summary["tasks"].values()) >= 0.9
-    # stronger than the verdict (extra objects are not penalised by GenEval): the checker finds every object, with
-    # its class and colour, and invents none (plain nearest-colour labels invented 'brown' rims)
+    # stronger than the verdict (extra objects are not penalised by GenEval): the checker finds every object,
+    # with its class and colour, and invents none (plain nearest-colour labels invented 'brown' rims)
     exact = 0
-    for img, objs in zip(ev.to_pixels(images), objects):
+    for img, objs in zip(data.to_uint8(images).numpy(), objects):
         found = sorted((o["class"], o["color"]) for o in ev.detect(img, world) if o["conf"] >= ev.KEEP_CONF)
         exact += found == sorted((o["class"], o["color"]) for o in objs)
     assert exact / len(objects) >= 0.98
@@ -76,10 +77,11 @@ def test_hard_negatives_score_zero(world_name):
 @pytest.mark.parametrize("world_name", ["small", "full"])
 @pytest.mark.parametrize("within_task", [True, False])
 def test_shuffled_prompts_score_at_chance(world_name, within_task):
-    """Each image judged against another prompt (of its task, or of any task): the checker must agree with an oracle
-    that judges the same pairs on the true scene; chance is what the oracle says, not 0 ('a circle' holds for an
-    image of two circles). Measured: checker = oracle within tasks (0.02 / 0.00); across tasks 0.11 vs 0.13 (small:
-    GenEval looks only at the most confident circle, which may be the wrong colour) and 0.03 vs 0.03 (full)."""
+    """Each image judged against another prompt (of its task, or of any task): the checker must agree with an
+    oracle that judges the same pairs on the true scene; chance is what the oracle says,
+    not 0 ('a circle' holds for an image of two circles). Measured: checker = oracle within tasks
+    (0.02 / 0.00); across tasks 0.11 vs 0.13 (small: GenEval looks only at the most confident circle, which
+    may be the wrong colour) and 0.03 vs 0.03 (full)."""
     world, specs, images, objects, *_ = truth(world_name)
     perm = list(range(len(specs)))
     groups = [[i for i in perm if specs[i]["tag"] == t] for t in data.TASKS] if within_task else [perm[:]]
@@ -110,8 +112,8 @@ def test_blank_and_noise_images_score_zero(world_name):
 
 @pytest.mark.parametrize("kind", ["noise10", "noise20", "blur1", "jitter", "downup"])
 def test_robust_at_64px(kind):
-    """EVAL.md: at 64 px under noise sigma 10 or 20, blur sigma 1, colour jitter, 2x down/up: >= 0.98, hard negatives
-    0.00 (measured: 1.00 and 0.00 for every kind)."""
+    """docs/evaluation.md §6: at 64 px under noise sigma 10 or 20, blur sigma 1, colour jitter, 2x
+    down/up: >= 0.98, hard negatives 0.00 (measured: 1.00 and 0.00 for every kind)."""
     world, specs, images, _, negs, neg_specs, _ = truth("full")
     g = torch.Generator().manual_seed(1)
     assert accuracy(ev.perturb(images, kind, g), specs, world) >= 0.98
@@ -126,7 +128,7 @@ def test_perturbations_do_something():
         assert (ev.perturb(images, kind, g) - images).abs().mean() > 0.01, kind
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Edge cases
 
 def render(objs, R, level=122.0):
@@ -138,15 +140,16 @@ def render(objs, R, level=122.0):
 
 
 def found(img, world):
-    return sorted((o["class"], o["color"]) for o in ev.detect(ev.to_pixels(img)[0], world) if o["conf"] >= ev.KEEP_CONF)
+    return sorted((o["class"], o["color"]) for o in ev.detect(data.to_uint8(img)[0].numpy(), world)
+                  if o["conf"] >= ev.KEEP_CONF)
 
 
 @pytest.mark.parametrize("world_name", ["small", "full"])
 def test_small_antialiased_shapes_at_subpixel_offsets(world_name):
-    """Every shape in every colour at the smallest nominal size the world draws (counting's lower bound: 7.7 px at
-    32 px), at fractional positions, so that anti-aliased rims dominate. (Crowded layouts may shrink objects to 0.7 of
-    that; at 32 px such 5 px squares read as ambiguous square/circle in 2 of 6 colours: EVAL.md's 'fragile at
-    32 px'.)"""
+    """Every shape in every colour at the smallest nominal size the world draws
+    (counting's lower bound: 7.7 px at 32 px), at fractional positions, so that anti-aliased rims dominate.
+    (Crowded layouts may shrink objects to 0.7 of that; at 32 px such 5 px squares read as ambiguous
+    square/circle in 2 of 6 colours: the 'fragile under blur' of docs/evaluation.md §2.)"""
     world = data.WORLDS[world_name]
     R = world.resolution
     side = world.size_counting[0] * R
@@ -175,8 +178,8 @@ def test_touching_shapes_of_two_colours_are_split(world_name):
 
 
 def test_colour_labels_are_mixture_aware():
-    """Every palette colour blended over every background level at 25-100% coverage is labelled as itself (plain
-    nearest-colour labelling reads a 50% red rim on gray as brown, a 50% white one as gray...)."""
+    """Every palette colour blended over every background level at 25-100% coverage is labelled as itself
+    (plain nearest-colour labelling reads a 50% red rim on gray as brown, a 50% white one as gray...)."""
     world = data.WORLDS["full"]
     pal = np.array([data.PALETTE[c] for c in world.colors], np.float32)
     alphas = np.linspace(0.25, 1, 13)
@@ -189,8 +192,9 @@ def test_colour_labels_are_mixture_aware():
 
 
 def test_rejects_what_is_not_a_shape_of_the_world():
-    """EVAL.md's confidence rules: stretched shapes (aspect > 1.6), shapes filling the frame (side > 0.85 R), blobs
-    that fit no template; and a shape of another world (a star in the 3-shape world) is not read as one of its own."""
+    """docs/evaluation.md §4 step 5's confidence rules: stretched shapes (aspect > 1.6), shapes filling the
+    frame (side > 0.85 R), blobs that fit no template; and a shape of another
+    world (a star in the 3-shape world) is not read as one of its own."""
     full, small = data.WORLDS["full"], data.WORLDS["small"]
     assert found(render([("square", "red", (10, 25, 50, 40))], 64), full) == []           # a 40 x 15 bar
     assert found(render([("circle", "blue", (2, 2, 62, 62))], 64), full) == []            # fills the frame
@@ -198,7 +202,8 @@ def test_rejects_what_is_not_a_shape_of_the_world():
                    ("square", "green", (14, 30, 28, 44))], 64)
     assert found(blob, full) == []                                                       # three merged shapes
     assert found(render([("star", "red", (10, 10, 30, 30))], 32), small) == []
-    assert found(render([("square", "red", (10, 25, 30, 45))], 64), full) == [("square", "red")]  # the control
+    # the control
+    assert found(render([("square", "red", (10, 25, 30, 45))], 64), full) == [("square", "red")]
 
 
 def test_components_match_flood_fill():
@@ -225,7 +230,7 @@ def test_components_match_flood_fill():
         assert len(pairs) == n  # the two labelings are the same partition
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # GenEval logic, the prompt set and the report
 
 def obj(cls, conf=0.9, iou=None, color="red", box=(0, 0, 10, 10)):
@@ -239,19 +244,21 @@ def test_judge_counting_exclude_counts_sloppy_extras():
     spec["exclude"][0].update(count=3, **{"class": "circle"})
     two = [obj("circle"), obj("circle"), obj("square")]
     assert ev.judge(spec, two)[0]
-    assert not ev.judge(spec, two + [obj("circle", conf=0.0, iou=0.65)])[0]   # a sloppy third circle breaks 'two'
+    # a sloppy third circle breaks 'two'
+    assert not ev.judge(spec, two + [obj("circle", conf=0.0, iou=0.65)])[0]
     assert ev.judge(spec, two + [obj("circle", conf=0.0, iou=0.55)])[0]       # a blob is not a circle
     assert not ev.judge(spec, [obj("circle"), obj("circle", conf=0.7)])[0]    # below the keep threshold
 
 
 def test_judge_position_uses_genevals_rule():
-    spec = {"tag": "position", "include": [{"class": "square", "count": 1},
-                                           {"class": "circle", "count": 1, "position": ["left of", 0]}], "exclude": []}
+    circle_left = {"class": "circle", "count": 1, "position": ["left of", 0]}
+    spec = {"tag": "position", "include": [{"class": "square", "count": 1}, circle_left], "exclude": []}
     left = [obj("circle", box=(0, 20, 10, 30)), obj("square", box=(30, 20, 40, 30))]
     assert ev.judge(spec, left)[0]
     right = [obj("circle", box=(30, 20, 40, 30)), obj("square", box=(0, 20, 10, 30))]
     assert not ev.judge(spec, right)[0]
-    overlapping = [obj("circle", box=(0, 0, 10, 10)), obj("square", box=(2, 0, 12, 10))]  # within 0.1 (dims): none
+    # within 0.1 (dims): none
+    overlapping = [obj("circle", box=(0, 0, 10, 10)), obj("square", box=(2, 0, 12, 10))]
     assert not ev.judge(spec, overlapping)[0]
 
 
@@ -273,14 +280,15 @@ def test_prompt_set_is_seeded_and_splits_held_out_pairs():
 def test_overall_is_the_plain_mean_of_the_six_tasks():
     world = data.WORLDS["small"]
     specs = [dict(s, index=i) for i, s in enumerate(ev.prompt_set(world, 2)) if s["seen"]]
-    correct = [s["tag"] in ("single", "two") or (s["tag"] == "counting" and i % 2 == 0) for i, s in enumerate(specs)]
+    correct = [s["tag"] in ("single", "two") or (s["tag"] == "counting" and i % 2 == 0)
+               for i, s in enumerate(specs)]
     summary = ev.summarize(specs, correct)
     assert summary["tasks"]["single"] == 1 and summary["tasks"]["position"] == 0
     assert summary["overall"] == pytest.approx(np.mean(list(summary["tasks"].values())), abs=1e-5)
     assert summary["overall"] == pytest.approx((1 + 1 + 0.5) / 6, abs=1e-5)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The CLI
 
 @pytest.fixture(scope="module")
@@ -288,14 +296,16 @@ def ckpt(tmp_path_factory):
     """A tiny untrained checkpoint (no training on a shared CPU), and two that the checker must refuse."""
     import model
     import selfe
+    import train
     root = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
     system = selfe.SelfE(model.CONFIGS["tiny"])
     system.make_ema()
     flags = {"world": "small", "anchor": 512, "objective": "selfe", "seed": 0, "data": "shapes"}
-    selfe.save_checkpoint(str(root / "ok"), system, 1, flags)
-    selfe.save_checkpoint(str(root / "mars"), system, 1, dict(flags, world="mars"))
-    selfe.save_checkpoint(str(root / "big"), system, 1, dict(flags, world="full"))  # a 32 px model, 64 px world
+    train.save_checkpoint(str(root / "ok"), system, 1, flags)
+    train.save_checkpoint(str(root / "mars"), system, 1, dict(flags, world="mars"))
+    # a 32 px model, 64 px world
+    train.save_checkpoint(str(root / "big"), system, 1, dict(flags, world="full"))
     return root
 
 
@@ -305,9 +315,9 @@ def run_cli(ckpt, out, *extra):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--steps", "1,x"], "step counts"), (["--steps", "0,2"], "distinct integers"), (["--steps", ""], "step counts"),
-    (["--steps", "2,2"], "distinct"), (["--prompts", "0"], None), (["--seeds", "0"], None),
-    (["--denoise", "-1"], "--denoise >= 0"), (["--eta", "-1"], "argument --eta"),
+    (["--steps", "1,x"], "step counts"), (["--steps", "0,2"], "distinct integers"),
+    (["--steps", ""], "step counts"), (["--steps", "2,2"], "distinct"), (["--prompts", "0"], None),
+    (["--seeds", "0"], None), (["--denoise", "-1"], "--denoise >= 0"), (["--eta", "-1"], "argument --eta"),
     (["--s-schedule", "abc"], "argument --s-schedule"), (["--seed", "-1"], "argument --seed")])
 def test_cli_rejects_bad_arguments(ckpt, tmp_path, argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -316,18 +326,21 @@ def test_cli_rejects_bad_arguments(ckpt, tmp_path, argv, message, capsys):
     assert e.value.code != 0 and (message is None or message in text), text
 
 
-@pytest.mark.parametrize("name, message", [("missing", "no checkpoint"), ("mars", "only knows the shapes worlds"),
-                                           ("big", "64 px but the model makes 32 px")])
+@pytest.mark.parametrize("name, message",
+                         [("missing", "no checkpoint"), ("mars", "only knows the shapes worlds"),
+                          ("big", "64 px but the model makes 32 px")])
 def test_cli_rejects_checkpoints_it_cannot_judge(ckpt, tmp_path, name, message, capsys):
     import cli
     with pytest.raises(SystemExit) as e:
-        cli.run(ev.main, ["--ckpt", str(ckpt / name), "--steps", "1", "--prompts", "1", "--out", str(tmp_path)])
+        cli.run(ev.main, ["--ckpt", str(ckpt / name), "--steps", "1", "--prompts", "1", "--out",
+                          str(tmp_path)])
     assert message in str(e.value.code) + capsys.readouterr().err
 
 
 def test_cli_scores_what_it_is_given(ckpt, tmp_path, monkeypatch):
-    """End to end with the sampler replaced by a perfect model (ground-truth renders of the very prompts it is asked
-    for): the sweep must pair images, prompts and scores correctly, seen and held-out."""
+    """End to end with the sampler replaced by a perfect model
+    (ground-truth renders of the very prompts it is asked for): the sweep must pair images, prompts and scores
+    correctly, seen and held-out."""
     import sample
     world = data.WORLDS["small"]
     by_prompt = {s["prompt"]: s for s in ev.prompt_set(world, 2)}
@@ -351,7 +364,8 @@ def test_cli_is_deterministic_and_shares_noise_across_models(ckpt, tmp_path):
         saved = json.load(f)
     strip = lambda m: {n: [(r["seed"], r["correct"], r["reason"]) for r in v["images"]]
                        for n, v in m["results"].items()}
-    assert strip(saved["models"][0]) == strip(b["models"][0]) == strip(b["models"][1]) == strip(b["models"][2])
+    assert (strip(saved["models"][0]) == strip(b["models"][0]) == strip(b["models"][1])
+            == strip(b["models"][2]))
     assert saved["models"][0]["results"]["1"]["seen"] == a["models"][0]["results"]["1"]["seen"]
     assert saved["models"][0]["denoising"] == b["models"][0]["denoising"] == b["models"][1]["denoising"]
     assert os.path.isfile(tmp_path / "a" / "grid.png") and os.path.isfile(tmp_path / "b" / "compare.png")
@@ -360,8 +374,8 @@ def test_cli_is_deterministic_and_shares_noise_across_models(ckpt, tmp_path):
 
 
 def test_colours_diagnostic_reads_colours_but_not_shapes():
-    """colours_match accepts a render of the prompt, and a blob of the right colours but the wrong shape; it refuses
-    a missing or an extra colour, and has no verdict on a prompt that names no colour."""
+    """colours_match accepts a render of the prompt, and a blob of the right colours but the wrong shape; it
+    refuses a missing or an extra colour, and has no verdict on a prompt that names no colour."""
     world = data.WORLDS["full"]
     spec = {"include": [{"class": "circle", "count": 1, "color": "red"}, {"class": "square", "count": 1,
                                                                           "color": "blue"}], "exclude": []}
@@ -372,13 +386,13 @@ def test_colours_diagnostic_reads_colours_but_not_shapes():
     assert ev.colours_match({"include": [{"class": "circle", "count": 3}], "exclude": []}, []) is None
     rng = random.Random(0)
     s = data.sample_spec(world, rng, task="color_attr")
-    img = ev.to_pixels(data.render(data.layout(s, world, rng), world.resolution, rng)[None])[0]
+    img = data.to_uint8(data.render(data.layout(s, world, rng), world.resolution, rng)[None])[0].numpy()
     assert ev.colours_match(s, ev.detect(img, world))
 
 
 def test_denoising_diagnostic_measures_the_velocity_error_and_the_prompts_share(ckpt, monkeypatch):
-    """An oracle that returns the true velocity eps - x0 when given the prompt and 0 for phi: the conditional error
-    must be 0, the unconditional one E||eps - x0||^2, and the gain 1, at every t (t = 1 included)."""
+    """An oracle that returns the true velocity eps - x0 when given the prompt and 0 for phi: the conditional
+    error must be 0, the unconditional one E||eps - x0||^2, and the gain 1, at every t (t = 1 included)."""
     system, _, world = ev.load(str(ckpt / "ok"), "cpu")
     n = 6
     images, _ = data.shapes_batch(world, range(n), 0 + 7919)
@@ -396,12 +410,13 @@ def test_denoising_diagnostic_measures_the_velocity_error_and_the_prompts_share(
     expected = (eps - x0).pow(2).mean().item()
     assert set(res) == set(ev.DENOISE_TIMES)
     for t, r in res.items():
-        assert r["cond"] < 1e-9 and abs(r["uncond"] - expected) < 1e-5 * expected and abs(r["gain"] - 1) < 1e-6, t
+        assert (r["cond"] < 1e-9 and abs(r["uncond"] - expected) < 1e-5 * expected
+                and abs(r["gain"] - 1) < 1e-6), t
 
 
 def test_contrast_is_zero_on_flat_gray_and_halves_with_a_half_faded_scene():
-    """The faintness diagnostic: a flat image has none; fading a ground-truth scene halfway to its background (as a
-    posterior-mean blur fades) halves it, since the background is the image's median colour."""
+    """The faintness diagnostic: a flat image has none; fading a ground-truth scene halfway to its background
+    (as a posterior-mean blur fades) halves it, since the background is the image's median colour."""
     world = data.WORLDS["small"]
     rng = random.Random(3)
     spec = data.sample_spec(world, rng, task="single")

@@ -1,5 +1,6 @@
-"""Bad input is named and loses nothing: run folders and their checkpoints, resumed schedules, manifests and their
-images, damaged checkpoint files, sampler flags; and every command line turns the project's errors into one line."""
+"""Bad input is named and loses nothing: run folders and their checkpoints, resumed schedules, manifests
+and their images, damaged checkpoint files, sampler flags; and every command line turns the project's
+errors into one line."""
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import torch
 
 import cli
 import data
+import encoders
 import model
 import sample as sampler
 import selfe
@@ -21,8 +23,8 @@ FLAGS = {"world": "small", "anchor": 512, "objective": "selfe", "seed": 0, "data
 
 
 def _train(out, *extra):
-    return train.main(["--steps", "4", "--batch", "4", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "0",
-                       "--out", str(out), *extra])
+    return train.main(["--steps", "4", "--batch", "4", "--log-every", "1", "--ckpt-every", "2",
+                       "--sample-every", "0", "--out", str(out), *extra])
 
 
 @pytest.fixture(scope="module")
@@ -32,20 +34,21 @@ def ckpt(tmp_path_factory):
     torch.manual_seed(0)
     system = selfe.SelfE(model.CONFIGS["tiny"])
     system.make_ema()
-    selfe.save_checkpoint(str(root / "run"), system, 1, FLAGS)
+    train.save_checkpoint(str(root / "run"), system, 1, FLAGS)
     return root / "run"
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # run folders: a fresh run never destroys another run's checkpoints
 
 def test_fresh_run_into_a_folder_holding_a_run_is_refused_and_loses_nothing(tmp_path):
-    """The data-loss case: a finished run with later-numbered checkpoints, then a fresh shorter run into its folder.
-    It is refused with what to do, and nothing is touched; with --overwrite the old run's files go first."""
+    """The data-loss case: a finished run with later-numbered checkpoints, then a fresh shorter run
+    into its folder. It is refused with what to do, and nothing is touched; with --overwrite the old
+    run's files go first."""
     out = tmp_path / "run"
     _train(out)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    with pytest.raises(model.CheckpointError, match=r"already holds a run .*--resume .*--overwrite"):
+    with pytest.raises(encoders.CheckpointError, match=r"already holds a run .*--resume .*--overwrite"):
         _train(out, "--steps", "2", "--ckpt-every", "1")
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     hist = _train(out, "--steps", "2", "--ckpt-every", "1", "--overwrite")
@@ -55,33 +58,36 @@ def test_fresh_run_into_a_folder_holding_a_run_is_refused_and_loses_nothing(tmp_
 
 
 def test_clean_up_never_deletes_the_checkpoint_latest_names(tmp_path):
-    """Checkpoint clean-up keeps the newest ones up to the step just written, by number: folders numbered above it
-    (another run's, or this run's before it was resumed from an earlier step) are never its to delete."""
+    """Checkpoint clean-up keeps the newest ones up to the step just written, by number: folders
+    numbered above it (another run's, or this run's before it was resumed from an earlier step)
+    are never its to delete."""
     torch.manual_seed(0)
     system = selfe.SelfE(model.CONFIGS["tiny"])
     system.make_ema()
     for n in (20, 30):
         (tmp_path / f"step-{n:07d}").mkdir()
     for step in (5, 10, 15):
-        selfe.save_checkpoint(str(tmp_path), system, step, FLAGS)
+        train.save_checkpoint(str(tmp_path), system, step, FLAGS)
         assert selfe.resolve_checkpoint(str(tmp_path)) == str(tmp_path / f"step-{step:07d}")
-    assert sorted(os.listdir(tmp_path)) == ["latest", "step-0000010", "step-0000015", "step-0000020", "step-0000030"]
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step-0000010", "step-0000015",
+                                            "step-0000020", "step-0000030"]
 
 
 def test_resume_without_a_checkpoint_is_named_and_makes_nothing(tmp_path):
-    with pytest.raises(model.CheckpointError, match=r"--resume: .*none holds no checkpoint"):
+    with pytest.raises(encoders.CheckpointError, match=r"--resume: .*none holds no checkpoint"):
         _train(tmp_path / "none", "--resume")
     assert not (tmp_path / "none").exists()
     (tmp_path / "dangling").mkdir()
     (tmp_path / "dangling" / "latest").write_text("step-0000005\n")
-    with pytest.raises(model.CheckpointError, match=r"latest names 'step-0000005', which is not a complete checkpoint"):
+    with pytest.raises(encoders.CheckpointError,
+                       match=r"latest names 'step-0000005', which is not a complete checkpoint"):
         _train(tmp_path / "dangling", "--resume")
 
 
 def test_resume_keeps_the_schedule_of_the_run_unless_asked(tmp_path, capsys):
-    """A 2-step run resumed with --steps 4: the learning rate has finished its decay at step 2 and stays at --lr-min
-    (and tau and the auxiliary-term start stay where they were), and the log says so; --reschedule fits the schedule
-    to 4 steps instead."""
+    """A 2-step run resumed with --steps 4: the learning rate has finished its decay at step 2 and stays at
+    --lr-min (and tau and the auxiliary-term start stay where they were), and the log says so; --reschedule
+    fits the schedule to 4 steps instead."""
     _train(tmp_path / "a", "--steps", "2")
     for name in ("kept", "refit"):
         shutil.copytree(tmp_path / "a", tmp_path / name)
@@ -96,7 +102,7 @@ def test_resume_keeps_the_schedule_of_the_run_unless_asked(tmp_path, capsys):
     assert refit[0]["lr"] > 1e-4 and "learning rate decaying to step 4" in capsys.readouterr().out
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # manifests and their images
 
 def noise_image(path, size=(40, 40), seed=0):
@@ -129,13 +135,14 @@ def test_image_cut_short_is_caught_at_start_up(tmp_path):
 
 
 def test_image_damaged_during_the_run_is_named_or_replaced_with_skip_bad(tmp_path, capsys):
-    """An image that breaks after start-up: without --skip-bad an error naming its line; with it, a warning and the
-    next image of its bucket in its place, the same every time (so ranks and a resumed run agree)."""
+    """An image that breaks after start-up: without --skip-bad an error naming its line; with it, a warning
+    and the next image of its bucket in its place, the same every time (so ranks and a resumed run agree)."""
     for i in range(4):
         noise_image(tmp_path / f"{i}.jpg", seed=i)
     m = tmp_path / "m.tsv"
     m.write_text("".join(f"{i}.jpg\tprompt {i}\n" for i in range(4)))
-    strict, lenient = data.ManifestData(str(m), [32], 8, 2), data.ManifestData(str(m), [32], 8, 2, skip_bad=True)
+    strict = data.ManifestData(str(m), [32], 8, 2)
+    lenient = data.ManifestData(str(m), [32], 8, 2, skip_bad=True)
     good, captions = lenient.batch([0, 1, 2, 3])
     cut(tmp_path / "2.jpg")
     with pytest.raises(data.ManifestError, match=r"m\.tsv:3: cannot read image .*2\.jpg.*--skip-bad"):
@@ -157,12 +164,13 @@ def test_manifest_that_is_not_utf8_or_has_a_bom(tmp_path):
     assert [e[2] for e in data.read_manifest(str(m), skip_bad=True)] == [1, 3]
     m.write_bytes("\ufeffok.png\ta red image\r\nok.png\tcafé\r\n".encode("utf-8"))
     entries = data.read_manifest(str(m))
-    assert [(os.path.basename(e[0]), e[1]) for e in entries] == [("ok.png", "a red image"), ("ok.png", "café")]
+    assert [(os.path.basename(e[0]), e[1]) for e in entries] == [("ok.png", "a red image"),
+                                                                 ("ok.png", "café")]
     with pytest.raises(data.ManifestError, match=r"gone\.tsv: cannot read the manifest"):
         data.read_manifest(str(tmp_path / "gone.tsv"))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # damaged checkpoints: named, with the file
 
 @pytest.mark.parametrize("file, damage, message", [
@@ -180,17 +188,17 @@ def test_damaged_checkpoint_file_is_named(ckpt, tmp_path, file, damage, message)
     raw = path.read_bytes()
     path.write_bytes({"truncate": raw[:len(raw) // 2], "header": raw[:8] + b"\x00\xff" * 20 + raw[48:],
                       "empty": b"", "garbage": b"\x89PNG not json", "fields": b'{"config": {}}'}[damage])
-    with pytest.raises(model.CheckpointError, match=message):
+    with pytest.raises(encoders.CheckpointError, match=message):
         selfe.load_checkpoint(str(run))
 
 
 def test_damaged_snapshot_config_is_named(tmp_path):
     (tmp_path / "config.json").write_text("")
-    with pytest.raises(model.CheckpointError, match=r"config\.json: damaged"):
-        model.read_config(str(tmp_path))
+    with pytest.raises(encoders.CheckpointError, match=r"config\.json: damaged"):
+        encoders.read_config(str(tmp_path))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # flags: checked when parsed, the error naming the flag
 
 @pytest.fixture
@@ -200,10 +208,10 @@ def a_file(tmp_path):
 
 
 @pytest.mark.parametrize("flag, value", [
-    ("--eta", "-1"), ("--n", "0"), ("--seed", "18000000000000000000"), ("--seed", "-1"), ("--s-schedule", "abc"),
-    ("--s-schedule", "1.5"), ("--anchor", "4096"), ("--upscale", "-1"), ("--steps", "0"), ("--cfg", "nan"),
-    ("--sweep", "1,x"), ("--sweep", "0,2"), ("--resolution", "0"), ("--out", "noext"), ("--out", "FILE/x.png"),
-    ("--out", "DIR/folder.png")])
+    ("--eta", "-1"), ("--n", "0"), ("--seed", "18000000000000000000"), ("--seed", "-1"),
+    ("--s-schedule", "abc"), ("--s-schedule", "1.5"), ("--anchor", "4096"), ("--upscale", "-1"),
+    ("--steps", "0"), ("--cfg", "nan"), ("--sweep", "1,x"), ("--sweep", "0,2"), ("--resolution", "0"),
+    ("--out", "noext"), ("--out", "FILE/x.png"), ("--out", "DIR/folder.png")])
 def test_sampler_flags_are_checked_before_any_work(flag, value, a_file, tmp_path, capsys):
     (tmp_path / "folder.png").mkdir()
     value = value.replace("FILE", str(a_file)).replace("DIR", str(tmp_path))
@@ -215,7 +223,8 @@ def test_sampler_flags_are_checked_before_any_work(flag, value, a_file, tmp_path
 
 def test_resolution_that_is_not_a_whole_number_of_patches_is_refused(ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        sampler.main(["--ckpt", str(ckpt), "--resolution", "30", "--out", str(tmp_path / "x.png"), "a red circle"])
+        sampler.main(["--ckpt", str(ckpt), "--resolution", "30", "--out",
+                      str(tmp_path / "x.png"), "a red circle"])
     assert e.value.code == 2 and "multiples of 4 px: use 28 or 32" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
     sampler.main(["--ckpt", str(ckpt), "--resolution", "28", "--steps", "1", "--upscale", "1",
@@ -224,8 +233,9 @@ def test_resolution_that_is_not_a_whole_number_of_patches_is_refused(ckpt, tmp_p
     assert Image.open(tmp_path / "x.png").size == (28 + 4, 28 + 4)  # one image and the grid's 2 px padding
 
 
-@pytest.mark.parametrize("argv", [["--anchor", "4096"], ["--ckpt-every", "0"], ["--seed", "-3"], ["--p-drop", "2"],
-                                  ["--resolution", "32,x"], ["--resume", "--overwrite"], ["--reschedule"]])
+@pytest.mark.parametrize("argv", [["--anchor", "4096"], ["--ckpt-every", "0"], ["--seed", "-3"],
+                                  ["--p-drop", "2"], ["--resolution", "32,x"], ["--resume", "--overwrite"],
+                                  ["--reschedule"]])
 def test_train_flags_are_checked_before_any_work(argv, capsys):
     with pytest.raises(SystemExit) as e:
         train.get_args(argv)
@@ -238,7 +248,7 @@ def test_time_warp_anchor_must_lie_below_4096():
         selfe.mu_of_length(4096, 4096)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # one line for every command line
 
 def test_cli_run_turns_input_errors_into_one_line(tmp_path, capsys):
@@ -253,13 +263,15 @@ def test_cli_run_turns_input_errors_into_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("script, argv, names", [
     ("train.py", ["--data", "BAD/m.tsv", "--steps", "1", "--out", "BAD/r"], "m.tsv"),
     ("sample.py", ["--ckpt", "BAD/run", "--out", "BAD/s.png", "a red circle"], "config.json"),
-    ("evaluate.py", ["--ckpt", "BAD/run", "--steps", "1", "--prompts", "1", "--out", "BAD/e"], "config.json")])
+    ("evaluate.py", ["--ckpt", "BAD/run", "--steps", "1", "--prompts", "1", "--out", "BAD/e"],
+     "config.json")])
 def test_every_command_line_reports_bad_input_in_one_line(ckpt, tmp_path, script, argv, names):
     shutil.copytree(ckpt, tmp_path / "run")
     (tmp_path / "run" / "step-0000001" / "config.json").write_text("{")
     (tmp_path / "m.tsv").write_bytes(b"x.png\t\xff\n")
     p = subprocess.run([sys.executable, script, *[a.replace("BAD", str(tmp_path)) for a in argv]], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     lines = p.stderr.strip().splitlines()
     assert lines[-1].startswith(f"{script}: error: ") and names in lines[-1], p.stderr

@@ -1,5 +1,5 @@
-"""The method, held against the paper: losses (Eqs. 14-21, S.1 Results 1-2), the denoiser, the sampler (Sec. 7),
-training and checkpoints, the shapes world, and bad input. CPU only, tiny shapes."""
+"""The method, held against the paper: losses (Eqs. 14-21, S.1 Results 1-2), the denoiser, the sampler
+(docs/method.md §7), training and checkpoints, the shapes world, and bad input. CPU only, tiny shapes."""
 import argparse
 import json
 import math
@@ -11,6 +11,7 @@ import torch
 
 import cli
 import data
+import encoders
 import losses
 import model
 import sample as sampler
@@ -18,12 +19,12 @@ import selfe
 import train
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # helpers
 
 def toy_heads(seed=0):
-    """A differentiable stand-in for G with parameters (a, b), and an EMA copy with other values: lets a test compute
-    the exact gradient the paper predicts and compare it with autograd through losses.py."""
+    """A differentiable stand-in for G with parameters (a, b), and an EMA copy with other values: lets a test
+    compute the exact gradient the paper predicts and compare it with autograd through losses.py."""
     g = torch.Generator().manual_seed(seed)
     a, b = torch.randn(3, generator=g).requires_grad_(), torch.randn(3, generator=g).requires_grad_()
     a_e, b_e = torch.randn(3, generator=g), torch.randn(3, generator=g)
@@ -45,20 +46,22 @@ def batch(B=4, L=6, C=3, seed=0):
 def tiny_system(seed=0, nonzero=True):
     torch.manual_seed(seed)
     system = selfe.SelfE(model.CONFIGS["tiny"], frozen_seed=seed)
-    if nonzero:  # adaLN-Zero makes a fresh model output 0 everywhere: perturb so the tests see a real function
+    # adaLN-Zero makes a fresh model output 0 everywhere: perturb so the tests see a real function
+    if nonzero:
         with torch.no_grad():
             for p in system.denoiser.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
     return system
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # losses
 
 def test_lambda_and_weight():
     t = torch.tensor([0.5, 0.8, 0.9, 0.99, 0.3])
     s = torch.tensor([0.0, 0.4, 0.0, 0.0, 0.3])
-    torch.testing.assert_close(losses.lam(t, s), torch.tensor([1.0, 10 / 3, 9.0, 99.0, 0.0]))  # METHOD.md 5.2 table
+    # docs/method.md §5.2 table
+    torch.testing.assert_close(losses.lam(t, s), torch.tensor([1.0, 10 / 3, 9.0, 99.0, 0.0]))
     torch.testing.assert_close(losses.fm_weight(torch.tensor([0.5, 0.0])), torch.tensor([4.0, 1e6]))
 
 
@@ -97,7 +100,8 @@ def _expected_grads(G, G_ema, params, x0, t, s, cond, null, fake, k, target_norm
     lam = losses.lam(t, s)
     w = 1 / t.pow(2)
     N = x0[0].numel()
-    # d/dx0_hat of w [ ||x0_hat - x0||^2 + lam ||x0_hat - x_self||^2 ] / N; the self part is 2 lam Delta (S.1 Result 1-2)
+    # d/dx0_hat of w [ ||x0_hat - x0||^2 + lam ||x0_hat - x_self||^2 ] / N; the self part
+    # is 2 lam Delta (S.1 Result 1-2)
     d_self = torch.zeros_like(x0_hat)
     d_self[idx] = lam[idx].view(-1, 1, 1) * 2 * delta
     grad_x0_hat = (w.view(-1, 1, 1) / N) * (2 * (x0_hat.detach() - x0) + d_self) / len(t)
@@ -107,9 +111,10 @@ def _expected_grads(G, G_ema, params, x0, t, s, cond, null, fake, k, target_norm
 
 @pytest.mark.parametrize("aux", [False, True])
 def test_self_evaluation_gradient_is_classifier_score(aux):
-    """Eq. 16 form: the gradient w.r.t. x0_hat of lam ||x0_hat - x_self||^2 is 2 lam (G(x_s,s,s,phi) - G_ema(x_s,s,s,c))
-    (S.1 Result 1), or 2 lam times the k-mixture of s.6 with the auxiliary term (Result 2); nothing else reaches the
-    parameters through the evaluation passes, and L_fake trains only the fake-prompt pass (s.8)."""
+    """Eq. 16 form: the gradient w.r.t. x0_hat of lam ||x0_hat - x_self||^2 is 2 lam
+    (G(x_s,s,s,phi) - G_ema(x_s,s,s,c)) (S.1 Result 1), or 2 lam times the k-mixture of s.6 with the auxiliary
+    term (Result 2); nothing else reaches the parameters through the evaluation passes, and L_fake trains only
+    the fake-prompt pass (s.8)."""
     G, G_ema, params = toy_heads()
     x0, cond, null, fake = batch()
     t = torch.tensor([0.9, 0.7, 0.5, 0.3])
@@ -139,7 +144,8 @@ def test_self_eval_target_uses_ema_for_conditional_and_current_for_unconditional
 
 
 def test_s_equals_t_is_exactly_flow_matching():
-    """With s = t, lambda = 0 and w = 1/t^2 turns ||G - x0||^2 into the velocity loss ||V - (eps - x0)||^2 (Eq. 3, 7)."""
+    """With s = t, lambda = 0 and w = 1/t^2 turns ||G - x0||^2 into the velocity loss
+    ||V - (eps - x0)||^2 (Eq. 3, 7)."""
     system = tiny_system()
     h, w = system.grid
     x0 = system.encode_images(data.shapes_batch(data.WORLDS["small"], range(4))[0])
@@ -181,7 +187,7 @@ def test_evaluation_passes_run_only_on_samples_that_need_them():
 def test_time_sampling():
     torch.manual_seed(0)
     assert abs(selfe.mu_of_length(512) - 0.5) < 1e-9 and abs(selfe.mu_of_length(4096) - 1.15) < 1e-9
-    assert abs(selfe.mu_of_length(1024) - 0.5929) < 1e-3                     # METHOD.md 6
+    assert abs(selfe.mu_of_length(1024) - 0.5929) < 1e-3                     # docs/method.md §6
     assert abs(selfe.mu_of_length(256, anchor=256) - 0.5) < 1e-9
     t = torch.tensor([0.0, 0.25, 0.5, 1.0])
     mu = 0.7
@@ -195,7 +201,7 @@ def test_time_sampling():
     forced = torch.zeros(len(t), dtype=torch.bool)
     forced[:100] = True
     assert (selfe.sample_s(t, 1.0, 0.5, forced)[:100] == t[:100]).all()   # dropped captions keep s = t
-    assert (selfe.sample_s(t, 0.0) == t).all()                             # tau = 0: s = t (self-eval fades in)
+    assert (selfe.sample_s(t, 0.0) == t).all()                           # tau = 0: s = t (self-eval fades in)
     assert selfe.tau_at(150, 300) == 0.5 and selfe.tau_at(900, 300) == 1.0
     # --t-uniform: the paper's draws unchanged at 0; a share p from U(0, 1) puts about p/100 of t above 0.99
     g = lambda: torch.Generator().manual_seed(3)
@@ -206,7 +212,7 @@ def test_time_sampling():
     assert abs((t > 0.99).float().mean().item() - 0.002) < 5e-4 and 0 <= t.min() and t.max() < 1
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the denoiser
 
 @pytest.mark.parametrize("size,target", [("2b", 2.2e9), ("0.5b", 0.55e9)])
@@ -233,7 +239,8 @@ def test_s_enters_only_through_the_gap():
     b = system.velocity(m, x, t, t * 0.2, cond, h, w)
     assert (a - b).abs().max() > 1e-4  # s matters...
     with torch.no_grad():
-        m.s_in.out_layer.weight.zero_(), m.s_in.out_layer.bias.zero_()
+        m.s_in.out_layer.weight.zero_()
+        m.s_in.out_layer.bias.zero_()
     a = system.velocity(m, x, t, t * 0.5, cond, h, w)
     b = system.velocity(m, x, t, t * 0.2, cond, h, w)
     torch.testing.assert_close(a, b)  # ...and only through MLP_s
@@ -245,7 +252,8 @@ def test_rope_scores_depend_only_on_relative_position():
     q, k = torch.randn(1, 2, 5, 16, generator=g), torch.randn(1, 2, 5, 16, generator=g)
     ids = torch.randint(0, 20, (1, 5, 3), generator=g).float()
     scores = lambda ids: model.apply_rope(q, emb(ids)) @ model.apply_rope(k, emb(ids)).transpose(-1, -2)
-    torch.testing.assert_close(scores(ids), scores(ids + torch.tensor([3.0, -7.0, 11.0])), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scores(ids), scores(ids + torch.tensor([3.0, -7.0, 11.0])),
+                               rtol=1e-4, atol=1e-4)
     assert (scores(ids) - scores(ids * 2)).abs().max() > 1e-2
 
 
@@ -257,15 +265,16 @@ def test_fresh_model_is_identity_blocks_and_zero_velocity():
     assert v.abs().max() == 0
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the sampler
 
 def test_time_grid_runs_from_one_to_zero():
     for n in (1, 2, 4, 8, 50):
         ts = sampler.time_grid(n, 1024)
         assert len(ts) == n + 1 and ts[0] == 1 and ts[-1] == 0 and (ts[1:] < ts[:-1]).all()
-    torch.testing.assert_close(sampler.time_grid(4, 1024), torch.tensor([1, 0.844, 0.644, 0.376, 0]), atol=1e-3,
-                               rtol=0)  # METHOD.md 7.1 table
+    # docs/method.md §7.1 table
+    torch.testing.assert_close(sampler.time_grid(4, 1024),
+                               torch.tensor([1, 0.844, 0.644, 0.376, 0]), atol=1e-3, rtol=0)
     ts = sampler.time_grid(4, 64)
     torch.testing.assert_close(sampler.second_times(ts, "next"), ts[1:])
     torch.testing.assert_close(sampler.second_times(ts, "current"), ts[:-1])
@@ -297,7 +306,7 @@ def test_eta_zero_with_current_s_is_euler():
         for k in range(3):
             t = ts[k].view(1)
             v = system.velocity(system.denoiser, x, t, t, cond, h, w)
-            x = x + (ts[k + 1] - ts[k]) * v  # Eq. (22)
+            x = x + (ts[k + 1] - ts[k]) * v  # Eq. 22
     torch.testing.assert_close(got, system.decode_tokens(x, h, w), rtol=1e-4, atol=1e-5)
 
 
@@ -310,14 +319,16 @@ def test_ep_cfg_keeps_conditional_energy():
 
 def test_fixed_seed_reproduces_the_image_whatever_the_batch():
     system = tiny_system()
-    a = sampler.sample(system, ["a red circle", "a blue square"], steps=2, seeds=[3, 4], model=system.denoiser)
+    a = sampler.sample(system, ["a red circle", "a blue square"], steps=2, seeds=[3, 4],
+                       model=system.denoiser)
     b = sampler.sample(system, ["a blue square"], steps=2, seeds=[4], model=system.denoiser)
-    c = sampler.sample(system, ["a red circle", "a blue square"], steps=2, seeds=[3, 5], model=system.denoiser)
+    c = sampler.sample(system, ["a red circle", "a blue square"], steps=2, seeds=[3, 5],
+                       model=system.denoiser)
     torch.testing.assert_close(a[1:], b)
     assert (a[1] - c[1]).abs().max() > 1e-3
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # training and checkpoints
 
 def test_loss_falls_on_a_fixed_batch():
@@ -344,13 +355,13 @@ def test_loss_falls_on_a_fixed_batch():
 
 
 def _train(out, *extra):
-    return train.main(["--steps", "4", "--batch", "4", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "0",
-                       "--out", str(out), *extra])
+    return train.main(["--steps", "4", "--batch", "4", "--log-every", "1", "--ckpt-every", "2",
+                       "--sample-every", "0", "--out", str(out), *extra])
 
 
 def test_resume_continues_exactly(tmp_path):
-    """Kill after step 2 (simulated by pointing `latest` at the step-2 checkpoint), resume: steps 3-4 match, with the
-    tau anneal and the auxiliary term (from step 3 of 4) active."""
+    """Kill after step 2 (simulated by pointing `latest` at the step-2 checkpoint), resume: steps 3-4 match,
+    with the tau anneal and the auxiliary term (from step 3 of 4) active."""
     full = _train(tmp_path / "a", "--batch", "8")
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     (tmp_path / "b" / "latest").write_text("step-0000002\n")
@@ -371,7 +382,8 @@ def test_checkpoint_roundtrip_through_sample_cli(tmp_path, capsys):
     system, meta = selfe.load_checkpoint(str(tmp_path / "run"))
     assert meta["flags"]["objective"] == "fm"
     out = tmp_path / "grid.png"
-    sampler.main(["--ckpt", str(tmp_path / "run"), "--sweep", "1,2", "--out", str(out), "a red circle", "a square"])
+    sampler.main(["--ckpt", str(tmp_path / "run"), "--sweep", "1,2", "--out", str(out),
+                  "a red circle", "a square"])
     from PIL import Image
     assert Image.open(out).size[0] > 2 * 32
 
@@ -390,7 +402,7 @@ def test_nonfinite_loss_stops_and_saves(tmp_path, monkeypatch):
     assert any((tmp_path / "run" / "nonfinite-step-0").rglob("batch.pt"))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # bad input
 
 def test_unknown_preset_lists_choices(capsys):
@@ -408,14 +420,14 @@ def test_missing_checkpoint_says_where_and_how(tmp_path, capsys):
 
 def test_bad_sweep():
     with pytest.raises(argparse.ArgumentTypeError, match="step counts like"):
-        sampler.parse_steps("1,x")
+        cli.step_counts("1,x")
     with pytest.raises(argparse.ArgumentTypeError, match=r"integers in \[1, 1000\]"):
-        sampler.parse_steps("0,2")
+        cli.step_counts("0,2")
 
 
 def test_long_prompt_truncates_with_warning(capsys):
-    ids = data.WordTokenizer(16)(["a red circle " * 10])
-    assert ids.shape == (1, 16) and ids[0, -1] == data.WordTokenizer.eos_id
+    ids = encoders.WordTokenizer(data.WORDS, 16)(["a red circle " * 10])
+    assert ids.shape == (1, 16) and ids[0, -1] == encoders.WordTokenizer.eos_id
     assert "truncated" in capsys.readouterr().err
 
 
@@ -425,15 +437,16 @@ def test_checkpoint_of_the_byte_level_tiny_preset_is_named(tmp_path):
     meta = json.loads((step / "config.json").read_text())
     meta["config"]["tokenizer"] = "bytes"
     (step / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(model.CheckpointError, match="stand-in encoders read bytes.*python train.py"):
+    with pytest.raises(encoders.CheckpointError, match="stand-in encoders read bytes.*python train.py"):
         selfe.load_checkpoint(str(tmp_path / "run"))
 
 
 def test_word_tokenizer_round_trips_captions_and_encodes_any_prompt():
-    """The tiny preset's stand-in tokenizer: one id per word of every world's captions (round trip exact, all inside
-    the word vocabulary, within the preset's text length); anything else still encodes, through hashed buckets."""
+    """The tiny preset's stand-in tokenizer: one id per word of every world's captions
+    (round trip exact, all inside the word vocabulary, within the preset's text length); anything else still
+    encodes, through hashed buckets."""
     cfg = model.CONFIGS["tiny"]
-    tok = data.WordTokenizer(cfg.t5_max_len)
+    tok = encoders.WordTokenizer(data.WORDS, cfg.t5_max_len)
     n_words = 3 + len(data.WORDS)
     assert tok.vocab_size == cfg.t5.vocab_size == cfg.clip.vocab_size
     for world in data.WORLDS.values():
@@ -445,12 +458,15 @@ def test_word_tokenizer_round_trips_captions_and_encodes_any_prompt():
                 assert len(ids) <= min(cfg.t5_max_len - 1, cfg.clip.max_position_embeddings - 2), prompt
     assert tok.encode("A RED Circle!") == tok.encode("a red circle") + tok.encode("!")
     crimson, scarlet = tok.encode("a crimson circle"), tok.encode("a scarlet circle")
-    assert n_words <= crimson[1] < tok.vocab_size and crimson == tok.encode("a crimson circle") and crimson != scarlet
-    odd = ["", "   ", "\U0001f600 emoji", "a\tred\ncircle", "über straße", "<pad> </s> <|endoftext|>", "1234", "_"]
+    assert (n_words <= crimson[1] < tok.vocab_size and crimson == tok.encode("a crimson circle")
+            and crimson != scarlet)
+    odd = ["", "   ", "\U0001f600 emoji", "a\tred\ncircle", "über straße",
+           "<pad> </s> <|endoftext|>", "1234", "_"]
     for framing in ("pad-end", "start-end"):
-        ids = data.WordTokenizer(16, framing)(odd)
+        ids = encoders.WordTokenizer(data.WORDS, 16, framing)(odd)
         assert ids.shape == (len(odd), 16) and 0 <= ids.min() and ids.max() < tok.vocab_size
-        assert (ids == data.WordTokenizer.eos_id).any(1).all()  # every row has its end token (CLIP pools there)
+        # every row has its end token (CLIP pools there)
+        assert (ids == encoders.WordTokenizer.eos_id).any(1).all()
     txt, vec = tiny_system().encode_text(odd)
     assert torch.isfinite(txt).all() and torch.isfinite(vec).all()
 
@@ -475,7 +491,7 @@ def test_manifest_errors_name_file_and_line(tmp_path):
     assert images[0, 0].mean() > 0.5 and images[0, 1].mean() < -0.5  # red, in [-1, 1]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the shapes world
 
 def test_samples_depend_only_on_seed_and_index():
@@ -504,7 +520,8 @@ def test_training_stream_covers_tasks_and_never_shows_heldout_pairs(name):
             assert (clause.get("color"), clause["class"]) not in world.heldout
             if "position" in clause:
                 i_a = spec["include"].index(clause)
-                assert data.relations(objects[i_a][2], objects[clause["position"][1]][2]) == {clause["position"][0]}
+                assert data.relations(objects[i_a][2],
+                                      objects[clause["position"][1]][2]) == {clause["position"][0]}
         n = sum(c["count"] for c in spec["include"])
         assert len(objects) == n
     assert tasks == set(data.TASKS) | {"free"}

@@ -1,7 +1,8 @@
-"""The real-frozen-parts path end to end, offline: a FLUX-layout snapshot folder built from small random reference
-models (transformers T5 and CLIP, diffusers autoencoder, a trained sentencepiece, the real CLIP vocabulary) drives
-`train.py --pretrained`, `sample.py --ckpt` (which finds the parts through the checkpoint) and
-`sample.py --size flux-schnell --pretrained` (a public-layout FLUX transformer through our MMDiT and sampler)."""
+"""The real-frozen-parts path end to end, offline: a FLUX-layout snapshot folder built from small random
+reference models (transformers T5 and CLIP, diffusers autoencoder, a trained sentencepiece, the real CLIP
+vocabulary) drives `train.py --pretrained`, `sample.py --ckpt`
+(which finds the parts through the checkpoint) and `sample.py --size flux-schnell
+--pretrained` (a public-layout FLUX transformer through our MMDiT and sampler)."""
 import dataclasses
 import shutil
 
@@ -20,25 +21,28 @@ transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
 
 TINY_PT = model.Config(hidden_size=64, num_heads=4, depth=1, depth_single_blocks=1, axes_dim=(4, 6, 6),
-                       in_channels=16 * 4, context_in_dim=32, vec_in_dim=32, resolution=32, latent="flux-vae", patch=2,
-                       t5_max_len=16, tokenizer="pretrained", batch=2, steps=2, lr=1e-3, ema_decay=0.9)
+                       in_channels=16 * 4, context_in_dim=32, vec_in_dim=32, resolution=32,
+                       latent="flux-vae", patch=2, t5_max_len=16, tokenizer="pretrained", batch=2, steps=2,
+                       lr=1e-3, ema_decay=0.9)
 
 
 @pytest.fixture(scope="module")
 def snapshot(tmp_path_factory, spiece):  # noqa: F811
     root = tmp_path_factory.mktemp("flux")
     torch.manual_seed(0)
-    t5 = transformers.T5EncoderModel(transformers.T5Config(
-        vocab_size=128, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2, feed_forward_proj="gated-gelu"))
-    perturb_(t5, 0.05).save_pretrained(root / "text_encoder_2", safe_serialization=True, max_shard_size="20KB")
+    t5_config = transformers.T5Config(vocab_size=128, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2,
+                                      feed_forward_proj="gated-gelu")
+    t5 = transformers.T5EncoderModel(t5_config)
+    perturb_(t5, 0.05).save_pretrained(root / "text_encoder_2", safe_serialization=True,
+                                       max_shard_size="20KB")
     clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(  # the real vocabulary and 77 positions
         vocab_size=49408, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
         max_position_embeddings=77, hidden_act="quick_gelu", eos_token_id=2))
     perturb_(clip, 0.05).save_pretrained(root / "text_encoder", safe_serialization=True)
     ae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
                                  up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64),
-                                 layers_per_block=1, latent_channels=16, norm_num_groups=32, use_quant_conv=False,
-                                 use_post_quant_conv=False)
+                                 layers_per_block=1, latent_channels=16, norm_num_groups=32,
+                                 use_quant_conv=False, use_post_quant_conv=False)
     perturb_(ae, 0.02).save_pretrained(root / "vae", safe_serialization=True)
     (root / "tokenizer_2").mkdir()
     shutil.copy(spiece, root / "tokenizer_2" / "spiece.model")
@@ -60,7 +64,8 @@ def test_train_and_sample_with_pretrained_parts(snapshot, presets, tmp_path):
     (tmp_path / "m.tsv").write_text("0.png\ta red image\n1.png\ta blue image\n")
     out = tmp_path / "run"
     hist = train.main(["--size", "test-pt", "--data", str(tmp_path / "m.tsv"), "--pretrained", str(snapshot),
-                       "--steps", "2", "--batch", "2", "--out", str(out), "--sample-every", "0", "--log-every", "1"])
+                       "--steps", "2", "--batch", "2", "--out", str(out), "--sample-every", "0",
+                       "--log-every", "1"])
     assert len(hist) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in hist)
     system, meta = selfe.load_checkpoint(str(out))
     assert system.ae is not None and system.grid == (4, 4)           # 32 px / 4 (this small AE) / patch 2
@@ -68,7 +73,8 @@ def test_train_and_sample_with_pretrained_parts(snapshot, presets, tmp_path):
     assert x.shape == (1, 16, 64) and system.decode_tokens(x, 4, 4).shape == (1, 3, 32, 32)
     assert system.encode_text(["a red circle"])[0].shape == (1, 16, 32)
     png = tmp_path / "s.png"
-    sampler.main(["--ckpt", str(out), "--steps", "2", "--out", str(png), "a red image"])  # parts from the checkpoint
+    # parts from the checkpoint
+    sampler.main(["--ckpt", str(out), "--steps", "2", "--out", str(png), "a red image"])
     assert Image.open(png).size[0] >= 32
 
 
@@ -83,7 +89,8 @@ def test_public_flux_transformer_through_our_stack(snapshot, presets, tmp_path):
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in m.state_dict().items()},
               folder / "flux1-schnell.safetensors")
     png = tmp_path / "flux.png"
-    sampler.main(["--size", "flux-schnell", "--pretrained", str(folder), "--steps", "2", "--out", str(png), "a cat"])
+    sampler.main(["--size", "flux-schnell", "--pretrained", str(folder), "--steps", "2",
+                  "--out", str(png), "a cat"])
     assert Image.open(png).size[0] >= 32
 
 

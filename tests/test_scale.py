@@ -1,6 +1,7 @@
-"""The paper-scale path, proven on CPU: bf16 under FSDP2 (2 processes on gloo against 1), t, s and RoPE kept in fp32,
-a compile that stays compiled, a step that runs on another device type, the memory plan against measured memory, the
-benchmark, the cache builder, and bad input (a batch that cannot fit, a compile that fails, a non-finite step)."""
+"""The paper-scale path, proven on CPU: bf16 under FSDP2 (2 processes on gloo against 1), t, s and RoPE kept
+in fp32, a compile that stays compiled, a step that runs on another device type, the memory plan against
+measured memory, the benchmark, the cache builder, and bad
+input (a batch that cannot fit, a compile that fails, a non-finite step)."""
 import functools
 import os
 import subprocess
@@ -37,13 +38,14 @@ def perturbed(net, seed=0):
     return net
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # bf16
 
 def test_bf16_two_processes_match_one(tmp_path):
-    """bf16 is FSDP2's mixed precision in 1 process too, so at the same micro-batch (8 = 4 x 1 rank x 2 micro-steps
-    and 4 x 2 ranks) every bf16 product is the same and only the fp32 gradient reduction's order differs: the same
-    run within 1e-5, every logged term and the EMA. Against fp32 the bf16 run stays within 1% (stated tolerance)."""
+    """bf16 is FSDP2's mixed precision in 1 process too, so at the same
+    micro-batch (8 = 4 x 1 rank x 2 micro-steps and 4 x 2 ranks) every bf16 product is the same and only the
+    fp32 gradient reduction's order differs: the same run within 1e-5, every logged term and the EMA. Against
+    fp32 the bf16 run stays within 1% (stated tolerance)."""
     one = run(tmp_path / "one", "--precision", "bf16", "--accum", "2")
     two = run(tmp_path / "two", "--precision", "bf16", procs=2)
     assert_same_run(one, two, tol=1e-5)
@@ -55,9 +57,9 @@ def test_bf16_two_processes_match_one(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:.*returned a view tensor")
 def test_time_inputs_reach_the_embedding_and_rope_in_fp32_under_fsdp(one_rank_group):
-    """Hooks after FSDP's own: the network under FSDP2 bf16 sees t and s in fp32, its time MLPs get the sinusoids of
-    the fp32 times (then cast), and every block gets the fp32 rotations. (FSDP's cast would turn t = 0.33944 into
-    0.33984 and a gap t - s of 1e-3 into another one.)"""
+    """Hooks after FSDP's own: the network under FSDP2 bf16 sees t and s in fp32, its time MLPs get the
+    sinusoids of the fp32 times (then cast), and every block gets the fp32 rotations.
+    (FSDP's cast would turn t = 0.33944 into 0.33984 and a gap t - s of 1e-3 into another one.)"""
     torch.manual_seed(0)
     cfg = model.CONFIGS["tiny"]
     net = perturbed(model.MMDiT(cfg))
@@ -82,7 +84,8 @@ def test_time_inputs_reach_the_embedding_and_rope_in_fp32_under_fsdp(one_rank_gr
 
 
 def test_a_bf16_transformer_samples_in_one_process():
-    """sample.py with a bf16 denoiser (a public FLUX.1 transformer on GPU): the network casts its own inputs."""
+    """sample.py with a bf16 denoiser (a public FLUX.1 transformer on GPU): the network
+    casts its own inputs."""
     torch.manual_seed(0)
     system = selfe.SelfE(model.CONFIGS["tiny"])
     perturbed(system.denoiser)
@@ -93,14 +96,14 @@ def test_a_bf16_transformer_samples_in_one_process():
     assert got.dtype == torch.float32 and (got - want).abs().mean() < 0.01, (got - want).abs().mean()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # torch.compile
 
 def test_compile_stays_compiled_over_self_e_steps_with_buckets(tmp_path, monkeypatch):
-    """6 Self-E steps on two aspect-ratio buckets: evaluation sub-batches of every size (1 is padded to 2), the
-    auxiliary pass from step 4, the EMA's pass beside the model's. Dynamo (its eager backend: the counters are the
-    same, the test is fast) compiles each block kind once per grad mode and never again; hitting its recompile
-    limit would stop the run."""
+    """6 Self-E steps on two aspect-ratio buckets: evaluation sub-batches of every size (1 is padded to 2),
+    the auxiliary pass from step 4, the EMA's pass beside the model's. Dynamo
+    (its eager backend: the counters are the same, the test is fast) compiles each block kind once per grad
+    mode and never again; hitting its recompile limit would stop the run."""
     from torch._dynamo.utils import counters
     manifest = make_manifest(tmp_path, [(64, 32), (40, 40)], 8)
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
@@ -110,12 +113,14 @@ def test_compile_stays_compiled_over_self_e_steps_with_buckets(tmp_path, monkeyp
     real = selfe.sample_t
     monkeypatch.setattr(selfe, "sample_t", lambda n, L, *a, **k: lengths.append(L) or real(n, L, *a, **k))
     try:
-        log = train.main([*ARGS, "--steps", "6", "--data", manifest, "--compile", "--out", str(tmp_path / "run")])
+        log = train.main([*ARGS, "--steps", "6", "--data", manifest, "--compile", "--out",
+                          str(tmp_path / "run")])
         graphs = dict(counters["stats"])["unique_graphs"]
     finally:
         torch._dynamo.reset()
     assert len(set(lengths)) == 2 and max(r["fake"] for r in log) > 0  # both buckets, the auxiliary term
-    assert graphs == 4  # {double, single block} x {with grad, without}: no recompile for sizes, buckets or the EMA
+    # {double, single block} x {with grad, without}: no recompile for sizes, buckets or the EMA
+    assert graphs == 4
 
 
 def test_compile_failure_is_named_and_falls_back_only_when_asked(tmp_path, monkeypatch):
@@ -124,26 +129,29 @@ def test_compile_failure_is_named_and_falls_back_only_when_asked(tmp_path, monke
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=broken))
     torch._dynamo.reset()
     try:
-        with pytest.raises(SystemExit, match=r"--compile: torch\.compile failed .*no C\+\+ compiler.*fallback"):
+        with pytest.raises(SystemExit,
+                           match=r"--compile: torch\.compile failed .*no C\+\+ compiler.*fallback"):
             train.main([*ARGS, "--steps", "1", "--compile", "--out", str(tmp_path / "a")])
         torch._dynamo.reset()
-        log = train.main([*ARGS, "--steps", "2", "--compile", "--compile-fallback", "--out", str(tmp_path / "b")])
+        log = train.main([*ARGS, "--steps", "2", "--compile", "--compile-fallback", "--out",
+                          str(tmp_path / "b")])
     finally:
         torch._dynamo.reset()
     assert [r["step"] for r in log] == [1, 2]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # a step on another device type, and the non-finite stop
 
 @pytest.mark.parametrize("objective", ["fm", "selfe"])
 def test_a_training_step_runs_on_another_device_type(objective):
-    """train.objective on the meta device (no memory, the way a GPU is not the CPU): nothing in the step makes a
-    tensor on the CPU behind the caller's back (the FM path once stacked a CPU zero with device tensors)."""
+    """train.objective on the meta device (no memory, the way a GPU is not the CPU): nothing in the step makes
+    a tensor on the CPU behind the caller's back (the FM path once stacked a CPU zero with device tensors)."""
     cfg = model.CONFIGS["tiny"]
     with torch.device("meta"):
         net = model.MMDiT(cfg)
-        x0, eps, eps_self = torch.randn(4, 64, cfg.in_channels), torch.randn(4, 64, 48), torch.randn(4, 64, 48)
+        x0 = torch.randn(4, 64, cfg.in_channels)
+        eps, eps_self = torch.randn(4, 64, 48), torch.randn(4, 64, 48)
         cond = (torch.randn(4, 16, cfg.context_in_dim), torch.randn(4, cfg.vec_in_dim))
         t = torch.rand(4)
         evaluate = torch.tensor([True, False, True, False])
@@ -151,15 +159,16 @@ def test_a_training_step_runs_on_another_device_type(objective):
     G = lambda x, t_, s_, c: selfe.g_head(x, t_, net(x, ids, c[0], txt_ids, t_, s_, c[1]).float())
     args = train.get_args(["--objective", objective])
     loss, terms = train.objective(args, G, G, x0, t, t * 0.5, cond, tuple(c[:1] for c in cond),
-                                  lambda idx: tuple(c[idx] for c in cond), eps, eps_self, evaluate, fake_norm=2,
-                                  eval_size=2)
+                                  fake=lambda idx: tuple(c[idx] for c in cond), eps=eps, eps_self=eps_self,
+                                  evaluate=evaluate, fake_norm=2, eval_size=2)
     loss.backward()
     assert loss.device.type == terms.device.type == "meta" and terms.shape == (5, 4)
 
 
 def test_nonfinite_step_is_skipped_and_saved_at_the_next_read(tmp_path, monkeypatch):
-    """A NaN loss at step 0, read back only at step 2 (--log-every 3, checkpoint at 2): Adam skipped that update and
-    the ones after it on the device, so the saved weights are the initial ones, with step 0's batch."""
+    """A NaN loss at step 0, read back only at step 2 (--log-every 3, checkpoint at 2): Adam
+    skipped that update and the ones after it on the device, so the saved weights are the initial
+    ones, with step 0's batch."""
     real = losses.selfe_loss
 
     def broken(*a, **k):
@@ -177,7 +186,7 @@ def test_nonfinite_step_is_skipped_and_saved_at_the_next_read(tmp_path, monkeypa
     assert batch["items"] == list(range(8)) and batch["t"].shape == (8,)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the memory plan and the fit check
 
 MEASURE = '''
@@ -199,12 +208,13 @@ print(out[16] - out[4])
 
 @pytest.mark.parametrize("act_ckpt", [False, True])
 def test_memory_plan_activations_match_measured_memory(act_ckpt):
-    """The plan counts a step's activations on the meta device. Measured: the resident memory a real CPU forward
-    adds, with glibc told to map every allocation of 16 KiB or more on its own (so a free returns it at once), at
-    micro-batch 16 minus micro-batch 4 (what does not scale with the batch cancels). Within 5%."""
+    """The plan counts a step's activations on the meta device. Measured: the resident memory a real CPU
+    forward adds, with glibc told to map every allocation of 16 KiB or more on its own
+    (so a free returns it at once), at micro-batch 16 minus
+    micro-batch 4 (what does not scale with the batch cancels). Within 5%."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "16384", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    p = subprocess.run([sys.executable, "-c", MEASURE, str(int(act_ckpt))], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run([sys.executable, "-c", MEASURE, str(int(act_ckpt))], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     measured = int(p.stdout.split()[-1])
     cfg = model.CONFIGS["tiny"]
@@ -228,18 +238,21 @@ def test_a_batch_that_cannot_fit_stops_before_any_weight_is_built(monkeypatch):
     def built(*a, **k):
         raise AssertionError("a weight was built")
     monkeypatch.setattr(selfe, "SelfE", built)
-    with pytest.raises(SystemExit, match=r"--batch 64 on 1 device.*needs .* GiB by the memory plan.*fits with "
-                                         r"--accum \d+ .* or --act-ckpt"):
+    with pytest.raises(SystemExit,
+                       match=r"--batch 64 on 1 device.*needs .* GiB by the memory plan.*fits with "
+                       r"--accum \d+ .* or --act-ckpt"):
         train.main([*ARGS, "--batch", "64", "--accum", "1", "--memory-gib", "0.25"])
     with pytest.raises(SystemExit, match="nothing fits"):
         train.main([*ARGS, "--memory-gib", "0.01"])
     cfg = model.CONFIGS["tiny"]
     need = lambda b: bench.memory_plan(cfg, b, 32, 1, False, "fp32")["total"] / 2 ** 30
-    args = train.get_args([*ARGS, "--batch", "64", "--memory-gib", str((need(16) + need(32)) / 2 / train.FIT)])
-    assert train.choose_accum(args, 1) == 4  # the fewest micro-steps that fit: micro-batch 16 fits, 32 does not
+    args = train.get_args([*ARGS, "--batch", "64", "--memory-gib",
+                           str((need(16) + need(32)) / 2 / train.FIT)])
+    # the fewest micro-steps that fit: micro-batch 16 fits, 32 does not
+    assert train.choose_accum(args, 1) == 4
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the benchmark
 
 def test_benchmark_prints_each_row_as_measured_and_survives_an_oom(capsys, monkeypatch):
@@ -259,12 +272,12 @@ def test_benchmark_prints_each_row_as_measured_and_survives_an_oom(capsys, monke
     assert all(r[4][0] > 0 and r[4][1] > 0 for r in rows if r[4])
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # data and the cache builder
 
 def test_cache_builder_builds_no_denoiser_and_encodes_in_its_own_batches(tmp_path, monkeypatch):
     manifest = make_manifest(tmp_path, [(40, 40)], 10)
-    monkeypatch.setattr(selfe, "MMDiT", None)                            # building a denoiser would fail
+    monkeypatch.setattr(model, "MMDiT", None)                            # building a denoiser would fail
     sizes = []
     real = selfe.SelfE.encode_latents
     monkeypatch.setattr(selfe.SelfE, "encode_latents", lambda self, x: sizes.append(len(x)) or real(self, x))
@@ -283,4 +296,4 @@ def test_manifest_images_decode_in_threads_off_the_training_thread(tmp_path, mon
     monkeypatch.setattr(data.ShapesData, "batch", lambda self, i: threads.add(threading.current_thread()) or
                         real(self, i))
     train.main([*ARGS, "--steps", "2", "--out", str(tmp_path / "run")])
-    assert threading.main_thread() not in threads                        # read a step ahead, on the prefetch thread
+    assert threading.main_thread() not in threads                  # read a step ahead, on the prefetch thread
