@@ -43,7 +43,6 @@ class Config:
     # image space
     resolution: int = 256
     latent: str = "flux-vae"       # "flux-vae" (16 channels, /8) or "pixels" (3 channels, /1)
-    pixel_scale: float = 1.0       # "pixels": latents = the images in [-1, 1] x this (about unit variance)
     patch: int = 2
     # text
     t5: encoders.T5Config = field(default_factory=encoders.T5Config)

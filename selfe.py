@@ -203,12 +203,11 @@ class SelfE:
 
     @torch.no_grad()
     def encode_latents(self, images):
-        """(B, 3, H, W) in [-1, 1] -> FLUX autoencoder latents (B, 16, H/8, W/8) in fp32, or the pixels scaled
-        by the preset's pixel_scale (tiny): like the autoencoder's scale_factor, it brings the data to about
-        unit variance, the scale the noise levels of Eq. 1 and the time warp of s.12 are meant for."""
+        """(B, 3, H, W) in [-1, 1] -> FLUX autoencoder latents (B, 16, H/8, W/8) in fp32, or the pixels
+        themselves (tiny)."""
         x = images.to(self.device, non_blocking=True)
         if self.ae is None:
-            return x * self.cfg.pixel_scale
+            return x
         return self.ae.encode(x.to(next(self.ae.parameters()).dtype)).float()
 
     def encode_images(self, images):
@@ -220,7 +219,7 @@ class SelfE:
         """tokens (B, h w, C p p) -> images (B, 3, H, W) in [-1, 1]."""
         x = unpatchify(x.float(), h, w, self.cfg.patch)
         if self.ae is None:
-            return (x / self.cfg.pixel_scale).clamp(-1, 1)
+            return x.clamp(-1, 1)
         x = self.ae.decode(x.to(next(self.ae.parameters()).dtype)).float()
         return x.clamp(-1, 1)
 
