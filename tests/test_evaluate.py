@@ -292,15 +292,11 @@ def test_overall_is_the_plain_mean_of_the_six_tasks():
 # The CLI
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+def ckpt(tmp_path_factory, untrained_tiny):
     """A tiny untrained checkpoint (no training on a shared CPU), and two that the checker must refuse."""
-    import model
-    import selfe
     import train
     root = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(0)
-    system = selfe.SelfE(model.CONFIGS["tiny"])
-    system.make_ema()
+    system = untrained_tiny
     flags = {"world": "small", "anchor": 512, "objective": "selfe", "seed": 0, "data": "shapes"}
     train.save_checkpoint(str(root / "ok"), system, 1, flags)
     train.save_checkpoint(str(root / "mars"), system, 1, dict(flags, world="mars"))

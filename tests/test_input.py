@@ -13,7 +13,6 @@ import torch
 import cli
 import data
 import encoders
-import model
 import sample as sampler
 import selfe
 import train
@@ -28,13 +27,10 @@ def _train(out, *extra):
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+def ckpt(tmp_path_factory, untrained_tiny):
     """A tiny untrained checkpoint (built and saved, not trained): <root>/run/latest -> step-0000001."""
     root = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(0)
-    system = selfe.SelfE(model.CONFIGS["tiny"])
-    system.make_ema()
-    train.save_checkpoint(str(root / "run"), system, 1, FLAGS)
+    train.save_checkpoint(str(root / "run"), untrained_tiny, 1, FLAGS)
     return root / "run"
 
 
@@ -57,13 +53,11 @@ def test_fresh_run_into_a_folder_holding_a_run_is_refused_and_loses_nothing(tmp_
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
 
 
-def test_clean_up_never_deletes_the_checkpoint_latest_names(tmp_path):
+def test_clean_up_never_deletes_the_checkpoint_latest_names(tmp_path, untrained_tiny):
     """Checkpoint clean-up keeps the newest ones up to the step just written, by number: folders
     numbered above it (another run's, or this run's before it was resumed from an earlier step)
     are never its to delete."""
-    torch.manual_seed(0)
-    system = selfe.SelfE(model.CONFIGS["tiny"])
-    system.make_ema()
+    system = untrained_tiny
     for n in (20, 30):
         (tmp_path / f"step-{n:07d}").mkdir()
     for step in (5, 10, 15):
