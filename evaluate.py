@@ -310,9 +310,11 @@ def describe(objects):
                      for o in objects) or "nothing"
 
 
-def score(images, specs, world, colours=False):
-    """Images (B, 3, H, W) in [-1, 1] against their specs -> list of (correct, reason), with colours_match's
-    verdict third if `colours`."""
+def score(images, specs, world):
+    """Images (B, 3, H, W) in [-1, 1] against their specs -> one record per image: `correct` and its `reason`
+    (GenEval's verdict), `colours_match` (the colours* diagnostic, None when the prompt names no colour), and
+    the shape diagnostics: `objects` found, how many the checker `kept` (confidence >= KEEP_CONF), and `iou`,
+    the sum of their template IoUs (mean IoU = iou / objects)."""
     out, threads = [], torch.get_num_threads()
     # the checker's tensors are tiny: extra threads only add overhead (10x on a busy CPU)
     torch.set_num_threads(1)
@@ -320,8 +322,10 @@ def score(images, specs, world, colours=False):
         for img, spec in zip(data.to_uint8(images).numpy(), specs):
             objects = detect(img, world)
             ok, why = judge(spec, objects)
-            verdict = (ok, f"{why} | saw: {describe(objects)}")
-            out.append(verdict + ((colours_match(spec, objects),) if colours else ()))
+            out.append({"correct": ok, "reason": f"{why} | saw: {describe(objects)}",
+                        "colours_match": colours_match(spec, objects), "objects": len(objects),
+                        "kept": sum(o["conf"] >= KEEP_CONF for o in objects),
+                        "iou": sum(o["iou"] for o in objects)})
     finally:
         torch.set_num_threads(threads)
     return out
@@ -335,7 +339,7 @@ def prompt_set(world, n, seed=0):
     """A fixed, seeded GenEval-style prompt set: n prompts per task drawn from the compositions training shows
     (seen), and n per colour-naming task that name a held-out (colour, shape) pair
     (only colors and color_attr can). Prompts are distinct while the world has enough of them, then repeat
-    (small worlds have few single prompts)."""
+    (small worlds have few single prompts); `complete` marks a task whose prompts are then all it has."""
     if n < 1:
         raise ValueError(f"--prompts must be >= 1, got {n}")
     specs = []
@@ -351,7 +355,9 @@ def prompt_set(world, n, seed=0):
                     drawn.append(s)
                 if len(drawn) == n:
                     break
-            specs += [dict(drawn[i % len(drawn)], seen=seen) for i in range(n)]
+            # fewer distinct prompts than asked for: these are all the task has (the bootstrap redraws
+            # their images, not the prompts: compare)
+            specs += [dict(drawn[i % len(drawn)], seen=seen, complete=len(drawn) < n) for i in range(n)]
     return specs
 
 
@@ -363,26 +369,36 @@ def render_spec(spec, world, rng):
     return data.render(objs, world.resolution, rng), truth
 
 
-def summarize(specs, correct, colours=None):
+def summarize(specs, correct, records=None):
     """Per task, Overall (plain mean of the task scores present), % prompts with any correct image, per shape
-    and per colour accuracy (over images whose prompt names it), and the colours_match diagnostic when given.
-    specs, correct and colours are per image."""
+    and per colour accuracy (over images whose prompt names it); with `records` (score's, per image) also the
+    diagnostics beside Overall: colours*, the mean template IoU of every object found and the share of them
+    kept, contrast (when the records carry it). specs and correct are per image."""
     def mean(xs):
-        return round(float(np.mean(xs)), 6) if xs else None
+        return round(float(np.mean(xs)), 6) if len(xs) else None
     tasks = {t: mean([c for s, c in zip(specs, correct) if s["tag"] == t]) for t in data.TASKS}
     tasks = {t: v for t, v in tasks.items() if v is not None}
     by_prompt = {}
     for s, c in zip(specs, correct):
         by_prompt.setdefault(s["index"], []).append(c)
     named = lambda key: sorted({o[key] for s in specs for o in s["include"] if o.get(key)})
-    return {"tasks": tasks, "overall": mean(list(tasks.values())), "images": len(correct),
-            "any_correct": mean([any(v) for v in by_prompt.values()]),
-            "per_shape": {k: mean([c for s, c in zip(specs, correct)
-                                   if any(o["class"] == k for o in s["include"])]) for k in named("class")},
-            "per_color": {k: mean([c for s, c in zip(specs, correct)
-                                   if any(o.get("color") == k for o in s["include"])])
-                          for k in named("color")},
-            "colours_match": mean([c for c in colours or () if c is not None]) if colours else None}
+    out = {"tasks": tasks, "overall": mean(list(tasks.values())), "images": len(correct),
+           "any_correct": mean([any(v) for v in by_prompt.values()]),
+           "per_shape": {k: mean([c for s, c in zip(specs, correct)
+                                  if any(o["class"] == k for o in s["include"])]) for k in named("class")},
+           "per_color": {k: mean([c for s, c in zip(specs, correct)
+                                  if any(o.get("color") == k for o in s["include"])])
+                         for k in named("color")}}
+    if records is not None:
+        found = sum(r["objects"] for r in records)
+        colours = [r["colours_match"] for r in records if r["colours_match"] is not None]
+        out |= {"colours_match": mean(colours),
+                "iou": round(sum(r["iou"] for r in records) / found, 6) if found else None,
+                "kept": round(sum(r["kept"] for r in records) / found, 6) if found else None,
+                "objects_per_image": round(found / len(records), 4)}
+        if all("contrast" in r for r in records):
+            out["contrast"] = mean([r["contrast"] for r in records])
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -464,10 +480,10 @@ def validate(world, n=10, kinds=("clean",), seed=0, negatives=True):
     for kind in kinds:
         gen = torch.Generator().manual_seed(seed)
         res = score(perturb(imgs, kind, gen), specs, world)
-        entry = {"truth": summarize(specs, [ok for ok, _ in res]),
-                 "failures": [(s["prompt"], why) for s, (ok, why) in zip(specs, res) if not ok]}
+        entry = {"truth": summarize(specs, [r["correct"] for r in res]),
+                 "failures": [(s["prompt"], r["reason"]) for s, r in zip(specs, res) if not r["correct"]]}
         if negs is not None:
-            nres = [ok for ok, _ in score(perturb(negs, kind, gen), neg_specs, world)]
+            nres = [r["correct"] for r in score(perturb(negs, kind, gen), neg_specs, world)]
             entry["negatives"] = round(float(np.mean(nres)), 4)
             entry["negative_kinds"] = {k: round(float(np.mean([r for r, kk in zip(nres, neg_kinds)
                                                                if kk == k])), 4)
@@ -534,15 +550,15 @@ def sweep(system, meta, world, specs, steps_list, args, tag):
                   file=sys.stderr, flush=True)
         images = torch.cat(images)                                          # (P K, 3, R, R), prompt-major
         gen_s = time.time() - t0
-        res = score(images, [specs[i] for i, _ in jobs], world, colours=True)
+        records = score(images, [specs[i] for i, _ in jobs], world)
         print(f" ({gen_s:.0f} s sampling, {time.time() - t0 - gen_s:.0f} s checking)", file=sys.stderr)
-        per = [(specs[i], ok, col) for (i, _), (ok, _, col) in zip(jobs, res)]
-        results[n] = {"seen": summarize(*zip(*[p for p in per if p[0]["seen"]])),
-                      "heldout": summarize(*zip(*[p for p in per if not p[0]["seen"]]))
-                      if any(not s["seen"] for s in specs) else None, "sampling_s": round(gen_s, 2),
-                      "images": [{"prompt": i, "image": j, "seed": noise_seed(args.seed, i, j), "correct": ok,
-                                  "reason": why, "colours_match": col}
-                                 for (i, j), (ok, why, col) in zip(jobs, res)]}
+        for (i, j), r, c in zip(jobs, records, contrast(images).tolist()):
+            r.update(prompt=i, image=j, seed=noise_seed(args.seed, i, j), contrast=round(c, 6))
+        group = lambda seen: [(specs[r["prompt"]], r["correct"], r) for r in records
+                              if specs[r["prompt"]]["seen"] == seen]
+        results[n] = {"seen": summarize(*zip(*group(True))),
+                      "heldout": summarize(*zip(*group(False))) if group(False) else None,
+                      "sampling_s": round(gen_s, 2), "images": records}
         rows.append(images[[i * args.seeds for i in picks]])
         all_images[n] = images
     # any-step consistency: how far each step count's images are from the most-steps images of the same noise
@@ -591,13 +607,17 @@ def denoising_table(res):
 
 
 def table(results, which):
-    held_out_cols = ("colors", "color_attr", "overall", "any", "colours*")
-    cols = (*COLUMNS, "colours*") if which == "seen" else held_out_cols
+    """One row per step count: the tasks, Overall, any, and the diagnostics beside Overall (colours*, the mean
+    template IoU of the objects found and the share kept, contrast)."""
+    diagnostics = ("colours*", "IoU", "kept", "contrast")
+    cols = (*COLUMNS, *diagnostics) if which == "seen" else ("colors", "color_attr", "overall", "any",
+                                                             *diagnostics)
+    key = {"overall": "overall", "any": "any_correct", "colours*": "colours_match", "IoU": "iou",
+           "kept": "kept", "contrast": "contrast"}
     lines = [f"{'steps':>5} " + " ".join(f"{c:>10}" for c in cols)]
     for n, r in results.items():
         s = r[which]
-        vals = [s["tasks"].get(c) if c in data.TASKS else s["overall"] if c == "overall" else
-                s.get("colours_match") if c == "colours*" else s["any_correct"] for c in cols]
+        vals = [s["tasks"].get(c) if c in data.TASKS else s.get(key[c]) for c in cols]
         lines.append(f"{n:>5} " + " ".join(f"{'-' if v is None else format(v, '.3f'):>10}" for v in vals))
     # the per-shape view exposes a checker (or model) that reads blobs as one class
     for n, r in results.items():
@@ -607,11 +627,173 @@ def table(results, which):
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Comparing models: paired differences with bootstrap intervals
+#
+# Every model samples the same prompts with the same noise (common random numbers), so a difference between
+# two models is measured image by image. Its interval comes from a bootstrap that redraws what would change in
+# a repeat of the experiment: the prompts (a task's prompts are a sample of the world's, and images of one
+# prompt succeed or fail together), and, when an arm has several training runs (seeds), the runs. A task
+# whose prompt set holds every prompt the world has (`complete`: the small world has 3 single-object prompts)
+# has no other prompt to draw: there the images of each prompt are redrawn instead. Each replicate applies one
+# draw to every model, so the difference is paired.
+
+COMPARED = (*data.TASKS, "overall", "colours*", "contrast", "IoU", "kept")
+HELDOUT_COMPARED = ("colors", "color_attr", "overall", "colours*", "contrast", "IoU", "kept")
+
+
+def bootstrap_weights(specs, records, n, seed=0):
+    """How often each image counts in each of n replicates -> (n + 1, images) float64, row 0 all ones (the
+    point estimate). Within each (seen, task) group: the distinct prompts are redrawn with replacement, each
+    carrying its images; in a `complete` group the images of each prompt are redrawn. None when some group has
+    fewer than 2 distinct prompts to redraw (no interval can be had)."""
+    rng = np.random.default_rng(seed)
+    groups = {}
+    for k, r in enumerate(records):
+        s = specs[r["prompt"]]
+        groups.setdefault((s["seen"], s["tag"]), {}).setdefault(s.get("canonical", s["prompt"]), []).append(k)
+    W = np.ones((n + 1, len(records)))
+    for (seen, tag), clusters in groups.items():
+        clusters = list(clusters.values())
+        if specs[records[clusters[0][0]]["prompt"]].get("complete"):
+            for images in clusters:  # every prompt stays; its images are redrawn
+                counts = rng.multinomial(len(images), [1 / len(images)] * len(images), size=n)
+                W[1:, images] = counts
+        elif len(clusters) < 2:
+            return None
+        else:
+            counts = rng.multinomial(len(clusters), [1 / len(clusters)] * len(clusters), size=n)
+            for c, images in enumerate(clusters):
+                W[1:, images] = counts[:, c:c + 1]
+    return W
+
+
+def metric_values(specs, records, W, seen):
+    """Every compared metric of one run's records under the weights W (n, images) -> {metric: (n,)}: each a
+    weighted share or mean over the images of `seen` (True) or held-out (False) prompts; nan where the
+    weights leave nothing to average."""
+    cols = np.array([[r["correct"], r["colours_match"] is not None, bool(r["colours_match"]), r["contrast"],
+                      r["iou"], r["kept"], r["objects"]] for r in records], dtype=np.float64)
+    tags = np.array([specs[r["prompt"]]["tag"] for r in records])
+    mine = np.array([specs[r["prompt"]]["seen"] == seen for r in records])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = lambda num, den, mask: (W[:, mask] @ num[mask]) / (W[:, mask] @ den[mask])
+        ones = np.ones(len(records))
+        out = {t: ratio(cols[:, 0], ones, mine & (tags == t))
+               for t in data.TASKS if (mine & (tags == t)).any()}
+        out["overall"] = np.mean(np.stack(list(out.values())), axis=0)
+        out["colours*"] = ratio(cols[:, 2], cols[:, 1], mine)
+        out["contrast"] = ratio(cols[:, 3], ones, mine)
+        out["IoU"] = ratio(cols[:, 4], cols[:, 6], mine)
+        out["kept"] = ratio(cols[:, 5], cols[:, 6], mine)
+    return out
+
+
+def compare(arms, specs, steps_list, baseline=0, replicates=2000, seed=0):
+    """Paired differences of each arm against the baseline arm, at every step count, seen and held out.
+    arms: list of {"label", "runs": [{"seed", "results"}]}, results as sweep returns them. An arm's value in a
+    replicate is the mean over its runs, redrawn with replacement; two arms trained with the same seeds are
+    redrawn together (a seed's runs share initial weights and data order). -> (comparisons, note): for each
+    other arm {"label", "baseline", "steps": {n: {"seen"/"heldout": {metric: {diff, lo, hi}},
+    "overall_ratio": {...}}}}; intervals are 95% percentile intervals, None when the prompts cannot be
+    redrawn (note says why)."""
+    base = arms[baseline]
+    rng = np.random.default_rng(seed + 1)
+    first = base["runs"][0]["results"][steps_list[0]]["images"]
+    W = bootstrap_weights(specs, first, replicates, seed) if replicates else None
+    note = None
+    if W is None:
+        W = np.ones((1, len(first)))
+        note = ("no intervals: " + ("--bootstrap 0" if not replicates else
+                                    "a task has fewer than 2 prompts to redraw (use --prompts 2 or more)"))
+    n = len(W) - 1
+
+    def run_draws(arm):  # (n + 1, runs) indices of the arm's runs per replicate; row 0 every run once
+        R = len(arm["runs"])
+        return np.vstack([np.arange(R)[None], rng.integers(0, R, size=(n, R))])
+    seeds = lambda arm: sorted(r["seed"] for r in arm["runs"])
+    base_draws = run_draws(base)
+    out = []
+    for a, arm in enumerate(arms):
+        if a == baseline:
+            continue
+        paired = seeds(arm) == seeds(base) and len(arm["runs"]) > 1
+        draws = {id(base): base_draws, id(arm): base_draws if paired else run_draws(arm)}
+        order = lambda x: sorted(range(len(x["runs"])), key=lambda i: x["runs"][i]["seed"])
+        entry = {"label": arm["label"], "baseline": base["label"], "seeds_paired": paired, "steps": {}}
+        for steps in steps_list:
+            per = {}
+            for which, seen, metrics in (("seen", True, COMPARED), ("heldout", False, HELDOUT_COMPARED)):
+                if not any(s["seen"] == seen for s in specs):
+                    continue
+                value = {}
+                for x in (base, arm):  # the arm's value per replicate: the mean over its redrawn runs
+                    runs = [metric_values(specs, x["runs"][i]["results"][steps]["images"], W, seen)
+                            for i in order(x)]
+                    pick = draws[id(x)]                                  # (n + 1, runs)
+                    value[id(x)] = {m: np.stack([r[m] for r in runs])[pick, np.arange(n + 1)[:, None]].mean(1)
+                                    for m in metrics if m in runs[0]}
+                per[which] = {m: interval(value[id(arm)][m] - value[id(base)][m], note is None)
+                              for m in metrics if m in value[id(base)]}
+                if which == "seen":
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        ratio = value[id(arm)]["overall"] / value[id(base)]["overall"]
+                    per["overall_ratio"] = interval(ratio, note is None)
+            entry["steps"][steps] = per
+        out.append(entry)
+    return out, note
+
+
+def interval(x, bootstrap):
+    """Replicates (n + 1,), row 0 the point estimate -> {diff, lo, hi}: the 95% percentile interval of the
+    finite replicates (None without a bootstrap or when most replicates are undefined)."""
+    point = float(x[0]) if np.isfinite(x[0]) else None
+    rest = x[1:][np.isfinite(x[1:])]
+    if not bootstrap or point is None or len(rest) < 0.9 * (len(x) - 1):
+        return {"diff": None if point is None else round(point, 6), "lo": None, "hi": None}
+    lo, hi = np.percentile(rest, [2.5, 97.5])
+    return {"diff": round(point, 6), "lo": round(float(lo), 6), "hi": round(float(hi), 6)}
+
+
+def comparison_table(entry, which, note):
+    """Rows the metrics, columns the step counts; each cell the difference and its 95% interval."""
+    steps = list(entry["steps"])
+    cell = lambda d: ("-" if d["diff"] is None else f"{d['diff']:+.3f}" + (
+        f" [{d['lo']:+.3f}, {d['hi']:+.3f}]" if d["lo"] is not None else ""))
+    rows = [m for m in (COMPARED if which == "seen" else HELDOUT_COMPARED)
+            if m in entry["steps"][steps[0]][which]]
+    lines = [f"{'':>10} " + " ".join(f"{str(n) + ' steps':>24}" for n in steps)]
+    for m in rows:
+        lines.append(f"{m:>10} " + " ".join(f"{cell(entry['steps'][n][which][m]):>24}" for n in steps))
+    if which == "seen":
+        ratio = lambda d: ("-" if d["diff"] is None else f"x{d['diff']:.2f}" + (
+            f" [{d['lo']:.2f}, {d['hi']:.2f}]" if d["lo"] is not None else ""))
+        lines.append(f"{'ratio':>10} " + " ".join(f"{ratio(entry['steps'][n]['overall_ratio']):>24}"
+                                                  for n in steps))
+    return "\n".join(lines)
+
+
+def parse_arm(text):
+    """'[LABEL=]DIR[,DIR...]' -> {"label", "runs": [{"ckpt"}]}: one arm, several runs (seeds) of it."""
+    label, _, dirs = text.rpartition("=") if "=" in text.split(",")[0] else ("", "", text)
+    runs = [d for d in dirs.split(",") if d]
+    if not runs:
+        raise argparse.ArgumentTypeError(f"{text!r}: no checkpoint folder given")
+    return {"label": label or runs[0], "runs": [{"ckpt": d} for d in runs]}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="runs/tiny", help="run folder (uses its `latest`) or a step folder")
-    p.add_argument("--compare", nargs="+", default=[], metavar="DIR",
-                   help="more checkpoints, same prompts and noise")
+    p.add_argument("--ckpt", default="runs/tiny", metavar="[LABEL=]DIR[,DIR...]",
+                   help="run folder (uses its `latest`) or a step folder; several, comma-separated, are "
+                   "runs of one arm (training seeds), averaged and redrawn by the bootstrap")
+    p.add_argument("--compare", nargs="+", default=[], metavar="[LABEL=]DIR[,DIR...]",
+                   help="more arms, sampled with the same prompts and noise, each compared with the baseline "
+                   "by paired differences")
+    p.add_argument("--baseline", default=None, metavar="LABEL",
+                   help="the arm the others are compared with (default: the first, --ckpt)")
+    p.add_argument("--bootstrap", type=number(int, 0), default=2000, metavar="N",
+                   help="bootstrap replicates for the intervals of --compare (0: differences only)")
     p.add_argument("--steps", type=cli.step_counts, default="1,2,4,8,50", help="comma-separated step counts")
     p.add_argument("--prompts", type=int, default=10,
                    help="prompts per task (seen; and per colour task held out)")
@@ -624,6 +806,9 @@ def main(argv=None):
     p.add_argument("--eta", type=number(float, 0, 1), default=1.0, help="DDIM eta")
     p.add_argument("--s-schedule", type=cli.s_schedule, default=None,
                    help="as in sample.py (default: its own)")
+    p.add_argument("--phrasing", default="template", choices=("template", "typed"),
+                   help="ask in GenEval's templates, or in the words a person might type "
+                   "(data.typed_caption: casing, punctuation, 'one', word order)")
     p.add_argument("--batch", type=int, default=64, help="images per sampling call")
     p.add_argument("--denoise", type=int, default=256, metavar="N",
                    help="also measure each model as a denoiser on N unseen ground-truth scenes: velocity "
@@ -640,18 +825,43 @@ def main(argv=None):
         return bench()
     if args.validate:
         return print_validation(args.prompts, args.seed)
-    out_dir = args.out or os.path.join(args.ckpt, "eval")
+    try:
+        arms = [parse_arm(text) for text in [args.ckpt, *args.compare]]
+    except argparse.ArgumentTypeError as e:
+        p.error(f"argument --ckpt/--compare: {e}")
+    out_dir = args.out or os.path.join(arms[0]["runs"][0]["ckpt"], "eval")
     if not args.out:  # the default folder is checked now too, not after the sweep
         try:
             cli.writable_folder(out_dir)
         except argparse.ArgumentTypeError as e:
             p.error(f"argument --out (default {out_dir}): {e}")
-    paths = [args.ckpt, *args.compare]
-    models = [load(path, args.device) for path in paths]
-    if len({m[2].name for m in models}) > 1:
-        raise SystemExit(f"evaluate.py: {', '.join(paths)} were trained on different worlds")
-    world = models[0][2]
+    labels = []
+    # an unnamed arm is named by its first folder, and told apart from a namesake by a number
+    for arm in arms:
+        label, k = arm["label"], 2
+        while arm["label"] in labels:
+            arm["label"], k = f"{label} ({k})", k + 1
+        labels.append(arm["label"])
+    if args.baseline is not None and args.baseline not in labels:
+        p.error(f"argument --baseline: {args.baseline!r} is none of the arms {', '.join(labels)}")
+    baseline = labels.index(args.baseline) if args.baseline else 0
+    world = None
+    for arm in arms:
+        for run in arm["runs"]:
+            run["system"], run["meta"], run_world = load(run["ckpt"], args.device)
+            run["seed"] = run["meta"]["flags"].get("seed", 0)
+            if world is None:
+                world, first = run_world, run
+            else:
+                (a, ra), (b, rb) = [(w.name, r["system"].cfg.resolution) for w, r in ((world, first),
+                                                                                       (run_world, run))]
+                if (a, ra) != (b, rb):
+                    raise SystemExit(f"evaluate.py: {first['ckpt']} (world {a!r}, {ra} px) and {run['ckpt']} "
+                                     f"(world {b!r}, {rb} px) cannot be compared: they draw different worlds")
     specs = [dict(s, index=i) for i, s in enumerate(prompt_set(world, args.prompts, args.seed))]
+    if args.phrasing == "typed":  # the same scenes asked for in a person's words; scored as before
+        specs = [dict(s, canonical=s["prompt"], prompt=data.typed_caption(s, random.Random(
+            f"selfe-typed-{args.seed}-{s['index']}"))) for s in specs]
     report = {"config": {k: v for k, v in vars(args).items() if k not in ("validate", "bench")} | {
         "steps": args.steps, "world": world.name, "keep_conf": KEEP_CONF, "exclude_iou": EXCLUDE_IOU},
         "prompts": specs, "models": []}
@@ -659,31 +869,52 @@ def main(argv=None):
     truth = torch.stack([render_spec(s, world, data.sample_rng(args.seed, s["index"]))[0] for s in specs])
     truth_contrast = contrast(truth).mean().item()
     report["config"]["truth_contrast"] = round(truth_contrast, 4)
-    for (system, meta, _), path, tag in zip(models, paths, "ABCDEFGH"):
-        results, rows = sweep(system, meta, world, specs, args.steps, args, tag)
-        all_rows.append(rows)
-        denoise = None
-        if args.denoise:
-            denoise = denoising(system, world, args.denoise, args.seed, batch=args.batch)
-        report["models"].append({"tag": tag, "ckpt": path, "step": meta.get("step"),
-                                 "objective": meta["flags"].get("objective"), "results": results,
-                                 "denoising": denoise})
-        print(f"\nmodel {tag}: {path} (step {meta.get('step')}, objective {meta['flags'].get('objective')}, "
-              f"world {world.name}, {args.prompts} prompts per task x {args.seeds} images)")
-        print("seen compositions (overall = mean of the 6 tasks; any = % prompts with a correct image; "
-              "colours* = share of colour-naming prompts' images whose blobs have exactly the named colours, "
-              "a diagnostic outside Overall)")
-        print(table(results, "seen"))
-        print("held-out compositions (overall = mean of colors and color_attr)")
-        print(table(results, "heldout"))
-        print(f"RMS pixel distance (in [-1, 1]) to the {max(args.steps)}-step image of the same noise: " +
-              ", ".join(f"{n} steps {r['rms_to_most_steps']:.3f}" for n, r in results.items()))
-        print(f"contrast (RMS from the image's median colour; ground-truth renders {truth_contrast:.3f}): " +
-              ", ".join(f"{n} steps {r['contrast']:.3f}" for n, r in results.items()))
-        if denoise:
-            print(f"as a denoiser on {args.denoise} unseen ground-truth scenes (velocity error, s = t; gain "
-                  "= share of the unconditional error the prompt removes)")
-            print(denoising_table(denoise))
+    for arm in arms:
+        for k, run in enumerate(arm["runs"]):
+            tag = arm["label"] + (f"#{k + 1}" if len(arm["runs"]) > 1 else "")
+            system, meta, path = run["system"], run["meta"], run["ckpt"]
+            results, rows = sweep(system, meta, world, specs, args.steps, args, tag)
+            run["results"] = results
+            if k == 0:
+                all_rows.append(rows)
+            denoise = None
+            if args.denoise:
+                denoise = denoising(system, world, args.denoise, args.seed, batch=args.batch)
+            report["models"].append({"tag": tag, "arm": arm["label"], "ckpt": path, "step": meta.get("step"),
+                                     "seed": run["seed"], "objective": meta["flags"].get("objective"),
+                                     "results": results, "denoising": denoise})
+            print(f"\nmodel {tag}: {path} (step {meta.get('step')}, objective "
+                  f"{meta['flags'].get('objective')}, seed {run['seed']}, world {world.name}, {args.prompts} "
+                  f"prompts per task x {args.seeds} images)")
+            print("seen compositions (overall = mean of the 6 tasks; any = % prompts with a correct image; "
+                  "beside Overall: colours* = share of colour-naming prompts' images whose objects have "
+                  "exactly the named colours, IoU = mean template IoU of the objects found, kept = share of "
+                  "them accepted, contrast = RMS from the image's median colour)")
+            print(table(results, "seen"))
+            print("held-out compositions (overall = mean of colors and color_attr)")
+            print(table(results, "heldout"))
+            print(f"RMS pixel distance (in [-1, 1]) to the {max(args.steps)}-step image of the same noise: " +
+                  ", ".join(f"{n} steps {r['rms_to_most_steps']:.3f}" for n, r in results.items()))
+            print(f"contrast of ground-truth renders of the same prompts: {truth_contrast:.3f}")
+            if denoise:
+                print(f"as a denoiser on {args.denoise} unseen ground-truth scenes (velocity error, s = t; "
+                      "gain = share of the unconditional error the prompt removes)")
+                print(denoising_table(denoise))
+    if len(arms) > 1:
+        comparisons, note = compare(arms, specs, args.steps, baseline, args.bootstrap, args.seed)
+        report["comparisons"] = comparisons
+        report["bootstrap"] = {"replicates": args.bootstrap, "note": note,
+                               "unit": "prompts within each task (images within each prompt where the task's "
+                                       "prompts are all the world has), and runs within each arm"}
+        for entry in comparisons:
+            seeds = " and training seeds" if any(len(a["runs"]) > 1 for a in arms) else ""
+            print(f"\n{entry['label']} minus {entry['baseline']}: paired differences, 95% bootstrap "
+                  f"intervals over prompts{seeds}" + (f" ({note})" if note else ""))
+            print("seen compositions; ratio = Overall of the first over the second")
+            print(comparison_table(entry, "seen", note))
+            if "heldout" in entry["steps"][args.steps[0]]:
+                print("held-out compositions")
+                print(comparison_table(entry, "heldout", note))
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -698,7 +929,8 @@ def main(argv=None):
         grid = sample.save_grid(all_rows[0], os.path.join(out_dir, "grid.png"),
                                 max(1, 128 // world.resolution), labels)
     print(f"wrote {os.path.join(out_dir, 'eval.json')} and {grid}" +
-          (f" (rows: step counts; blocks left to right: {', '.join(paths)})" if args.compare else ""))
+          (f" (rows: step counts; blocks left to right: {', '.join(a['runs'][0]['ckpt'] for a in arms)})"
+           if args.compare else ""))
     return report
 
 

@@ -2,8 +2,10 @@
 ground-truth renders score ~1, one-fact hard negatives 0, blank and noise images 0, shuffled prompts at the
 chance level an oracle computes, 64 px robustness under noise and blur; edge cases; the CLI's errors,
 determinism and common random numbers. CPU only. Run: python -m pytest -q tests/test_evaluate.py"""
+import dataclasses
 import functools
 import json
+import math
 import os
 import random
 
@@ -13,6 +15,7 @@ import torch
 
 import data
 import evaluate as ev
+import selfe
 
 torch.set_num_threads(1)  # the checker's tensors are tiny; on a shared 2-core machine threads only contend
 
@@ -42,7 +45,7 @@ def truth(world_name):
 
 
 def accuracy(images, specs, world):
-    return float(np.mean([ok for ok, _ in ev.score(images, specs, world)]))
+    return float(np.mean([r["correct"] for r in ev.score(images, specs, world)]))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -52,9 +55,11 @@ def accuracy(images, specs, world):
 def test_ground_truth_scores_high_and_sees_exactly_the_scene(world_name):
     world, specs, images, objects, *_ = truth(world_name)
     res = ev.score(images, specs, world)
-    acc = np.mean([ok for ok, _ in res])
-    assert acc >= 0.98, [(s["prompt"], why) for s, (ok, why) in zip(specs, res) if not ok]
-    summary = ev.summarize(specs, [ok for ok, _ in res])
+    acc = np.mean([r["correct"] for r in res])
+    assert acc >= 0.98, [(s["prompt"], r["reason"]) for s, r in zip(specs, res) if not r["correct"]]
+    summary = ev.summarize(specs, [r["correct"] for r in res], res)
+    # every object found and kept, each fitting its template closely
+    assert summary["kept"] >= 0.98 and summary["iou"] >= 0.9
     assert set(summary["tasks"]) == set(data.TASKS) and min(summary["tasks"].values()) >= 0.9
     # stronger than the verdict (extra objects are not penalised by GenEval): the checker finds every object,
     # with its class and colour, and invents none (plain nearest-colour labels invented 'brown' rims)
@@ -70,7 +75,7 @@ def test_hard_negatives_score_zero(world_name):
     world, *_, negs, neg_specs, neg_kinds = truth(world_name)
     assert {"shape", "color", "count-1", "count+1", "relation", "swap", "missing"} <= set(neg_kinds)
     res = ev.score(negs, neg_specs, world)
-    wrong = [(s["prompt"], k, why) for s, k, (ok, why) in zip(neg_specs, neg_kinds, res) if ok]
+    wrong = [(s["prompt"], k, r["reason"]) for s, k, r in zip(neg_specs, neg_kinds, res) if r["correct"]]
     assert not wrong
 
 
@@ -90,7 +95,7 @@ def test_shuffled_prompts_score_at_chance(world_name, within_task):
         for a, b in zip(idx, idx[1:] + idx[:1]):  # a derangement within the group
             perm[a] = b
     shuffled = [specs[j] for j in perm]
-    checker = [ok for ok, _ in ev.score(images, shuffled, world)]
+    checker = [r["correct"] for r in ev.score(images, shuffled, world)]
     oracle = [ev.judge(s, objs)[0] for s, objs in zip(shuffled, objects)]
     assert np.mean(oracle) < 0.5  # the shuffle really changed the question
     assert np.mean(np.array(checker) == np.array(oracle)) >= 0.95
@@ -302,6 +307,11 @@ def ckpt(tmp_path_factory, untrained_tiny):
     train.save_checkpoint(str(root / "mars"), system, 1, dict(flags, world="mars"))
     # a 32 px model, 64 px world
     train.save_checkpoint(str(root / "big"), system, 1, dict(flags, world="full"))
+    # the same network making 64 px images of the full world: a checkpoint of another world
+    wide = selfe.SelfE(dataclasses.replace(system.cfg, resolution=64))
+    wide.denoiser, wide.ema = system.denoiser, system.ema
+    wide.t5, wide.clip = system.t5, system.clip
+    train.save_checkpoint(str(root / "wide"), wide, 1, dict(flags, world="full"))
     return root
 
 
@@ -420,3 +430,115 @@ def test_contrast_is_zero_on_flat_gray_and_halves_with_a_half_faded_scene():
     bg = img.flatten(1).median(1).values.view(3, 1, 1)
     c = ev.contrast(torch.stack([img, bg + 0.5 * (img - bg), bg.expand_as(img)])).tolist()
     assert c[0] > 0.1 and c[1] == pytest.approx(c[0] / 2, rel=1e-4) and c[2] == 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Comparisons: paired differences and their bootstrap intervals
+
+def synthetic_run(specs, correct, seed=0, images=4):
+    """A run's results at one step count (1) from a rule correct(spec, image) -> bool: records as sweep makes
+    them (no sampling), the other diagnostics fixed."""
+    records = [{"prompt": s["index"], "image": j, "correct": bool(correct(s, j)),
+                "colours_match": bool(correct(s, j)) if s["tag"] == "colors" else None,
+                "contrast": 0.3, "iou": 0.8, "kept": 1, "objects": 1} for s in specs for j in range(images)]
+    return {"seed": seed, "results": {1: {"images": records}}}
+
+
+def sampled_specs(n):
+    """n distinct prompts in each of two tasks, none `complete`: the prompts are a sample to redraw."""
+    return [{"index": i, "tag": ("single", "colors")[i % 2], "seen": True, "complete": False,
+             "prompt": f"prompt {i}"} for i in range(2 * n)]
+
+
+def test_a_model_compared_with_itself_differs_by_exactly_zero():
+    specs = sampled_specs(10)
+    run = synthetic_run(specs, lambda s, j: (s["index"] + j) % 3 == 0)
+    arms = [{"label": "a", "runs": [run]}, {"label": "b", "runs": [run]}]
+    (entry,), note = ev.compare(arms, specs, [1], replicates=500)
+    assert note is None
+    for metric, d in entry["steps"][1]["seen"].items():
+        assert d["diff"] == 0 and d["lo"] == 0 and d["hi"] == 0, metric
+
+
+def test_the_interval_redraws_prompts_not_images():
+    """Images of one prompt succeed or fail together (half the prompts always, half never): the interval of a
+    task's score must be as wide as redrawing prompts gives (sd sqrt(p (1 - p) / prompts)), not as narrow as
+    independent images would (sqrt(.../ images)); and a difference confined to one task stays there."""
+    n = 40
+    specs = sampled_specs(n)
+    base = synthetic_run(specs, lambda s, j: False)
+    good = synthetic_run(specs, lambda s, j: s["tag"] == "single" and (s["index"] // 2) % 2 == 0)
+    (entry,), _ = ev.compare([{"label": "base", "runs": [base]}, {"label": "good", "runs": [good]}], specs,
+                             [1], replicates=4000)
+    single = entry["steps"][1]["seen"]["single"]
+    assert single["diff"] == 0.5
+    width = single["hi"] - single["lo"]
+    by_prompts = 2 * 1.96 * math.sqrt(0.25 / n)                        # 0.31
+    assert 0.8 * by_prompts < width < 1.2 * by_prompts, width          # by images it would be half as wide
+    assert entry["steps"][1]["seen"]["colors"] == {"diff": 0, "lo": 0, "hi": 0}
+    overall = entry["steps"][1]["seen"]["overall"]
+    assert overall["diff"] == 0.25 and overall["lo"] > 0     # Overall is the mean of the two tasks here
+
+
+def test_a_complete_task_redraws_the_images_of_each_prompt():
+    """A task whose prompts are all the world has: the prompts stay, their images are redrawn; a prompt that
+    always succeeds adds no uncertainty."""
+    specs = [{"index": i, "tag": "single", "seen": True, "complete": True, "prompt": f"p{i}"}
+             for i in range(3)]
+    base = synthetic_run(specs, lambda s, j: False, images=40)
+    rule = lambda s, j: s["index"] == 0 or (s["index"] == 1 and j % 2 == 0)   # 1, 0.5, 0
+    (entry,), _ = ev.compare([{"label": "base", "runs": [base]},
+                              {"label": "x", "runs": [synthetic_run(specs, rule, images=40)]}], specs, [1],
+                             replicates=4000)
+    d = entry["steps"][1]["seen"]["single"]
+    assert d["diff"] == pytest.approx(0.5)
+    # only prompt 1's 40 coin flips vary: sd of the mean over 3 prompts = sqrt(.25 / 40) / 3
+    assert d["hi"] - d["lo"] == pytest.approx(2 * 1.96 * math.sqrt(0.25 / 40) / 3, rel=0.2)
+
+
+def test_training_seeds_widen_the_interval_and_pair_by_seed():
+    """Two runs per arm: an arm whose runs disagree has a wider interval than one whose runs agree, and arms
+    trained with the same seeds are redrawn together (a seed's shared initial weights and data cancel)."""
+    specs = sampled_specs(30)
+    rule = lambda shift: (lambda s, j: (s["index"] + j + shift) % 4 == 0)
+    base = {"label": "base", "runs": [synthetic_run(specs, rule(0), 0), synthetic_run(specs, rule(1), 1)]}
+    steady = {"label": "steady", "runs": [synthetic_run(specs, rule(0), 0), synthetic_run(specs, rule(1), 1)]}
+    shaky = {"label": "shaky", "runs": [synthetic_run(specs, lambda s, j: True, 0),
+                                        synthetic_run(specs, lambda s, j: False, 1)]}
+    entries, _ = ev.compare([base, steady, shaky], specs, [1], replicates=2000)
+    by = {e["label"]: e for e in entries}
+    assert by["steady"]["seeds_paired"] and by["shaky"]["seeds_paired"]
+    assert by["steady"]["steps"][1]["seen"]["overall"] == {"diff": 0, "lo": 0, "hi": 0}
+    o = by["shaky"]["steps"][1]["seen"]["overall"]
+    assert o["lo"] < o["diff"] < o["hi"] and o["hi"] - o["lo"] > 0.5   # mostly the two seeds' disagreement
+
+
+def test_too_few_prompts_say_there_is_no_interval():
+    specs = sampled_specs(1)
+    runs = [synthetic_run(specs, lambda s, j: j == 0), synthetic_run(specs, lambda s, j: True)]
+    (entry,), note = ev.compare([{"label": "a", "runs": runs[:1]}, {"label": "b", "runs": runs[1:]}], specs,
+                                [1], replicates=100)
+    assert "fewer than 2 prompts" in note
+    assert entry["steps"][1]["seen"]["overall"] == {"diff": 0.75, "lo": None, "hi": None}
+
+
+def test_cli_compares_arms_of_several_runs_and_refuses_other_worlds(ckpt, tmp_path, capsys):
+    """The command line: LABEL=DIR,DIR arms, a named baseline, the table printed and eval.json's comparisons;
+    a checkpoint of another world is refused naming both checkpoints."""
+    import cli
+    ok = str(ckpt / "ok")
+    report = run_cli(ckpt, tmp_path / "c", "--prompts", "2", "--ckpt", f"one={ok}", "--compare",
+                     f"two={ok},{ok}", "--baseline", "two", "--bootstrap", "200")
+    assert [m["tag"] for m in report["models"]] == ["one", "two#1", "two#2"]
+    (entry,) = report["comparisons"]
+    assert entry["label"] == "one" and entry["baseline"] == "two"
+    assert entry["steps"][2]["seen"]["overall"] == {"diff": 0, "lo": 0, "hi": 0}   # the same model
+    out = capsys.readouterr().out
+    assert "one minus two: paired differences" in out and "overall" in out
+    with open(tmp_path / "c" / "eval.json") as f:
+        assert json.load(f)["comparisons"][0]["steps"]["1"]["seen"]["contrast"]["diff"] == 0
+    with pytest.raises(SystemExit) as e:
+        cli.run(ev.main, ["--ckpt", ok, "--compare", str(ckpt / "wide"), "--steps", "1", "--prompts", "2",
+                          "--out", str(tmp_path / "d")])
+    message = str(e.value.code)
+    assert "cannot be compared" in message and ok in message and str(ckpt / "wide") in message
