@@ -11,6 +11,8 @@ import math
 import os
 import sys
 
+import torch
+
 import data
 import encoders
 
@@ -50,6 +52,20 @@ def number(kind=int, lo=None, hi=None):
             raise argparse.ArgumentTypeError(f"{text!r} is not {span}")
         return x
     return parse
+
+
+def cpu_threads(requested=None):
+    """Torch's intra-op threads on the CPU: `requested` (a --threads flag), else one per core that is not
+    already busy (the cores this process may use less the 1-minute load average, shared among torchrun's
+    processes on the machine, at least one). Two threads
+    on two cores of which one runs another job stall each other at every parallel op (the tiny preset ran
+    about 6x slower so: docs/results.md), while an idle second core adds little (about 1.2x) to its small
+    matrices. Returns the count it set."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))         # torchrun's processes on this machine
+    n = requested or max(1, (cores - round(os.getloadavg()[0])) // processes)
+    torch.set_num_threads(n)
+    return n
 
 
 seed = number(int, 0, MAX_SEED)

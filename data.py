@@ -125,6 +125,37 @@ def caption(spec):
     return "a photo of " + " and ".join(names)
 
 
+CONVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def typed_caption(spec, rng):
+    """The scene `spec` describes, worded as a person might type it: the same facts, with what real captions
+    vary varied (docs/evaluation.md §2): the opening ('a photo of', 'an image of', 'a picture of' or none),
+    'one' for 'a', the order of the objects named, a relation said from the other side ('a square right of a
+    circle' for 'a circle left of a square'), 'left of' or 'to the left of', casing and end punctuation.
+    Training shows a share of its captions so (train.py --typed), since a stand-in encoder reads words it was
+    never shown as unrelated tokens; evaluate.py --phrasing typed asks in such words."""
+    inc, task = spec["include"], spec["tag"]
+    one = lambda color, shape: (f"one {color + ' ' if color else ''}{shape}" if rng.random() < 0.25
+                                else phrase(color, shape))
+    if task == "counting":
+        body = f"{NUMBERS[inc[0]['count']]} {PLURAL[inc[0]['class']]}"
+    elif len(inc) == 2 and "position" in inc[1]:
+        (a, b), rel = (inc[1], inc[0]), inc[1]["position"][0]
+        if rng.random() < 0.5:                                   # the same relation, said from the other side
+            a, b, rel = b, a, CONVERSE[rel]
+        if rel in ("left of", "right of") and rng.random() < 0.5:
+            rel = "to the " + rel
+        body = f"{one(a.get('color'), a['class'])} {rel} {one(b.get('color'), b['class'])}"
+    else:
+        names = [one(o.get("color"), o["class"]) for o in inc]
+        rng.shuffle(names)
+        body = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    text = rng.choice(("a photo of ", "a photo of ", "an image of ", "a picture of ", "")) + body
+    text = rng.choice((str.lower, str.lower, str.capitalize, str.upper, str.title))(text)
+    return text + rng.choice(("", "", ".", "!", "!!", "?", " ."))
+
+
 def sample_spec(world, rng, task=None, seen=True):
     """Draw a scene description (GenEval metadata plus 'prompt'). Training draws seen=True: no held-out
     pair, not even through a colour the caption leaves open. seen=False draws a prompt that names at
@@ -311,14 +342,15 @@ def sample_rng(seed, index):
     return random.Random(stream_seed(seed, index))
 
 
-def shapes_batch(world, indices, seed=0):
-    """Training batch of the shapes world: (images (B, 3, R, R) in [-1, 1], captions)."""
+def shapes_batch(world, indices, seed=0, typed=0.0):
+    """Training batch of the shapes world: (images (B, 3, R, R) in [-1, 1], captions). A share `typed` of the
+    captions is worded as a person might type it (typed_caption) instead of in the evaluation templates."""
     images, captions = [], []
     for i in indices:
         rng = sample_rng(seed, int(i))
         spec = sample_spec(world, rng)
         images.append(render(layout(spec, world, rng), world.resolution, rng))
-        captions.append(spec["prompt"])
+        captions.append(typed_caption(spec, rng) if typed and rng.random() < typed else spec["prompt"])
     return torch.stack(images), captions
 
 
@@ -328,7 +360,7 @@ def shapes_batch(world, indices, seed=0):
 # Every word of every shapes world's captions, in a fixed order: a word's id is part of the tiny preset, so
 # this tuple only ever grows at its end. A caption of the world is then one token per word, not one per byte.
 WORDS = ("a", "an", "photo", "of", "and", ",", "to", "the", "left", "right", "above", "below", "two", "three",
-         "four", *PALETTE, *PLURAL, *PLURAL.values())
+         "four", *PALETTE, *PLURAL, *PLURAL.values(), "one", "image", "picture", ".", "!", "?")
 
 
 def warn(msg):
@@ -549,14 +581,14 @@ class ManifestData:
 class ShapesData:
     """The shapes world as an unending stream: step k's global batch is samples k B ... (k + 1) B - 1."""
 
-    def __init__(self, world, batch, seed=0):
-        self.world, self.batch_size, self.seed = world, batch, seed
+    def __init__(self, world, batch, seed=0, typed=0.0):
+        self.world, self.batch_size, self.seed, self.typed = world, batch, seed, typed
 
     def indices(self, step):
         return list(range(step * self.batch_size, (step + 1) * self.batch_size))
 
     def batch(self, indices):
-        return shapes_batch(self.world, indices, self.seed)
+        return shapes_batch(self.world, indices, self.seed, self.typed)
 
 
 # ------------------------------------------------------------------------------------------------------------

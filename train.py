@@ -32,6 +32,7 @@ are those from before the step that went wrong.
 import argparse
 import concurrent.futures
 import contextlib
+import dataclasses
 import datetime
 import functools
 import json
@@ -53,6 +54,7 @@ from torch.utils.checkpoint import checkpoint
 import cli
 import data
 import losses
+import model
 import sample as sampler
 import selfe
 from cli import number
@@ -72,6 +74,9 @@ FIT = 0.85
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="tiny", choices=list(CONFIGS), help="model preset")
+    p.add_argument("--set", type=preset_field, action="append", default=[], metavar="FIELD=VALUE",
+                   help="change one field of the preset (model.Config), e.g. --set theta=100 --set mlp_ratio=2; "
+                   "saved with the checkpoint, which sample.py and evaluate.py rebuild from")
     p.add_argument("--data", default="shapes",
                    help="'shapes' (built-in world), a TSV manifest (image path<TAB>prompt) or a cache folder "
                    "made by --build-cache")
@@ -88,6 +93,9 @@ def get_args(argv=None):
                    help="widest bucket aspect ratio (1: square crops; A 13)")
     p.add_argument("--world", default=None, choices=list(data.WORLDS),
                    help="shapes world (default: the preset's)")
+    p.add_argument("--typed", type=number(float, 0, 1), default=0.0,
+                   help="shapes world: share of captions worded as a person might type them "
+                   "(data.typed_caption) rather than in the evaluation templates")
     p.add_argument("--pretrained", default=None, help="FLUX.1 snapshot folder: T5-XXL, CLIP-L, autoencoder")
     p.add_argument("--t5", default=None, help="T5 v1.1 XXL folder (overrides --pretrained's)")
     p.add_argument("--clip", default=None, help="CLIP ViT-L/14 text folder (overrides --pretrained's)")
@@ -117,6 +125,8 @@ def get_args(argv=None):
                    "start to this --steps (default: keep the resumed run's)")
     p.add_argument("--seed", type=cli.seed, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=number(int, 1), default=None,
+                   help="CPU threads (default: one per idle core, cli.cpu_threads)")
     p.add_argument("--precision", default=None, choices=("bf16", "fp32"),
                    help="compute dtype (default: bf16 on GPU, fp32 on CPU); parameters, EMA, "
                    "optimizer stay fp32")
@@ -175,7 +185,17 @@ def get_args(argv=None):
                    help="warm the EMA decay up as min(d, (1 + n)/(10 + n)) (not in the paper, which keeps "
                    "it constant; A 19)")
     args = p.parse_args(argv)
-    cfg = CONFIGS[args.size]
+    cfg = preset_config(args)
+    if args.set:  # a preset changed by hand must still make a network
+        side = cfg.latent_channels * cfg.patch ** 2
+        if cfg.in_channels != side:
+            p.error(f"argument --set: in_channels must be {cfg.latent_channels} x patch^2 = {side} "
+                    f"(got {cfg.in_channels}; set both)")
+        try:
+            with torch.device("meta"):
+                model.MMDiT(cfg)
+        except (AssertionError, ValueError, RuntimeError) as e:
+            p.error(f"argument --set: {e}")
     for name, default in (("steps", cfg.steps), ("batch", cfg.batch), ("lr", cfg.lr), ("ema", cfg.ema_decay),
                           ("world", cfg.world), ("resolution", [cfg.resolution])):
         if getattr(args, name) is None:
@@ -197,6 +217,26 @@ def get_args(argv=None):
     args.out = args.out or os.path.join("runs", args.size + ("-fm" if args.objective == "fm" else "")
                                         + ("-delta0" if args.delta_zero else ""))
     return args
+
+
+def preset_field(text):
+    """--set FIELD=VALUE: one field of model.Config, its value read as the field's type."""
+    name, eq, value = text.partition("=")
+    fields = {f.name: f for f in dataclasses.fields(model.Config)}
+    kinds = {int: int, float: float, str: str, bool: lambda v: {"true": True, "false": False}[v.lower()],
+             tuple: lambda v: tuple(int(x) for x in v.split(","))}  # (axes_dim: 4,14,14)
+    if not eq or name not in fields or fields[name].type not in kinds:
+        settable = ", ".join(n for n, f in fields.items() if f.type in kinds)
+        raise argparse.ArgumentTypeError(f"{text!r}: use FIELD=VALUE with FIELD one of {settable}")
+    try:
+        return name, kinds[fields[name].type](value)
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not a {fields[name].type.__name__}") from None
+
+
+def preset_config(args):
+    """The preset --size names, with the fields --set changes."""
+    return dataclasses.replace(CONFIGS[args.size], **dict(args.set))
 
 
 def areas(text):
@@ -277,7 +317,7 @@ def setup(args, frozen_parts=True):
     if args.device.startswith("cuda"):
         torch.backends.cuda.enable_cudnn_sdp(False)  # its backward failed with torch 2.11 + CUDA 13
     torch.manual_seed(args.seed)                                      # the same initial weights on every rank
-    system = selfe.SelfE(CONFIGS[args.size], args.device, args.seed, args.pretrained, args.t5, args.clip,
+    system = selfe.SelfE(preset_config(args), args.device, args.seed, args.pretrained, args.t5, args.clip,
                          args.vae, frozen_parts=frozen_parts)
     ema = system.make_ema()
     model = parallelize(system.denoiser, args)
@@ -311,6 +351,11 @@ def compile_errors(args):
                          "uncompiled") from e
 
 
+def cpu_threads_note():
+    n = torch.get_num_threads()
+    return f" ({n} thread{'s' if n > 1 else ''})"
+
+
 def log0(*a, rank=0):
     if rank == 0:
         print(*a, flush=True)
@@ -318,6 +363,8 @@ def log0(*a, rank=0):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.device == "cpu":
+        cli.cpu_threads(args.threads)
     rank, world = init_distributed(args)
     try:
         if args.build_cache:
@@ -333,7 +380,7 @@ def build_cache(args, rank, world):
     """--build-cache: the frozen parts alone (no denoiser) encode the manifest once into a cache
     (data.write_cache), in bf16 on GPU (the autoencoder too), --cache-batch images at a time; the text is
     stored in the encoders' precision, as training would see it online."""
-    cfg = CONFIGS[args.size]
+    cfg = preset_config(args)
     if args.data == "shapes" or data.is_cache(args.data):
         raise SystemExit("--build-cache needs --data MANIFEST.tsv")
     low = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -372,7 +419,7 @@ def choose_accum(args, world):
         return A or 1
     import bench  # the memory plan lives with the benchmarks
     gib = lambda x: f"{x / 2 ** 30:.1f} GiB"
-    need = functools.cache(lambda a, ckpt: bench.memory_plan(CONFIGS[args.size], per_rank // a,
+    need = functools.cache(lambda a, ckpt: bench.memory_plan(preset_config(args), per_rank // a,
                                                              max(args.resolution), world, ckpt,
                                                              args.precision, args.objective)["total"])
     options = [a for a in range(1, per_rank + 1) if per_rank % a == 0]
@@ -400,7 +447,7 @@ def choose_accum(args, world):
 # Training
 
 def train(args, rank, world):
-    cfg = CONFIGS[args.size]
+    cfg = preset_config(args)
     args.accum = choose_accum(args, world)                                 # before any weight is built
     B, A = args.batch, args.accum
     b = B // (world * A)                                                   # per-rank micro-batch
@@ -417,7 +464,7 @@ def train(args, rank, world):
         if shapes.resolution != cfg.resolution or args.resolution != [cfg.resolution]:
             raise SystemExit(f"world {shapes.name!r} is {shapes.resolution} px; preset {args.size!r} is "
                              f"{cfg.resolution} px and --resolution {args.resolution}")
-        source = data.ShapesData(shapes, B, seed=args.seed)
+        source = data.ShapesData(shapes, B, seed=args.seed, typed=args.typed)
     else:
         source = data.ManifestData(args.data, args.resolution, bucket_step(system), B, args.seed,
                                    args.base_dir, args.skip_bad, args.max_ratio, workers=args.workers)
@@ -436,7 +483,8 @@ def train(args, rank, world):
     n_params = sum(p.numel() for p in model.parameters())
     sample_flops = functools.lru_cache(system.denoiser.flops)            # forward FLOPs of one sample (L, Lt)
     log0(f"{args.size}: {n_params / 1e6:.2f}M denoiser parameters, objective {args.objective}, {args.steps} "
-         f"steps x batch {B} (= {b} x {world} ranks x {A} accum) on {args.device} in {args.precision}; data "
+         f"steps x batch {B} (= {b} x {world} ranks x {A} accum) on {args.device}"
+         f"{cpu_threads_note() if system.device.type == 'cpu' else ''} in {args.precision}; data "
          f"{args.data} ({len(source) if hasattr(source, '__len__') else 'unlimited'} items); tau over "
          f"{tau_steps} steps, aux from {aux_start}", rank=rank)
 
@@ -532,7 +580,7 @@ def prepare_out(args, rank):
                                   "--resume to start a run there")
         path = selfe.resolve_checkpoint(args.out)
         cfg, meta = selfe.read_meta(path)
-        if cfg != CONFIGS[args.size]:
+        if cfg != preset_config(args):
             raise CheckpointError(f"{path} was trained with another preset than --size {args.size}")
         keep_schedule(args, meta["flags"], rank)
         return path, meta["step"]

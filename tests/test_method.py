@@ -388,6 +388,21 @@ def test_checkpoint_roundtrip_through_sample_cli(tmp_path, capsys):
     assert Image.open(out).size[0] > 2 * 32
 
 
+def test_preset_fields_set_by_flag_are_saved_and_sampled_from(tmp_path):
+    """--set changes fields of the preset: the network trained has them, config.json keeps them, and
+    sample.py rebuilds that network from the checkpoint; a change that cannot make a network is refused as a
+    flag error before any work."""
+    _train(tmp_path / "run", "--set", "theta=100", "--set", "mlp_ratio=2")
+    system, meta = selfe.load_checkpoint(str(tmp_path / "run"))
+    assert system.cfg.theta == 100 and system.cfg.mlp_ratio == 2
+    assert system.denoiser.single_blocks[0].mlp_hidden == 2 * system.cfg.hidden_size
+    sampler.main(["--ckpt", str(tmp_path / "run"), "--steps", "1", "--out", str(tmp_path / "s.png"), "a circle"])
+    for bad in ("num_heads=5", "patch=2", "colour=red", "theta=ten"):
+        with pytest.raises(SystemExit) as e:
+            train.get_args(["--set", bad])
+        assert e.value.code == 2
+
+
 def test_nonfinite_loss_stops_and_saves(tmp_path, monkeypatch):
     real = losses.selfe_loss
 
@@ -469,6 +484,57 @@ def test_word_tokenizer_round_trips_captions_and_encodes_any_prompt():
         assert (ids == encoders.WordTokenizer.eos_id).any(1).all()
     txt, vec = tiny_system().encode_text(odd)
     assert torch.isfinite(txt).all() and torch.isfinite(vec).all()
+
+
+def test_typed_captions_keep_the_facts_in_the_worlds_words():
+    """A typed caption names the same objects, colours, counts and relation (or its converse, subject and
+    reference swapped) as the template caption, in words the stand-in tokenizer knows; the scenes of a
+    training batch do not depend on how their captions are worded."""
+    world = data.WORLDS["small"]
+    tok = encoders.WordTokenizer(data.WORDS, 64)
+    seen = {"casing": 0, "punctuation": 0, "one": 0, "opening": 0, "converse": 0, "order": 0}
+    for i in range(400):
+        rng = data.sample_rng(5, i)
+        spec = data.sample_spec(world, rng)
+        text = data.typed_caption(spec, rng)
+        words = encoders.WordTokenizer.words(text)
+        assert max(tok.encode(text)) < 3 + len(data.WORDS), text              # no unknown word
+        named = lambda ws: sorted(w for w in ws if w in data.PALETTE or w in data.PLURAL
+                                  or w in data.PLURAL.values() or w in data.NUMBERS.values())
+        assert named(words) == named(encoders.WordTokenizer.words(spec["prompt"])), (spec["prompt"], text)
+        for clause in spec["include"]:
+            if "position" in clause:
+                rel = clause["position"][0].split()[0]
+                assert rel in words or data.CONVERSE[clause["position"][0]].split()[0] in words, text
+        seen["casing"] += text != text.lower()
+        seen["punctuation"] += text[-1] in ".!?"
+        seen["one"] += "one" in words
+        seen["opening"] += text.lower().startswith(("an image of", "a picture of"))
+        objects = [w for w in words if w in data.PLURAL]
+        template = [w for w in encoders.WordTokenizer.words(spec["prompt"]) if w in data.PLURAL]
+        seen["order" if len(set(template)) > 1 and "position" not in str(spec) else "converse"] += (
+            len(template) > 1 and objects != template)
+    assert all(n >= 10 for n in seen.values()), seen
+    plain, typed = data.shapes_batch(world, range(32), 0), data.shapes_batch(world, range(32), 0, typed=0.5)
+    assert torch.equal(plain[0], typed[0]) and plain[1] != typed[1]
+    assert sum(a == b for a, b in zip(plain[1], typed[1])) >= 8                # about half kept as templates
+
+
+def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
+    """One thread per core not already busy: two on two idle cores, one when another job keeps a core busy,
+    and at least one; a --threads flag wins; torchrun's processes on one machine share the idle cores."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    threads = torch.get_num_threads()
+    try:
+        for load, want in ((0.1, 2), (0.9, 1), (1.2, 1), (5.0, 1)):
+            monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+            assert cli.cpu_threads() == want == torch.get_num_threads(), load
+        assert cli.cpu_threads(3) == 3
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert cli.cpu_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_manifest_errors_name_file_and_line(tmp_path):
