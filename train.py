@@ -116,15 +116,15 @@ def get_args(argv=None):
                    help="with --resume: fit warm-up, learning-rate decay, tau anneal and auxiliary-term "
                    "start to this --steps (default: keep the resumed run's)")
     p.add_argument("--seed", type=cli.seed, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default=None, choices=("bf16", "fp32"),
                    help="compute dtype (default: bf16 on GPU, fp32 on CPU); parameters, EMA, "
                    "optimizer stay fp32")
     p.add_argument("--memory-gib", type=number(float, 0), default=None,
                    help="per-device memory the memory plan must fit (default: the GPU's; not checked on CPU)")
-    p.add_argument("--dist-timeout", type=number(int, 1), default=1800,
+    p.add_argument("--dist-timeout", type=number(int, 1, cli.MAX_TIMEOUT), default=1800,
                    help="seconds a rank waits on the others (also when connecting), before the job fails and "
-                   "torchrun may restart it")
+                   "torchrun may restart it (at most a week)")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     p.add_argument("--compile-fallback", action="store_true",
                    help="with --compile: run a block that fails to compile uncompiled (with dynamo's "
@@ -194,9 +194,31 @@ def get_args(argv=None):
         p.error("--reschedule changes the schedule of a resumed run: pass it with --resume")
     if args.compile_fallback and not args.compile:
         p.error("--compile-fallback goes with --compile")
+    check_backend(p, args)
     args.out = args.out or os.path.join("runs", args.size + ("-fm" if args.objective == "fm" else "")
                                         + ("-delta0" if args.delta_zero else ""))
     return args
+
+
+def check_backend(p, args):
+    """What --device needs beyond existing (cli.device): train.py runs on the CPU or CUDA GPUs, and where it
+    makes a process group (under torchrun, or for bf16 in one process) torch must have that group's backend
+    built in, NCCL for GPUs and gloo for the CPU; under torchrun each process needs its own GPU."""
+    kind = torch.device(args.device).type
+    if kind not in ("cpu", "cuda"):
+        p.error(f"argument --device: {args.device!r}: train.py trains on cpu or cuda")
+    torchrun = "RANK" in os.environ
+    if not (torchrun or args.precision == "bf16"):
+        return
+    backend = "nccl" if kind == "cuda" else "gloo"
+    why = "torchrun" if torchrun else "--precision bf16 (FSDP2's mixed precision, in a one-process group)"
+    if not (dist.is_available() and getattr(dist, f"is_{backend}_available")()):
+        p.error(f"argument --device: {args.device!r} under {why} needs torch.distributed's {backend} "
+                f"backend, which this torch ({torch.__version__}) is built without")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if kind == "cuda" and torchrun and local >= torch.cuda.device_count():
+        p.error(f"argument --device: process LOCAL_RANK {local} needs a GPU of its own, this machine has "
+                f"{torch.cuda.device_count()}: start at most that many processes per node")
 
 
 def areas(text):
