@@ -127,7 +127,8 @@ class SelfE:
     `ema` is its EMA copy."""
 
     def __init__(self, cfg: model.Config, device="cpu", frozen_seed=0, pretrained=None, t5=None, clip=None,
-                 vae=None, transformer=None, frozen_parts=True, denoiser=True, ae_dtype=torch.float32):
+                 vae=None, transformer=None, frozen_parts=True, denoiser=True, ae_dtype=torch.float32,
+                 t5_mask=False):
         """Build the denoiser (random init, directly on `device`) and the frozen parts. The tiny preset makes
         its stand-ins from `frozen_seed`; the others load the public weights from a FLUX.1 snapshot folder
         `pretrained`, or part by part from `t5` / `clip` folders
@@ -135,8 +136,8 @@ class SelfE:
         FLUX.1 transformer (BFL layout) as the denoiser. `frozen_parts=False` skips the real frozen parts
         (training from a cache, benchmarks); the tiny preset's stand-ins are always built, since its
         checkpoints carry them. `denoiser=False` builds the frozen parts alone (the cache builder). The text
-        encoders run in bf16 on GPU, the autoencoder in `ae_dtype`."""
-        self.cfg, self.device = cfg, torch.device(device)
+        encoders run in bf16 on GPU, the autoencoder in `ae_dtype`. `t5_mask`: see encode_text."""
+        self.cfg, self.device, self.t5_mask = cfg, torch.device(device), t5_mask
         self.guidance = 3.5  # FLUX.1-dev's distilled guidance input; unused by Self-E presets
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32  # of the pretrained parts
         self.denoiser = None
@@ -175,10 +176,26 @@ class SelfE:
     # -- text
     @torch.no_grad()
     def encode_text(self, prompts):
-        """prompts -> (txt (B, Lt, d_txt) T5 states, vec (B, d_vec) pooled CLIP), in the denoiser's dtype."""
-        txt = self.t5(self.t5_tokenizer(prompts).to(self.device))
+        """prompts -> (txt (B, Lt, d_txt) T5 states, vec (B, d_vec) pooled CLIP), in the denoiser's dtype.
+        By default padding attends, as in FLUX. With `t5_mask` (train.py --t5-mask, A 26) T5 does not attend
+        to the padding and its states there are zero: each caption's encoding is that of its own tokens,
+        which a cache then stores without the padding (docs/formats.md §2)."""
+        ids = self.t5_tokenizer(prompts).to(self.device)
+        if self.t5_mask:
+            keep = torch.arange(ids.shape[1], device=self.device) < self.text_lengths(ids)[:, None]  # (B, Lt)
+            txt = self.t5(ids, keep) * keep[..., None]
+        else:
+            txt = self.t5(ids)
         _, vec = self.clip(self.clip_tokenizer(prompts).to(self.device))
         return txt.to(self.dtype), vec.to(self.dtype)
+
+    def text_lengths(self, ids):
+        """T5 ids (B, Lt) -> (B,) how many positions encode_text's states fill: each caption's tokens and its
+        end token with `t5_mask` (up to the last one that is not padding), all Lt without it."""
+        if not self.t5_mask:
+            return torch.full((ids.shape[0],), ids.shape[1], device=ids.device)
+        filled = (ids != self.t5_tokenizer.pad_id).long().cumsum(1)         # (B, Lt), flat after the last
+        return filled.argmax(1) + 1
 
     def null_cond(self, n=1):
         """The empty prompt's encoding (txt, vec), computed once, as batch n."""
@@ -407,7 +424,8 @@ def load_checkpoint(path, device="cpu", weights="ema", pretrained=None, t5=None,
     if resolution:
         cfg = dataclasses.replace(cfg, resolution=resolution)
     system = SelfE(cfg, device, flags.get("seed", 0), pretrained or flags.get("pretrained"),
-                   t5 or flags.get("t5"), clip or flags.get("clip"), vae or flags.get("vae"))
+                   t5 or flags.get("t5"), clip or flags.get("clip"), vae or flags.get("vae"),
+                   t5_mask=flags.get("t5_mask", False))
     file = os.path.join(path, f"{weights}.safetensors")
     if weights == "model" and not os.path.isfile(file):  # the raw weights live in the sharded training state
         load_training_state(path, system)

@@ -171,6 +171,10 @@ def get_args(argv=None):
     m.add_argument("--t-uniform", type=number(float, 0, 1), default=0.0,
                    help="share of t drawn from U(0, 1) instead of the warped logit-normal (s.11-s.12), so "
                    "that t near 1 (one-step sampling) is trained on short runs (not in the paper: 0; A 25)")
+    m.add_argument("--t5-mask", action="store_true",
+                   help="T5 does not attend to the caption's padding and its states there are zero, so a "
+                   "cache stores only the caption's own tokens (not in the paper, which follows FLUX: off; "
+                   "A 26)")
     m.add_argument("--ema-warmup", action="store_true",
                    help="warm the EMA decay up as min(d, (1 + n)/(10 + n)) (not in the paper, which keeps "
                    "it constant; A 19)")
@@ -360,11 +364,14 @@ def build_cache(args, rank, world):
         raise SystemExit("--build-cache needs --data MANIFEST.tsv")
     low = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     system = selfe.SelfE(cfg, args.device, args.seed, args.pretrained, args.t5, args.clip, args.vae,
-                         denoiser=False, ae_dtype=low)
+                         denoiser=False, ae_dtype=low, t5_mask=args.t5_mask)
     source = data.ManifestData(args.data, args.resolution, bucket_step(system), 1, args.seed, args.base_dir,
                                args.skip_bad, args.max_ratio, workers=args.workers)
-    encode_text = lambda prompts: tuple(x.to(low) for x in system.encode_text(prompts))
-    meta = data.cache_meta(cfg, args.seed, args.resolution, args.max_ratio, args.fake_prefix)
+
+    def encode_text(prompts):  # -> (txt, vec, how many of txt's states to keep)
+        txt, vec = system.encode_text(prompts)
+        return txt.to(low), vec.to(low), system.text_lengths(system.t5_tokenizer(prompts))
+    meta = data.cache_meta(cfg, args.seed, args.resolution, args.max_ratio, args.fake_prefix, args.t5_mask)
     data.write_cache(args.build_cache, source, system.encode_latents, encode_text,
                      fake_prefix=args.fake_prefix, meta=meta, batch=args.cache_batch, rank=rank, world=world)
 
@@ -428,11 +435,14 @@ def train(args, rank, world):
     b = B // (world * A)                                                   # per-rank micro-batch
     resume_from, start = prepare_out(args, rank)                         # before anything is built or written
     cached = data.is_cache(args.data)
+    if cached:                                         # every file of the cache is checked before building
+        meta = data.cache_meta(cfg, args.seed, args.resolution, args.max_ratio, args.fake_prefix,
+                               args.t5_mask)
+        source = data.CachedData(args.data, meta, B, args.seed)
     system, model, ema, opt, peak = setup(args, frozen_parts=not cached)
+    system.t5_mask = args.t5_mask                                          # before any text is encoded
 
     if cached:
-        meta = data.cache_meta(cfg, args.seed, args.resolution, args.max_ratio, args.fake_prefix)
-        source = data.CachedData(args.data, meta, B, args.seed)
         null = tuple(source.null[k].to(system.device).float() for k in ("txt", "vec"))
     elif args.data == "shapes":
         shapes = data.WORLDS[args.world]
@@ -556,6 +566,9 @@ def prepare_out(args, rank):
         cfg, meta = selfe.read_meta(path)
         if cfg != CONFIGS[args.size]:
             raise CheckpointError(f"{path} was trained with another preset than --size {args.size}")
+        if meta["flags"].get("t5_mask", False) != args.t5_mask:  # the text conditioning stays the run's
+            was = "with" if not args.t5_mask else "without"
+            raise CheckpointError(f"{path} was trained {was} --t5-mask: resume it the same way")
         keep_schedule(args, meta["flags"], rank)
         return path, meta["step"]
     found = []

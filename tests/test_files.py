@@ -50,6 +50,160 @@ def files(folder):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# caches
+
+def make_manifest(folder, n=4, size=(40, 40)):
+    from PIL import Image
+    for i in range(n):
+        Image.new("RGB", size, (60 * i % 256, 90, 200 - 40 * i)).save(folder / f"{i}.png")
+    (folder / "m.tsv").write_text("".join(f"{i}.png\ta photo of {i} red circles\n" for i in range(n)))
+    return str(folder / "m.tsv")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cache")
+    train.main(["--data", make_manifest(folder), "--build-cache", str(folder / "cache"), "--batch", "2"])
+    return folder / "cache"
+
+
+def shard(path):
+    return sorted(path.glob("shard-*.safetensors"))[0]
+
+
+def rewrite(file, change):
+    """Load a safetensors file, let change(tensors, metadata) edit it, write it back."""
+    with safetensors.safe_open(str(file), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    change(tensors, meta)
+    safetensors.torch.save_file(tensors, str(file), metadata=meta)
+
+
+def edit_index(path, change):
+    index = json.loads((path / "index.json").read_text())
+    change(index)
+    (path / "index.json").write_text(json.dumps(index))
+
+
+DAMAGE = {
+    "empty shard": (lambda c: shard(c).write_bytes(b""),
+                    r"shard-00000-00000\.safetensors: not a safetensors"),
+    "truncated shard": (lambda c: shard(c).write_bytes(shard(c).read_bytes()[:-100]),
+                        r"shard-00000-00000\.safetensors: truncated"),
+    "flipped header": (lambda c: shard(c).write_bytes(shard(c).read_bytes()[:8] + b"\xff\xfe"
+                                                      + shard(c).read_bytes()[10:]),
+                       r"shard-00000-00000\.safetensors: not a safetensors file \(bad JSON header"),
+    "empty index": (lambda c: (c / "index.json").write_text(""), r"index\.json: damaged, not a JSON file"),
+    "index not UTF-8": (lambda c: (c / "index.json").write_bytes(b'{"items": "\xe9"}'),
+                        r"index\.json: damaged, not a JSON file .*0xe9"),
+    "index a list": (lambda c: (c / "index.json").write_text("[1, 2]"),
+                     r"index\.json: damaged, a JSON list where an object belongs"),
+    "items a string": (lambda c: edit_index(c, lambda i: i.update(items="4")), r"index\.json: .*items = '4'"),
+    "no items": (lambda c: edit_index(c, lambda i: i.pop("items")), r"index\.json: .*items = None"),
+    "no encoders": (lambda c: edit_index(c, lambda i: i.pop("encoders")),
+                    r"index\.json: damaged: no 'encoders' key"),
+    "format 1": (lambda c: edit_index(c, lambda i: i.pop("format")),
+                 r"index\.json: a cache of format 1 .*this selfe reads format 2"),
+    "index of another build": (lambda c: edit_index(c, lambda i: i.update(items=2)),
+                               r"shard-00000-00000\.safetensors: holds item [23], but index\.json counts "
+                               r"items 0 to 1: a shard of another build"),
+    "old shard": (lambda c: rewrite(shard(c), lambda t, m: t.pop("txt_len")),
+                  r"shard-00000-00000\.safetensors: no 'txt_len' tensor"),
+    "no bucket": (lambda c: rewrite(shard(c), lambda t, m: m.pop("bucket")),
+                  r"shard-00000-00000\.safetensors: damaged: metadata 'bucket' is None"),
+    "wrong width": (lambda c: rewrite(shard(c), lambda t, m: t.update(vec=t["vec"][:, :5].contiguous())),
+                    r"shard-00000-00000\.safetensors: tensor 'vec' is F32 \(4, 5\)"),
+    "bad lengths": (lambda c: rewrite(shard(c), lambda t, m: t.update(txt_len=t["txt_len"] * 0)),
+                    r"shard-00000-00000\.safetensors: damaged: txt_len holds lengths 0\.\.0"),
+    "shard twice": (lambda c: shutil.copy(shard(c), c / "shard-00009-00000.safetensors"),
+                    r"shard-00009-00000\.safetensors: item [0-3] is also in .*shard-00000-00000"),
+    "no null": (lambda c: os.remove(c / "null.safetensors"), r"null\.safetensors: file not found"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_damaged_or_stale_cache_is_named_before_training(cache, tmp_path, case, capsys):
+    """Each damaged or stale cache file stops the run before any weight is built, in one line naming the
+    file and what is wrong, and nothing of the cache or the run folder is touched."""
+    damage, message = DAMAGE[case]
+    path = tmp_path / "cache"
+    shutil.copytree(cache, path)
+    damage(path)
+    before = files(path)
+    built = []
+    real = train.setup
+    train.setup = lambda *a, **k: built.append(1) or real(*a, **k)
+    try:
+        err = one_line_error(train.main, ["--data", str(path), "--steps", "2", "--batch", "2",
+                                          "--sample-every", "0", "--out", str(tmp_path / "run")], capsys)
+    finally:
+        train.setup = real
+    assert re.search(message, err), err
+    assert not built and files(path) == before and not (tmp_path / "run").exists()
+
+
+def test_cache_build_into_a_folder_that_holds_one_is_refused(cache, tmp_path):
+    path = tmp_path / "cache"
+    shutil.copytree(cache, path)
+    before = files(path)
+    with pytest.raises(data.ManifestError, match=r"cache already holds cache files \(index\.json, "):
+        train.main(["--data", make_manifest(tmp_path), "--build-cache", str(path), "--batch", "2"])
+    assert files(path) == before
+
+
+def test_cache_shard_that_cannot_be_written_is_named_and_left_out(tmp_path, monkeypatch):
+    """A full disk while a shard is written (here the safetensors writer's own error after half the file):
+    one error naming the shard and the space it needs; no partial shard and no index.json are left."""
+    def full(tensors, path, metadata=None):
+        open(path, "wb").write(b"\0" * 100)
+        raise safetensors.SafetensorError("No space left on device (os error 28)")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError, match=r"shard-00000-00000\.safetensors: cannot write \(No space left on "
+                                      r"device \(os error 28\)\); it needs [\d.]+ MiB, [\d.]+ MiB are free "
+                                      r"there"):
+        train.main(["--data", make_manifest(tmp_path), "--build-cache", str(tmp_path / "c"), "--batch", "2"])
+    assert os.listdir(tmp_path / "c") == []
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the T5 mask: a cache without the padding, exactly
+
+def test_masked_t5_encodes_a_caption_as_if_it_had_no_padding():
+    torch.manual_seed(0)
+    t5 = encoders.init_text_encoder(encoders.T5Encoder(model.CONFIGS["tiny"].t5), 0)
+    ids = torch.randint(3, 60, (3, 16))
+    lengths = [5, 16, 1]
+    for i, n in enumerate(lengths):
+        ids[i, n:] = 0
+    keep = torch.arange(16) < torch.tensor(lengths)[:, None]
+    masked = t5(ids, keep)
+    for i, n in enumerate(lengths):
+        torch.testing.assert_close(masked[i, :n], t5(ids[i:i + 1, :n])[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(t5(ids)[0, :5], masked[0, :5], atol=1e-3)  # unmasked, padding changes them
+
+
+def test_cache_with_t5_mask_stores_only_the_captions_tokens_and_reads_back_exactly(tmp_path):
+    manifest = make_manifest(tmp_path)
+    train.main(["--data", manifest, "--build-cache", str(tmp_path / "c"), "--batch", "2", "--t5-mask"])
+    cfg = model.CONFIGS["tiny"]
+    with safetensors.safe_open(str(shard(tmp_path / "c")), "pt") as f:
+        n, rows = f.get_slice("item").get_shape()[0], f.get_slice("txt").get_shape()[0]
+    assert rows < n * cfg.t5_max_len / 2  # "a photo of N red circles" is 7 of 16 positions with its end
+    meta = data.cache_meta(cfg, 0, [32], 2.0, "fake image, ", t5_mask=True)
+    cached = data.CachedData(str(tmp_path / "c"), meta, batch=2)
+    with pytest.raises(data.ManifestError, match=r"encoders = .*'t5_mask': True"):
+        data.CachedData(str(tmp_path / "c"), data.cache_meta(cfg, 0, [32], 2.0, "fake image, "), batch=2)
+    system = selfe.SelfE(cfg, t5_mask=True)
+    got = cached.batch([0, 1, 2, 3])
+    captions = [f"a photo of {i} red circles" for i in range(4)]
+    txt, vec = system.encode_text(captions)
+    fake_txt, fake_vec = system.encode_text(["fake image, " + c for c in captions])
+    for name, want in (("txt", txt), ("vec", vec), ("fake_txt", fake_txt), ("fake_vec", fake_vec)):
+        torch.testing.assert_close(got[name], want, atol=0, rtol=0)
+    assert (txt[:, 8:] == 0).all() and (txt[:, :7].abs().sum(-1) > 0).all()
+
+
+# ------------------------------------------------------------------------------------------------------------
 # device and backend flags, checked when parsed
 
 @pytest.mark.parametrize("argv, message", [
