@@ -204,6 +204,150 @@ def test_cache_with_t5_mask_stores_only_the_captions_tokens_and_reads_back_exact
 
 
 # ------------------------------------------------------------------------------------------------------------
+# config.json and latest
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, untrained_tiny):
+    root = tmp_path_factory.mktemp("ckpt")
+    train.save_checkpoint(str(root / "run"), untrained_tiny, 1, FLAGS)
+    return root / "run"
+
+
+def edit_config(path, change):
+    file = path / "step-0000001" / "config.json"
+    meta = json.loads(file.read_text())
+    change(meta)
+    file.write_text(json.dumps(meta))
+
+
+CONFIG_DAMAGE = {
+    "hidden size the weights do not have": (
+        lambda m: m["config"].update(hidden_size=192, num_heads=6),
+        r"ema\.safetensors \(against .*config\.json\): cannot load: .*wrong shapes "
+        r"\['double_blocks\.0\.img_attn\.proj\.bias: file \(96,\) vs model \(192,\)"),
+    "blocks the weights do not have": (lambda m: m["config"].update(depth=3),
+                                       r"ema\.safetensors \(against .*config\.json\): cannot load: missing "
+                                       r"keys \['double_blocks\.2\."),
+    "RoPE axes": (lambda m: m["config"].update(hidden_size=192),
+                  r"config\.json: damaged: config\.axes_dim = \(4, 14, 14\), expected three even RoPE sizes "
+                  r"summing to the head dim 64"),
+    "absurd size": (lambda m: m["config"].update(hidden_size=2 ** 20, num_heads=2 ** 15),
+                    r"ema\.safetensors \(against .*config\.json\): cannot load"),
+    "a string for a number": (lambda m: m["config"].update(hidden_size="96"),
+                              r"config\.json: damaged: config\.hidden_size = '96', expected an integer"),
+    "true for a number": (lambda m: m["config"]["t5"].update(num_layers=True),
+                          r"config\.json: damaged: config\.t5\.num_layers = True, expected an integer"),
+    "resolution 0": (lambda m: m["config"].update(resolution=0),
+                     r"config\.json: damaged: config\.resolution = 0, expected an integer in \[1, "),
+    "resolution off the grid": (lambda m: m["config"].update(resolution=30),
+                                r"config\.json: damaged: config\.resolution = 30, expected a multiple of 4 "
+                                r"px"),
+    "unknown key": (lambda m: m["config"].update(heads=3),
+                    r"config\.json: damaged: unknown key 'config\.heads'"),
+    "config a list": (lambda m: m.update(config=[1]), r"config\.json: damaged: config is a JSON list"),
+    "flags a string": (lambda m: m.update(flags="x"), r"config\.json: damaged: 'flags' is a JSON str"),
+    "anchor a string": (lambda m: m["flags"].update(anchor="512"),
+                        r"config\.json: damaged: flags\.anchor = '512', expected an integer in \[1, 4095\]"),
+    "negative step": (lambda m: m.update(step=-1), r"config\.json: damaged: step = -1"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_DAMAGE)
+def test_edited_or_damaged_config_is_named_before_any_weight_is_built(ckpt, tmp_path, case, capsys,
+                                                                      monkeypatch):
+    """sample.py on a checkpoint whose config.json was edited: one line naming the file and the key (or the
+    weights it does not match), exit status 1, and the network never built."""
+    change, message = CONFIG_DAMAGE[case]
+    shutil.copytree(ckpt, tmp_path / "run")
+    edit_config(tmp_path / "run", change)
+    monkeypatch.setattr(selfe.SelfE, "__init__", lambda *a, **k: pytest.fail("the network was built"))
+    err = one_line_error(sampler.main, ["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "x.png"),
+                                        "a red circle"], capsys)
+    assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n\0\0", r"latest: damaged: holds b'\\x89PNG"),
+    (b"../../elsewhere/step-0000001\n", r"latest: damaged: holds b'\.\./\.\./elsewhere"),
+    (b"", r"latest: damaged: holds b''")])
+def test_damaged_latest_is_named(ckpt, tmp_path, content, message, capsys):
+    shutil.copytree(ckpt, tmp_path / "run")
+    (tmp_path / "run" / "latest").write_bytes(content)
+    run = str(tmp_path / "run")
+    for main, argv in ((sampler.main, ["--ckpt", run, "--out", str(tmp_path / "x.png"), "a"]),
+                       (train.main, ["--resume", "--out", run, "--steps", "2"])):
+        err = one_line_error(main, argv, capsys)
+        assert re.search(message, err) and "write the name of one of" in err, err
+
+
+def test_raw_weights_are_checked_against_the_config_too(ckpt, tmp_path):
+    shutil.copytree(ckpt, tmp_path / "run")
+    edit_config(tmp_path / "run", lambda m: m["config"].update(depth=3))
+    with pytest.raises(encoders.CheckpointError, match=r"dcp: model\.double_blocks\.2\..* is missing in the "
+                                                       r"checkpoint, .* by .*config\.json"):
+        selfe.load_checkpoint(str(tmp_path / "run"), weights="model")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# a planted training state does not run
+
+class Payload:
+    """Unpickling this runs code: it writes the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+@pytest.fixture(scope="module")
+def run2(tmp_path_factory):
+    out = tmp_path_factory.mktemp("planted") / "run"
+    _train(out, "--steps", "2")
+    return out
+
+
+def test_resume_never_runs_a_planted_metadata_pickle(run2, tmp_path, capsys):
+    """dcp/.metadata is a pickle: a planted one (here with a payload that writes a file) is refused, unrun, by
+    --resume and by sample.py --weights model."""
+    run, marker = tmp_path / "run", tmp_path / "ran"
+    shutil.copytree(run2, run)
+    (run / "step-0000002" / "dcp" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    err = one_line_error(train.main, ["--resume", "--out", str(run), "--steps", "4"], capsys)
+    assert "step-0000002/dcp/.metadata: refused" in err and "builtins.exec" in err, err
+    err = one_line_error(sampler.main, ["--ckpt", str(run), "--weights", "model", "--out",
+                                        str(tmp_path / "x.png"), "a"], capsys)
+    assert ".metadata: refused" in err and not marker.exists()
+
+
+def test_resume_never_runs_a_planted_entry_of_the_training_state(run2, tmp_path, capsys, untrained_tiny):
+    """The training state's non-tensor entries (the optimizer's hyperparameters) are pickles inside the shard
+    files: a planted one is refused, unrun, naming the entry."""
+    run, marker = tmp_path / "run", tmp_path / "ran"
+    shutil.copytree(run2, run)
+    opt = torch.optim.Adam(untrained_tiny.denoiser.parameters())
+    state = selfe.training_state(untrained_tiny, opt)
+    state["optimizer"]["param_groups"][0]["lr"] = Payload(marker)
+    shutil.rmtree(run / "step-0000002" / "dcp")
+    dcp.save(state, checkpoint_id=str(run / "step-0000002" / "dcp"), no_dist=True)
+    err = one_line_error(train.main, ["--resume", "--out", str(run), "--steps", "4"], capsys)
+    assert "dcp: refused entry optimizer.param_groups.0.lr" in err, err
+    assert not marker.exists()
+
+
+def test_metadata_that_points_outside_its_folder_is_refused(run2, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run2, run)
+    file = run / "step-0000002" / "dcp" / ".metadata"
+    meta = pickle.loads(file.read_bytes())  # our own file: safe to read without the check
+    next(iter(meta.storage_data.values())).relative_path = "../../../secret"
+    file.write_bytes(pickle.dumps(meta))
+    with pytest.raises(encoders.CheckpointError, match=r"names the shard file '\.\./\.\./\.\./secret'"):
+        selfe.load_training_state(str(run / "step-0000002"), selfe.SelfE(model.CONFIGS["tiny"]))
+
+
+# ------------------------------------------------------------------------------------------------------------
 # device and backend flags, checked when parsed
 
 @pytest.mark.parametrize("argv, message", [
