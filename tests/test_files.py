@@ -382,3 +382,103 @@ def test_a_process_group_backend_this_torch_lacks_is_named(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "needs torch.distributed's gloo backend" in err, err
     train.get_args(["--precision", "fp32"])  # no process group: no backend needed
+
+
+# ------------------------------------------------------------------------------------------------------------
+# saving: a full disk stops the run, and the previous checkpoint and `latest` survive
+
+def test_too_little_space_stops_the_run_before_writing_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = train.shutil.disk_usage
+    calls = []
+
+    def usage(path):  # the disk fills up after the first checkpoint
+        calls.append(path)
+        u = real(path)
+        return u._replace(free=u.free if len(calls) == 1 else 2 ** 20)
+    monkeypatch.setattr(train.shutil, "disk_usage", usage)
+    with pytest.raises(OSError, match=r"step-0000004\.tmp: checkpoint not written \(not enough free space\); "
+                                      r"it needs [\d.]+ MiB, 1\.0 MiB were free there; .*latest still names "
+                                      r"'step-0000002', untouched"):
+        _train(out)
+    assert sorted(os.listdir(out)) == ["latest", "log.jsonl", "step-0000002"]
+    assert (out / "latest").read_text() == "step-0000002\n"
+    monkeypatch.setattr(train.shutil, "disk_usage", real)
+    assert [r["step"] for r in _train(out, "--resume")] == [3, 4]  # space freed: it resumes
+
+
+def test_a_write_that_fails_midway_leaves_no_step_folder(tmp_path, monkeypatch):
+    """--ckpt-sync, a write error while the EMA rows go out: the .tmp folder is removed, `latest` and the
+    previous checkpoint stay as they were."""
+    out = tmp_path / "run"
+    _train(out, "--steps", "2", "--ckpt-sync")
+    before = files(out / "step-0000002")
+
+    def full(file, ema, offsets):
+        open(file, "r+b").write(b"\1" * 1000)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(train, "write_ema_rows", full)
+    with pytest.raises(OSError, match=r"step-0000004\.tmp: checkpoint not written \(OSError: \[Errno 28\] No "
+                                      r"space left on device\)"):
+        _train(out, "--resume", "--ckpt-sync")
+    assert sorted(os.listdir(out)) == ["latest", "log.jsonl", "step-0000002"]
+    assert files(out / "step-0000002") == before and (out / "latest").read_text() == "step-0000002\n"
+
+
+FULL_DISK = '''
+import hashlib, json, os, pathlib, resource, signal, sys
+import train
+real, hashes = train.save_checkpoint, sys.argv.pop(1)
+
+def filling(out, system, step, *a, **k):
+    # from step 4 on no file may grow past 8 MiB: the training state's shard (17 MiB) cannot be written
+    if step == 4:
+        train.finish_checkpoint(wait=True)  # step 2's, still being written on its thread
+        run = pathlib.Path(out)
+        json.dump({str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+                   for p in run.rglob("*") if p.is_file() and "step-" in str(p)}, open(hashes, "w"))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 2 ** 20, resource.RLIM_INFINITY))
+    return real(out, system, step, *a, **k)
+
+train.save_checkpoint = filling
+import cli
+cli.run(train.main)
+'''
+
+
+def test_a_disk_that_fills_while_writing_in_the_background_stops_the_run_in_one_line(tmp_path):
+    """The real writers (dcp's, on the writing thread) meet a file-size limit halfway through step 4's
+    checkpoint: one line naming it and what it needs, exit status 1, no traceback; `latest` and step 2's
+    checkpoint as they were, no step-4 folder left."""
+    (tmp_path / "filling.py").write_text(FULL_DISK)
+    out, hashes = tmp_path / "run", tmp_path / "hashes.json"
+    p = subprocess.run([sys.executable, str(tmp_path / "filling.py"), str(hashes), "--steps", "4",
+                        "--batch", "4", "--log-every", "1", "--ckpt-every", "2", "--sample-every", "0",
+                        "--out", str(out)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert lines[-1].startswith("filling.py: error: "), lines[-1]
+    assert "step-0000004.tmp: checkpoint not written" in lines[-1], lines[-1]
+    assert re.search(r"it needs [\d.]+ MiB, [\d.]+ [MG]iB were free there when it began, [\d.]+ [MG]iB now; "
+                     r".*latest still names 'step-0000002', untouched", lines[-1]), lines[-1]
+    assert sorted(os.listdir(out)) == ["latest", "log.jsonl", "step-0000002"]
+    assert (out / "latest").read_text() == "step-0000002\n"
+    assert {k: v for k, v in files(out).items() if k.startswith("step-")} == json.loads(hashes.read_text())
+
+
+def test_a_checkpoint_written_in_the_background_holds_the_state_of_its_step(tmp_path):
+    """Training goes on while step 2's checkpoint is written from its host copy: the files are those the
+    in-loop writer makes."""
+    _train(tmp_path / "thread")
+    _train(tmp_path / "loop", "--ckpt-sync")
+    for step in ("step-0000002", "step-0000004"):
+        for name in ("ema.safetensors", "frozen.safetensors"):
+            thread, loop = (tmp_path / run / step / name for run in ("thread", "loop"))
+            assert thread.read_bytes() == loop.read_bytes(), (step, name)
+        a, _ = selfe.load_checkpoint(str(tmp_path / "thread" / step), weights="model")
+        b, _ = selfe.load_checkpoint(str(tmp_path / "loop" / step), weights="model")
+        for (k, v), w in zip(a.denoiser.state_dict().items(), b.denoiser.state_dict().values()):
+            assert torch.equal(v, w), k
+    ema = safetensors.torch.load_file(str(tmp_path / "thread" / "step-0000002" / "ema.safetensors"))
+    assert ema.keys() == model.MMDiT(model.CONFIGS["tiny"]).state_dict().keys()
