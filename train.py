@@ -949,14 +949,14 @@ def write_ema_rows(file, ema, offsets):
         for k, t in ema.items():
             if not _writes_here(t):
                 continue
-            local, first = t, 0
-            if hasattr(t, "to_local"):
+            local, first = (t.to_local() if hasattr(t, "to_local") else t), 0
+            if local.numel() == 0:                                     # (FSDP2 leaves some ranks no rows)
+                continue
+            if hasattr(t, "to_local") and t.dim():
                 chunk = t.__create_chunk_list__()[0]                   # where this shard sits in the tensor
                 if any(chunk.offsets[1:]) or tuple(chunk.sizes[1:]) != tuple(t.shape[1:]):
                     raise NotImplementedError(f"{k}: sharded along a dimension other than 0")
-                local, first = t.to_local(), (chunk.offsets[0] if t.dim() else 0)
-            if local.numel() == 0:
-                continue
+                first = chunk.offsets[0]
             row = math.prod(t.shape[1:]) * t.element_size()     # (from the shape: indexing a DTensor gathers)
             buf = memoryview(local.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
             at = offsets[k] + first * row

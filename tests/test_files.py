@@ -482,3 +482,23 @@ def test_a_checkpoint_written_in_the_background_holds_the_state_of_its_step(tmp_
             assert torch.equal(v, w), k
     ema = safetensors.torch.load_file(str(tmp_path / "thread" / "step-0000002" / "ema.safetensors"))
     assert ema.keys() == model.MMDiT(model.CONFIGS["tiny"]).state_dict().keys()
+
+
+def test_ema_file_written_by_three_processes_holds_the_sharded_ema(tmp_path):
+    """Three processes shard some tensors unevenly (32 rows: 11, 11, 10); each writes its own rows of
+    ema.safetensors in place. The file equals the EMA in the same checkpoint's sharded training state."""
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--standalone",
+                        "train.py", "--steps", "2", "--batch", "3", "--log-every", "1", "--ckpt-every", "2",
+                        "--sample-every", "0", "--out", str(out)], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    step = out / "step-0000002"
+    system = selfe.SelfE(model.CONFIGS["tiny"])
+    system.make_ema()
+    selfe.load_training_state(str(step), system)
+    ema = safetensors.torch.load_file(str(step / "ema.safetensors"))
+    assert ema.keys() == system.ema.state_dict().keys()
+    assert any(v.shape[0] % 3 for v in ema.values())
+    for k, v in system.ema.state_dict().items():
+        assert torch.equal(ema[k], v), k
