@@ -488,10 +488,10 @@ def test_ema_file_written_by_three_processes_holds_the_sharded_ema(tmp_path):
     """Three processes shard some tensors unevenly (32 rows: 11, 11, 10); each writes its own rows of
     ema.safetensors in place. The file equals the EMA in the same checkpoint's sharded training state."""
     out = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--standalone",
-                        "train.py", "--steps", "2", "--batch", "3", "--log-every", "1", "--ckpt-every", "2",
-                        "--sample-every", "0", "--out", str(out)], cwd=ROOT, env=ENV, capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3",
+                        "--standalone", "train.py", "--steps", "2", "--batch", "3", "--log-every", "1",
+                        "--ckpt-every", "2", "--sample-every", "0", "--out", str(out)], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     step = out / "step-0000002"
     system = selfe.SelfE(model.CONFIGS["tiny"])
