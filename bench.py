@@ -6,6 +6,8 @@ before any device is rented.
     python bench.py --plan --size 2b --batch 16 --world 8        # memory plan per device: no GPU, no weights
     python bench.py --t5-load                          # frozen-part load memory (T5-XXL, host RSS)
     python bench.py --t5-load --layers 6 --keep        # smaller, for a disk that cannot take 9.5 GB
+    python bench.py --cache-cost --size 2b             # cache bytes per image and read time, T5 mask or not
+    python bench.py --save-cost --size 2b --world 8    # what a checkpoint writes per rank; the loop's wait
 
 The table: at each resolution (2b: 256^2 = 256 image + 512 text tokens, and 512^2), per-device micro-batch
 --batch: the denoiser's forward+backward, an FM step, a Self-E step and a Self-E step with the auxiliary term
@@ -26,9 +28,11 @@ FLUX.1's text_encoder_2/ (bf16, two shards of at most 5 GB, index and config; ab
 encoders.load_t5 in a fresh process, whose peak RSS is held against the file size (target: at most 1.3 x).
 """
 import argparse
+import contextlib
 import dataclasses
 import functools
 import gc
+import io
 import json
 import os
 import resource
@@ -408,6 +412,94 @@ def t5_load(args):
           f"{'met' if r['peak_rss'] <= 1.3 * size else 'NOT met'}")
 
 
+# ------------------------------------------------------------------------------------------------------------
+# What files cost: the text cache with and without the T5 mask, and a checkpoint save
+
+def cache_cost(args):
+    """--cache-cost: bytes per image of a cache (data.write_cache) of --size's shapes at 256^2, and the time
+    data.CachedData takes to read one batch of --batch items from disk (the shards evicted from the page
+    cache first), with all t5_max_len T5 states per caption (no mask: padding attends, so all are stored)
+    and with --caption-tokens of them (--t5-mask). Random values of the real sizes and dtypes (bf16 text, as
+    the encoders give on a GPU); no encoder runs."""
+    import data
+    cfg, n, side = CONFIGS[args.size], 2 * args.batch, 256 // 8
+    print(f"cache of --size {args.size} at 256^2 ({n} items, latents 16x{side}x{side} fp32, T5 states "
+          f"{cfg.context_in_dim} wide in bf16, t5_max_len {cfg.t5_max_len}), read {args.batch} items:")
+    print("| T5 states per caption | bytes per image | of which text | read a batch (ms) |")
+    print("|---|---|---|---|")
+    for mask, kept in ((False, cfg.t5_max_len), (True, args.caption_tokens)):
+        folder = os.path.join(args.dir, f"cache-{'mask' if mask else 'full'}")
+        shutil.rmtree(folder, ignore_errors=True)
+
+        class Source:  # n items of one bucket, as data.ManifestData gives them
+            items = [(i, (256, 256)) for i in range(n)]
+
+            def __len__(self):
+                return n
+
+            def batch(self, idx):
+                return torch.zeros(len(idx), 3, 256, 256), ["a caption"] * len(idx)
+
+        def encode_text(captions):  # c_fake's prefix adds 3 T5 tokens ("fake image, ")
+            m = min(cfg.t5_max_len, kept + 3 * captions[0].startswith("fake"))
+            return (torch.randn(len(captions), cfg.t5_max_len, cfg.context_in_dim, dtype=torch.bfloat16),
+                    torch.randn(len(captions), cfg.vec_in_dim, dtype=torch.bfloat16),
+                    torch.full((len(captions),), m if mask else cfg.t5_max_len))
+        meta = data.cache_meta(cfg, 0, [256], 1.0, "fake image, ", mask)
+        with contextlib.redirect_stdout(io.StringIO()):
+            data.write_cache(folder, Source(), lambda x: torch.randn(len(x), 16, side, side),
+                             encode_text, fake_prefix="fake image, ", meta=meta, batch=args.batch)
+        shards = [os.path.join(folder, f) for f in os.listdir(folder) if f.startswith("shard-")]
+        size = sum(os.path.getsize(f) for f in shards) / n
+        with safetensors.safe_open(shards[0], "pt") as f:
+            text = sum(f.get_slice(k).get_shape()[0] for k in ("txt", "fake_txt")) * cfg.context_in_dim * 2
+        cached = data.CachedData(folder, meta, args.batch)
+        times = []
+        for _ in range(3):
+            for f in shards:  # from the disk, not the page cache
+                fd = os.open(f, os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(fd)
+            t0 = time.perf_counter()
+            cached.batch(cached.indices(0))
+            times.append(1e3 * (time.perf_counter() - t0))
+        print(f"| {kept}{' (--t5-mask)' if mask else ' (all)'} | {size / 2 ** 20:.2f} MiB | "
+              f"{text / n / 2 ** 20:.2f} MiB | {sorted(times)[1]:.0f} |")
+        if not args.keep:
+            shutil.rmtree(folder)
+
+
+def save_cost(args):
+    """--save-cost: per rank, what a checkpoint of --size at --world ranks writes and holds, from the preset's
+    parameter count on the meta device (the training state: model, EMA, two Adam moments, fp32, sharded; the
+    EMA file: before, gathered into rank 0's host memory and written by it alone, now each rank's rows in
+    place); then, on this machine, how long train.py's loop waits for one save of the tiny preset, written in
+    the loop (--ckpt-sync) or on a thread (the default: the loop only waits for the host copy)."""
+    world = args.world or 1
+    with torch.device("meta"):
+        n = sum(p.numel() for p in MMDiT(CONFIGS[args.size]).parameters())
+    gib = lambda x: f"{x / 2 ** 30:.2f} GiB"
+    state, ema = 4 * 4 * n / world, 4 * n
+    print(f"--size {args.size}: {n / 1e9:.2f} B parameters at {world} ranks, per rank: training state "
+          f"{gib(state)}; EMA file: was {gib(ema)} on rank 0 (gathered in its host memory), now "
+          f"{gib(ema / world)} on each; host copy for a save on the thread: {gib(state)}")
+    torch.manual_seed(0)
+    system = selfe.SelfE(CONFIGS["tiny"])
+    system.make_ema()
+    opt = torch.optim.Adam(system.denoiser.parameters(), fused=True)
+    folder = os.path.join(args.dir, "save-cost")
+    for background in (False, True):
+        waits = []
+        for step in range(1, 6):
+            t0 = time.perf_counter()
+            train.save_checkpoint(folder, system, step, {}, opt, background=background)
+            waits.append(1e3 * (time.perf_counter() - t0))
+            train.finish_checkpoint(wait=True)  # (not timed: the loop goes on meanwhile)
+        print(f"tiny on this machine, {'on a thread' if background else 'in the loop'}: the loop waits "
+              f"{sorted(waits)[2]:.0f} ms per save (median of 5)")
+    shutil.rmtree(folder)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="2b", choices=list(CONFIGS))
@@ -437,7 +529,16 @@ def main(argv=None):
     t.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
     t.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
     t.add_argument("--touch-only", type=int, help=argparse.SUPPRESS)
+    f = p.add_argument_group("what files cost (--cache-cost, --save-cost; --dir, --keep, --batch, --world)")
+    f.add_argument("--cache-cost", action="store_true", help="bytes per image and read time of a cache, "
+                   "with and without the T5 mask")
+    f.add_argument("--caption-tokens", type=int, default=77,
+                   help="T5 tokens of a caption with its end token, for --cache-cost")
+    f.add_argument("--save-cost", action="store_true", help="what a checkpoint writes per rank; how long the "
+                   "loop waits for one")
     args = p.parse_args(argv)
+    if args.cache_cost or args.save_cost:
+        return cache_cost(args) if args.cache_cost else save_cost(args)
     if args.t5_load:
         if args.load_only:
             return load_t5_and_measure(args.dir)

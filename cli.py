@@ -25,6 +25,8 @@ INPUT_ERRORS = (data.ManifestError, encoders.CheckpointError, OSError)
 MAX_SEED = 2 ** 23 - 1
 # Step counts: far past where more steps change a sample, so a larger count is a typo.
 MAX_STEPS = 1000
+# --dist-timeout: a week; Python's timedelta overflows near 10^14 seconds, long before anyone means it.
+MAX_TIMEOUT = 7 * 24 * 3600
 
 
 def run(main, argv=None):
@@ -100,6 +102,31 @@ def step_counts(text):
         raise argparse.ArgumentTypeError(f"{text!r}: step counts must be distinct integers in "
                                          f"[1, {MAX_STEPS}]")
     return steps
+
+
+def device(text):
+    """An argparse `type` for --device: a device torch knows and this machine has (cpu; cuda or cuda:N with
+    that many GPUs; another accelerator this torch was built with), checked before anything is built."""
+    import torch
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return text
+    backend = getattr(torch, dev.type, None)
+    if dev.type == "meta" or not hasattr(backend, "is_available"):
+        raise argparse.ArgumentTypeError(f"{text!r}: not a device that holds data; use cpu or cuda")
+    if not backend.is_available():
+        built = getattr(getattr(torch.backends, dev.type, None), "is_built", lambda: True)()
+        why = (f"this torch ({torch.__version__}) is built without {dev.type}" if not built
+               else f"this machine has no {dev.type} device this torch can use")
+        raise argparse.ArgumentTypeError(f"{text!r}: {why}; use --device cpu")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if dev.index is not None and dev.index >= count:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} {dev.type} device(s), "
+                                         f"numbered from 0")
+    return text
 
 
 def writable_folder(text):

@@ -17,6 +17,8 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import sys
 from dataclasses import dataclass
 
@@ -25,6 +27,8 @@ import safetensors
 import safetensors.torch
 import torch
 import torch.distributed as dist
+
+import encoders
 
 # ------------------------------------------------------------------------------------------------------------
 # Seeds and pixels, as every file uses them
@@ -594,35 +598,72 @@ class ShapesData:
 # ------------------------------------------------------------------------------------------------------------
 # Latent and text caches (docs/formats.md §2): the frozen encoders run once over a manifest; training then
 # reads shards instead.
-#   <dir>/shard-RRRRR-NNNNN.safetensors  items of one bucket: item (n,), latent (n, C, h, w), T5 states
-#                                        txt (n, Lt, d_txt), CLIP pooled vec (n, d_vec), and fake_txt and
-#                                        fake_vec for c_fake (s.8)
+#   <dir>/shard-RRRRR-NNNNN.safetensors  items of one bucket: item (n,), latent (n, C, h, w), CLIP pooled
+#                                        vec (n, d_vec) and fake_vec for c_fake (s.8); the T5 states packed
+#                                        row after row, each caption's txt_len of them: txt (sum, d_txt),
+#                                        txt_len (n,), and fake_txt, fake_txt_len for c_fake
 #   <dir>/null.safetensors               the empty prompt phi and c_fake of it (txt, vec, fake_txt,
-#                                        fake_vec), batch 1
+#                                        fake_vec), batch 1, all t5_max_len positions
 #   <dir>/index.json                     what the cache was built with; written last: present means complete
 # Items are numbered as ManifestData numbers them, so a cached run draws exactly the batches an online run
-# draws. Size: T5-XXL states are Lt x 4096 values per caption (4 MiB at 512 tokens in bf16), twice with
-# c_fake. The text is stored in the encoders' precision (bf16 on GPU), as training would see it online.
+# draws. Size: a T5-XXL state is 4096 values per token (8 KiB in bf16). With the T5 mask (train.py
+# --t5-mask, A 26) the states past a caption's tokens are zero and are not stored; without it (FLUX's way)
+# padding attends, its states depend on the prompt, and all t5_max_len of them are stored. The text is stored
+# in the encoders' precision (bf16 on GPU), as training would see it online.
+# Opening a cache checks every file (headers, shapes, item numbers, lengths) before training starts: one that
+# is damaged, missing, of another build or of another format is an error naming it and what to do.
 
+CACHE_FORMAT = 2       # format 1 stored txt as (n, t5_max_len, d_txt)
 CACHE_FIELDS = ("latent", "txt", "vec", "fake_txt", "fake_vec")
+PACKED = ("txt", "fake_txt")  # (sum of <name>_len, d_txt)
+CACHE_SHARD = re.compile(r"shard-\d{5}-\d{5}\.safetensors")
+REBUILD = "rebuild the cache with train.py --build-cache"
 
 
-def cache_meta(cfg, seed, resolution, max_ratio, fake_prefix):
-    """What a cache depends on (its index.json, less the item count): the frozen parts of preset `cfg`,
-    the stand-ins' seed (tiny), the bucket areas and ratio, the c_fake prefix. CachedData refuses a
-    cache whose values differ."""
+def cache_meta(cfg, seed, resolution, max_ratio, fake_prefix, t5_mask=False):
+    """What a cache depends on (its index.json, less the item count): its format, the frozen parts of preset
+    `cfg` and whether T5 masks padding, the stand-ins' seed (tiny), the bucket areas and ratio, the c_fake
+    prefix. CachedData refuses a cache whose values differ."""
     c = cfg.to_dict()
-    return {"encoders": {k: c[k] for k in ("t5", "clip", "t5_max_len", "tokenizer", "latent")},
+    return {"format": CACHE_FORMAT,
+            "encoders": {**{k: c[k] for k in ("t5", "clip", "t5_max_len", "tokenizer", "latent")},
+                         "t5_mask": t5_mask},
             "stand_in_seed": seed if cfg.tokenizer == "words" else None,
             "resolution": resolution, "max_ratio": max_ratio, "fake_prefix": fake_prefix}
+
+
+def _save_shard(tensors, file, metadata=None):
+    """safetensors -> `file` through `file`.tmp, so a file under its final name is always whole. A write that
+    fails (a full disk) leaves nothing and says what it needed."""
+    tmp = file + ".tmp"
+    try:
+        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, file)
+    except Exception as e:  # an OSError, or the safetensors writer's own error for the same causes
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        need = sum(t.numel() * t.element_size() for t in tensors.values())
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(file))).free
+        raise OSError(f"{file}: cannot write ({' '.join(str(e).split())}); it needs "
+                      f"{need / 2 ** 20:.1f} MiB, {free / 2 ** 20:.1f} MiB are free there") from e
 
 
 def write_cache(out, source, encode_latents, encode_text, *, fake_prefix, meta, batch, rank=0, world=1,
                 shard_items=256):
     """Encode `source` (a ManifestData) into the cache folder `out`: rank r writes items r, r + world, ...
-    into shards of one bucket each, `batch` images per encoder call; once every rank is done, rank 0 writes
-    the null encodings and then index.json (`meta` and the item count), whose presence marks the cache
-    complete. Collective under torchrun."""
+    into shards of one bucket each, `batch` images per encoder call; `encode_text(captions)` -> (txt (B, Lt,
+    d_txt), vec (B, d_vec), lengths (B,)), of which each caption's first `lengths` T5 states are kept. Once
+    every rank is done, rank 0 writes the null encodings and then index.json (`meta` and the item count),
+    whose presence marks the cache complete. A folder that already holds cache files is refused (two builds
+    would mix). Collective under torchrun."""
+    found = sorted(n for n in os.listdir(out) if n in ("index.json", "null.safetensors")
+                   or CACHE_SHARD.fullmatch(n)) if os.path.isdir(out) else []
+    if found:
+        raise ManifestError(f"{out} already holds cache files ({', '.join(found[:2])}"
+                            f"{', ...' if len(found) > 2 else ''}): choose another folder, or delete them "
+                            "to build it afresh")
+    if world > 1:
+        dist.barrier()  # every rank has looked before any writes
     os.makedirs(out, exist_ok=True)
     mine = {}
     for i in range(rank, len(source), world):
@@ -631,19 +672,23 @@ def write_cache(out, source, encode_latents, encode_text, *, fake_prefix, meta, 
     for bucket in sorted(mine):
         items = mine[bucket]
         for k in range(0, len(items), shard_items):
-            part = {f: [] for f in CACHE_FIELDS}
+            part = {f: [] for f in (*CACHE_FIELDS, "txt_len", "fake_txt_len")}
             for j in range(k, min(k + shard_items, len(items)), batch):
                 idx = items[j:min(j + batch, k + shard_items, len(items))]
                 images, captions = source.batch(idx)
-                txt, vec = encode_text(captions)
-                fake_txt, fake_vec = encode_text([fake_prefix + c for c in captions])
-                for f, v in zip(CACHE_FIELDS, (encode_latents(images), txt, vec, fake_txt, fake_vec)):
-                    part[f].append(v.cpu())
+                txt, vec, n_txt = encode_text(captions)
+                fake_txt, fake_vec, n_fake = encode_text([fake_prefix + c for c in captions])
+                part["latent"].append(encode_latents(images).cpu())
+                for f, states, n in (("txt", txt, n_txt), ("fake_txt", fake_txt, n_fake)):
+                    n = n.cpu()
+                    part[f] += [s[:m] for s, m in zip(states.cpu(), n.tolist())]  # (m, d_txt) each
+                    part[f + "_len"].append(n)
+                part["vec"].append(vec.cpu())
+                part["fake_vec"].append(fake_vec.cpu())
             tensors = {f: torch.cat(v).contiguous() for f, v in part.items()}
             tensors["item"] = torch.tensor(items[k:k + shard_items])
-            safetensors.torch.save_file(tensors,
-                                        os.path.join(out, f"shard-{rank:05d}-{n_shard:05d}.safetensors"),
-                                        metadata={"bucket": json.dumps(bucket)})
+            _save_shard(tensors, os.path.join(out, f"shard-{rank:05d}-{n_shard:05d}.safetensors"),
+                        metadata={"bucket": json.dumps(bucket)})
             n_shard += 1
             print(f"cache: rank {rank} shard {n_shard}: {len(tensors['item'])} items of "
                   f"{bucket[0]}x{bucket[1]}", flush=True)
@@ -651,12 +696,11 @@ def write_cache(out, source, encode_latents, encode_text, *, fake_prefix, meta, 
         dist.barrier()
     if rank != 0:
         return
-    txt, vec = encode_text([""])
-    fake_txt, fake_vec = encode_text([fake_prefix])
-    safetensors.torch.save_file({"txt": txt.cpu().contiguous(), "vec": vec.cpu().contiguous(),
-                                 "fake_txt": fake_txt.cpu().contiguous(),
-                                 "fake_vec": fake_vec.cpu().contiguous()},
-                                os.path.join(out, "null.safetensors"))
+    txt, vec, _ = encode_text([""])
+    fake_txt, fake_vec, _ = encode_text([fake_prefix])
+    _save_shard({"txt": txt.cpu().contiguous(), "vec": vec.cpu().contiguous(),
+                 "fake_txt": fake_txt.cpu().contiguous(), "fake_vec": fake_vec.cpu().contiguous()},
+                os.path.join(out, "null.safetensors"))
     with open(os.path.join(out, "index.json.tmp"), "w") as f:
         json.dump({**meta, "items": len(source)}, f, indent=1)
     os.replace(os.path.join(out, "index.json.tmp"), os.path.join(out, "index.json"))
@@ -667,40 +711,146 @@ def is_cache(path):
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "index.json"))
 
 
+def _read_index(path, expect):
+    """index.json -> its object, checked: the format this reader reads, an item count, and every key of
+    `expect` (what this run would build) equal to it."""
+    file = os.path.join(path, "index.json")
+    try:
+        meta = encoders.read_json(file)
+    except encoders.CheckpointError as e:
+        raise ManifestError(f"{e}; {REBUILD}") from e
+    if meta.get("format") != CACHE_FORMAT:
+        raise ManifestError(f"{file}: a cache of format {meta.get('format', 1)!r} (an earlier selfe's, or "
+                            f"damaged); this selfe reads format {CACHE_FORMAT}: {REBUILD}")
+    items = meta.get("items")
+    if isinstance(items, bool) or not isinstance(items, int) or items < 1:
+        raise ManifestError(f"{file}: damaged: items = {items!r}, expected a count >= 1; {REBUILD}")
+    for key, want in expect.items():
+        if key not in meta:
+            raise ManifestError(f"{file}: damaged: no {key!r} key; {REBUILD}")
+        if meta[key] != want:
+            raise ManifestError(f"{file}: the cache was built with {key} = {meta[key]!r}, this run needs "
+                                f"{want!r}; rebuild it with this run's settings")
+    return meta
+
+
+def _check_header(file, want):
+    """A shard's (or null.safetensors') header against `want` {field: (dtypes, shape with None for any)}:
+    every field there, of those dtypes and shapes, its bytes inside the file. -> {field: shape}."""
+    try:
+        header = encoders.read_header(file)
+    except encoders.CheckpointError as e:
+        raise ManifestError(f"{e}; {REBUILD}") from e
+    shapes = {}
+    for field, (dtypes, shape) in want.items():
+        e = header.get(field)
+        if e is None:
+            raise ManifestError(f"{file}: no {field!r} tensor (damaged, or written by another selfe); "
+                                f"{REBUILD}")
+        size = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8}.get(e.dtype)
+        fits = len(e.shape) == len(shape) and all(w is None or w == s for w, s in zip(shape, e.shape))
+        if e.dtype not in dtypes or not fits or e.nbytes != math.prod(e.shape) * size:
+            want_shape = "(" + ", ".join("*" if w is None else str(w) for w in shape) + ")"
+            raise ManifestError(f"{file}: tensor {field!r} is {e.dtype} {e.shape} in {e.nbytes} bytes, "
+                                f"expected {'/'.join(dtypes)} {want_shape}; {REBUILD}")
+        shapes[field] = e.shape
+    return shapes
+
+
 class CachedData:
     """Training items read from a cache. `expect` is what this run would have built it with; any difference
-    (another preset's encoders, resolution, c_fake prefix, stand-in seed) is an error naming the key."""
+    (another preset's encoders, resolution, c_fake prefix, stand-in seed, T5 mask, format) is an error naming
+    the key. Every shard is checked on opening (see _check_shard), so a damaged or stale cache stops before
+    training, naming the file."""
 
     def __init__(self, path, expect, batch, seed=0):
         if not is_cache(path):
             raise ManifestError(f"{path}: not a finished cache (no index.json); build one with "
                                 "train.py --build-cache")
         self.path = path
-        with open(os.path.join(path, "index.json")) as f:
-            self.meta = json.load(f)
-        for key, want in expect.items():
-            if self.meta.get(key) != want:
-                raise ManifestError(f"{path}/index.json: the cache was built with {key} = "
-                                    f"{self.meta.get(key)!r}, this run needs {want!r}; rebuild it with "
-                                    "this run's settings")
-        self.where = {}  # item -> (file, row)
+        self.meta = _read_index(path, expect)
+        enc = self.meta["encoders"]
+        self.t5_len, d_txt, d_vec = enc["t5_max_len"], enc["t5"]["d_model"], enc["clip"]["hidden_size"]
+        self.channels, self.down = (16, 8) if enc["latent"] == "flux-vae" else (3, 1)
+        floats = ("F32", "BF16", "F16")
+        self.want = {"item": (("I64",), (None,)), "latent": (floats, (None, self.channels, None, None)),
+                     "vec": (floats, (None, d_vec)), "fake_vec": (floats, (None, d_vec)),
+                     **{f: (floats, (None, d_txt)) for f in PACKED},
+                     **{f + "_len": (("I64",), (None,)) for f in PACKED}}
+        self.where = {}    # item -> (file, row)
+        self.offsets = {}  # file -> {packed field: (n + 1,) first state of each row}
         item_buckets = [None] * self.meta["items"]
         for name in sorted(os.listdir(path)):
-            if not (name.startswith("shard-") and name.endswith(".safetensors")):
+            if not CACHE_SHARD.fullmatch(name):
                 continue
             file = os.path.join(path, name)
-            with safetensors.safe_open(file, "pt") as f:
-                bucket = tuple(json.loads(f.metadata()["bucket"]))
-                for row, i in enumerate(f.get_tensor("item").tolist()):
-                    self.where[i] = (file, row)
-                    item_buckets[i] = bucket
+            bucket, items = self._check_shard(file)
+            for row, i in enumerate(items):
+                if item_buckets[i] is not None:
+                    raise ManifestError(f"{file}: item {i} is also in {self.where[i][0]}: shards of two "
+                                        f"builds in one folder; {REBUILD} in an empty folder")
+                self.where[i] = (file, row)
+                item_buckets[i] = bucket
         missing = [i for i, b in enumerate(item_buckets) if b is None]
         if missing:
             raise ManifestError(f"{path}: {len(missing)} of {len(item_buckets)} items are in no shard "
                                 f"(first: item {missing[0]}); a shard file is missing")
-        with safetensors.safe_open(os.path.join(path, "null.safetensors"), "pt") as f:
-            self.null = {k: f.get_tensor(k) for k in f.keys()}
+        null = os.path.join(path, "null.safetensors")
+        _check_header(null, {"txt": (floats, (1, self.t5_len, d_txt)), "vec": (floats, (1, d_vec)),
+                             "fake_txt": (floats, (1, self.t5_len, d_txt)), "fake_vec": (floats, (1, d_vec))})
+        self.null = self._read(null, lambda f: {k: f.get_tensor(k) for k in ("txt", "vec", "fake_txt",
+                                                                              "fake_vec")})
         self.order = Batches(item_buckets, batch, seed, path)
+
+    @staticmethod
+    def _read(file, fn):
+        """fn(safe_open(file)), with the reader's own errors (a file changed since it was checked) named."""
+        try:
+            with safetensors.safe_open(file, "pt") as f:
+                return fn(f)
+        except (safetensors.SafetensorError, OSError, RuntimeError) as e:
+            raise ManifestError(f"{file}: cannot read ({' '.join(str(e).split())}); {REBUILD}") from e
+
+    def _check_shard(self, file):
+        """One shard against the index: the header (fields, dtypes, shapes: every field n rows of this
+        preset's sizes, the latents of its bucket's size), then the small tensors: item numbers within the
+        index's count and distinct, each caption's length within [1, t5_max_len] and the lengths filling
+        the packed states exactly. -> (bucket, item numbers)."""
+        shapes = _check_header(file, self.want)
+        n = shapes["item"][0]
+        rows = {f: s[0] for f, s in shapes.items() if f not in PACKED}
+        if n == 0 or any(r != n for r in rows.values()):
+            raise ManifestError(f"{file}: damaged: rows per tensor {rows}, expected {n} each; {REBUILD}")
+        meta = self._read(file, lambda f: f.metadata()) or {}
+        try:
+            bucket = tuple(json.loads(meta["bucket"]))
+            ok = len(bucket) == 2 and all(isinstance(x, int) and x > 0 and x % self.down == 0 for x in bucket)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ManifestError(f"{file}: damaged: metadata 'bucket' is {meta.get('bucket')!r}, expected "
+                                f"[H, W] in pixels; {REBUILD}")
+        if shapes["latent"][2:] != (bucket[0] // self.down, bucket[1] // self.down):
+            raise ManifestError(f"{file}: latents are {shapes['latent'][2:]}, its {bucket[0]}x{bucket[1]} "
+                                f"bucket needs {(bucket[0] // self.down, bucket[1] // self.down)}; {REBUILD}")
+        small = self._read(file, lambda f: {k: f.get_tensor(k) for k in ("item", "txt_len", "fake_txt_len")})
+        items = small["item"].tolist()
+        count = self.meta["items"]
+        bad = next((i for i in items if not 0 <= i < count), None)
+        if bad is not None or len(set(items)) != n:
+            what = f"item {bad}" if bad is not None else "an item twice"
+            raise ManifestError(f"{file}: holds {what}, but index.json counts items 0 to {count - 1}: a "
+                                f"shard of another build; {REBUILD} in an empty folder")
+        self.offsets[file] = {}
+        for f in PACKED:
+            lengths = small[f + "_len"]
+            lo, hi, total = lengths.min().item(), lengths.max().item(), lengths.sum().item()
+            if lo < 1 or hi > self.t5_len or total != shapes[f][0]:
+                raise ManifestError(f"{file}: damaged: {f}_len holds lengths {lo}..{hi} summing to {total}, "
+                                    f"expected 1..{self.t5_len} summing to the {shapes[f][0]} rows of {f!r}; "
+                                    f"{REBUILD}")
+            self.offsets[file][f] = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        return bucket, items
 
     def __len__(self):
         return len(self.where)
@@ -709,16 +859,23 @@ class CachedData:
         return self.order(step)
 
     def batch(self, indices):
-        """-> dict of CACHE_FIELDS, each (B, ...), for the items `indices` (one bucket);
-        reads only those rows."""
+        """-> dict of CACHE_FIELDS, each (B, ...), for the items `indices` (one bucket); reads only those
+        rows, and gives the T5 states back at t5_max_len positions, zero past each caption's own."""
         by_file = {}  # each shard opened once per batch
         for k, i in enumerate(indices):
             file, row = self.where[int(i)]
             by_file.setdefault(file, []).append((k, row))
         rows = [None] * len(indices)
+
+        def read(f, file, wanted):
+            slices = {fld: f.get_slice(fld) for fld in CACHE_FIELDS}
+            for k, row in wanted:
+                rows[k] = {fld: slices[fld][row:row + 1] for fld in CACHE_FIELDS if fld not in PACKED}
+                for fld in PACKED:
+                    a, b = self.offsets[file][fld][row:row + 2].tolist()
+                    states = slices[fld][a:b]                                  # (length, d_txt)
+                    rows[k][fld] = torch.zeros(1, self.t5_len, states.shape[1], dtype=states.dtype)
+                    rows[k][fld][0, :b - a] = states
         for file, wanted in by_file.items():
-            with safetensors.safe_open(file, "pt") as f:
-                slices = [f.get_slice(fld) for fld in CACHE_FIELDS]
-                for k, row in wanted:
-                    rows[k] = [s[row:row + 1] for s in slices]
-        return {fld: torch.cat([r[j] for r in rows]) for j, fld in enumerate(CACHE_FIELDS)}
+            self._read(file, lambda f: read(f, file, wanted))
+        return {fld: torch.cat([r[fld] for r in rows]) for fld in CACHE_FIELDS}

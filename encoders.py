@@ -166,7 +166,7 @@ class T5Stack(nn.Module):
 
 class T5Encoder(nn.Module):
     """T5 v1.1 encoder: ids (B, L) -> hidden states (B, L, d_model). Like FLUX, no
-    attention mask: pads attend."""
+    attention mask by default: pads attend."""
 
     def __init__(self, c: T5Config):
         super().__init__()
@@ -174,9 +174,13 @@ class T5Encoder(nn.Module):
         self.shared = nn.Embedding(c.vocab_size, c.d_model)
         self.encoder = T5Stack(c)
 
-    def forward(self, ids):
+    def forward(self, ids, mask=None):
+        """`mask` (B, L) bool, if given: no position attends to one where it is False (the padding), so the
+        states of the others are those of the sequence without it (selfe.SelfE's t5_mask)."""
         x = self.shared(ids)
         bias = self.encoder.block[0].layer[0].SelfAttention.position_bias(ids.shape[1], ids.device)
+        if mask is not None:                                                   # (B, 1, 1, L) on the keys
+            bias = bias + torch.zeros(mask.shape, device=ids.device).masked_fill(~mask, -1e9)[:, None, None]
         for block in self.encoder.block:
             x = block(x, bias)
         return self.encoder.final_layer_norm(x)

@@ -813,7 +813,7 @@ def main(argv=None):
     p.add_argument("--denoise", type=int, default=256, metavar="N",
                    help="also measure each model as a denoiser on N unseen ground-truth scenes: velocity "
                    "error by t with the prompt and with phi (0: skip)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--validate", action="store_true",
                    help="score ground truth, hard negatives and perturbations")
     p.add_argument("--bench", action="store_true", help="checker speed on 64 px ground-truth renders")

@@ -185,7 +185,7 @@ def main(argv=None):
                    help="nearest-neighbour zoom of the PNG (default: to >= 256 px)")
     p.add_argument("--resolution", type=number(int, 1), default=None,
                    help="image side in pixels (default: the preset's)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
     f = p.add_argument_group("real frozen parts and the public FLUX.1 transformers")
     f.add_argument("--size", default=None,
                    help="flux-schnell or flux-dev: sample the public FLUX.1 transformer")

@@ -10,16 +10,21 @@ Equation numbers are the paper's; docs/method.md keys every citation (Eq. N, s.N
 import dataclasses
 import math
 import os
+import pickle
+import re
 import warnings
 
 import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
+import cli
 import data
 import encoders
 import model
@@ -127,7 +132,8 @@ class SelfE:
     `ema` is its EMA copy."""
 
     def __init__(self, cfg: model.Config, device="cpu", frozen_seed=0, pretrained=None, t5=None, clip=None,
-                 vae=None, transformer=None, frozen_parts=True, denoiser=True, ae_dtype=torch.float32):
+                 vae=None, transformer=None, frozen_parts=True, denoiser=True, ae_dtype=torch.float32,
+                 t5_mask=False):
         """Build the denoiser (random init, directly on `device`) and the frozen parts. The tiny preset makes
         its stand-ins from `frozen_seed`; the others load the public weights from a FLUX.1 snapshot folder
         `pretrained`, or part by part from `t5` / `clip` folders
@@ -135,8 +141,8 @@ class SelfE:
         FLUX.1 transformer (BFL layout) as the denoiser. `frozen_parts=False` skips the real frozen parts
         (training from a cache, benchmarks); the tiny preset's stand-ins are always built, since its
         checkpoints carry them. `denoiser=False` builds the frozen parts alone (the cache builder). The text
-        encoders run in bf16 on GPU, the autoencoder in `ae_dtype`."""
-        self.cfg, self.device = cfg, torch.device(device)
+        encoders run in bf16 on GPU, the autoencoder in `ae_dtype`. `t5_mask`: see encode_text."""
+        self.cfg, self.device, self.t5_mask = cfg, torch.device(device), t5_mask
         self.guidance = 3.5  # FLUX.1-dev's distilled guidance input; unused by Self-E presets
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32  # of the pretrained parts
         self.denoiser = None
@@ -175,10 +181,26 @@ class SelfE:
     # -- text
     @torch.no_grad()
     def encode_text(self, prompts):
-        """prompts -> (txt (B, Lt, d_txt) T5 states, vec (B, d_vec) pooled CLIP), in the denoiser's dtype."""
-        txt = self.t5(self.t5_tokenizer(prompts).to(self.device))
+        """prompts -> (txt (B, Lt, d_txt) T5 states, vec (B, d_vec) pooled CLIP), in the denoiser's dtype.
+        By default padding attends, as in FLUX. With `t5_mask` (train.py --t5-mask, A 26) T5 does not attend
+        to the padding and its states there are zero: each caption's encoding is that of its own tokens,
+        which a cache then stores without the padding (docs/formats.md §2)."""
+        ids = self.t5_tokenizer(prompts).to(self.device)
+        if self.t5_mask:
+            keep = torch.arange(ids.shape[1], device=self.device) < self.text_lengths(ids)[:, None]  # (B, Lt)
+            txt = self.t5(ids, keep) * keep[..., None]
+        else:
+            txt = self.t5(ids)
         _, vec = self.clip(self.clip_tokenizer(prompts).to(self.device))
         return txt.to(self.dtype), vec.to(self.dtype)
+
+    def text_lengths(self, ids):
+        """T5 ids (B, Lt) -> (B,) how many positions encode_text's states fill: each caption's tokens and its
+        end token with `t5_mask` (up to the last one that is not padding), all Lt without it."""
+        if not self.t5_mask:
+            return torch.full((ids.shape[0],), ids.shape[1], device=ids.device)
+        filled = (ids != self.t5_tokenizer.pad_id).long().cumsum(1)         # (B, Lt), flat after the last
+        return filled.argmax(1) + 1
 
     def null_cond(self, n=1):
         """The empty prompt's encoding (txt, vec), computed once, as batch n."""
@@ -305,8 +327,13 @@ def frozen_paths(pretrained=None, t5=None, clip=None, vae=None):
 #   ema.safetensors    the EMA weights consolidated into one file: sample.py, evaluate.py
 #   frozen.safetensors the tiny preset's random frozen stand-ins
 #   config.json        preset, flags, step
-# and <out>/latest names the newest complete one. Loading one (for sampling) is here; saving one is in
-# train.py, next to training.
+# and <out>/latest names the newest complete one. Loading one is here; saving one is in train.py, next to
+# training. Every file is checked before it is trusted: config.json field by field, then against the
+# weights' headers, before any tensor is allocated; the pickled parts of dcp/ go through a reader that only
+# admits what torch.distributed.checkpoint writes (docs/formats.md §1, "What a checkpoint may run").
+
+STEP_NAME = re.compile(r"step-\d+")
+
 
 def reshard(module):
     """Under FSDP2 the root's parameters stay gathered after a forward that no backward follows (the EMA's):
@@ -328,19 +355,102 @@ def training_state(system, optimizer=None):
     return state
 
 
+# What the pickle of a dcp/.metadata may name: torch.distributed.checkpoint's own records and the few torch
+# and standard-library types inside them. Anything else (os.system, builtins.eval, ...) is refused unread.
+DCP_METADATA_GLOBALS = {
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    *((module, name) for module in ("pathlib", "pathlib._local")
+      for name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")),
+    *(("torch", name) for name, v in vars(torch).items() if isinstance(v, torch.dtype)),
+}
+# the shard files dcp names in its metadata: plain names inside dcp/, never a path out of it
+DCP_SHARD_NAME = re.compile(r"__\d+_\d+\.distcp")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in DCP_METADATA_GLOBALS:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a torch.distributed.checkpoint "
+                                         "metadata file never holds")
+        return super().find_class(module, name)
+
+
+def read_dcp_metadata(where):
+    """dcp/.metadata through the restricted unpickler -> torch's Metadata, its shard names checked. A planted
+    payload is refused before anything it names is imported or called."""
+    file = os.path.join(where, ".metadata")
+    if not os.path.isfile(file):
+        raise encoders.CheckpointError(f"{where}: no distributed checkpoint here (missing .metadata)")
+    try:
+        with open(file, "rb") as f:
+            meta = _MetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError,
+            ImportError) as e:
+        raise encoders.CheckpointError(f"{file}: refused, not a torch.distributed.checkpoint metadata file "
+                                       f"({e}); resume only from run folders you trust") from e
+    if not isinstance(meta, Metadata) or not isinstance(meta.storage_data, dict):
+        raise encoders.CheckpointError(f"{file}: refused, holds a {type(meta).__name__}, not dcp's Metadata")
+    for info in meta.storage_data.values():
+        if not DCP_SHARD_NAME.fullmatch(str(getattr(info, "relative_path", ""))):
+            raise encoders.CheckpointError(f"{file}: refused, names the shard file "
+                                           f"{getattr(info, 'relative_path', None)!r}, not one inside dcp/")
+    return meta
+
+
+class _CheckedReader(dcp.FileSystemReader):
+    """dcp's file reader with the metadata read (and checked) once, by read_dcp_metadata."""
+
+    def __init__(self, where, meta):
+        super().__init__(where)
+        self.checked = meta
+
+    def read_metadata(self, *args, **kwargs):
+        self.checked.storage_meta = self.checked.storage_meta or StorageMeta()
+        self.checked.storage_meta.load_id = self.load_id
+        return self.checked
+
+
+class _CheckedPlanner(DefaultLoadPlanner):
+    """dcp's planner, but a non-tensor entry (the optimizer's hyperparameters) is unpickled by torch's
+    weights_only reader, which admits only plain containers, numbers and tensors."""
+    refused = None
+
+    def load_bytes(self, read_item, value):
+        try:
+            obj = torch.load(value, weights_only=True)
+        except Exception as e:
+            self.refused = self.refused or f"entry {read_item.dest_index.fqn}: {str(e).splitlines()[0]}"
+            raise
+        if not self.flatten_state_dict:
+            self.state_dict[read_item.dest_index.fqn] = obj
+            return
+        *parents, last = self.mappings[read_item.dest_index.fqn]  # its place in the nested state dict
+        node = self.original_state_dict
+        for key in parents:
+            node = node[key]
+        node[last] = obj
+
+
 def load_training_state(path, system, optimizer=None):
     """Load model, EMA (if the system has one) and optimizer from `path`/dcp into the live objects, sharded or
-    not, whatever the world size that wrote them."""
+    not, whatever the world size that wrote them. Nothing in the folder is run: see read_dcp_metadata and
+    _CheckedPlanner."""
     where = os.path.join(path, "dcp")
-    if not os.path.isfile(os.path.join(where, ".metadata")):
-        raise encoders.CheckpointError(f"{where}: no distributed checkpoint here (missing .metadata)")
+    reader, planner = _CheckedReader(where, read_dcp_metadata(where)), _CheckedPlanner()
     state = training_state(system, optimizer)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=where, no_dist=not dist.is_initialized())
-    # a missing or foreign shard file, a shape that does not fit
+            dcp.load(state, storage_reader=reader, planner=planner, no_dist=not dist.is_initialized())
+    # a missing or foreign shard file, a shape that does not fit, a refused entry
     except (Exception, CheckpointException) as e:
+        if planner.refused:
+            raise encoders.CheckpointError(f"{where}: refused {planner.refused}; resume only from run "
+                                           "folders you trust") from e
         cause = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         raise encoders.CheckpointError(f"{where}: cannot load the checkpoint: {cause[-1].strip()}") from e
     set_model_state_dict(system.denoiser, state["model"])
@@ -351,11 +461,20 @@ def load_training_state(path, system, optimizer=None):
 
 
 def resolve_checkpoint(path):
-    """A run folder (with `latest`) or a step folder -> the step folder; a clear error if there is none."""
+    """A run folder (with `latest`) or a step folder -> the step folder; a clear error if there is none.
+    `latest` must name a step-* folder beside it: a damaged one, or one that points elsewhere, is refused."""
     latest = os.path.join(path, "latest")
     if os.path.isfile(latest):
-        with open(latest) as f:
-            name = f.read().strip()
+        with open(latest, "rb") as f:
+            raw = f.read(256)
+        try:
+            name = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            name = None
+        if name is None or not STEP_NAME.fullmatch(name):
+            raise encoders.CheckpointError(f"{latest}: damaged: holds {raw[:40]!r}, not the name of a "
+                                           "step-* folder; write the name of one of the run's step-* folders "
+                                           "into it")
         if not os.path.isfile(os.path.join(path, name, "config.json")):
             raise encoders.CheckpointError(f"{latest} names {name!r}, which is not a complete checkpoint: "
                                            "write the name of one of the step-* folders there into it")
@@ -366,24 +485,174 @@ def resolve_checkpoint(path):
     return path
 
 
+# The upper end of the sizes a config.json may give: far above any preset, low enough that building the
+# network on the meta device (to compare it with the weights' headers) stays instant.
+MAX_WIDTH, MAX_DEPTH = 2 ** 20, 1024
+DEPTHS = ("depth", "depth_single_blocks", "num_layers", "num_hidden_layers")
+
+
+def _fields_of(cls, d, where, prefix=""):
+    """A JSON object -> keyword arguments of dataclass `cls`, each of the type of its default (an int is no
+    bool; a float may be written as an int; a tuple as a list of ints), ints in [1, MAX_WIDTH] (depths in
+    [0, MAX_DEPTH]), floats finite and positive. Keys it lacks keep their defaults (files from before a field
+    existed); a key it does not know is an error."""
+    if not isinstance(d, dict):
+        raise encoders.CheckpointError(f"{where}: damaged: {prefix.rstrip('.') or 'the file'} is a JSON "
+                                       f"{type(d).__name__}, not an object")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise encoders.CheckpointError(f"{where}: damaged: unknown key '{prefix}{unknown[0]}'")
+    out = {}
+    for name, value in d.items():
+        f, key = fields[name], f"{prefix}{name}"
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        bad = lambda want: encoders.CheckpointError(f"{where}: damaged: {key} = {value!r}, expected {want}")
+        if dataclasses.is_dataclass(default):
+            out[name] = default.__class__(**_fields_of(default.__class__, value, where, key + "."))
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise bad("true or false")
+            out[name] = value
+        elif isinstance(default, int):
+            lo, hi = (0, MAX_DEPTH) if name in DEPTHS else (1, MAX_WIDTH if name != "steps" else 2 ** 40)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise bad(f"an integer in [{lo}, {hi}]")
+            out[name] = value
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise bad("a positive number")
+            out[name] = float(value)
+        elif isinstance(default, tuple):
+            if (not isinstance(value, list) or not value
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_WIDTH
+                               for v in value)):
+                raise bad("a list of positive integers")
+            out[name] = tuple(value)
+        elif isinstance(default, str):
+            if not isinstance(value, str):
+                raise bad("a string")
+            out[name] = value
+    return out
+
+
+def check_config(d, where):
+    """config.json's "config" -> model.Config, every field type- and range-checked and the sizes consistent
+    with one another, or an error naming the key."""
+    cfg = model.Config(**_fields_of(model.Config, d, where, "config."))
+    flux_vae = cfg.latent == "flux-vae"
+    side = cfg.patch * (8 if flux_vae else 1)                             # pixels per token
+    problems = [
+        (cfg.latent in ("flux-vae", "pixels"), "latent", "'flux-vae' or 'pixels'"),
+        (cfg.tokenizer in ("pretrained", "words", "bytes"), "tokenizer", "'pretrained' or 'words'"),
+        (cfg.ema_decay <= 1, "ema_decay", "at most 1"),
+        (cfg.hidden_size % cfg.num_heads == 0, "num_heads", f"a divisor of hidden_size {cfg.hidden_size}"),
+        (len(cfg.axes_dim) == 3 and all(a % 2 == 0 for a in cfg.axes_dim)
+         and sum(cfg.axes_dim) == cfg.hidden_size // cfg.num_heads, "axes_dim",
+         f"three even RoPE sizes summing to the head dim {cfg.hidden_size // cfg.num_heads}"),
+        (cfg.in_channels == cfg.latent_channels * cfg.patch ** 2, "in_channels",
+         f"{cfg.latent_channels * cfg.patch ** 2} ({cfg.latent_channels} latent channels x patch^2)"),
+        (cfg.resolution % side == 0, "resolution", f"a multiple of {side} px (patch x autoencoder)"),
+        (cfg.depth + cfg.depth_single_blocks > 0, "depth", "at least one block"),
+    ]
+    if cfg.tokenizer == "words":  # the stand-ins: built from t5 and clip, read data.WORDS, feed the denoiser
+        need = encoders.WordTokenizer(data.WORDS, 1).vocab_size
+        problems += [
+            (cfg.t5.vocab_size >= need, "t5.vocab_size", f"at least {need}"),
+            (cfg.clip.vocab_size >= need, "clip.vocab_size", f"at least {need}"),
+            (cfg.context_in_dim == cfg.t5.d_model, "context_in_dim", f"t5.d_model {cfg.t5.d_model}"),
+            (cfg.vec_in_dim == cfg.clip.hidden_size, "vec_in_dim",
+             f"clip.hidden_size {cfg.clip.hidden_size}"),
+            (cfg.clip.hidden_size % cfg.clip.num_attention_heads == 0, "clip.num_attention_heads",
+             f"a divisor of clip.hidden_size {cfg.clip.hidden_size}"),
+            (cfg.clip.eos_token_id < cfg.clip.vocab_size, "clip.eos_token_id", "below clip.vocab_size")]
+    for ok, key, want in problems:
+        if not ok:
+            value = getattr(cfg.clip, key[5:]) if key.startswith("clip.") else getattr(cfg, key)
+            raise encoders.CheckpointError(f"{where}: damaged: config.{key} = {value!r}, expected {want}")
+    return cfg
+
+
+def _check_flags(flags, where):
+    """The flags a checkpoint's readers take from config.json (sample.py, evaluate.py, load_checkpoint,
+    train.py --resume), where present: of the type and range train.py's parser gives them."""
+    if not isinstance(flags, dict):
+        raise encoders.CheckpointError(f"{where}: damaged: 'flags' is a JSON {type(flags).__name__}, "
+                                       "not an object")
+    integer = lambda lo, hi=None: lambda v: (isinstance(v, int) and not isinstance(v, bool) and lo <= v
+                                             and (hi is None or v <= hi))
+    real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    path = lambda v: v is None or isinstance(v, str)
+    checks = {
+        "seed": (integer(0, cli.MAX_SEED), f"an integer in [0, {cli.MAX_SEED}]"),
+        "anchor": (integer(1, 4095), "an integer in [1, 4095]"),
+        "objective": (lambda v: v in ("selfe", "fm"), "'selfe' or 'fm'"),
+        "steps": (integer(1), "an integer >= 1"), "schedule_steps": (integer(1), "an integer >= 1"),
+        "warmup": (integer(0), "an integer >= 0"), "batch": (integer(1), "an integer >= 1"),
+        "tau_frac": (lambda v: real(v) and v >= 0, "a number >= 0"),
+        "aux_start_frac": (lambda v: real(v) and v >= 0, "a number >= 0"),
+        "world": (lambda v: v is None or isinstance(v, str), "a string"),
+        "data": (lambda v: isinstance(v, str), "a string"),
+        "shift": (lambda v: isinstance(v, bool), "true or false"),
+        "t5_mask": (lambda v: isinstance(v, bool), "true or false"),
+        "cfg": (lambda v: v is None or real(v), "a number"),
+        "eta": (lambda v: real(v) and 0 <= v <= 1, "a number in [0, 1]"),
+        **{k: (path, "a path or null") for k in ("pretrained", "t5", "clip", "vae")},
+    }
+    for key, (ok, want) in checks.items():
+        if key in flags and not ok(flags[key]):
+            raise encoders.CheckpointError(f"{where}: damaged: flags.{key} = {flags[key]!r}, expected {want}")
+
+
 def read_meta(path):
-    """A step folder's config.json -> (Config, {"config", "flags", "step"}); a damaged one
-    is an error naming it."""
+    """A step folder's config.json -> (Config, {"config", "flags", "step"}); a damaged one is an error naming
+    the file and the key."""
     file = os.path.join(path, "config.json")
     meta = encoders.read_json(file)
-    try:
-        cfg = model.Config.from_dict(meta["config"])
-        if not isinstance(meta["flags"], dict) or not isinstance(meta["step"], int):
-            raise TypeError("'flags' is not an object or 'step' is not an integer")
-    except (KeyError, TypeError, ValueError) as e:  # not the fields a checkpoint writes
-        raise encoders.CheckpointError(f"{file}: damaged ({type(e).__name__}: {e}); use another step-* "
-                                       "folder of the run") from e
+    missing = [k for k in ("config", "flags", "step") if k not in meta]
+    if missing:
+        raise encoders.CheckpointError(f"{file}: damaged (KeyError: no {missing[0]!r} key); use another "
+                                       "step-* folder of the run")
+    cfg = check_config(meta["config"], file)
+    _check_flags(meta["flags"], file)
+    step = meta["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise encoders.CheckpointError(f"{file}: damaged: step = {step!r}, expected an integer >= 0")
     if cfg.tokenizer == "bytes":
         raise encoders.CheckpointError(f"{file}: trained with an earlier tiny preset whose stand-in encoders "
                                        "read bytes; the tiny preset now reads words "
                                        "(encoders.WordTokenizer), so this checkpoint cannot be rebuilt: "
                                        "train it again with `python train.py`")
     return cfg, meta
+
+
+def check_weights(cfg, path, weights="ema"):
+    """The checkpoint's weight files against the network `cfg` describes, built on the meta device (no
+    memory): every key and shape from the safetensors headers (or, for the raw weights in dcp/, from its
+    checked metadata), before anything is allocated. A config.json edited to other sizes fails here, naming
+    both files."""
+    with torch.device("meta"):
+        net = model.MMDiT(cfg)
+    config = os.path.join(path, "config.json")
+    file = os.path.join(path, f"{weights}.safetensors")
+    if os.path.isfile(file) or weights == "ema":
+        encoders.check_entries(net, encoders.read_header(file), f"{file} (against {config})")
+    else:  # the raw weights: dcp's metadata lists every tensor's global size
+        where = os.path.join(path, "dcp")
+        listed = read_dcp_metadata(where).state_dict_metadata
+        size = lambda k: tuple(getattr(listed.get(f"model.{k}"), "size", ()))
+        own = net.state_dict()
+        wrong = [k for k, v in own.items() if size(k) != v.shape]
+        if wrong:
+            k = wrong[0]
+            raise encoders.CheckpointError(f"{where}: model.{k} is {size(k) or 'missing'} in the checkpoint, "
+                                           f"{tuple(own[k].shape)} by {config} ({len(wrong)} tensors differ)")
+    if cfg.tokenizer == "words":
+        with torch.device("meta"):
+            stand_ins = torch.nn.ModuleDict({"t5": encoders.T5Encoder(cfg.t5),
+                                             "clip": encoders.CLIPTextEncoder(cfg.clip)})
+        frozen = os.path.join(path, "frozen.safetensors")
+        encoders.check_entries(stand_ins, encoders.read_header(frozen), f"{frozen} (against {config})")
 
 
 def read_weights(file, device="cpu"):
@@ -400,19 +669,20 @@ def load_checkpoint(path, device="cpu", weights="ema", pretrained=None, t5=None,
                     resolution=None):
     """Rebuild the system from the config saved in a checkpoint and load its weights ('ema' or 'model'). The
     real frozen parts come from the given paths, else from those the run was trained with; `resolution`
-    overrides the image size (the denoiser is resolution-free)."""
+    overrides the image size (the denoiser is resolution-free). config.json is checked against the weights'
+    headers before the network is built."""
     path = resolve_checkpoint(path)
     cfg, meta = read_meta(path)
     flags = meta["flags"]
+    check_weights(cfg, path, weights)
     if resolution:
         cfg = dataclasses.replace(cfg, resolution=resolution)
     system = SelfE(cfg, device, flags.get("seed", 0), pretrained or flags.get("pretrained"),
-                   t5 or flags.get("t5"), clip or flags.get("clip"), vae or flags.get("vae"))
+                   t5 or flags.get("t5"), clip or flags.get("clip"), vae or flags.get("vae"),
+                   t5_mask=flags.get("t5_mask", False))
     file = os.path.join(path, f"{weights}.safetensors")
     if weights == "model" and not os.path.isfile(file):  # the raw weights live in the sharded training state
         load_training_state(path, system)
-    elif not os.path.isfile(file):
-        raise FileNotFoundError(f"{file} missing: the checkpoint at {path} is incomplete")
     else:
         encoders.load_strict(system.denoiser, read_weights(file, system.device), file)
     frozen = os.path.join(path, "frozen.safetensors")

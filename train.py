@@ -47,7 +47,8 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
@@ -66,6 +67,8 @@ PREVIEW_PROMPTS = ["a red circle to the left of a blue square", "a photo of a gr
                    "a photo of a white square and a purple triangle"]
 # FSDP2 warns on nn.Linear's 3-D output; we never modify the denoiser's output in place
 warnings.filterwarnings("ignore", message=".*returned a view tensor")
+# dcp warns that one process saves alone; that is intended
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 H100_PEAK = 789.0  # TFLOP/s: dense bf16 matmul measured on one H100 (the datasheet says 989)
 # share of a device's memory the memory plan may fill: temporaries and the allocator's slack need the rest
 FIT = 0.85
@@ -124,7 +127,7 @@ def get_args(argv=None):
                    help="with --resume: fit warm-up, learning-rate decay, tau anneal and auxiliary-term "
                    "start to this --steps (default: keep the resumed run's)")
     p.add_argument("--seed", type=cli.seed, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=number(int, 1), default=None,
                    help="CPU threads (default: one per idle core, cli.cpu_threads)")
     p.add_argument("--precision", default=None, choices=("bf16", "fp32"),
@@ -132,9 +135,9 @@ def get_args(argv=None):
                    "optimizer stay fp32")
     p.add_argument("--memory-gib", type=number(float, 0), default=None,
                    help="per-device memory the memory plan must fit (default: the GPU's; not checked on CPU)")
-    p.add_argument("--dist-timeout", type=number(int, 1), default=1800,
+    p.add_argument("--dist-timeout", type=number(int, 1, cli.MAX_TIMEOUT), default=1800,
                    help="seconds a rank waits on the others (also when connecting), before the job fails and "
-                   "torchrun may restart it")
+                   "torchrun may restart it (at most a week)")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     p.add_argument("--compile-fallback", action="store_true",
                    help="with --compile: run a block that fails to compile uncompiled (with dynamo's "
@@ -144,6 +147,9 @@ def get_args(argv=None):
                    help="per-device peak for MFU (default: H100 789)")
     p.add_argument("--log-every", type=number(int, 1), default=50)
     p.add_argument("--ckpt-every", type=number(int, 1), default=500)
+    p.add_argument("--ckpt-sync", action="store_true", help="write checkpoints in the loop, which waits for "
+                   "them, instead of on a thread from a copy of the state in host memory (for a host short "
+                   "of memory: the copy is as large as the process's share of the training state)")
     p.add_argument("--sample-every", type=number(int, 0), default=1000,
                    help="preview grid every N steps (0: never)")
     p.add_argument("--build-cache", default=None, metavar="DIR",
@@ -181,6 +187,10 @@ def get_args(argv=None):
     m.add_argument("--t-uniform", type=number(float, 0, 1), default=0.0,
                    help="share of t drawn from U(0, 1) instead of the warped logit-normal (s.11-s.12), so "
                    "that t near 1 (one-step sampling) is trained on short runs (not in the paper: 0; A 25)")
+    m.add_argument("--t5-mask", action="store_true",
+                   help="T5 does not attend to the caption's padding and its states there are zero, so a "
+                   "cache stores only the caption's own tokens (not in the paper, which follows FLUX: off; "
+                   "A 26)")
     m.add_argument("--ema-warmup", action="store_true",
                    help="warm the EMA decay up as min(d, (1 + n)/(10 + n)) (not in the paper, which keeps "
                    "it constant; A 19)")
@@ -214,6 +224,7 @@ def get_args(argv=None):
         p.error("--reschedule changes the schedule of a resumed run: pass it with --resume")
     if args.compile_fallback and not args.compile:
         p.error("--compile-fallback goes with --compile")
+    check_backend(p, args)
     args.out = args.out or os.path.join("runs", args.size + ("-fm" if args.objective == "fm" else "")
                                         + ("-delta0" if args.delta_zero else ""))
     return args
@@ -237,6 +248,27 @@ def preset_field(text):
 def preset_config(args):
     """The preset --size names, with the fields --set changes."""
     return dataclasses.replace(CONFIGS[args.size], **dict(args.set))
+
+
+def check_backend(p, args):
+    """What --device needs beyond existing (cli.device): train.py runs on the CPU or CUDA GPUs, and where it
+    makes a process group (under torchrun, or for bf16 in one process) torch must have that group's backend
+    built in, NCCL for GPUs and gloo for the CPU; under torchrun each process needs its own GPU."""
+    kind = torch.device(args.device).type
+    if kind not in ("cpu", "cuda"):
+        p.error(f"argument --device: {args.device!r}: train.py trains on cpu or cuda")
+    torchrun = "RANK" in os.environ
+    if not (torchrun or args.precision == "bf16"):
+        return
+    backend = "nccl" if kind == "cuda" else "gloo"
+    why = "torchrun" if torchrun else "--precision bf16 (FSDP2's mixed precision, in a one-process group)"
+    if not (dist.is_available() and getattr(dist, f"is_{backend}_available")()):
+        p.error(f"argument --device: {args.device!r} under {why} needs torch.distributed's {backend} "
+                f"backend, which this torch ({torch.__version__}) is built without")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if kind == "cuda" and torchrun and local >= torch.cuda.device_count():
+        p.error(f"argument --device: process LOCAL_RANK {local} needs a GPU of its own, this machine has "
+                f"{torch.cuda.device_count()}: start at most that many processes per node")
 
 
 def areas(text):
@@ -385,11 +417,14 @@ def build_cache(args, rank, world):
         raise SystemExit("--build-cache needs --data MANIFEST.tsv")
     low = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     system = selfe.SelfE(cfg, args.device, args.seed, args.pretrained, args.t5, args.clip, args.vae,
-                         denoiser=False, ae_dtype=low)
+                         denoiser=False, ae_dtype=low, t5_mask=args.t5_mask)
     source = data.ManifestData(args.data, args.resolution, bucket_step(system), 1, args.seed, args.base_dir,
                                args.skip_bad, args.max_ratio, workers=args.workers)
-    encode_text = lambda prompts: tuple(x.to(low) for x in system.encode_text(prompts))
-    meta = data.cache_meta(cfg, args.seed, args.resolution, args.max_ratio, args.fake_prefix)
+
+    def encode_text(prompts):  # -> (txt, vec, how many of txt's states to keep)
+        txt, vec = system.encode_text(prompts)
+        return txt.to(low), vec.to(low), system.text_lengths(system.t5_tokenizer(prompts))
+    meta = data.cache_meta(cfg, args.seed, args.resolution, args.max_ratio, args.fake_prefix, args.t5_mask)
     data.write_cache(args.build_cache, source, system.encode_latents, encode_text,
                      fake_prefix=args.fake_prefix, meta=meta, batch=args.cache_batch, rank=rank, world=world)
 
@@ -453,11 +488,14 @@ def train(args, rank, world):
     b = B // (world * A)                                                   # per-rank micro-batch
     resume_from, start = prepare_out(args, rank)                         # before anything is built or written
     cached = data.is_cache(args.data)
+    if cached:                                         # every file of the cache is checked before building
+        meta = data.cache_meta(cfg, args.seed, args.resolution, args.max_ratio, args.fake_prefix,
+                               args.t5_mask)
+        source = data.CachedData(args.data, meta, B, args.seed)
     system, model, ema, opt, peak = setup(args, frozen_parts=not cached)
+    system.t5_mask = args.t5_mask                                          # before any text is encoded
 
     if cached:
-        meta = data.cache_meta(cfg, args.seed, args.resolution, args.max_ratio, args.fake_prefix)
-        source = data.CachedData(args.data, meta, B, args.seed)
         null = tuple(source.null[k].to(system.device).float() for k in ("txt", "vec"))
     elif args.data == "shapes":
         shapes = data.WORLDS[args.world]
@@ -539,6 +577,7 @@ def train(args, rank, world):
                             flops=n_flops, tokens=B * (L + cond[0].shape[1])))
         last = step + 1 == args.steps
         checkpointing = (step + 1) % args.ckpt_every == 0 or last
+        finish_checkpoint(wait=False)                       # one written on a thread, once every rank is done
         # the pending steps to the host: one sync per window
         if (step + 1) % args.log_every == 0 or checkpointing:
             history += read_back(pending, world, A, args)
@@ -549,11 +588,12 @@ def train(args, rank, world):
                     log(history[-len(window):], window, args, step, t_window, world, peak, system.device)
                 window, t_window = [], time.time()
         if checkpointing:
-            save_checkpoint(args.out, system, step + 1, flags, opt)
+            save_checkpoint(args.out, system, step + 1, flags, opt, background=not args.ckpt_sync)
         if args.sample_every and ((step + 1) % args.sample_every == 0 or last):
             if system.t5 is not None:
                 preview(system, args, step + 1, rank)
     prefetch.shutdown()  # (a run stopped early leaves the idle thread to the interpreter's exit)
+    finish_checkpoint(wait=True)
     log0(f"done: {max(0, args.steps - start)} steps in {time.time() - t0:.0f} s; checkpoint in {args.out}",
          rank=rank)
     return history
@@ -582,6 +622,9 @@ def prepare_out(args, rank):
         cfg, meta = selfe.read_meta(path)
         if cfg != preset_config(args):
             raise CheckpointError(f"{path} was trained with another preset than --size {args.size}")
+        if meta["flags"].get("t5_mask", False) != args.t5_mask:  # the text conditioning stays the run's
+            was = "with" if not args.t5_mask else "without"
+            raise CheckpointError(f"{path} was trained {was} --t5-mask: resume it the same way")
         keep_schedule(args, meta["flags"], rank)
         return path, meta["step"]
     found = []
@@ -854,61 +897,264 @@ def preview(system, args, step, rank):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Checkpoints (the layout: selfe.py, docs/formats.md §1). Every rank writes its shards into
-# step-N.tmp/; only after all have finished does rank 0 rename the folder and then replace `latest`
-# atomically, so a crash (or a rank dying under torchrun) never leaves a partial checkpoint behind
-# `latest`. Randomness is keyed by (seed, step) and the data position is the step, so model, EMA,
+# Checkpoints (the layout: selfe.py, docs/formats.md §1). Every rank writes into step-N.tmp/: its shards of
+# the training state (dcp) and its own rows of the EMA, in place in the one file ema.safetensors, so no rank
+# gathers the EMA and none writes it alone. Only when every rank has finished does rank 0 write config.json,
+# rename the folder and then replace `latest` atomically: a crash, a rank dying under torchrun or a full disk
+# never leaves a partial checkpoint behind `latest`, and a save that fails removes its .tmp folder and stops
+# the run with one line. By default the writing runs on a thread from a copy of the state in host memory while
+# training goes on (--ckpt-sync: in the loop, no copy), and the folder is finished at the first step after
+# every rank is done. Randomness is keyed by (seed, step) and the data position is the step, so model, EMA,
 # optimizer and step are the whole training state.
 
 STEP_FOLDER = re.compile(r"step-(\d+)")
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+@dataclasses.dataclass
+class Saving:
+    """A checkpoint being written: where, its size, what rank 0 writes last, and the writing itself."""
+    out: str
+    name: str
+    keep: int
+    need: int                         # bytes all ranks write together
+    free: int                         # bytes free where it goes when it began (the least any rank saw)
+    config: dict                      # config.json
+    frozen: dict                      # the tiny preset's stand-ins (on rank 0), else None
+    writing: concurrent.futures.Future = None
+
+
+_saving = None  # the checkpoint in flight: at most one
+# Two gloo groups of every rank: dcp's collectives on the writing thread, and ours on the loop's, so that the
+# two never interleave (and ours, in host memory, never wait on the device).
+_groups = None
+_writer = None  # the writing thread
+_stager = None  # the host copy of the state it writes from (pinned and kept across saves on a GPU)
 
 
 def _rank0():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
+def _all(flag):
+    """Whether `flag` holds on every rank (collective)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_groups[1])
+    return bool(t.item())
 
 
-def save_checkpoint(out, system, step, flags, optimizer=None, keep=2):
-    """Write step-N (collective under torchrun: every rank calls it). Returns the final folder."""
+def _writes_here(t):
+    """Whether this rank writes (its part of) tensor `t`: a DTensor's shard unless it is another rank's
+    replica (HSDP's replicate dimension); a plain tensor, the same on every rank, only on rank 0 (dcp dedups
+    them)."""
+    if hasattr(t, "placements"):
+        where = t.device_mesh.get_coordinate()
+        return all(not p.is_replicate() or c == 0 for p, c in zip(t.placements, where))
+    return _rank0()
+
+
+def _bytes_here(state):
+    """Bytes of the tensors of a nested state dict that this rank writes."""
+    if isinstance(state, dict):
+        return sum(_bytes_here(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_bytes_here(v) for v in state)
+    if torch.is_tensor(state) and _writes_here(state):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    return 0
+
+
+def _size(n):
+    return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
+
+
+def ema_layout(ema):
+    """ema.safetensors of the (sharded) EMA state dict: the file's first bytes (length, JSON header, spaces
+    to 8-byte alignment), each tensor's byte offset in the file, the file size. From the global shapes, so the
+    same on every rank."""
+    header, at = {}, 0
+    for k in sorted(ema):
+        n = ema[k].numel() * ema[k].element_size()
+        header[k] = {"dtype": SAFETENSORS_DTYPES[ema[k].dtype], "shape": list(ema[k].shape),
+                     "data_offsets": [at, at + n]}
+        at += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    start = 8 + len(raw)
+    offsets = {k: start + h["data_offsets"][0] for k, h in header.items()}
+    return len(raw).to_bytes(8, "little") + raw, offsets, start + at
+
+
+def write_ema_rows(file, ema, offsets):
+    """This rank's part of every EMA tensor into `file` (made by rank 0 at its full size) at its place. FSDP2
+    shards dim 0, so a rank's part is one contiguous range of the tensor's bytes."""
+    fd = os.open(file, os.O_WRONLY)
+    try:
+        for k, t in ema.items():
+            if not _writes_here(t):
+                continue
+            local, first = (t.to_local() if hasattr(t, "to_local") else t), 0
+            if local.numel() == 0:                                     # (FSDP2 leaves some ranks no rows)
+                continue
+            if hasattr(t, "to_local") and t.dim():
+                chunk = t.__create_chunk_list__()[0]                   # where this shard sits in the tensor
+                if any(chunk.offsets[1:]) or tuple(chunk.sizes[1:]) != tuple(t.shape[1:]):
+                    raise NotImplementedError(f"{k}: sharded along a dimension other than 0")
+                first = chunk.offsets[0]
+            row = math.prod(t.shape[1:]) * t.element_size()     # (from the shape: indexing a DTensor gathers)
+            buf = memoryview(local.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+            at = offsets[k] + first * row
+            while buf:
+                n = os.pwrite(fd, buf, at)
+                buf, at = buf[n:], at + n
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(state, tmp, offsets):
+    """The bulk of a checkpoint, on every rank: dcp's shards, then this rank's EMA rows."""
+    dcp.save(state, checkpoint_id=os.path.join(tmp, "dcp"), process_group=_groups[0] if _groups else None,
+             no_dist=not dist.is_initialized())
+    write_ema_rows(os.path.join(tmp, "ema.safetensors"), state["ema"], offsets)
+
+
+def _write_durably(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_folder(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(out, system, step, flags, optimizer=None, keep=2, background=False):
+    """Write step-N (collective under torchrun: every rank calls it), after finishing any checkpoint still in
+    flight. Returns the final folder; with `background` the writing goes on on a thread, from a host copy of
+    the state, and the folder appears when finish_checkpoint next finds every rank done. Too little free
+    space for it stops here, before anything is written."""
+    global _saving, _groups, _writer, _stager
+    finish_checkpoint(wait=True)
+    if dist.is_initialized() and _groups is None:
+        _groups = (dist.new_group(backend="gloo"), dist.new_group(backend="gloo"))
     name = f"step-{step:07d}"
-    tmp, final = os.path.join(out, name + ".tmp"), os.path.join(out, name)
+    tmp = os.path.join(out, name + ".tmp")
+    state = selfe.training_state(system, optimizer)
+    head, offsets, ema_size = ema_layout(state["ema"])
+    frozen = None
+    if system.cfg.tokenizer == "words" and _rank0():  # random stand-ins travel with the checkpoint
+        frozen = {k: v.detach().cpu().contiguous() for k, v in system.frozen_state().items()}
+    need = _bytes_here(state) + _bytes_here(state["ema"]) + (len(head) + _bytes_here(frozen or {}) + 2 ** 16
+                                                              if _rank0() else 0)
+    os.makedirs(out, exist_ok=True)
+    total = torch.tensor([need, -shutil.disk_usage(out).free], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(total[:1], group=_groups[1])
+        dist.all_reduce(total[1:], op=dist.ReduceOp.MAX, group=_groups[1])
+    saving = Saving(out, name, keep, int(total[0]), int(-total[1]),
+                    {"config": system.cfg.to_dict(), "flags": flags, "step": step}, frozen)
+    if saving.free < saving.need:
+        raise _save_error(saving, "not enough free space")
+    error = None
     if _rank0():
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier()
-    with warnings.catch_warnings():  # dcp warns that one process saves alone; that is intended
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save(selfe.training_state(system, optimizer), checkpoint_id=os.path.join(tmp, "dcp"),
-                 no_dist=not dist.is_initialized())
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)          # gathered onto rank 0's CPU
-    ema = get_model_state_dict(system.ema, options=full)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)                           # a crashed save's leftovers
+            os.makedirs(tmp)
+            with open(os.path.join(tmp, "ema.safetensors"), "wb") as f:
+                f.write(head)
+                f.truncate(ema_size)                                         # every rank writes its rows
+        except OSError as e:
+            error = e
+    if not _all(error is None):
+        if _rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_error(saving, error)
+    saving.writing = concurrent.futures.Future()
+    if background:
+        _writer = _writer or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        _stager = _stager or BlockingAsyncStager(cache_staged_state_dict=system.device.type == "cuda")
+        saving.writing = _writer.submit(_write, _stager.stage(state), tmp, offsets)
+    else:
+        try:
+            _write(state, tmp, offsets)
+            saving.writing.set_result(None)
+        except (Exception, CheckpointException) as e:  # dcp's CheckpointException is a BaseException
+            saving.writing.set_exception(e)
+    _saving = saving
+    if not background:
+        finish_checkpoint(wait=True)
+    return os.path.join(out, name)
+
+
+def finish_checkpoint(wait=True):
+    """Finish the checkpoint in flight (collective): at once if `wait`, else only if every rank is done
+    writing. Rank 0 writes the stand-ins and config.json, renames step-N.tmp to step-N, replaces `latest`,
+    then removes all but the `keep` newest. A failure on any rank removes the .tmp folder, leaves `latest` and
+    the checkpoints before it as they were, and stops the run with one line (OSError: cli.run)."""
+    global _saving
+    s = _saving
+    if s is None or not (wait or _all(s.writing.done())):
+        return
+    _saving = None
+    error = s.writing.exception()                                           # waits for this rank's part
+    if _all(error is None) and _rank0():
+        try:
+            _publish(s)
+        except Exception as e:  # an OSError, or the safetensors writer's own error for the same causes
+            error = e
+    if _all(error is None):
+        return
     if _rank0():
-        safetensors.torch.save_file({k: v.contiguous() for k, v in ema.items()},
-                                    os.path.join(tmp, "ema.safetensors"))
-        if system.cfg.tokenizer == "words":  # random stand-ins travel with the checkpoint
-            safetensors.torch.save_file({k: v.detach().cpu().contiguous()
-                                         for k, v in system.frozen_state().items()},
-                                        os.path.join(tmp, "frozen.safetensors"))
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump({"config": system.cfg.to_dict(), "flags": flags, "step": step}, f, indent=1)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        with open(os.path.join(out, "latest.tmp"), "w") as f:
-            f.write(name + "\n")
-        os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
-        # keep this one and the keep - 1 before it; never touch a later-numbered
-        # folder (a run resumed from an earlier step), so clean-up can never delete the
-        # checkpoint `latest` names
-        numbered = [(int(m[1]), m[0]) for m in map(STEP_FOLDER.fullmatch, os.listdir(out)) if m]
-        older = sorted(pair for pair in numbered if pair[0] < step)
-        for _, d in older[:max(0, len(older) - (keep - 1))]:
-            shutil.rmtree(os.path.join(out, d), ignore_errors=True)
-    _barrier()
-    return final
+        shutil.rmtree(os.path.join(s.out, s.name + ".tmp"), ignore_errors=True)
+        if os.path.exists(os.path.join(s.out, "latest.tmp")):
+            os.remove(os.path.join(s.out, "latest.tmp"))
+    raise _save_error(s, error or "another process failed to write its part (see its message)")
+
+
+def _publish(s):
+    """Rank 0's part, once every rank has written and synced its own: the small files, the rename, `latest`,
+    the clean-up. Keeps this one and the keep - 1 before it; never touches a later-numbered folder (a run
+    resumed from an earlier step), so clean-up can never delete the checkpoint `latest` names."""
+    tmp, final = os.path.join(s.out, s.name + ".tmp"), os.path.join(s.out, s.name)
+    if s.frozen is not None:
+        safetensors.torch.save_file(s.frozen, os.path.join(tmp, "frozen.safetensors"))
+    _write_durably(os.path.join(tmp, "config.json"), json.dumps(s.config, indent=1))
+    _sync_folder(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _write_durably(os.path.join(s.out, "latest.tmp"), s.name + "\n")
+    os.replace(os.path.join(s.out, "latest.tmp"), os.path.join(s.out, "latest"))
+    _sync_folder(s.out)
+    step = int(STEP_FOLDER.fullmatch(s.name)[1])
+    numbered = [(int(m[1]), m[0]) for m in map(STEP_FOLDER.fullmatch, os.listdir(s.out)) if m]
+    older = sorted(pair for pair in numbered if pair[0] < step)
+    for _, d in older[:max(0, len(older) - (s.keep - 1))]:
+        shutil.rmtree(os.path.join(s.out, d), ignore_errors=True)
+
+
+def _save_error(s, e):
+    """One line: which checkpoint, why, what it needs against what was free, and what is left as it was."""
+    if isinstance(e, CheckpointException):                                 # dcp's: the first rank's own error
+        e = next(iter(e.failures.values()))[0]
+    cause = e if isinstance(e, str) else f"{type(e).__name__}: {' '.join(str(e).split())}"
+    latest = os.path.join(s.out, "latest")
+    kept = "no earlier checkpoint"
+    if os.path.isfile(latest):
+        with open(latest, "rb") as f:
+            kept = f"{latest} still names {f.read(64).decode('utf-8', 'replace').strip()!r}"
+    free = f"{_size(s.free)} were free there" + (f" when it began, {_size(shutil.disk_usage(s.out).free)} now"
+                                                  if s.writing is not None else "")
+    return OSError(f"{os.path.join(s.out, s.name)}.tmp: checkpoint not written ({cause}); it needs "
+                   f"{_size(s.need)}, {free}; {kept}, untouched: free some space and resume with --resume")
 
 
 if __name__ == "__main__":
