@@ -79,8 +79,8 @@ CONFIGS = {
     # CPU demo: pixel space 32 px, patch 4 (64 image tokens), small random frozen T5 and CLIP over the shapes
     # world's words (16 text tokens).
     "tiny": Config(hidden_size=96, num_heads=3, depth=2, depth_single_blocks=2, axes_dim=(4, 14, 14),
-                   in_channels=3 * 4 * 4, context_in_dim=64, vec_in_dim=64, resolution=32, latent="pixels",
-                   patch=4,
+                   mlp_ratio=2.0, in_channels=3 * 4 * 4, context_in_dim=64, vec_in_dim=64, resolution=32,
+                   latent="pixels", patch=4,
                    t5=encoders.T5Config(vocab_size=76, d_model=64, d_kv=16, num_heads=4, d_ff=128,
                                         num_layers=2),
                    clip=encoders.CLIPConfig(vocab_size=76, hidden_size=64, num_hidden_layers=2,

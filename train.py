@@ -96,7 +96,7 @@ def get_args(argv=None):
                    help="widest bucket aspect ratio (1: square crops; A 13)")
     p.add_argument("--world", default=None, choices=list(data.WORLDS),
                    help="shapes world (default: the preset's)")
-    p.add_argument("--typed", type=number(float, 0, 1), default=0.0,
+    p.add_argument("--typed", type=number(float, 0, 1), default=0.3,
                    help="shapes world: share of captions worded as a person might type them "
                    "(data.typed_caption) rather than in the evaluation templates")
     p.add_argument("--pretrained", default=None, help="FLUX.1 snapshot folder: T5-XXL, CLIP-L, autoencoder")
