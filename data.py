@@ -132,13 +132,15 @@ def caption(spec):
 CONVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
-def typed_caption(spec, rng):
+def typed_caption(spec, rng, max_words=None):
     """The scene `spec` describes, worded as a person might type it: the same facts, with what real captions
     vary varied (docs/evaluation.md §2): the opening ('a photo of', 'an image of', 'a picture of' or none),
     'one' for 'a', the order of the objects named, a relation said from the other side ('a square right of a
     circle' for 'a circle left of a square'), 'left of' or 'to the left of', casing and end punctuation.
     Training shows a share of its captions so (train.py --typed), since a stand-in encoder reads words it was
-    never shown as unrelated tokens; evaluate.py --phrasing typed asks in such words."""
+    never shown as unrelated tokens; evaluate.py --phrasing typed asks in such words. With `max_words` (what
+    the text encoders keep) the opening, then the end punctuation, are left out of a caption that would be
+    longer, so that no fact is cut off."""
     inc, task = spec["include"], spec["tag"]
     one = lambda color, shape: (f"one {color + ' ' if color else ''}{shape}" if rng.random() < 0.25
                                 else phrase(color, shape))
@@ -155,9 +157,13 @@ def typed_caption(spec, rng):
         names = [one(o.get("color"), o["class"]) for o in inc]
         rng.shuffle(names)
         body = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-    text = rng.choice(("a photo of ", "a photo of ", "an image of ", "a picture of ", "")) + body
-    text = rng.choice((str.lower, str.lower, str.capitalize, str.upper, str.title))(text)
-    return text + rng.choice(("", "", ".", "!", "!!", "?", " ."))
+    opening = rng.choice(("a photo of ", "a photo of ", "an image of ", "a picture of ", ""))
+    case = rng.choice((str.lower, str.lower, str.capitalize, str.upper, str.title))
+    end = rng.choice(("", "", ".", "!", "!!", "?", " ."))
+    for text in (opening + body + end, body + end, body):
+        if max_words is None or len(encoders.WordTokenizer.words(text)) <= max_words:
+            break
+    return case(text)
 
 
 def sample_spec(world, rng, task=None, seen=True):
@@ -346,15 +352,17 @@ def sample_rng(seed, index):
     return random.Random(stream_seed(seed, index))
 
 
-def shapes_batch(world, indices, seed=0, typed=0.0):
+def shapes_batch(world, indices, seed=0, typed=0.0, max_words=None):
     """Training batch of the shapes world: (images (B, 3, R, R) in [-1, 1], captions). A share `typed` of the
-    captions is worded as a person might type it (typed_caption) instead of in the evaluation templates."""
+    captions is worded as a person might type it (typed_caption, at most `max_words` words) instead of in the
+    evaluation templates."""
     images, captions = [], []
     for i in indices:
         rng = sample_rng(seed, int(i))
         spec = sample_spec(world, rng)
         images.append(render(layout(spec, world, rng), world.resolution, rng))
-        captions.append(typed_caption(spec, rng) if typed and rng.random() < typed else spec["prompt"])
+        captions.append(typed_caption(spec, rng, max_words) if typed and rng.random() < typed
+                        else spec["prompt"])
     return torch.stack(images), captions
 
 
@@ -585,14 +593,14 @@ class ManifestData:
 class ShapesData:
     """The shapes world as an unending stream: step k's global batch is samples k B ... (k + 1) B - 1."""
 
-    def __init__(self, world, batch, seed=0, typed=0.0):
-        self.world, self.batch_size, self.seed, self.typed = world, batch, seed, typed
+    def __init__(self, world, batch, seed=0, typed=0.0, max_words=None):
+        self.world, self.batch_size, self.seed, self.typed, self.max_words = world, batch, seed, typed, max_words
 
     def indices(self, step):
         return list(range(step * self.batch_size, (step + 1) * self.batch_size))
 
     def batch(self, indices):
-        return shapes_batch(self.world, indices, self.seed, self.typed)
+        return shapes_batch(self.world, indices, self.seed, self.typed, self.max_words)
 
 
 # ------------------------------------------------------------------------------------------------------------

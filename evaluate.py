@@ -860,8 +860,9 @@ def main(argv=None):
                                      f"(world {b!r}, {rb} px) cannot be compared: they draw different worlds")
     specs = [dict(s, index=i) for i, s in enumerate(prompt_set(world, args.prompts, args.seed))]
     if args.phrasing == "typed":  # the same scenes asked for in a person's words; scored as before
+        words = arms[0]["runs"][0]["system"].cfg.prompt_words
         specs = [dict(s, canonical=s["prompt"], prompt=data.typed_caption(s, random.Random(
-            f"selfe-typed-{args.seed}-{s['index']}"))) for s in specs]
+            f"selfe-typed-{args.seed}-{s['index']}"), words)) for s in specs]
     report = {"config": {k: v for k, v in vars(args).items() if k not in ("validate", "bench")} | {
         "steps": args.steps, "world": world.name, "keep_conf": KEEP_CONF, "exclude_iou": EXCLUDE_IOU},
         "prompts": specs, "models": []}

@@ -61,6 +61,11 @@ class Config:
         return self.hidden_size // self.num_heads
 
     @property
+    def prompt_words(self):
+        """Words (tokens) of a prompt the stand-in encoders keep: T5 adds an end token, CLIP a start and an end."""
+        return min(self.t5_max_len - 1, self.clip.max_position_embeddings - 2)
+
+    @property
     def latent_channels(self):
         return 3 if self.latent == "pixels" else 16
 

@@ -502,7 +502,7 @@ def train(args, rank, world):
         if shapes.resolution != cfg.resolution or args.resolution != [cfg.resolution]:
             raise SystemExit(f"world {shapes.name!r} is {shapes.resolution} px; preset {args.size!r} is "
                              f"{cfg.resolution} px and --resolution {args.resolution}")
-        source = data.ShapesData(shapes, B, seed=args.seed, typed=args.typed)
+        source = data.ShapesData(shapes, B, seed=args.seed, typed=args.typed, max_words=cfg.prompt_words)
     else:
         source = data.ManifestData(args.data, args.resolution, bucket_step(system), B, args.seed,
                                    args.base_dir, args.skip_bad, args.max_ratio, workers=args.workers)

@@ -496,8 +496,9 @@ def test_typed_captions_keep_the_facts_in_the_worlds_words():
     for i in range(400):
         rng = data.sample_rng(5, i)
         spec = data.sample_spec(world, rng)
-        text = data.typed_caption(spec, rng)
+        text = data.typed_caption(spec, rng, model.CONFIGS["tiny"].prompt_words)
         words = encoders.WordTokenizer.words(text)
+        assert len(words) <= model.CONFIGS["tiny"].prompt_words, text          # nothing cut off
         assert max(tok.encode(text)) < 3 + len(data.WORDS), text              # no unknown word
         named = lambda ws: sorted(w for w in ws if w in data.PALETTE or w in data.PLURAL
                                   or w in data.PLURAL.values() or w in data.NUMBERS.values())
