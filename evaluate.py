@@ -790,8 +790,9 @@ def main(argv=None):
     p.add_argument("--compare", nargs="+", default=[], metavar="[LABEL=]DIR[,DIR...]",
                    help="more arms, sampled with the same prompts and noise, each compared with the baseline "
                    "by paired differences")
-    p.add_argument("--baseline", default=None, metavar="LABEL",
-                   help="the arm the others are compared with (default: the first, --ckpt)")
+    p.add_argument("--baseline", default=None, metavar="LABEL[,LABEL...]",
+                   help="the arm the others are compared with (default: the first, --ckpt); several, "
+                   "comma-separated, each get the comparisons (a ladder: --baseline fm,jumps,delta0)")
     p.add_argument("--bootstrap", type=number(int, 0), default=2000, metavar="N",
                    help="bootstrap replicates for the intervals of --compare (0: differences only)")
     p.add_argument("--steps", type=cli.step_counts, default="1,2,4,8,50", help="comma-separated step counts")
@@ -842,9 +843,10 @@ def main(argv=None):
         while arm["label"] in labels:
             arm["label"], k = f"{label} ({k})", k + 1
         labels.append(arm["label"])
-    if args.baseline is not None and args.baseline not in labels:
-        p.error(f"argument --baseline: {args.baseline!r} is none of the arms {', '.join(labels)}")
-    baseline = labels.index(args.baseline) if args.baseline else 0
+    baselines = args.baseline.split(",") if args.baseline else [labels[0]]
+    for b in baselines:
+        if b not in labels:
+            p.error(f"argument --baseline: {b!r} is none of the arms {', '.join(labels)}")
     world = None
     for arm in arms:
         for run in arm["runs"]:
@@ -902,7 +904,10 @@ def main(argv=None):
                       "gain = share of the unconditional error the prompt removes)")
                 print(denoising_table(denoise))
     if len(arms) > 1:
-        comparisons, note = compare(arms, specs, args.steps, baseline, args.bootstrap, args.seed)
+        comparisons = []
+        for b in baselines:
+            entries, note = compare(arms, specs, args.steps, labels.index(b), args.bootstrap, args.seed)
+            comparisons += entries
         report["comparisons"] = comparisons
         report["bootstrap"] = {"replicates": args.bootstrap, "note": note,
                                "unit": "prompts within each task (images within each prompt where the task's "
