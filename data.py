@@ -37,6 +37,7 @@ def stream_seed(seed, index, stride=1_000_003):
         step k's caption dropout, t and s (train.py)            (seed, k)
         eps and eps' of batch position i at step k (train.py)   (seed, (k << 20) + i, stride=1 << 40)
         image j of evaluation prompt i (evaluate.noise_seed)    (seed, 1000 i + j)
+        image j of prompt i of sample.py --outdir               (seed, 1000 i + j)
         image i of sample.py                                    (seed, i, stride=1000)
     cli.MAX_SEED keeps every key within the 64 bits a torch.Generator takes."""
     return seed * stride + index

@@ -269,3 +269,57 @@ def test_every_command_line_reports_bad_input_in_one_line(ckpt, tmp_path, script
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     lines = p.stderr.strip().splitlines()
     assert lines[-1].startswith(f"{script}: error: ") and names in lines[-1], p.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------
+# prompt files and sample folders
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.txt", b"", r"empty\.txt: no prompts in it"),
+    ("blank.jsonl", b"\n  \n", r"blank\.jsonl: no prompts in it"),
+    ("latin1.txt", b"a red circle\na caf\xe9\n", r"latin1\.txt:2: not UTF-8 \(byte 0xe9 at column 6\)"),
+    ("bad.jsonl", b'{"prompt": "a circle", "tag": "single_object"}\n{"prompt": "a square",\n',
+     r"bad\.jsonl:2: not JSON"),
+    ("list.jsonl", b'{"prompt": "a circle"}\n["a square"]\n', r"list\.jsonl:2: not a GenEval metadata line"),
+    ("noprompt.jsonl", b'{"tag": "colors"}\n', r"noprompt\.jsonl:1: not a GenEval metadata line")])
+def test_bad_prompt_file_is_named_with_its_line_before_the_model_loads(ckpt, tmp_path, name, content, message,
+                                                                       monkeypatch, capsys):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(data.ManifestError, match=message):
+        sampler.read_prompts(str(tmp_path / name))
+    monkeypatch.setattr(sampler, "load_system", lambda args: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        cli.run(sampler.main, ["--ckpt", str(ckpt), "--from-file", str(tmp_path / name), "--outdir",
+                               str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and name in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_outdir_holding_earlier_samples_is_refused_unless_overwrite(ckpt, tmp_path, capsys):
+    """Samples of another prompt list would mix with the new ones: refused, nothing touched; --overwrite
+    deletes the earlier samples (and nothing else) first."""
+    out = tmp_path / "samples"
+    argv = ["--ckpt", str(ckpt), "--outdir", str(out), "--steps", "1"]
+    sampler.main([*argv, "--n", "2", "a red circle", "a blue square"])
+    (out / "notes.txt").write_text("mine")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        cli.run(sampler.main, [*argv, "a green circle"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "already holds samples" in err and "--overwrite" in err, err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    sampler.main([*argv, "--overwrite", "a green circle"])
+    assert sorted(os.listdir(out)) == ["00000-0000.png", "notes.txt", "samples.jsonl"]
+    assert json.loads((out / "samples.jsonl").read_text())["prompt"] == "a green circle"
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "as arguments or --from-file"), (["--from-file", "F", "a circle"], "as arguments or --from-file"),
+    (["--outdir", "D", "--sweep", "1,2", "a circle"], "--outdir writes one PNG per image"),
+    (["--overwrite", "a circle"], "--overwrite goes with --outdir"), (["--n", "1001", "a circle"], "--n")])
+def test_sampler_flag_combinations_are_checked(argv, message, tmp_path, capsys):
+    argv = [a.replace("F", str(tmp_path / "p.txt")).replace("D", str(tmp_path / "d")) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        sampler.main(["--ckpt", str(tmp_path / "none"), *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
