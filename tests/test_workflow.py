@@ -1,5 +1,5 @@
 """What a researcher runs around the loop: sampling a prompt file into one PNG per image (and GenEval's
-layout). CPU only, tiny preset."""
+layout), the plots of log.jsonl and of evaluate.py's report. CPU only, tiny preset."""
 import json
 import os
 
@@ -10,6 +10,7 @@ from PIL import Image
 
 import data
 import model
+import plots
 import sample as sampler
 import selfe
 import train
@@ -92,3 +93,71 @@ def test_geneval_metadata_file_writes_genevals_folder_layout(ckpt, tmp_path):
     lines = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(lines) == 12 and lines[5]["file"] == os.path.join("00001", "samples", "0001.png")
     assert {(r["cfg"], r["s_schedule"]) for r in lines} == {(1.0, "0.5")}  # one step: unguided at s = 0.5
+
+
+# ------------------------------------------------------------------------------------------------------------
+# plots
+
+def test_loss_plot_draws_each_run_and_keeps_the_last_record_of_a_step(tmp_path):
+    """Two runs, one line each, in every panel their logs fill; a falling loss falls in the picture; a step
+    logged twice (a restart) is drawn with its last record."""
+    for name, scale in (("a", 1.0), ("b", 0.5)):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            for step in range(10, 110, 10):
+                loss = scale / step
+                f.write(json.dumps({"step": step, "loss": loss, "data": 2 * loss, "grad_norm": 1.0,
+                                    "lr": 1e-3, "loss_by_t": [loss, None, loss, loss]}) + "\n")
+    with open(tmp_path / "a.jsonl", "a") as f:  # the restart's step 100
+        f.write(json.dumps({"step": 100, "loss": 10.0, "data": 1.0, "grad_norm": 1.0, "lr": 1e-3}) + "\n")
+    assert plots.read_log(str(tmp_path / "a.jsonl"))["loss"][-1] == (100, 10.0)
+    image, boxes = plots.log_figure([str(tmp_path / "b.jsonl")])
+    assert set(boxes) == {"loss (Eq. 21)", "data term (Eq. 7)", "gradient norm", "learning rate",
+                          "loss, t < 0.25", "loss, 0.25 <= t < 0.5", "loss, 0.5 <= t < 0.75",
+                          "loss, t >= 0.75"}
+    x0, y0, x1, y1 = boxes["loss (Eq. 21)"]
+    blue = [(x, y) for x in range(x0 + 1, x1) for y in range(y0 + 1, y1)
+            if image.getpixel((x, y)) == plots.COLOURS[0]]
+    left = [y for x, y in blue if x < (x0 + x1) / 2]
+    right = [y for x, y in blue if x > (x0 + x1) / 2]
+    assert left and right and min(left) < min(right)  # image y grows downwards: the loss falls
+    out = plots.main([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--out", str(tmp_path / "l.png")])
+    colours = {c for _, c in Image.open(out).convert("RGB").getcolors(1 << 20)}
+    assert plots.COLOURS[0] in colours and plots.COLOURS[1] in colours
+
+
+def report(values):
+    """An eval.json as evaluate.py writes it: models A, B with Overall `values[tag][steps]`."""
+    models = []
+    for tag, curve in values.items():
+        seen = lambda v: {"overall": v, "tasks": {"single": v, "colors": 1 - v}, "colours_match": v}
+        results = {str(n): {"seen": seen(v), "heldout": None, "contrast": 0.1 * v} for n, v in curve.items()}
+        models.append({"tag": tag, "ckpt": f"runs/{tag}", "step": 10, "objective": "selfe",
+                       "results": results})
+    return {"config": {}, "models": models}
+
+
+def test_any_step_plot_draws_overall_and_diagnostics_one_line_per_model(tmp_path):
+    rep = report({"A": {1: 0.0, 2: 0.2, 4: 0.5, 50: 1.0}, "B": {1: 1.0, 2: 0.9, 4: 0.5, 50: 0.0}})
+    assert plots.eval_curves(rep)["A: runs/A (selfe, step 10)"]["Overall (seen)"] == [
+        (1, 0.0), (2, 0.2), (4, 0.5), (50, 1.0)]
+    image, boxes = plots.eval_figure(rep)
+    assert list(boxes) == ["Overall (seen)", "colours* (seen)", "contrast", "single (seen)", "colors (seen)"]
+    x0, y0, x1, y1 = boxes["Overall (seen)"]
+    for colour, rising in ((plots.COLOURS[0], True), (plots.COLOURS[1], False)):
+        column = lambda x: [y for y in range(y0 + 1, y1) if image.getpixel((x, y)) == colour]
+        first, last = column(x0 + 4), column(x1 - 4)  # at 1 step and at 50
+        assert first and last and (min(first) > max(last)) == rising
+    (tmp_path / "eval.json").write_text(json.dumps(rep))
+    assert plots.main([str(tmp_path / "eval.json")]) == str(tmp_path / "steps.png")
+    assert Image.open(tmp_path / "steps.png").size == image.size
+
+
+def test_evaluate_draws_the_any_step_curve_beside_its_report(ckpt, tmp_path, monkeypatch):
+    import evaluate
+    gray = lambda system, prompts, *a, **k: torch.zeros(len(prompts), 3, 32, 32)
+    monkeypatch.setattr(sampler, "sample", gray)
+    evaluate.main(["--ckpt", str(ckpt), "--steps", "1,2", "--prompts", "1", "--seeds", "1", "--out",
+                   str(tmp_path), "--denoise", "0"])
+    with open(tmp_path / "eval.json") as f:
+        image, boxes = plots.eval_figure(json.load(f))
+    assert "Overall (seen)" in boxes and Image.open(tmp_path / "steps.png").size == image.size
