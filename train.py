@@ -3,6 +3,7 @@
     python train.py                                   # tiny preset on the built-in shapes world, CPU, minutes
     python train.py --objective fm                    # the flow-matching baseline (Table 2)
     python train.py --resume                          # continue the run in --out from its latest checkpoint
+    python train.py --init-from runs/tiny --out runs/tiny-ft   # another run's weights, a fresh optimizer
     torchrun --nproc_per_node 8 train.py --size 2b --data manifest.tsv --pretrained FLUX_DIR
     torchrun --nproc_per_node 2 train.py              # also on CPU (gloo), for testing
     python train.py --size 2b --data manifest.tsv --pretrained FLUX_DIR --build-cache CACHE  # encoders once
@@ -46,7 +47,8 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     set_model_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
@@ -115,6 +117,9 @@ def get_args(argv=None):
     p.add_argument("--reschedule", action="store_true",
                    help="with --resume: fit warm-up, learning-rate decay, tau anneal and auxiliary-term "
                    "start to this --steps (default: keep the resumed run's)")
+    p.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start from the model and EMA weights of another run's checkpoint (run or step "
+                   "folder), with a fresh optimizer and schedule")
     p.add_argument("--seed", type=cli.seed, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default=None, choices=("bf16", "fp32"),
@@ -175,6 +180,10 @@ def get_args(argv=None):
                    help="warm the EMA decay up as min(d, (1 + n)/(10 + n)) (not in the paper, which keeps "
                    "it constant; A 19)")
     args = p.parse_args(argv)
+    # the flags given on the command line (the rest are defaults): a resumed run takes its own for those
+    unset = object()
+    given = vars(p.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)})))
+    args.passed = sorted(k for k, v in given.items() if v is not unset)
     cfg = CONFIGS[args.size]
     for name, default in (("steps", cfg.steps), ("batch", cfg.batch), ("lr", cfg.lr), ("ema", cfg.ema_decay),
                           ("world", cfg.world), ("resolution", [cfg.resolution])):
@@ -192,6 +201,9 @@ def get_args(argv=None):
         p.error("--overwrite starts afresh and --resume continues: pass one of them")
     if args.reschedule and not args.resume:
         p.error("--reschedule changes the schedule of a resumed run: pass it with --resume")
+    if args.init_from and args.resume:
+        p.error("--init-from starts a new run from a checkpoint's weights and --resume continues the run in "
+                "--out: pass one of them")
     if args.compile_fallback and not args.compile:
         p.error("--compile-fallback goes with --compile")
     args.out = args.out or os.path.join("runs", args.size + ("-fm" if args.objective == "fm" else "")
@@ -400,11 +412,13 @@ def choose_accum(args, world):
 # Training
 
 def train(args, rank, world):
+    # before anything is built or written; a resumed run's flags are its own from here on
+    resume_from, start = prepare_out(args, rank)
     cfg = CONFIGS[args.size]
     args.accum = choose_accum(args, world)                                 # before any weight is built
     B, A = args.batch, args.accum
     b = B // (world * A)                                                   # per-rank micro-batch
-    resume_from, start = prepare_out(args, rank)                         # before anything is built or written
+    init_from = init_source(args) if args.init_from and not resume_from else None
     cached = data.is_cache(args.data)
     system, model, ema, opt, peak = setup(args, frozen_parts=not cached)
 
@@ -432,6 +446,10 @@ def train(args, rank, world):
             frozen = os.path.join(resume_from, "frozen.safetensors")
             system.load_frozen_state(selfe.read_weights(frozen), frozen)
         log0(f"resumed from {resume_from} at step {start}", rank=rank)
+    elif init_from:
+        init_weights(init_from, system)
+        log0(f"initialised from {init_from}: its model and EMA weights; optimizer and schedule start afresh",
+             rank=rank)
     os.makedirs(args.out, exist_ok=True)
     n_params = sum(p.numel() for p in model.parameters())
     sample_flops = functools.lru_cache(system.denoiser.flops)            # forward FLOPs of one sample (L, Lt)
@@ -532,9 +550,9 @@ def prepare_out(args, rank):
                                   "--resume to start a run there")
         path = selfe.resolve_checkpoint(args.out)
         cfg, meta = selfe.read_meta(path)
+        keep_run_flags(args, meta["flags"], path, rank)                      # --size too, unless passed
         if cfg != CONFIGS[args.size]:
             raise CheckpointError(f"{path} was trained with another preset than --size {args.size}")
-        keep_schedule(args, meta["flags"], rank)
         return path, meta["step"]
     found = []
     if os.path.isdir(args.out):
@@ -555,15 +573,66 @@ def prepare_out(args, rank):
     return None, 0
 
 
-def keep_schedule(args, saved, rank):
-    """On resume, the resumed run's schedule stays (warm-up, the length of the learning-rate decay, the tau
-    anneal and the auxiliary-term start, all fixed by the --steps it was started with): a different --steps
-    only moves where training stops. --reschedule fits the schedule to this run's flags instead. Either way
-    a difference is said."""
+# On resume, what a passed flag may change, and what belongs to this machine and this invocation. Every
+# other flag (preset, data, objective, the method's flags, seed, batch, learning rate, EMA...) is the run's.
+MAY_CHANGE = ("steps", "log_every", "ckpt_every", "sample_every", "preview_prompts", "pretrained", "t5",
+              "clip", "vae", "init_from")
+MACHINE = ("device", "precision", "accum", "memory_gib", "peak_tflops", "dist_timeout", "workers", "compile",
+           "compile_fallback", "act_ckpt", "out", "resume", "overwrite", "reschedule", "build_cache",
+           "cache_batch", "passed")
+
+
+def shown(key, value):
+    """A flag as it is typed: --seed 3, --resolution 256,512, --delta-zero / no --delta-zero."""
+    name = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return name if value else f"no {name}"
+    return f"{name} {','.join(map(str, value)) if isinstance(value, list) else value}"
+
+
+def keep_run_flags(args, saved, path, rank):
+    """A resumed run continues as it was started (`saved`: the flags in its config.json). A flag not passed
+    takes the run's value; a passed flag that changes the method, the data or the randomness is refused,
+    naming it, before any weight loads. Passed and said: where training stops (--steps), logging, checkpoints,
+    previews, where the frozen parts are read from (MAY_CHANGE); this machine's flags are never the run's
+    (MACHINE). The schedule (warm-up, the length of the learning-rate decay, the tau anneal and the
+    auxiliary-term start, all fixed by the --steps the run was started with) stays: a different --steps only
+    moves where training stops. --reschedule fits it to this run's flags instead. Either way a difference is
+    said."""
+    passed, restored, changed, refused = set(args.passed), [], [], []
+    for key, was in saved.items():
+        if key in MACHINE or key == "schedule_steps" or not hasattr(args, key):
+            continue
+        now = getattr(args, key)
+        if key not in passed:
+            if now != was and not (key == "warmup" and args.reschedule):  # refit below
+                restored.append(shown(key, was))
+                setattr(args, key, was)
+        elif now == was or key == "steps" or (key in SCHEDULE and args.reschedule):
+            continue
+        elif key in MAY_CHANGE:
+            changed.append(f"{shown(key, now)} (the run: {shown(key, was)})")
+        else:
+            refused.append(f"{shown(key, now)} (the run: {shown(key, was)})")
+    if refused:
+        hint = (" or pass --reschedule to fit the schedule to new flags" if
+                any(s.startswith(("--warmup", "--tau-frac", "--aux-start-frac")) for s in refused) else "")
+        raise SystemExit(f"--resume: {'; '.join(refused)} would change the resumed run's method, data or "
+                         f"randomness ({path}/config.json): leave {'them' if len(refused) > 1 else 'it'} "
+                         f"out to continue it{hint}, or start a new run (another --out; --init-from {path} "
+                         "starts from its weights)")
+    if restored:
+        log0(f"resume: the run's own flags: {', '.join(restored)}", rank=rank)
+    if changed:
+        log0(f"resume: changed from the run: {', '.join(changed)}", rank=rank)
     was = {k: saved.get(k, getattr(args, k)) for k in SCHEDULE}
     # runs saved before it had its own key
     was["schedule_steps"] = saved.get("schedule_steps", saved["steps"])
-    now = {k: getattr(args, k) for k in SCHEDULE}
+    warmup = args.warmup if "warmup" in passed else min(1000, args.steps // 20)  # get_args' default
+    now = {"schedule_steps": args.steps, "warmup": warmup, "tau_frac": args.tau_frac,
+           "aux_start_frac": args.aux_start_frac}
+    for k, v in (now if args.reschedule else was).items():
+        setattr(args, k, v)
     if was == now:
         return
     describe = lambda d: (f"warm-up {d['warmup']}, learning rate decaying to step {d['schedule_steps']}, tau "
@@ -573,10 +642,43 @@ def keep_schedule(args, saved, rank):
         log0(f"--reschedule: the resumed run's schedule ({describe(was)}) becomes: "
              f"{describe(now)}", rank=rank)
         return
-    for k, v in was.items():
-        setattr(args, k, v)
     log0(f"resume keeps the run's schedule ({describe(was)}); --steps {args.steps} only says where to stop. "
          f"Pass --reschedule for the schedule of these flags ({describe(now)})", rank=rank)
+
+
+# What a network architecture is: a preset less its training defaults
+TRAINING_DEFAULTS = ("batch", "steps", "lr", "ema_decay", "world")
+
+
+def init_source(args):
+    """--init-from: the step folder whose weights start this run, checked before any weight is built: it must
+    hold the network of --size (its training defaults may differ)."""
+    path = selfe.resolve_checkpoint(args.init_from)
+    cfg, meta = selfe.read_meta(path)
+    network = lambda c: {k: v for k, v in c.to_dict().items() if k not in TRAINING_DEFAULTS}
+    if network(cfg) != network(CONFIGS[args.size]):
+        raise CheckpointError(f"{path}: --init-from needs a checkpoint of the --size {args.size} network; "
+                              f"this one was trained as --size {meta['flags'].get('size', '?')}")
+    return path
+
+
+def init_weights(path, system):
+    """Model and EMA from a checkpoint's training state (dcp, whatever world size wrote it), or both from its
+    ema.safetensors where it has no training state; the tiny preset's stand-in encoders from its
+    frozen.safetensors, since the weights learned their encodings. Optimizer and schedule stay fresh."""
+    if os.path.isfile(os.path.join(path, "dcp", ".metadata")):
+        selfe.load_training_state(path, system)
+    else:
+        file = os.path.join(path, "ema.safetensors")
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{path}: neither a training state (dcp/) nor ema.safetensors to start "
+                                    "from")
+        weights = selfe.read_weights(file)
+        for net in (system.denoiser, system.ema):  # full tensors on every rank, sharded as they load
+            set_model_state_dict(net, weights, options=StateDictOptions(full_state_dict=True))
+    if system.cfg.tokenizer == "words":
+        frozen = os.path.join(path, "frozen.safetensors")
+        system.load_frozen_state(selfe.read_weights(frozen), frozen)
 
 
 # ------------------------------------------------------------------------------------------------------------

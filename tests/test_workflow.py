@@ -1,12 +1,15 @@
 """What a researcher runs around the loop: sampling a prompt file into one PNG per image (and GenEval's
-layout), the plots of log.jsonl and of evaluate.py's report. CPU only, tiny preset."""
+layout), the plots of log.jsonl and of evaluate.py's report, starting a run from another run's weights. CPU
+only, tiny preset."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import data
 import model
@@ -22,6 +25,11 @@ GENEVAL = [{"tag": "single_object", "include": [{"class": "circle", "count": 1}]
             "prompt": "a photo of a red square"},
            {"tag": "counting", "include": [{"class": "triangle", "count": 2}],
             "exclude": [{"class": "triangle", "count": 3}], "prompt": "a photo of two triangles"}]
+
+
+def _train(out, *extra):
+    return train.main(["--steps", "4", "--batch", "4", "--log-every", "1", "--ckpt-every", "2",
+                       "--sample-every", "0", "--out", str(out), *extra])
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +169,47 @@ def test_evaluate_draws_the_any_step_curve_beside_its_report(ckpt, tmp_path, mon
     with open(tmp_path / "eval.json") as f:
         image, boxes = plots.eval_figure(json.load(f))
     assert "Overall (seen)" in boxes and Image.open(tmp_path / "steps.png").size == image.size
+
+
+# ------------------------------------------------------------------------------------------------------------
+# --init-from
+
+def test_init_from_starts_a_run_from_another_runs_weights_with_a_fresh_optimizer(tmp_path):
+    """--init-from A with --lr 0 and EMA decay 1: after its one step B holds A's model and EMA exactly, at
+    step 1 (a fresh schedule), with an Adam state of one step, not A's four."""
+    _train(tmp_path / "a")
+    _train(tmp_path / "b", "--init-from", str(tmp_path / "a"), "--steps", "1", "--lr", "0", "--lr-min", "0",
+           "--ema", "1", "--seed", "3")
+    assert (tmp_path / "b" / "latest").read_text().strip() == "step-0000001"
+    a, _ = selfe.load_checkpoint(str(tmp_path / "a"), weights="model")
+    b, _ = selfe.load_checkpoint(str(tmp_path / "b"), weights="model")
+    for k, v in a.denoiser.state_dict().items():
+        assert torch.equal(v, b.denoiser.state_dict()[k]), k
+    ema_a = load_file(tmp_path / "a" / "step-0000004" / "ema.safetensors")
+    ema_b = load_file(tmp_path / "b" / "step-0000001" / "ema.safetensors")
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    # the stand-in encoders are A's (seed 0), not those of B's --seed 3
+    frozen = [load_file(tmp_path / r / s / "frozen.safetensors") for r, s in (("a", "step-0000004"),
+                                                                             ("b", "step-0000001"))]
+    assert all(torch.equal(frozen[0][k], frozen[1][k]) for k in frozen[0])
+    system, _, _, opt, _ = train.setup(train.get_args(["--out", str(tmp_path / "x")]))
+    selfe.load_training_state(str(tmp_path / "b" / "step-0000001"), system, opt)
+    assert {s["step"].item() for s in opt.state.values()} == {1}
+
+
+def test_init_from_a_checkpoint_with_only_ema_weights_or_another_network(tmp_path):
+    _train(tmp_path / "a", "--steps", "2")
+    src = tmp_path / "released"
+    shutil.copytree(tmp_path / "a" / "step-0000002", src)
+    shutil.rmtree(src / "dcp")
+    _train(tmp_path / "b", "--init-from", str(src), "--steps", "1", "--lr", "0", "--lr-min", "0")
+    ema = load_file(src / "ema.safetensors")
+    b, _ = selfe.load_checkpoint(str(tmp_path / "b"), weights="model")
+    assert all(torch.equal(ema[k], v) for k, v in b.denoiser.state_dict().items())
+    meta = json.loads((src / "config.json").read_text())
+    meta["config"]["hidden_size"] = 48
+    (src / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(train.CheckpointError, match=r"released: --init-from needs a checkpoint of the --size "
+                                                    r"tiny network"):
+        _train(tmp_path / "c", "--init-from", str(src))
+    assert not (tmp_path / "c").exists()
