@@ -6,7 +6,7 @@ curve from evaluate.py's eval.json (Overall and the diagnostics against the step
     python plots.py runs/tiny/eval/eval.json                             # -> runs/tiny/eval/steps.png
 
 evaluate.py draws steps.png itself. Each panel has its own y axis; loss panels are logarithmic when every
-value is positive, step counts always (1, 2, 4, 8, 50 spread evenly).
+value is positive, step counts always (1, 2, 4, 8, 50 spread evenly). The log's fields: docs/formats.md §7.
 """
 import argparse
 import json

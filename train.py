@@ -15,7 +15,9 @@ loop (`train`: batch -> encode -> t, s -> losses.py -> backward, step, EMA), the
 calls them: the run folder, one step, logging, checkpoints.
 (--build-cache hands the frozen parts to data.write_cache.) The recipe is docs/method.md §9: Adam (0.9, 0.95),
 warmup then linear decay to 1e-5, EMA; the tau anneal and the auxiliary-term start are fractions of the run
-(paper: 300k and 550k of 710k iterations).
+(paper: 300k and 550k of 710k iterations). log.jsonl holds one record per logged window (means over its
+steps, the loss by t-bin, throughput; the first record of a process also the commit, preset and flags:
+docs/formats.md §7), which `python plots.py` draws.
 
 One code path serves 1 or N processes. The global batch is split as batch = per-rank batch x world
 size x --accum. A step's caption dropout, t and s are drawn for the whole global batch from a generator seeded
@@ -40,6 +42,7 @@ import math
 import os
 import re
 import shutil
+import subprocess
 import time
 import warnings
 
@@ -457,6 +460,9 @@ def train(args, rank, world):
          f"steps x batch {B} (= {b} x {world} ranks x {A} accum) on {args.device} in {args.precision}; data "
          f"{args.data} ({len(source) if hasattr(source, '__len__') else 'unlimited'} items); tau over "
          f"{tau_steps} steps, aux from {aux_start}", rank=rank)
+    # the first log record of this process says what runs: the commit, the preset and every flag
+    run = {"commit": git_commit(), "start": start, "world": world, "config": cfg.to_dict(),
+           "flags": dict(flags)} if rank == 0 else None
 
     # The next step's batch is read (rendered, decoded, pinned) on a thread while this step computes.
     prefetch = concurrent.futures.ThreadPoolExecutor(1)
@@ -516,8 +522,8 @@ def train(args, rank, world):
             window, pending = window + pending, []
             if (step + 1) % args.log_every == 0 or last:
                 if rank == 0:
-                    log(history[-len(window):], window, args, step, t_window, world, peak, system.device)
-                window, t_window = [], time.time()
+                    log(history[-len(window):], window, args, step, t_window, world, peak, system.device, run)
+                window, t_window, run = [], time.time(), None
         if checkpointing:
             save_checkpoint(args.out, system, step + 1, flags, opt)
         if args.sample_every and ((step + 1) % args.sample_every == 0 or last):
@@ -533,7 +539,7 @@ def train(args, rank, world):
 # The run folder: resume a run, or start one afresh without mixing it with another's files
 
 # What a run writes in its folder; a fresh run refuses a folder that holds any of these unless --overwrite.
-RUN_FILE = re.compile(r"latest(\.tmp)?|log\.jsonl|preview-\d+\.png|(nonfinite-)?step-\d+(\.tmp)?")
+RUN_FILE = re.compile(r"latest(\.tmp)?|log\.(jsonl|png)|preview-\d+\.png|(nonfinite-)?step-\d+(\.tmp)?")
 SCHEDULE = ("schedule_steps", "warmup", "tau_frac", "aux_start_frac")
 
 
@@ -864,33 +870,60 @@ def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def log(records, pending, args, step, t_window, world, peak, device):
-    """One line for the window's last step: every loss term, lambda, the share of s < t, grad
-    norm, throughput over the window (samples/s, tokens/s, TFLOP/s per device, MFU), peak memory,
-    ETA, and the loss by t-bin."""
-    rec = records[-1]
-    t = torch.cat([p["t"] for p in pending])
-    per = torch.cat([p["per_sample"] for p in pending])
-    bins = torch.bucketize(t, torch.tensor([0.25, 0.5, 0.75]))
-    by_bin = " ".join(f"{per[bins == b].mean().item():.3f}" if (bins == b).any() else "-" for b in range(4))
+def git_commit():
+    """The commit of the code that runs, with '-dirty' when tracked files differ from it; None outside a git
+    checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *a: subprocess.run(["git", "-C", here, *a], capture_output=True, text=True, timeout=30)
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+T_BINS = (0.25, 0.5, 0.75)  # edges of the t-bins the loss is logged by
+
+
+def log(records, window, args, step, t_window, world, peak, device, run=None):
+    """One line and one log.jsonl record for the window: the loss, every term, lambda, the share of s < t and
+    the gradient norm as means over its steps, the learning rate at its last, the loss by t-bin over its
+    samples, throughput over the window (samples/s, tokens/s, TFLOP/s per device, MFU), peak memory; the line
+    adds the ETA. `run` (the commit, the preset, the flags) rides in the first record of a process."""
+    rec = {"step": records[-1]["step"], "window": len(records)}
+    rec.update({k: sum(r[k] for r in records) / len(records) for k in records[-1] if k not in ("step", "lr")})
+    rec["lr"] = records[-1]["lr"]
+    t = torch.cat([p["t"] for p in window])
+    per = torch.cat([p["per_sample"] for p in window])
+    bins = torch.bucketize(t, torch.tensor(T_BINS))
+    rec["loss_by_t"] = [per[bins == b].mean().item() if (bins == b).any() else None
+                        for b in range(len(T_BINS) + 1)]
     dt = time.time() - t_window
-    rate = len(pending) * args.batch / dt
-    tflops = sum(p["flops"] for p in pending) / dt / world / 1e12
-    tokens = sum(p["tokens"] for p in pending) / dt
+    rate = len(window) * args.batch / dt
+    tflops = sum(p["flops"] for p in window) / dt / world / 1e12
+    tokens = sum(p["tokens"] for p in window) / dt
     eta = (args.steps - step - 1) * args.batch / rate
+    rec.update(samples_per_s=rate, tokens_per_s=tokens, tflops_per_device=tflops)
     extra = ""
     if "self" in rec:
         extra = (f" self {rec['self']:.4f} lam {rec['lam']:.2f} s<t {rec['frac_s_lt_t']:.2f}"
                  + (f" fake {rec['fake']:.4f}" if rec["fake"] else ""))
     speed = f"{rate:.1f} samples/s {tokens:.0f} tok/s {tflops:.3g} TFLOP/s/dev"
     if peak:
-        speed += f" MFU {100 * tflops / peak:.1f}%"
+        rec["mfu"] = tflops / peak
+        speed += f" MFU {100 * rec['mfu']:.1f}%"
     if device.type == "cuda":
-        speed += f" mem {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB"
-    rec.update(samples_per_s=rate, tokens_per_s=tokens, tflops_per_device=tflops)
+        rec["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        speed += f" mem {rec['mem_gib']:.1f} GiB"
+    by_bin = " ".join("-" if v is None else f"{v:.3f}" for v in rec["loss_by_t"])
     print(f"step {rec['step']:>6} loss {rec['loss']:.4f} data {rec['data']:.4f}{extra} | gnorm "
           f"{rec['grad_norm']:.2f} lr {rec['lr']:.2e} | {speed} ETA {eta / 60:.1f} min | loss by t-bin "
           f"{by_bin}", flush=True)
+    if run:
+        rec["run"] = run
     with open(os.path.join(args.out, "log.jsonl"), "a") as f:
         f.write(json.dumps(rec) + "\n")
 

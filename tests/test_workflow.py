@@ -1,6 +1,6 @@
 """What a researcher runs around the loop: sampling a prompt file into one PNG per image (and GenEval's
-layout), the plots of log.jsonl and of evaluate.py's report, starting a run from another run's weights. CPU
-only, tiny preset."""
+layout), log.jsonl and its plots, the any-step plot of evaluate.py's report, starting a run from another run's
+weights. CPU only, tiny preset."""
 import json
 import os
 import shutil
@@ -104,7 +104,28 @@ def test_geneval_metadata_file_writes_genevals_folder_layout(ckpt, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# plots
+# log.jsonl and plots
+
+def test_log_holds_window_means_loss_by_t_throughput_and_the_run(tmp_path):
+    """A record per window of 2 steps: the means of the steps' terms, the loss in four t-bins, throughput;
+    the first record of each process carries the commit, preset and flags (a resume writes its own)."""
+    hist = _train(tmp_path / "run", "--log-every", "2")
+    recs = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [2, 4] and all(r["window"] == 2 for r in recs)
+    for rec, steps in zip(recs, (hist[:2], hist[2:])):
+        for key in ("loss", "data", "self", "grad_norm", "fake"):
+            assert rec[key] == pytest.approx(sum(s[key] for s in steps) / 2), key
+        assert rec["lr"] == steps[-1]["lr"]
+        assert len(rec["loss_by_t"]) == 4 and any(v is not None for v in rec["loss_by_t"])
+        assert rec["samples_per_s"] > 0 and rec["tokens_per_s"] > 0 and rec["tflops_per_device"] > 0
+    run = recs[0]["run"]
+    assert "run" not in recs[1] and run["start"] == 0 and run["world"] == 1
+    assert model.Config.from_dict(run["config"]) == model.CONFIGS["tiny"] and run["flags"]["batch"] == 4
+    assert run["commit"] is None or len(run["commit"].split("-")[0]) == 40
+    _train(tmp_path / "run", "--resume", "--steps", "6", "--log-every", "2")
+    recs = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [2, 4, 6] and recs[2]["run"]["start"] == 4
+
 
 def test_loss_plot_draws_each_run_and_keeps_the_last_record_of_a_step(tmp_path):
     """Two runs, one line each, in every panel their logs fill; a falling loss falls in the picture; a step
