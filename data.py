@@ -569,6 +569,8 @@ class ShapesData:
 #   <dir>/null.safetensors               the empty prompt phi and c_fake of it (txt, vec, fake_txt,
 #                                        fake_vec), batch 1
 #   <dir>/index.json                     what the cache was built with; written last: present means complete
+#   <dir>/previews.safetensors           the preview prompts' encodings (write_previews), for the preview
+#                                        grids of a run that loads no text encoder
 # Items are numbered as ManifestData numbers them, so a cached run draws exactly the batches an online run
 # draws. Size: T5-XXL states are Lt x 4096 values per caption (4 MiB at 512 tokens in bf16), twice with
 # c_fake. The text is stored in the encoders' precision (bf16 on GPU), as training would see it online.
@@ -691,3 +693,31 @@ class CachedData:
                 for k, row in wanted:
                     rows[k] = [s[row:row + 1] for s in slices]
         return {fld: torch.cat([r[j] for r in rows]) for j, fld in enumerate(CACHE_FIELDS)}
+
+
+def write_previews(folder, prompts, encode_text):
+    """<cache>/previews.safetensors: the encodings of train.py's preview prompts, txt (P, Lt, d_txt) and vec
+    (P, d_vec), in the encoders' precision, with the prompts in its metadata. Written by --build-cache, so
+    that a run training from the cache draws its previews without loading T5 and CLIP."""
+    txt, vec = encode_text(prompts)
+    os.makedirs(folder, exist_ok=True)
+    safetensors.torch.save_file({"txt": txt.cpu().contiguous(), "vec": vec.cpu().contiguous()},
+                                os.path.join(folder, "previews.safetensors"),
+                                metadata={"prompts": json.dumps(prompts)})
+
+
+def read_previews(folder):
+    """-> (prompts, (txt, vec)) from <cache>/previews.safetensors, or None where the cache has none."""
+    file = os.path.join(folder, "previews.safetensors")
+    if not os.path.isfile(file):
+        return None
+    try:
+        with safetensors.safe_open(file, "pt") as f:
+            prompts = json.loads(f.metadata()["prompts"])
+            txt, vec = f.get_tensor("txt"), f.get_tensor("vec")
+    except Exception as e:  # a damaged file: whatever safetensors or json raises
+        raise ManifestError(f"{file}: damaged ({type(e).__name__}: {e}); build the cache again") from e
+    if len(prompts) != len(txt) or len(txt) != len(vec):
+        raise ManifestError(f"{file}: {len(prompts)} prompts but {len(txt)} encodings; build the cache "
+                            "again")
+    return prompts, (txt, vec)

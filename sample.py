@@ -86,11 +86,12 @@ def resolve_defaults(steps, cfg, s_schedule, objective="selfe"):
 
 @torch.no_grad()
 def sample(system, prompts, steps=4, cfg=None, eta=1.0, s_schedule=None, seeds=None, model=None, anchor=512,
-           shift=True, progress=False, objective="selfe"):
+           shift=True, progress=False, objective="selfe", cond=None, null=None):
     """prompts (B) -> images (B, 3, H, W) in [-1, 1]. Each image's noise comes from its own seed
     (default 0..B-1), so an image does not depend on what else is in the batch. `model` defaults
     to the EMA weights if present; `objective` ('selfe' or 'fm': what the model was trained with)
-    picks the default s_k."""
+    picks the default s_k. `cond` and `null` are the prompts' and phi's encodings (txt, vec) where no text
+    encoder is loaded (train.py's previews from a cache): batch B and batch 1."""
     model = model or system.ema or system.denoiser
     cfg, s_schedule = resolve_defaults(steps, cfg, s_schedule, objective)
     dev = system.device
@@ -100,9 +101,10 @@ def sample(system, prompts, steps=4, cfg=None, eta=1.0, s_schedule=None, seeds=N
     seeds = list(range(B)) if seeds is None else list(seeds)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     randn = lambda: torch.stack([torch.randn(L, C, generator=g) for g in gens]).to(dev)  # (B, L, C)
-    cond = system.encode_text(prompts)
+    cond = system.encode_text(prompts) if cond is None else cond
     if cfg != 1:  # both guidance branches in one batched call per step
-        cond = tuple(torch.cat(pair) for pair in zip(cond, system.null_cond(B)))
+        null = system.null_cond(B) if null is None else selfe.expand(null, B)
+        cond = tuple(torch.cat(pair) for pair in zip(cond, null))
     ts = time_grid(steps, L, anchor, shift)
     ss = second_times(ts, s_schedule)
     x = randn()

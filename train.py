@@ -57,6 +57,7 @@ from torch.utils.checkpoint import checkpoint
 
 import cli
 import data
+import encoders
 import losses
 import sample as sampler
 import selfe
@@ -64,6 +65,7 @@ from cli import number
 from encoders import CheckpointError
 from model import CONFIGS
 
+# the preview grids' prompts unless --preview-prompts
 PREVIEW_PROMPTS = ["a red circle to the left of a blue square", "a photo of a green circle",
                    "a photo of three squares", "a photo of a triangle above a circle",
                    "a photo of a white square and a purple triangle"]
@@ -144,6 +146,9 @@ def get_args(argv=None):
     p.add_argument("--ckpt-every", type=number(int, 1), default=500)
     p.add_argument("--sample-every", type=number(int, 0), default=1000,
                    help="preview grid every N steps (0: never)")
+    p.add_argument("--preview-prompts", default=None, metavar="FILE",
+                   help="the preview grids' prompts, one per line or GenEval .jsonl (default: five of the "
+                   "shapes world); --build-cache stores their encodings in the cache")
     p.add_argument("--build-cache", default=None, metavar="DIR",
                    help="encode --data (a manifest) into DIR and exit")
     p.add_argument("--cache-batch", type=number(int, 1), default=16,
@@ -358,6 +363,8 @@ def build_cache(args, rank, world):
                                args.skip_bad, args.max_ratio, workers=args.workers)
     encode_text = lambda prompts: tuple(x.to(low) for x in system.encode_text(prompts))
     meta = data.cache_meta(cfg, args.seed, args.resolution, args.max_ratio, args.fake_prefix)
+    if rank == 0:  # for the preview grids of a run that trains from the cache without the text encoders
+        data.write_previews(args.build_cache, preview_prompts(args), encode_text)
     data.write_cache(args.build_cache, source, system.encode_latents, encode_text,
                      fake_prefix=args.fake_prefix, meta=meta, batch=args.cache_batch, rank=rank, world=world)
 
@@ -423,6 +430,7 @@ def train(args, rank, world):
     b = B // (world * A)                                                   # per-rank micro-batch
     init_from = init_source(args) if args.init_from and not resume_from else None
     cached = data.is_cache(args.data)
+    previews = preview_source(args, cached, rank)                          # a bad prompt file stops here
     system, model, ema, opt, peak = setup(args, frozen_parts=not cached)
 
     if cached:
@@ -453,6 +461,7 @@ def train(args, rank, world):
         init_weights(init_from, system)
         log0(f"initialised from {init_from}: its model and EMA weights; optimizer and schedule start afresh",
              rank=rank)
+    previews = preview_decoder(previews, args, system, null, rank)
     os.makedirs(args.out, exist_ok=True)
     n_params = sum(p.numel() for p in model.parameters())
     sample_flops = functools.lru_cache(system.denoiser.flops)            # forward FLOPs of one sample (L, Lt)
@@ -526,9 +535,8 @@ def train(args, rank, world):
                 window, t_window, run = [], time.time(), None
         if checkpointing:
             save_checkpoint(args.out, system, step + 1, flags, opt)
-        if args.sample_every and ((step + 1) % args.sample_every == 0 or last):
-            if system.t5 is not None:
-                preview(system, args, step + 1, rank)
+        if previews and ((step + 1) % args.sample_every == 0 or last):
+            preview(system, args, step + 1, rank, previews)
     prefetch.shutdown()  # (a run stopped early leaves the idle thread to the interpreter's exit)
     log0(f"done: {max(0, args.steps - start)} steps in {time.time() - t0:.0f} s; checkpoint in {args.out}",
          rank=rank)
@@ -928,11 +936,58 @@ def log(records, window, args, step, t_window, world, peak, device, run=None):
         f.write(json.dumps(rec) + "\n")
 
 
-def preview(system, args, step, rank):
+def preview_prompts(args):
+    """--preview-prompts' prompts (a file as sample.py --from-file reads it), or the default five."""
+    if not args.preview_prompts:
+        return PREVIEW_PROMPTS
+    return [prompt for prompt, _ in sampler.read_prompts(args.preview_prompts)]
+
+
+def preview_source(args, cached, rank):
+    """Before anything is built: the preview prompts and, where the run loads no text encoder (a cache of the
+    real encoders' states), their encodings from the cache's previews.safetensors (written by --build-cache).
+    -> (prompts, encodings or None), or None: no previews (--sample-every 0; a cache without them, said)."""
+    if not args.sample_every:
+        return None
+    if not cached or CONFIGS[args.size].tokenizer == "words":     # the tiny preset's stand-ins always load
+        return preview_prompts(args), None
+    stored = data.read_previews(args.data)
+    if stored is None:
+        log0(f"previews off: {args.data} holds no previews.safetensors (a cache built before previews were "
+             "stored); build it again to have them", rank=rank)
+        return None
+    if args.preview_prompts and preview_prompts(args) != stored[0]:
+        raise SystemExit(f"--preview-prompts {args.preview_prompts}: the cache {args.data} holds the "
+                         "encodings of other preview prompts and this run loads no text encoder; build the "
+                         "cache with --build-cache ... --preview-prompts FILE, or leave the flag out")
+    return stored
+
+
+def preview_decoder(previews, args, system, null, rank):
+    """-> (prompts, cond, phi) for `preview`, the encodings on the device; for latents without the autoencoder
+    (training from a cache) the autoencoder alone is loaded to decode them, or previews are off, said."""
+    if previews is None:
+        return None
+    prompts, cond = previews
+    if system.cfg.latent == "flux-vae" and system.ae is None:
+        if not (args.vae or args.pretrained):
+            log0("previews off: decoding latents needs the autoencoder; pass --pretrained FLUX_DIR or --vae "
+                 "FILE to have them", rank=rank)
+            return None
+        file = args.vae or encoders.find_pretrained(args.pretrained)["ae"]
+        system.ae = encoders.load_autoencoder(file, torch.float32, system.device).requires_grad_(False)
+    if cond is not None:
+        cond = tuple(c.to(system.device, system.dtype) for c in cond)
+        return prompts, cond, tuple(c.to(system.dtype) for c in null)
+    return prompts, None, None
+
+
+def preview(system, args, step, rank, previews):
     """A grid of the EMA model: rows 1, 2, 4 steps; columns the preview prompts. Every rank samples
     (the sharded EMA needs all of them); rank 0 writes the file."""
-    rows = [sampler.sample(system, PREVIEW_PROMPTS, n, anchor=args.anchor, objective=args.objective)
-            for n in (1, 2, 4)]
+    prompts, cond, null = previews
+    rows = [sampler.sample(system, prompts, n, anchor=args.anchor, objective=args.objective, cond=cond,
+                           null=null) for n in (1, 2, 4)]
     if rank == 0:
         path = sampler.save_grid(rows, os.path.join(args.out, f"preview-{step:07d}.png"),
                                  upscale=max(1, 128 // system.cfg.resolution),

@@ -348,6 +348,10 @@ def test_bad_prompt_file_is_named_with_its_line_before_the_model_loads(ckpt, tmp
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.count("\n") == 1 and name in err, err
     assert not (tmp_path / "out").exists()
+    # the same reader behind train.py --preview-prompts, before anything is built
+    monkeypatch.setattr(train, "setup", lambda *a, **k: pytest.fail("weights were built"))
+    with pytest.raises(data.ManifestError, match=message):
+        _train(tmp_path / "run", "--preview-prompts", str(tmp_path / name), "--sample-every", "2")
 
 
 def test_outdir_holding_earlier_samples_is_refused_unless_overwrite(ckpt, tmp_path, capsys):

@@ -1,6 +1,6 @@
 """What a researcher runs around the loop: sampling a prompt file into one PNG per image (and GenEval's
-layout), log.jsonl and its plots, the any-step plot of evaluate.py's report, starting a run from another run's
-weights. CPU only, tiny preset."""
+layout), log.jsonl and its plots, the any-step plot of evaluate.py's report, preview prompts (also stored in a
+cache), starting a run from another run's weights. CPU only, tiny preset."""
 import json
 import os
 import shutil
@@ -190,6 +190,33 @@ def test_evaluate_draws_the_any_step_curve_beside_its_report(ckpt, tmp_path, mon
     with open(tmp_path / "eval.json") as f:
         image, boxes = plots.eval_figure(json.load(f))
     assert "Overall (seen)" in boxes and Image.open(tmp_path / "steps.png").size == image.size
+
+
+# ------------------------------------------------------------------------------------------------------------
+# previews
+
+def test_preview_prompts_from_a_file(tmp_path):
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\na green triangle\n")
+    _train(tmp_path / "run", "--steps", "2", "--sample-every", "2", "--preview-prompts",
+           str(tmp_path / "p.txt"))
+    grid = Image.open(tmp_path / "run" / "preview-0000002.png")
+    tile = 32 * 4 + 2  # 32 px upscaled to 128, 2 px padding
+    assert grid.size == (64 + 3 * tile + 2, 3 * tile + 2)  # labels, 3 prompts; rows 1, 2, 4 steps
+
+
+def test_cache_stores_the_preview_prompts_encodings(tmp_path):
+    from test_distributed import make_manifest
+    manifest = make_manifest(tmp_path, [(40, 40)], 2)
+    (tmp_path / "p.txt").write_text("a red circle\na photo of two squares\n")
+    train.main(["--data", manifest, "--build-cache", str(tmp_path / "cache"), "--preview-prompts",
+                str(tmp_path / "p.txt")])
+    prompts, (txt, vec) = data.read_previews(str(tmp_path / "cache"))
+    assert prompts == ["a red circle", "a photo of two squares"]
+    system = selfe.SelfE(model.CONFIGS["tiny"], denoiser=False)
+    want = system.encode_text(prompts)
+    torch.testing.assert_close(txt, want[0])
+    torch.testing.assert_close(vec, want[1])
+    assert data.read_previews(str(tmp_path)) is None
 
 
 # ------------------------------------------------------------------------------------------------------------
