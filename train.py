@@ -15,9 +15,9 @@ loop (`train`: batch -> encode -> t, s -> losses.py -> backward, step, EMA), the
 calls them: the run folder, one step, logging, checkpoints.
 (--build-cache hands the frozen parts to data.write_cache.) The recipe is docs/method.md §9: Adam (0.9, 0.95),
 warmup then linear decay to 1e-5, EMA; the tau anneal and the auxiliary-term start are fractions of the run
-(paper: 300k and 550k of 710k iterations). log.jsonl holds one record per logged window (means over its
-steps, the loss by t-bin, throughput; the first record of a process also the commit, preset and flags:
-docs/formats.md §7), which `python plots.py` draws.
+(paper: 300k and 550k of 710k iterations); §9 also gives the paper's runs as commands. log.jsonl holds one
+record per logged window (means over its steps, the loss by t-bin, throughput; the first record of a process
+also the commit, preset and flags: docs/formats.md §7), which `python plots.py` draws.
 
 One code path serves 1 or N processes. The global batch is split as batch = per-rank batch x world
 size x --accum. A step's caption dropout, t and s are drawn for the whole global batch from a generator seeded
