@@ -370,6 +370,8 @@ def main(argv=None):
 
 
 def sample_cli(p, args, rank, world):
+    """After the flags: the prompts (a bad file stops here), the --outdir check, the model, then one grid or
+    one PNG per image."""
     prompts = read_prompts(args.from_file) if args.from_file else [(pr, None) for pr in args.prompts]
     n = args.n or (4 if prompts[0][1] is not None else 1)
     if args.outdir:
