@@ -363,10 +363,11 @@ def build_cache(args, rank, world):
                                args.skip_bad, args.max_ratio, workers=args.workers)
     encode_text = lambda prompts: tuple(x.to(low) for x in system.encode_text(prompts))
     meta = data.cache_meta(cfg, args.seed, args.resolution, args.max_ratio, args.fake_prefix)
-    if rank == 0:  # for the preview grids of a run that trains from the cache without the text encoders
-        data.write_previews(args.build_cache, preview_prompts(args), encode_text)
+    prompts = preview_prompts(args)                                     # a bad prompt file stops here
     data.write_cache(args.build_cache, source, system.encode_latents, encode_text,
                      fake_prefix=args.fake_prefix, meta=meta, batch=args.cache_batch, rank=rank, world=world)
+    if rank == 0:  # for the preview grids of a run that trains from the cache without the text encoders
+        data.write_previews(args.build_cache, prompts, encode_text)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -591,9 +592,9 @@ def prepare_out(args, rank):
 # other flag (preset, data, objective, the method's flags, seed, batch, learning rate, EMA...) is the run's.
 MAY_CHANGE = ("steps", "log_every", "ckpt_every", "sample_every", "preview_prompts", "pretrained", "t5",
               "clip", "vae", "init_from")
-MACHINE = ("device", "precision", "accum", "memory_gib", "peak_tflops", "dist_timeout", "workers", "compile",
-           "compile_fallback", "act_ckpt", "out", "resume", "overwrite", "reschedule", "build_cache",
-           "cache_batch", "passed")
+MACHINE = ("device", "threads", "precision", "accum", "memory_gib", "peak_tflops", "dist_timeout", "workers",
+           "compile", "compile_fallback", "act_ckpt", "ckpt_sync", "out", "resume", "overwrite", "reschedule",
+           "build_cache", "cache_batch", "passed")
 
 
 def shown(key, value):
