@@ -41,6 +41,7 @@ def stream_seed(seed, index, stride=1_000_003):
         step k's caption dropout, t and s (train.py)            (seed, k)
         eps and eps' of batch position i at step k (train.py)   (seed, (k << 20) + i, stride=1 << 40)
         image j of evaluation prompt i (evaluate.noise_seed)    (seed, 1000 i + j)
+        image j of prompt i of sample.py --outdir               (seed, 1000 i + j)
         image i of sample.py                                    (seed, i, stride=1000)
     cli.MAX_SEED keeps every key within the 64 bits a torch.Generator takes."""
     return seed * stride + index
@@ -613,6 +614,8 @@ class ShapesData:
 #   <dir>/null.safetensors               the empty prompt phi and c_fake of it (txt, vec, fake_txt,
 #                                        fake_vec), batch 1, all t5_max_len positions
 #   <dir>/index.json                     what the cache was built with; written last: present means complete
+#   <dir>/previews.safetensors           the preview prompts' encodings (write_previews), for the preview
+#                                        grids of a run that loads no text encoder
 # Items are numbered as ManifestData numbers them, so a cached run draws exactly the batches an online run
 # draws. Size: a T5-XXL state is 4096 values per token (8 KiB in bf16). With the T5 mask (train.py
 # --t5-mask, A 26) the states past a caption's tokens are zero and are not stored; without it (FLUX's way)
@@ -634,8 +637,10 @@ def cache_meta(cfg, seed, resolution, max_ratio, fake_prefix, t5_mask=False):
     prefix. CachedData refuses a cache whose values differ."""
     c = cfg.to_dict()
     return {"format": CACHE_FORMAT,
+            # the widths of the states the denoiser reads (context_in_dim, vec_in_dim): what the loaded
+            # encoders give, whatever the preset's nominal T5 and CLIP shapes
             "encoders": {**{k: c[k] for k in ("t5", "clip", "t5_max_len", "tokenizer", "latent")},
-                         "t5_mask": t5_mask},
+                         "t5_mask": t5_mask, "widths": [cfg.context_in_dim, cfg.vec_in_dim]},
             "stand_in_seed": seed if cfg.tokenizer == "words" else None,
             "resolution": resolution, "max_ratio": max_ratio, "fake_prefix": fake_prefix}
 
@@ -778,8 +783,10 @@ class CachedData:
         self.path = path
         self.meta = _read_index(path, expect)
         enc = self.meta["encoders"]
-        self.t5_len, d_txt, d_vec = enc["t5_max_len"], enc["t5"]["d_model"], enc["clip"]["hidden_size"]
-        self.channels, self.down = (16, 8) if enc["latent"] == "flux-vae" else (3, 1)
+        self.t5_len, (d_txt, d_vec) = enc["t5_max_len"], enc["widths"]
+        # pixels per latent cell, as the builder's autoencoder gave them (FLUX's: 8)
+        self.channels = 16 if enc["latent"] == "flux-vae" else 3
+        self.down = self.meta.get("downsample", 8 if enc["latent"] == "flux-vae" else 1)
         floats = ("F32", "BF16", "F16")
         self.want = {"item": (("I64",), (None,)), "latent": (floats, (None, self.channels, None, None)),
                      "vec": (floats, (None, d_vec)), "fake_vec": (floats, (None, d_vec)),
@@ -887,3 +894,31 @@ class CachedData:
         for file, wanted in by_file.items():
             self._read(file, lambda f: read(f, file, wanted))
         return {fld: torch.cat([r[fld] for r in rows]) for fld in CACHE_FIELDS}
+
+
+def write_previews(folder, prompts, encode_text):
+    """<cache>/previews.safetensors: the encodings of train.py's preview prompts, txt (P, Lt, d_txt) and vec
+    (P, d_vec), in the encoders' precision, with the prompts in its metadata. Written by --build-cache, so
+    that a run training from the cache draws its previews without loading T5 and CLIP."""
+    txt, vec = encode_text(prompts)
+    os.makedirs(folder, exist_ok=True)
+    safetensors.torch.save_file({"txt": txt.cpu().contiguous(), "vec": vec.cpu().contiguous()},
+                                os.path.join(folder, "previews.safetensors"),
+                                metadata={"prompts": json.dumps(prompts)})
+
+
+def read_previews(folder):
+    """-> (prompts, (txt, vec)) from <cache>/previews.safetensors, or None where the cache has none."""
+    file = os.path.join(folder, "previews.safetensors")
+    if not os.path.isfile(file):
+        return None
+    try:
+        with safetensors.safe_open(file, "pt") as f:
+            prompts = json.loads(f.metadata()["prompts"])
+            txt, vec = f.get_tensor("txt"), f.get_tensor("vec")
+    except Exception as e:  # a damaged file: whatever safetensors or json raises
+        raise ManifestError(f"{file}: damaged ({type(e).__name__}: {e}); build the cache again") from e
+    if len(prompts) != len(txt) or len(txt) != len(vec):
+        raise ManifestError(f"{file}: {len(prompts)} prompts but {len(txt)} encodings; build the cache "
+                            "again")
+    return prompts, (txt, vec)

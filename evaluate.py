@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 import cli
 import data
+import plots
 from cli import number
 
 KEEP_CONF = 0.75      # GenEval keeps detections above a confidence threshold; ours is the template IoU
@@ -924,6 +925,7 @@ def main(argv=None):
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(report, f, indent=1)
+    plots.plot_eval(report, os.path.join(out_dir, "steps.png"))  # the any-step curve, one line per model
     import sample
     labels = [f"{n} step" + ("s" if n > 1 else "") for n in args.steps]
     if len(all_rows) > 1:  # one block per model, left to right, a blank column between blocks

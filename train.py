@@ -3,6 +3,7 @@
     python train.py                                   # tiny preset on the built-in shapes world, CPU, minutes
     python train.py --objective fm                    # the flow-matching baseline (Table 2)
     python train.py --resume                          # continue the run in --out from its latest checkpoint
+    python train.py --init-from runs/tiny --out runs/tiny-ft   # another run's weights, a fresh optimizer
     torchrun --nproc_per_node 8 train.py --size 2b --data manifest.tsv --pretrained FLUX_DIR
     torchrun --nproc_per_node 2 train.py              # also on CPU (gloo), for testing
     python train.py --size 2b --data manifest.tsv --pretrained FLUX_DIR --build-cache CACHE  # encoders once
@@ -14,7 +15,9 @@ loop (`train`: batch -> encode -> t, s -> losses.py -> backward, step, EMA), the
 calls them: the run folder, one step, logging, checkpoints.
 (--build-cache hands the frozen parts to data.write_cache.) The recipe is docs/method.md §9: Adam (0.9, 0.95),
 warmup then linear decay to 1e-5, EMA; the tau anneal and the auxiliary-term start are fractions of the run
-(paper: 300k and 550k of 710k iterations).
+(paper: 300k and 550k of 710k iterations); §9 also gives the paper's runs as commands. log.jsonl holds one
+record per logged window (means over its steps, the loss by t-bin, throughput; the first record of a process
+also the commit, preset and flags: docs/formats.md §7), which `python plots.py` draws.
 
 One code path serves 1 or N processes. The global batch is split as batch = per-rank batch x world
 size x --accum. A step's caption dropout, t and s are drawn for the whole global batch from a generator seeded
@@ -40,6 +43,7 @@ import math
 import os
 import re
 import shutil
+import subprocess
 import time
 import warnings
 
@@ -49,11 +53,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.staging import BlockingAsyncStager
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     set_model_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 import cli
 import data
+import encoders
 import losses
 import model
 import sample as sampler
@@ -62,6 +69,7 @@ from cli import number
 from encoders import CheckpointError
 from model import CONFIGS
 
+# the preview grids' prompts unless --preview-prompts
 PREVIEW_PROMPTS = ["a red circle to the left of a blue square", "a photo of a green circle",
                    "a photo of three squares", "a photo of a triangle above a circle",
                    "a photo of a white square and a purple triangle"]
@@ -126,6 +134,9 @@ def get_args(argv=None):
     p.add_argument("--reschedule", action="store_true",
                    help="with --resume: fit warm-up, learning-rate decay, tau anneal and auxiliary-term "
                    "start to this --steps (default: keep the resumed run's)")
+    p.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start from the model and EMA weights of another run's checkpoint (run or step "
+                   "folder), with a fresh optimizer and schedule")
     p.add_argument("--seed", type=cli.seed, default=0)
     p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=number(int, 1), default=None,
@@ -152,6 +163,9 @@ def get_args(argv=None):
                    "of memory: the copy is as large as the process's share of the training state)")
     p.add_argument("--sample-every", type=number(int, 0), default=1000,
                    help="preview grid every N steps (0: never)")
+    p.add_argument("--preview-prompts", default=None, metavar="FILE",
+                   help="the preview grids' prompts, one per line or GenEval .jsonl (default: five of the "
+                   "shapes world); --build-cache stores their encodings in the cache")
     p.add_argument("--build-cache", default=None, metavar="DIR",
                    help="encode --data (a manifest) into DIR and exit")
     p.add_argument("--cache-batch", type=number(int, 1), default=16,
@@ -195,6 +209,12 @@ def get_args(argv=None):
                    help="warm the EMA decay up as min(d, (1 + n)/(10 + n)) (not in the paper, which keeps "
                    "it constant; A 19)")
     args = p.parse_args(argv)
+    # the flags given on the command line (the rest are defaults): a resumed run takes its own for those
+    # (--set appends to its list, so its mark is an empty list of its own)
+    unset, no_set = object(), []
+    given = vars(p.parse_args(argv, argparse.Namespace(**{k: no_set if k == "set" else unset
+                                                          for k in vars(args)})))
+    args.passed = sorted(k for k, v in given.items() if v is not unset and not (k == "set" and v is no_set))
     cfg = preset_config(args)
     if args.set:  # a preset changed by hand must still make a network
         side = cfg.latent_channels * cfg.patch ** 2
@@ -222,6 +242,9 @@ def get_args(argv=None):
         p.error("--overwrite starts afresh and --resume continues: pass one of them")
     if args.reschedule and not args.resume:
         p.error("--reschedule changes the schedule of a resumed run: pass it with --resume")
+    if args.init_from and args.resume:
+        p.error("--init-from starts a new run from a checkpoint's weights and --resume continues the run in "
+                "--out: pass one of them")
     if args.compile_fallback and not args.compile:
         p.error("--compile-fallback goes with --compile")
     check_backend(p, args)
@@ -420,13 +443,17 @@ def build_cache(args, rank, world):
                          denoiser=False, ae_dtype=low, t5_mask=args.t5_mask)
     source = data.ManifestData(args.data, args.resolution, bucket_step(system), 1, args.seed, args.base_dir,
                                args.skip_bad, args.max_ratio, workers=args.workers)
+    prompts = preview_prompts(args)                                     # a bad prompt file stops here
 
     def encode_text(prompts):  # -> (txt, vec, how many of txt's states to keep)
         txt, vec = system.encode_text(prompts)
         return txt.to(low), vec.to(low), system.text_lengths(system.t5_tokenizer(prompts))
-    meta = data.cache_meta(cfg, args.seed, args.resolution, args.max_ratio, args.fake_prefix, args.t5_mask)
+    meta = {**data.cache_meta(cfg, args.seed, args.resolution, args.max_ratio, args.fake_prefix, args.t5_mask),
+            "downsample": system.downsample}
     data.write_cache(args.build_cache, source, system.encode_latents, encode_text,
                      fake_prefix=args.fake_prefix, meta=meta, batch=args.cache_batch, rank=rank, world=world)
+    if rank == 0:  # for the preview grids of a run that trains from the cache without the text encoders
+        data.write_previews(args.build_cache, prompts, lambda p: encode_text(p)[:2])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -482,16 +509,19 @@ def choose_accum(args, world):
 # Training
 
 def train(args, rank, world):
+    # before anything is built or written; a resumed run's flags are its own from here on
+    resume_from, start = prepare_out(args, rank)
     cfg = preset_config(args)
     args.accum = choose_accum(args, world)                                 # before any weight is built
     B, A = args.batch, args.accum
     b = B // (world * A)                                                   # per-rank micro-batch
-    resume_from, start = prepare_out(args, rank)                         # before anything is built or written
+    init_from = init_source(args) if args.init_from and not resume_from else None
     cached = data.is_cache(args.data)
     if cached:                                         # every file of the cache is checked before building
         meta = data.cache_meta(cfg, args.seed, args.resolution, args.max_ratio, args.fake_prefix,
                                args.t5_mask)
         source = data.CachedData(args.data, meta, B, args.seed)
+    previews = preview_source(args, cached, rank)                          # a bad prompt file stops here
     system, model, ema, opt, peak = setup(args, frozen_parts=not cached)
     system.t5_mask = args.t5_mask                                          # before any text is encoded
 
@@ -517,6 +547,11 @@ def train(args, rank, world):
             frozen = os.path.join(resume_from, "frozen.safetensors")
             system.load_frozen_state(selfe.read_weights(frozen), frozen)
         log0(f"resumed from {resume_from} at step {start}", rank=rank)
+    elif init_from:
+        init_weights(init_from, system)
+        log0(f"initialised from {init_from}: its model and EMA weights; optimizer and schedule start afresh",
+             rank=rank)
+    previews = preview_decoder(previews, args, system, null, rank)
     os.makedirs(args.out, exist_ok=True)
     n_params = sum(p.numel() for p in model.parameters())
     sample_flops = functools.lru_cache(system.denoiser.flops)            # forward FLOPs of one sample (L, Lt)
@@ -525,6 +560,9 @@ def train(args, rank, world):
          f"{cpu_threads_note() if system.device.type == 'cpu' else ''} in {args.precision}; data "
          f"{args.data} ({len(source) if hasattr(source, '__len__') else 'unlimited'} items); tau over "
          f"{tau_steps} steps, aux from {aux_start}", rank=rank)
+    # the first log record of this process says what runs: the commit, the preset and every flag
+    run = {"commit": git_commit(), "start": start, "world": world, "config": cfg.to_dict(),
+           "flags": dict(flags)} if rank == 0 else None
 
     # The next step's batch is read (rendered, decoded, pinned) on a thread while this step computes.
     prefetch = concurrent.futures.ThreadPoolExecutor(1)
@@ -585,13 +623,12 @@ def train(args, rank, world):
             window, pending = window + pending, []
             if (step + 1) % args.log_every == 0 or last:
                 if rank == 0:
-                    log(history[-len(window):], window, args, step, t_window, world, peak, system.device)
-                window, t_window = [], time.time()
+                    log(history[-len(window):], window, args, step, t_window, world, peak, system.device, run)
+                window, t_window, run = [], time.time(), None
         if checkpointing:
             save_checkpoint(args.out, system, step + 1, flags, opt, background=not args.ckpt_sync)
-        if args.sample_every and ((step + 1) % args.sample_every == 0 or last):
-            if system.t5 is not None:
-                preview(system, args, step + 1, rank)
+        if previews and ((step + 1) % args.sample_every == 0 or last):
+            preview(system, args, step + 1, rank, previews)
     prefetch.shutdown()  # (a run stopped early leaves the idle thread to the interpreter's exit)
     finish_checkpoint(wait=True)
     log0(f"done: {max(0, args.steps - start)} steps in {time.time() - t0:.0f} s; checkpoint in {args.out}",
@@ -603,7 +640,7 @@ def train(args, rank, world):
 # The run folder: resume a run, or start one afresh without mixing it with another's files
 
 # What a run writes in its folder; a fresh run refuses a folder that holds any of these unless --overwrite.
-RUN_FILE = re.compile(r"latest(\.tmp)?|log\.jsonl|preview-\d+\.png|(nonfinite-)?step-\d+(\.tmp)?")
+RUN_FILE = re.compile(r"latest(\.tmp)?|log\.(jsonl|png)|preview-\d+\.png|(nonfinite-)?step-\d+(\.tmp)?")
 SCHEDULE = ("schedule_steps", "warmup", "tau_frac", "aux_start_frac")
 
 
@@ -620,12 +657,9 @@ def prepare_out(args, rank):
                                   "--resume to start a run there")
         path = selfe.resolve_checkpoint(args.out)
         cfg, meta = selfe.read_meta(path)
+        keep_run_flags(args, meta["flags"], path, rank)                      # --size too, unless passed
         if cfg != preset_config(args):
             raise CheckpointError(f"{path} was trained with another preset than --size {args.size}")
-        if meta["flags"].get("t5_mask", False) != args.t5_mask:  # the text conditioning stays the run's
-            was = "with" if not args.t5_mask else "without"
-            raise CheckpointError(f"{path} was trained {was} --t5-mask: resume it the same way")
-        keep_schedule(args, meta["flags"], rank)
         return path, meta["step"]
     found = []
     if os.path.isdir(args.out):
@@ -646,15 +680,66 @@ def prepare_out(args, rank):
     return None, 0
 
 
-def keep_schedule(args, saved, rank):
-    """On resume, the resumed run's schedule stays (warm-up, the length of the learning-rate decay, the tau
-    anneal and the auxiliary-term start, all fixed by the --steps it was started with): a different --steps
-    only moves where training stops. --reschedule fits the schedule to this run's flags instead. Either way
-    a difference is said."""
+# On resume, what a passed flag may change, and what belongs to this machine and this invocation. Every
+# other flag (preset, data, objective, the method's flags, seed, batch, learning rate, EMA...) is the run's.
+MAY_CHANGE = ("steps", "log_every", "ckpt_every", "sample_every", "preview_prompts", "pretrained", "t5",
+              "clip", "vae", "init_from")
+MACHINE = ("device", "threads", "precision", "accum", "memory_gib", "peak_tflops", "dist_timeout", "workers",
+           "compile", "compile_fallback", "act_ckpt", "ckpt_sync", "out", "resume", "overwrite", "reschedule",
+           "build_cache", "cache_batch", "passed")
+
+
+def shown(key, value):
+    """A flag as it is typed: --seed 3, --resolution 256,512, --delta-zero / no --delta-zero."""
+    name = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return name if value else f"no {name}"
+    return f"{name} {','.join(map(str, value)) if isinstance(value, list) else value}"
+
+
+def keep_run_flags(args, saved, path, rank):
+    """A resumed run continues as it was started (`saved`: the flags in its config.json). A flag not passed
+    takes the run's value; a passed flag that changes the method, the data or the randomness is refused,
+    naming it, before any weight loads. Passed and said: where training stops (--steps), logging, checkpoints,
+    previews, where the frozen parts are read from (MAY_CHANGE); this machine's flags are never the run's
+    (MACHINE). The schedule (warm-up, the length of the learning-rate decay, the tau anneal and the
+    auxiliary-term start, all fixed by the --steps the run was started with) stays: a different --steps only
+    moves where training stops. --reschedule fits it to this run's flags instead. Either way a difference is
+    said."""
+    passed, restored, changed, refused = set(args.passed), [], [], []
+    for key, was in saved.items():
+        if key in MACHINE or key == "schedule_steps" or not hasattr(args, key):
+            continue
+        now = getattr(args, key)
+        if key not in passed:
+            if now != was and not (key == "warmup" and args.reschedule):  # refit below
+                restored.append(shown(key, was))
+                setattr(args, key, was)
+        elif now == was or key == "steps" or (key in SCHEDULE and args.reschedule):
+            continue
+        elif key in MAY_CHANGE:
+            changed.append(f"{shown(key, now)} (the run: {shown(key, was)})")
+        else:
+            refused.append(f"{shown(key, now)} (the run: {shown(key, was)})")
+    if refused:
+        hint = (" or pass --reschedule to fit the schedule to new flags" if
+                any(s.startswith(("--warmup", "--tau-frac", "--aux-start-frac")) for s in refused) else "")
+        raise SystemExit(f"--resume: {'; '.join(refused)} would change the resumed run's method, data or "
+                         f"randomness ({path}/config.json): leave {'them' if len(refused) > 1 else 'it'} "
+                         f"out to continue it{hint}, or start a new run (another --out; --init-from {path} "
+                         "starts from its weights)")
+    if restored:
+        log0(f"resume: the run's own flags: {', '.join(restored)}", rank=rank)
+    if changed:
+        log0(f"resume: changed from the run: {', '.join(changed)}", rank=rank)
     was = {k: saved.get(k, getattr(args, k)) for k in SCHEDULE}
     # runs saved before it had its own key
     was["schedule_steps"] = saved.get("schedule_steps", saved["steps"])
-    now = {k: getattr(args, k) for k in SCHEDULE}
+    warmup = args.warmup if "warmup" in passed else min(1000, args.steps // 20)  # get_args' default
+    now = {"schedule_steps": args.steps, "warmup": warmup, "tau_frac": args.tau_frac,
+           "aux_start_frac": args.aux_start_frac}
+    for k, v in (now if args.reschedule else was).items():
+        setattr(args, k, v)
     if was == now:
         return
     describe = lambda d: (f"warm-up {d['warmup']}, learning rate decaying to step {d['schedule_steps']}, tau "
@@ -664,10 +749,43 @@ def keep_schedule(args, saved, rank):
         log0(f"--reschedule: the resumed run's schedule ({describe(was)}) becomes: "
              f"{describe(now)}", rank=rank)
         return
-    for k, v in was.items():
-        setattr(args, k, v)
     log0(f"resume keeps the run's schedule ({describe(was)}); --steps {args.steps} only says where to stop. "
          f"Pass --reschedule for the schedule of these flags ({describe(now)})", rank=rank)
+
+
+# What a network architecture is: a preset less its training defaults
+TRAINING_DEFAULTS = ("batch", "steps", "lr", "ema_decay", "world")
+
+
+def init_source(args):
+    """--init-from: the step folder whose weights start this run, checked before any weight is built: it must
+    hold the network of --size (its training defaults may differ)."""
+    path = selfe.resolve_checkpoint(args.init_from)
+    cfg, meta = selfe.read_meta(path)
+    network = lambda c: {k: v for k, v in c.to_dict().items() if k not in TRAINING_DEFAULTS}
+    if network(cfg) != network(preset_config(args)):
+        raise CheckpointError(f"{path}: --init-from needs a checkpoint of the --size {args.size} network; "
+                              f"this one was trained as --size {meta['flags'].get('size', '?')}")
+    return path
+
+
+def init_weights(path, system):
+    """Model and EMA from a checkpoint's training state (dcp, whatever world size wrote it), or both from its
+    ema.safetensors where it has no training state; the tiny preset's stand-in encoders from its
+    frozen.safetensors, since the weights learned their encodings. Optimizer and schedule stay fresh."""
+    if os.path.isfile(os.path.join(path, "dcp", ".metadata")):
+        selfe.load_training_state(path, system)
+    else:
+        file = os.path.join(path, "ema.safetensors")
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{path}: neither a training state (dcp/) nor ema.safetensors to start "
+                                    "from")
+        weights = selfe.read_weights(file)
+        for net in (system.denoiser, system.ema):  # full tensors on every rank, sharded as they load
+            set_model_state_dict(net, weights, options=StateDictOptions(full_state_dict=True))
+    if system.cfg.tokenizer == "words":
+        frozen = os.path.join(path, "frozen.safetensors")
+        system.load_frozen_state(selfe.read_weights(frozen), frozen)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -853,42 +971,116 @@ def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def log(records, pending, args, step, t_window, world, peak, device):
-    """One line for the window's last step: every loss term, lambda, the share of s < t, grad
-    norm, throughput over the window (samples/s, tokens/s, TFLOP/s per device, MFU), peak memory,
-    ETA, and the loss by t-bin."""
-    rec = records[-1]
-    t = torch.cat([p["t"] for p in pending])
-    per = torch.cat([p["per_sample"] for p in pending])
-    bins = torch.bucketize(t, torch.tensor([0.25, 0.5, 0.75]))
-    by_bin = " ".join(f"{per[bins == b].mean().item():.3f}" if (bins == b).any() else "-" for b in range(4))
+def git_commit():
+    """The commit of the code that runs, with '-dirty' when tracked files differ from it; None outside a git
+    checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *a: subprocess.run(["git", "-C", here, *a], capture_output=True, text=True, timeout=30)
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+T_BINS = (0.25, 0.5, 0.75)  # edges of the t-bins the loss is logged by
+
+
+def log(records, window, args, step, t_window, world, peak, device, run=None):
+    """One line and one log.jsonl record for the window: the loss, every term, lambda, the share of s < t and
+    the gradient norm as means over its steps, the learning rate at its last, the loss by t-bin over its
+    samples, throughput over the window (samples/s, tokens/s, TFLOP/s per device, MFU), peak memory; the line
+    adds the ETA. `run` (the commit, the preset, the flags) rides in the first record of a process."""
+    rec = {"step": records[-1]["step"], "window": len(records)}
+    rec.update({k: sum(r[k] for r in records) / len(records) for k in records[-1] if k not in ("step", "lr")})
+    rec["lr"] = records[-1]["lr"]
+    t = torch.cat([p["t"] for p in window])
+    per = torch.cat([p["per_sample"] for p in window])
+    bins = torch.bucketize(t, torch.tensor(T_BINS))
+    rec["loss_by_t"] = [per[bins == b].mean().item() if (bins == b).any() else None
+                        for b in range(len(T_BINS) + 1)]
     dt = time.time() - t_window
-    rate = len(pending) * args.batch / dt
-    tflops = sum(p["flops"] for p in pending) / dt / world / 1e12
-    tokens = sum(p["tokens"] for p in pending) / dt
+    rate = len(window) * args.batch / dt
+    tflops = sum(p["flops"] for p in window) / dt / world / 1e12
+    tokens = sum(p["tokens"] for p in window) / dt
     eta = (args.steps - step - 1) * args.batch / rate
+    rec.update(samples_per_s=rate, tokens_per_s=tokens, tflops_per_device=tflops)
     extra = ""
     if "self" in rec:
         extra = (f" self {rec['self']:.4f} lam {rec['lam']:.2f} s<t {rec['frac_s_lt_t']:.2f}"
                  + (f" fake {rec['fake']:.4f}" if rec["fake"] else ""))
     speed = f"{rate:.1f} samples/s {tokens:.0f} tok/s {tflops:.3g} TFLOP/s/dev"
     if peak:
-        speed += f" MFU {100 * tflops / peak:.1f}%"
+        rec["mfu"] = tflops / peak
+        speed += f" MFU {100 * rec['mfu']:.1f}%"
     if device.type == "cuda":
-        speed += f" mem {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB"
-    rec.update(samples_per_s=rate, tokens_per_s=tokens, tflops_per_device=tflops)
+        rec["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        speed += f" mem {rec['mem_gib']:.1f} GiB"
+    by_bin = " ".join("-" if v is None else f"{v:.3f}" for v in rec["loss_by_t"])
     print(f"step {rec['step']:>6} loss {rec['loss']:.4f} data {rec['data']:.4f}{extra} | gnorm "
           f"{rec['grad_norm']:.2f} lr {rec['lr']:.2e} | {speed} ETA {eta / 60:.1f} min | loss by t-bin "
           f"{by_bin}", flush=True)
+    if run:
+        rec["run"] = run
     with open(os.path.join(args.out, "log.jsonl"), "a") as f:
         f.write(json.dumps(rec) + "\n")
 
 
-def preview(system, args, step, rank):
+def preview_prompts(args):
+    """--preview-prompts' prompts (a file as sample.py --from-file reads it), or the default five."""
+    if not args.preview_prompts:
+        return PREVIEW_PROMPTS
+    return [prompt for prompt, _ in sampler.read_prompts(args.preview_prompts)]
+
+
+def preview_source(args, cached, rank):
+    """Before anything is built: the preview prompts and, where the run loads no text encoder (a cache of the
+    real encoders' states), their encodings from the cache's previews.safetensors (written by --build-cache).
+    -> (prompts, encodings or None), or None: no previews (--sample-every 0; a cache without them, said)."""
+    if not args.sample_every:
+        return None
+    if not cached or preset_config(args).tokenizer == "words":     # the tiny preset's stand-ins always load
+        return preview_prompts(args), None
+    stored = data.read_previews(args.data)
+    if stored is None:
+        log0(f"previews off: {args.data} holds no previews.safetensors (a cache built before previews were "
+             "stored); build it again to have them", rank=rank)
+        return None
+    if args.preview_prompts and preview_prompts(args) != stored[0]:
+        raise SystemExit(f"--preview-prompts {args.preview_prompts}: the cache {args.data} holds the "
+                         "encodings of other preview prompts and this run loads no text encoder; build the "
+                         "cache with --build-cache ... --preview-prompts FILE, or leave the flag out")
+    return stored
+
+
+def preview_decoder(previews, args, system, null, rank):
+    """-> (prompts, cond, phi) for `preview`, the encodings on the device; for latents without the autoencoder
+    (training from a cache) the autoencoder alone is loaded to decode them, or previews are off, said."""
+    if previews is None:
+        return None
+    prompts, cond = previews
+    if system.cfg.latent == "flux-vae" and system.ae is None:
+        if not (args.vae or args.pretrained):
+            log0("previews off: decoding latents needs the autoencoder; pass --pretrained FLUX_DIR or --vae "
+                 "FILE to have them", rank=rank)
+            return None
+        file = args.vae or encoders.find_pretrained(args.pretrained)["ae"]
+        system.ae = encoders.load_autoencoder(file, torch.float32, system.device).requires_grad_(False)
+    if cond is not None:
+        cond = tuple(c.to(system.device, system.dtype) for c in cond)
+        return prompts, cond, tuple(c.to(system.dtype) for c in null)
+    return prompts, None, None
+
+
+def preview(system, args, step, rank, previews):
     """A grid of the EMA model: rows 1, 2, 4 steps; columns the preview prompts. Every rank samples
     (the sharded EMA needs all of them); rank 0 writes the file."""
-    rows = [sampler.sample(system, PREVIEW_PROMPTS, n, anchor=args.anchor, objective=args.objective)
-            for n in (1, 2, 4)]
+    prompts, cond, null = previews
+    rows = [sampler.sample(system, prompts, n, anchor=args.anchor, objective=args.objective, cond=cond,
+                           null=null) for n in (1, 2, 4)]
     if rank == 0:
         path = sampler.save_grid(rows, os.path.join(args.out, f"preview-{step:07d}.png"),
                                  upscale=max(1, 128 // system.cfg.resolution),

@@ -161,6 +161,41 @@ def test_a_rank_that_dies_resumes_from_the_last_complete_checkpoint(one_proc, tm
     assert_same_weights(weights(tmp_path / "straight", 6), weights(tmp_path / "run", 6))
 
 
+def test_sampling_a_prompt_file_under_two_processes_writes_what_one_process_writes(tmp_path):
+    """sample.py --from-file --outdir under torchrun: 2 ranks (gloo) share a GenEval file's 3 x 3 images out,
+    and the folder holds what one process writes: the same files, metadata byte for byte, pixels within one
+    level (the batches differ)."""
+    import numpy as np
+    from PIL import Image
+    import sample
+    torch.manual_seed(0)
+    system = selfe.SelfE(model.CONFIGS["tiny"])
+    with torch.no_grad():  # past the zero init, so images depend on prompt and noise
+        for p in system.denoiser.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    system.make_ema()
+    train.save_checkpoint(str(tmp_path / "run"), system, 1, {"world": "small", "objective": "selfe"})
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"tag": "colors", "prompt": p}) + "\n" for p in (
+        "a photo of a red circle", "a photo of a blue square", "a photo of a green triangle")))
+    argv = ["--ckpt", str(tmp_path / "run"), "--from-file", str(tmp_path / "m.jsonl"), "--n-samples", "3",
+            "--steps", "2", "--batch", "2"]
+    sample.main([*argv, "--outdir", str(tmp_path / "one")])
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--standalone", "sample.py", *argv, "--outdir", str(tmp_path / "two")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    files = lambda root: sorted(str(f.relative_to(root)) for f in root.rglob("*") if f.is_file())
+    assert files(tmp_path / "one") == files(tmp_path / "two") and len(files(tmp_path / "one")) == 3 + 9 + 1
+    for name in files(tmp_path / "one"):
+        a, b = tmp_path / "one" / name, tmp_path / "two" / name
+        if name.endswith(".png"):
+            pa, pb = (np.asarray(Image.open(x), dtype=np.int16) for x in (a, b))
+            assert np.abs(pa - pb).max() <= 1 and pa.std() > 0, name
+        else:
+            assert a.read_bytes() == b.read_bytes(), name
+
+
 # ------------------------------------------------------------------------------------------------------------
 # buckets and manifests
 

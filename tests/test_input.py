@@ -269,3 +269,115 @@ def test_every_command_line_reports_bad_input_in_one_line(ckpt, tmp_path, script
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     lines = p.stderr.strip().splitlines()
     assert lines[-1].startswith(f"{script}: error: ") and names in lines[-1], p.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------
+# resume: the run's own flags
+
+@pytest.fixture(scope="module")
+def resumable(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resumable") / "run"
+    _train(out, "--steps", "2")
+    return out
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--objective", "fm"], "--objective fm (the run: --objective selfe)"),
+    (["--delta-zero"], "--delta-zero (the run: no --delta-zero)"),
+    (["--seed", "1"], "--seed 1 (the run: --seed 0)"), (["--batch", "8"], "--batch 8 (the run: --batch 4)"),
+    (["--lr", "1e-3"], "--lr 0.001 (the run: --lr 0.002)"), (["--data", "m.tsv"], "--data m.tsv (the run: "),
+    (["--p-drop", "0.2"], "--p-drop 0.2"), (["--tau-frac", "0.5"], "--reschedule")])
+def test_resume_with_a_flag_that_changes_the_run_is_refused_before_any_weight_loads(resumable, argv, named,
+                                                                                    monkeypatch):
+    """The measured case: a run resumed with another --objective (or seed, batch, learning rate, control,
+    data, method flag) continued silently as another run. It is refused, naming the flag, before anything is
+    built, and the run's files are untouched."""
+    before = {p.relative_to(resumable): p.read_bytes() for p in resumable.rglob("*") if p.is_file()}
+    monkeypatch.setattr(train, "setup", lambda *a, **k: pytest.fail("weights were built"))
+    with pytest.raises(SystemExit, match=r"--resume: .*would change the resumed run's method, data or "
+                                         r"randomness") as e:
+        _train(resumable, "--resume", *argv)
+    assert named in str(e.value)
+    assert {p.relative_to(resumable): p.read_bytes() for p in resumable.rglob("*") if p.is_file()} == before
+
+
+def test_resume_restores_the_runs_flags_and_says_what_changed(tmp_path, capsys):
+    """A flow-matching run of seed 3, batch 8 and 4 steps, resumed with none of those flags: it continues as
+    that run, exactly (the uninterrupted run's losses), and says which flags came from the run and which
+    passed flag changed (--ckpt-every)."""
+    full = _train(tmp_path / "full", "--objective", "fm", "--seed", "3", "--batch", "8")
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    (tmp_path / "cut" / "latest").write_text("step-0000002\n")  # as if stopped after step 2
+    capsys.readouterr()
+    args = train.get_args(["--resume", "--out", str(tmp_path / "cut"), "--ckpt-every", "1"])
+    train.prepare_out(args, 0)
+    said = capsys.readouterr().out
+    assert (args.objective, args.seed, args.batch, args.steps, args.log_every) == ("fm", 3, 8, 4, 1)
+    assert "the run's own flags: " in said and all(f in said for f in ("--objective fm", "--seed 3",
+                                                                          "--batch 8", "--steps 4"))
+    assert "changed from the run: --ckpt-every 1 (the run: --ckpt-every 2)" in said, said
+    # (--steps passed as well: a regression then stops after 4 steps, not the preset's 10 000)
+    resumed = train.main(["--resume", "--out", str(tmp_path / "cut"), "--ckpt-every", "1", "--steps", "4"])
+    assert [r["step"] for r in resumed] == [3, 4] and "self" not in resumed[0]  # flow matching, not Self-E
+    for a, b in zip(full[2:], resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), (a, b)
+    meta = json.loads((tmp_path / "cut" / "step-0000004" / "config.json").read_text())
+    assert (meta["flags"]["objective"], meta["flags"]["seed"], meta["flags"]["batch"]) == ("fm", 3, 8)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# prompt files and sample folders
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.txt", b"", r"empty\.txt: no prompts in it"),
+    ("blank.jsonl", b"\n  \n", r"blank\.jsonl: no prompts in it"),
+    ("latin1.txt", b"a red circle\na caf\xe9\n", r"latin1\.txt:2: not UTF-8 \(byte 0xe9 at column 6\)"),
+    ("bad.jsonl", b'{"prompt": "a circle", "tag": "single_object"}\n{"prompt": "a square",\n',
+     r"bad\.jsonl:2: not JSON"),
+    ("list.jsonl", b'{"prompt": "a circle"}\n["a square"]\n', r"list\.jsonl:2: not a GenEval metadata line"),
+    ("noprompt.jsonl", b'{"tag": "colors"}\n', r"noprompt\.jsonl:1: not a GenEval metadata line")])
+def test_bad_prompt_file_is_named_with_its_line_before_the_model_loads(ckpt, tmp_path, name, content, message,
+                                                                       monkeypatch, capsys):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(data.ManifestError, match=message):
+        sampler.read_prompts(str(tmp_path / name))
+    monkeypatch.setattr(sampler, "load_system", lambda args: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        cli.run(sampler.main, ["--ckpt", str(ckpt), "--from-file", str(tmp_path / name), "--outdir",
+                               str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and name in err, err
+    assert not (tmp_path / "out").exists()
+    # the same reader behind train.py --preview-prompts, before anything is built
+    monkeypatch.setattr(train, "setup", lambda *a, **k: pytest.fail("weights were built"))
+    with pytest.raises(data.ManifestError, match=message):
+        _train(tmp_path / "run", "--preview-prompts", str(tmp_path / name), "--sample-every", "2")
+
+
+def test_outdir_holding_earlier_samples_is_refused_unless_overwrite(ckpt, tmp_path, capsys):
+    """Samples of another prompt list would mix with the new ones: refused, nothing touched; --overwrite
+    deletes the earlier samples (and nothing else) first."""
+    out = tmp_path / "samples"
+    argv = ["--ckpt", str(ckpt), "--outdir", str(out), "--steps", "1"]
+    sampler.main([*argv, "--n", "2", "a red circle", "a blue square"])
+    (out / "notes.txt").write_text("mine")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        cli.run(sampler.main, [*argv, "a green circle"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "already holds samples" in err and "--overwrite" in err, err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    sampler.main([*argv, "--overwrite", "a green circle"])
+    assert sorted(os.listdir(out)) == ["00000-0000.png", "notes.txt", "samples.jsonl"]
+    assert json.loads((out / "samples.jsonl").read_text())["prompt"] == "a green circle"
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "as arguments or --from-file"), (["--from-file", "F", "a circle"], "as arguments or --from-file"),
+    (["--outdir", "D", "--sweep", "1,2", "a circle"], "--outdir writes one PNG per image"),
+    (["--overwrite", "a circle"], "--overwrite goes with --outdir"), (["--n", "1001", "a circle"], "--n")])
+def test_sampler_flag_combinations_are_checked(argv, message, tmp_path, capsys):
+    argv = [a.replace("F", str(tmp_path / "p.txt")).replace("D", str(tmp_path / "d")) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        sampler.main(["--ckpt", str(tmp_path / "none"), *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -4,6 +4,7 @@ vocabulary) drives `train.py --pretrained`, `sample.py --ckpt`
 (which finds the parts through the checkpoint) and `sample.py --size flux-schnell
 --pretrained` (a public-layout FLUX transformer through our MMDiT and sampler)."""
 import dataclasses
+import os
 import shutil
 
 import pytest
@@ -101,3 +102,34 @@ def test_missing_parts_are_named(presets, tmp_path):
         selfe.SelfE(TINY_PT, pretrained=str(tmp_path))
     with pytest.raises(SystemExit, match="needs --pretrained"):
         sampler.main(["--size", "flux-schnell", "a cat"])
+
+
+def test_previews_when_training_from_a_cache(snapshot, presets, tmp_path, monkeypatch, capsys):
+    """The README's 2B path in small: --build-cache stores the preview prompts' encodings, and a run from the
+    cache, which loads no text encoder, draws the preview grid the online run draws (it loads the autoencoder
+    alone to decode); without one to load it says why it draws none."""
+    import encoders
+    import numpy as np
+    for i, color in enumerate([(220, 20, 20), (20, 20, 220)]):
+        Image.new("RGB", (40, 40), color).save(tmp_path / f"{i}.png")
+    (tmp_path / "m.tsv").write_text("0.png\ta red image\n1.png\ta blue image\n")
+    (tmp_path / "p.txt").write_text("a red image\na blue image\na green image\n")
+    common = ["--size", "test-pt", "--steps", "1", "--batch", "2", "--log-every", "1", "--sample-every", "1",
+              "--preview-prompts", str(tmp_path / "p.txt")]
+    train.main([*common, "--data", str(tmp_path / "m.tsv"), "--pretrained", str(snapshot), "--out",
+                str(tmp_path / "online")])
+    train.main([*common, "--data", str(tmp_path / "m.tsv"), "--pretrained", str(snapshot), "--build-cache",
+                str(tmp_path / "cache")])
+    monkeypatch.setattr(encoders, "load_t5", lambda *a, **k: pytest.fail("T5 was loaded"))
+    train.main([*common, "--data", str(tmp_path / "cache"), "--pretrained", str(snapshot), "--out",
+                str(tmp_path / "cached")])
+    online, cached = (np.asarray(Image.open(tmp_path / r / "preview-0000001.png"), dtype=np.int16)
+                      for r in ("online", "cached"))
+    assert online.shape == cached.shape and np.abs(online - cached).max() <= 1
+    capsys.readouterr()
+    train.main([*common[:-2], "--data", str(tmp_path / "cache"), "--out", str(tmp_path / "no-ae")])
+    assert "previews off: decoding latents needs the autoencoder" in capsys.readouterr().out
+    assert not any(n.startswith("preview") for n in os.listdir(tmp_path / "no-ae"))
+    with pytest.raises(SystemExit, match=r"holds the encodings of other preview prompts"):
+        train.main([*common[:-1], str(tmp_path / "m.tsv"), "--data", str(tmp_path / "cache"), "--out",
+                    str(tmp_path / "other")])
