@@ -4,6 +4,7 @@ before any device is rented.
     python bench.py --size 2b                          # one GPU: the table below, eager and compiled
     torchrun --nproc_per_node 8 bench.py --size 2b     # each of 8 GPUs, sharded as train.py shards them
     python bench.py --plan --size 2b --batch 16 --world 8        # memory plan per device: no GPU, no weights
+    python bench.py --plan --size 2b --batch 8 --online --no-aux  # frozen encoders held, before the aux term
     python bench.py --t5-load                          # frozen-part load memory (T5-XXL, host RSS)
     python bench.py --t5-load --layers 6 --keep        # smaller, for a disk that cannot take 9.5 GB
 
@@ -11,13 +12,16 @@ The table: at each resolution (2b: 256^2 = 256 image + 512 text tokens, and 512^
 --batch: the denoiser's forward+backward, an FM step, a Self-E step and a Self-E step with the auxiliary term
 (half the batch at s < t), each as ms, model TFLOP/s per device, MFU, peak memory and its ratio to the FM
 step; eager, then with the blocks compiled. A step is train.py's: train.setup's network
-(FSDP2 bf16 mixed precision, also in one process), train.objective, backward, train.update (clip, Adam, EMA).
+(FSDP2 bf16 mixed precision, also in one process), train.objective, backward, train.update (clip, Adam, EMA),
+with trained-like weights (trained_like: init_weights' zeros would make every block's gradient zero).
 Each row prints as it is measured; a row that runs out of memory prints OOM and the next one runs
 (on N ranks an OOM on one rank only can leave the others waiting).
 
 The memory plan: per device, the fp32 parameters, gradients, Adam moments and EMA
-(sharded over --world ranks), the weights FSDP gathers at a time, and the activations a training step keeps
-for backward, with and without activation checkpointing. The activations are counted by running that step on
+(sharded over --shard ranks of --world), the weights FSDP gathers at a time, the full-size gradient of
+--accum micro-steps on N ranks, the frozen encoders and their encoding peak when training --online, and the
+activations a training step keeps for backward (the auxiliary pass's unless --no-aux), with and without
+activation checkpointing (docs/scaling.md §3). The activations are counted by running that step on
 the meta device (shapes and dtypes, no memory): every tensor the step makes and that is still alive when
 backward starts. train.py checks the same plan against the GPU's memory before it builds a weight.
 
@@ -201,11 +205,11 @@ def memory_plan(cfg, batch, area, world=1, act_ckpt=False, precision="bf16", obj
     EMA are fp32 and sharded over `shard` ranks (default: all; train.py --shard). Under FSDP (N ranks, or
     bf16) a shard group of several ranks gathers two blocks' weights at a time in the compute dtype, one of
     one device keeps the whole model gathered through a step (train.parallelize), with one block's fp32
-    gradient before its reduce-scatter; on N ranks `accum` > 1 micro-steps keep a full-size fp32 gradient
-    until the last one reduces it (train.micro_steps). Activations: what the step's forward keeps for
-    backward (with the auxiliary pass only with `aux`), plus one block's recomputation under act_ckpt.
-    `frozen`: training online also holds the frozen parts, and their temporaries while they encode (before
-    the denoiser's forward: the larger of the two counts). Other temporaries are not counted (train.py
+    gradient before its reduce-scatter; on N ranks `accum` > 1 micro-steps keep a full-size fp32 gradient, in
+    place of the sharded one, until the last one reduces it (train.micro_steps). Activations: what the step's
+    forward keeps for backward (with the auxiliary pass only with `aux`), plus one block's recomputation under
+    act_ckpt. `frozen`: training online also holds the frozen parts, and their temporaries while they encode
+    (before the denoiser's forward: the larger of the two counts). Other temporaries are not counted (train.py
     leaves them 15%)."""
     with torch.device("meta"):
         net = MMDiT(cfg)
@@ -219,7 +223,7 @@ def memory_plan(cfg, batch, area, world=1, act_ckpt=False, precision="bf16", obj
                        for p in m.parameters()) if frozen else 0
     plan = {"parameters": 4 * n / shard, "gradients": 4 * n / shard, "Adam moments": 8 * n / shard,
             "EMA": 4 * n / shard,
-            "gradient kept over micro-steps": 4 * n if world > 1 and accum > 1 else 0,
+            "gradient kept over micro-steps": 4 * n - 4 * n / shard if world > 1 and accum > 1 else 0,
             "gathered weights": gathered if fsdp else 0,
             "frozen parts": frozen_bytes,
             "activations": step_activations(cfg, batch, area, dtype, act_ckpt, objective, aux),
@@ -510,7 +514,7 @@ def main(argv=None):
     p.add_argument("--precision", default=None, choices=("bf16", "fp32"), help="default: bf16 on GPU and for "
                    "--plan, fp32 on CPU")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="per-device peak for MFU (default: H100 789)")
+                   help="per-device peak for MFU (default: H100 and H200 789)")
     p.add_argument("--plan", action="store_true", help="print the memory plan and exit (meta device only)")
     p.add_argument("--world", type=int, default=None, help="devices the states are sharded over, for --plan "
                    "(default: torchrun's WORLD_SIZE, or 1)")
