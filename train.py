@@ -4,6 +4,7 @@
     python train.py --objective fm                    # the flow-matching baseline (Table 2)
     python train.py --resume                          # continue the run in --out from its latest checkpoint
     torchrun --nproc_per_node 8 train.py --size 2b --data manifest.tsv --pretrained FLUX_DIR
+    torchrun --nnodes 4 --nproc_per_node 8 ... train.py --size 2b --data CACHE   # HSDP: sharded within a node
     torchrun --nproc_per_node 2 train.py              # also on CPU (gloo), for testing
     python train.py --size 2b --data manifest.tsv --pretrained FLUX_DIR --build-cache CACHE  # encoders once
     python train.py --size 2b --data CACHE            # then train from the cache, no frozen encoders loaded
@@ -38,7 +39,6 @@ import contextlib
 import datetime
 import functools
 import json
-import math
 import os
 import re
 import shutil
@@ -69,7 +69,8 @@ PREVIEW_PROMPTS = ["a red circle to the left of a blue square", "a photo of a gr
                    "a photo of a white square and a purple triangle"]
 # FSDP2 warns on nn.Linear's 3-D output; we never modify the denoiser's output in place
 warnings.filterwarnings("ignore", message=".*returned a view tensor")
-H100_PEAK = 789.0  # TFLOP/s: dense bf16 matmul measured on one H100 (the datasheet says 989)
+# TFLOP/s: dense bf16 matmul measured on one H100 (the datasheet says 989); the H200 is the same chip
+H100_PEAK = 789.0
 # share of a device's memory the memory plan may fill: temporaries and the allocator's slack need the rest
 FIT = 0.85
 
@@ -142,7 +143,7 @@ def get_args(argv=None):
                    "warning) instead of stopping")
     p.add_argument("--act-ckpt", action="store_true", help="activation checkpointing per transformer block")
     p.add_argument("--peak-tflops", type=number(float, 0), default=None,
-                   help="per-device peak for MFU (default: H100 789)")
+                   help="per-device peak for MFU (default: H100 and H200 789)")
     p.add_argument("--log-every", type=number(int, 1), default=50)
     p.add_argument("--ckpt-every", type=number(int, 1), default=500)
     p.add_argument("--sample-every", type=number(int, 0), default=1000,
@@ -330,7 +331,8 @@ def setup(args, frozen_parts=True):
     model = parallelize(system.denoiser, args, mesh)
     parallelize(ema, args, mesh, ema=True)                             # the fp32 EMA, sharded like the model
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
-    peak = args.peak_tflops or (H100_PEAK if "H100" in device_name(system.device) else None)
+    name = device_name(system.device)
+    peak = args.peak_tflops or (H100_PEAK if "H100" in name or "H200" in name else None)
     return system, model, ema, opt, peak
 
 
@@ -455,7 +457,6 @@ def train(args, rank, world):
     # micro-steps before the auxiliary term and with it (its pass keeps activations too: docs/scaling.md §3)
     has_aux = args.objective == "selfe" and not args.delta_zero
     reaches_aux = lambda: has_aux and round(args.aux_start_frac * args.schedule_steps) < args.steps
-    user_accum = args.accum
     accums = [choose_accum(args, world, aux=False),
               choose_accum(args, world, aux=True) if reaches_aux() else None]
     B = args.batch
@@ -463,9 +464,8 @@ def train(args, rank, world):
     if resume_from:
         start = skip_past_failure(args.out, start, rank)
         if reaches_aux() and accums[1] is None:                         # the resumed run's schedule has it
-            args.accum = user_accum
             accums[1] = choose_accum(args, world, aux=True)
-    args.accum = accums[0]
+    args.accum = accums[0]                                               # (as the checkpoint's flags record it)
     cached = data.is_cache(args.data)
     system, model, ema, opt, peak = setup(args, frozen_parts=not cached)
 
@@ -498,8 +498,8 @@ def train(args, rank, world):
     os.makedirs(args.out, exist_ok=True)
     n_params = sum(p.numel() for p in model.parameters())
     sample_flops = functools.lru_cache(system.denoiser.flops)            # forward FLOPs of one sample (L, Lt)
-    split = " then ".join(f"{B // (world * a)} x {world} ranks x {a} accum" for a in dict.fromkeys(
-        accum_at(s) for s in (start, max(start, aux_start, min(args.steps - 1, aux_start)))))
+    phases = [accum_at(start), accum_at(args.steps - 1)]                 # the first step's, the last's
+    split = " then ".join(f"{B // (world * a)} x {world} ranks x {a} accum" for a in dict.fromkeys(phases))
     log0(f"{args.size}: {n_params / 1e6:.2f}M denoiser parameters, objective {args.objective}, {args.steps} "
          f"steps x batch {B} (= {split}) on {args.device} in {args.precision}"
          + (f", sharded over {shard_size(args, world)} of {world} ranks" if world > 1 else "") + "; data "
@@ -914,9 +914,10 @@ def log(records, pending, args, step, t_window, world, peak, device):
     if device.type == "cuda":
         speed += f" mem {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB"
     rec.update(samples_per_s=rate, tokens_per_s=tokens, tflops_per_device=tflops)
+    skipped = sum(1 for p in pending if p["streak"])
     print(f"step {rec['step']:>6} loss {rec['loss']:.4f} data {rec['data']:.4f}{extra} | gnorm "
           f"{rec['grad_norm']:.2f} lr {rec['lr']:.2e} | {speed} ETA {eta / 60:.1f} min | loss by t-bin "
-          f"{by_bin}", flush=True)
+          f"{by_bin}" + (f" | {skipped} step(s) skipped: not finite" if skipped else ""), flush=True)
     with open(os.path.join(args.out, "log.jsonl"), "a") as f:
         f.write(json.dumps(rec) + "\n")
 
