@@ -628,3 +628,12 @@ def test_a_checkpoint_samples_in_bf16_off_the_cpu(tmp_path):
     assert next(bf16.denoiser.parameters()).dtype == torch.bfloat16
     images = [sampler.sample(s, ["a red circle", "three squares"], 2, seeds=[0, 1]) for s in (fp32, bf16)]
     assert images[1].dtype == torch.float32 and (images[1] - images[0]).abs().mean() < 0.02
+
+
+def test_requirements_keep_a_users_torch_and_pin_the_tests_one():
+    """requirements.txt takes any torch from 2.11 on (a CUDA build a user installed stays); the tests pin
+    one exactly (requirements-test.txt), so CI always runs on the same torch."""
+    lines = lambda name: [line.split("#")[0].strip() for line in open(os.path.join(ROOT, name))]
+    assert "torch>=2.11" in lines("requirements.txt")
+    assert not [x for x in lines("requirements.txt") if x.startswith("torch") and x != "torch>=2.11"]
+    assert "torch==2.13.0" in lines("requirements-test.txt")
