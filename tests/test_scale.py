@@ -333,6 +333,7 @@ def test_compile_with_activation_checkpointing_runs_under_fsdp_with_inductor(one
                     v = net(x, selfe.image_ids(8, 8), txt, torch.zeros(1, 16, 3), t, t * 0.5,
                             torch.randn(b, cfg.vec_in_dim, generator=g))
                     v.float().square().mean().backward()
+                selfe.reshard(net)                                      # as train.update does
                 grads.append(torch.cat([p.grad.full_tensor().flatten() for p in net.parameters()]))
     finally:
         torch._dynamo.reset()
