@@ -4,6 +4,7 @@ before any device is rented.
     python bench.py --size 2b                          # one GPU: the table below, eager and compiled
     torchrun --nproc_per_node 8 bench.py --size 2b     # each of 8 GPUs, sharded as train.py shards them
     python bench.py --plan --size 2b --batch 16 --world 8        # memory plan per device: no GPU, no weights
+    python bench.py --plan --size 2b --batch 8 --online --no-aux  # frozen encoders held, before the aux term
     python bench.py --t5-load                          # frozen-part load memory (T5-XXL, host RSS)
     python bench.py --t5-load --layers 6 --keep        # smaller, for a disk that cannot take 9.5 GB
     python bench.py --cache-cost --size 2b             # cache bytes per image and read time, T5 mask or not
@@ -13,13 +14,16 @@ The table: at each resolution (2b: 256^2 = 256 image + 512 text tokens, and 512^
 --batch: the denoiser's forward+backward, an FM step, a Self-E step and a Self-E step with the auxiliary term
 (half the batch at s < t), each as ms, model TFLOP/s per device, MFU, peak memory and its ratio to the FM
 step; eager, then with the blocks compiled. A step is train.py's: train.setup's network
-(FSDP2 bf16 mixed precision, also in one process), train.objective, backward, train.update (clip, Adam, EMA).
+(FSDP2 bf16 mixed precision, also in one process), train.objective, backward, train.update (clip, Adam, EMA),
+with trained-like weights (trained_like: init_weights' zeros would make every block's gradient zero).
 Each row prints as it is measured; a row that runs out of memory prints OOM and the next one runs
 (on N ranks an OOM on one rank only can leave the others waiting).
 
 The memory plan: per device, the fp32 parameters, gradients, Adam moments and EMA
-(sharded over --world ranks), the weights FSDP gathers at a time, and the activations a training step keeps
-for backward, with and without activation checkpointing. The activations are counted by running that step on
+(sharded over --shard ranks of --world), the weights FSDP gathers at a time, the full-size gradient of
+--accum micro-steps on N ranks, the frozen encoders and their encoding peak when training --online, and the
+activations a training step keeps for backward (the auxiliary pass's unless --no-aux), with and without
+activation checkpointing (docs/scaling.md §3). The activations are counted by running that step on
 the meta device (shapes and dtypes, no memory): every tensor the step makes and that is still alive when
 backward starts. train.py checks the same plan against the GPU's memory before it builds a weight.
 
@@ -81,6 +85,20 @@ class Alive(TorchDispatchMode):
         return sum(storages.values())
 
 
+class Peak(Alive):
+    """Alive that also keeps the most bytes alive at once (after any operation inside it): what a forward
+    without gradient (the frozen encoders) needs while it runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        self.peak = max(self.peak, self.bytes())
+        return out
+
+
 class FusedAttention(TorchFunctionMode):
     """Meta tensors take SDPA's math path, which keeps the (L, L) attention matrix; count what a fused kernel
     keeps (the output and the log-sum-exp) instead, as flash attention on a GPU does."""
@@ -97,10 +115,10 @@ def tokens(cfg, area):
     return side, side
 
 
-def training_forward(cfg, batch, area, dtype, act_ckpt, objective, device):
+def training_forward(cfg, batch, area, dtype, act_ckpt, objective, device, aux=True):
     """The forward of a training step at micro-batch `batch` on random inputs, weights in `dtype`: -> a
-    function that runs it and returns the loss. Self-E with the auxiliary term and every sample evaluated
-    (its worst case: every pass that keeps activations runs on the whole batch), or FM."""
+    function that runs it and returns the loss. Self-E with every sample evaluated (its worst case: every
+    pass that keeps activations runs on the whole batch) and, with `aux`, the auxiliary term, or FM."""
     with torch.device(device):
         net = MMDiT(cfg).to(dtype)
         h, w = tokens(cfg, area)
@@ -115,14 +133,15 @@ def training_forward(cfg, batch, area, dtype, act_ckpt, objective, device):
     if objective == "fm":
         return lambda: losses.fm_loss(G, x0, t, cond)["loss"]
     null, every = tuple(c[:1] for c in cond), torch.ones_like(t, dtype=torch.bool)
+    fake = (lambda idx: tuple(c[idx] for c in cond)) if aux else None
     return lambda: losses.selfe_loss(G, G, x0, t, t * 0.5, cond, null, evaluate=every, eval_size=batch,
-                                     fake=lambda idx: tuple(c[idx] for c in cond))["loss"]
+                                     fake=fake)["loss"]
 
 
-def step_activations(cfg, batch, area, dtype, act_ckpt, objective):
+def step_activations(cfg, batch, area, dtype, act_ckpt, objective, aux=True):
     """Bytes a training step keeps for backward, counted on the meta device: what its forward
     made and still holds."""
-    forward = training_forward(cfg, batch, area, dtype, act_ckpt, objective, "meta")
+    forward = training_forward(cfg, batch, area, dtype, act_ckpt, objective, "meta", aux)
     with FusedAttention(), Alive() as alive:
         loss = forward()
         kept = alive.bytes()
@@ -150,37 +169,89 @@ def block_recompute(cfg, batch, area, dtype):
     return most
 
 
-def memory_plan(cfg, batch, area, world=1, act_ckpt=False, precision="bf16", objective="selfe"):
+def frozen_parts(cfg, precision):
+    """The frozen parts training online holds, on the meta device, in the dtypes they load in (selfe.SelfE):
+    the real T5 and CLIP in bf16 on GPU, the autoencoder in fp32; the tiny preset's fp32 stand-ins."""
+    pretrained = cfg.tokenizer != "words"
+    dtype = torch.bfloat16 if precision == "bf16" and pretrained else torch.float32
+    with torch.device("meta"):
+        parts = [encoders.T5Encoder(cfg.t5).to(dtype), encoders.CLIPTextEncoder(cfg.clip).to(dtype)]
+        if cfg.latent == "flux-vae":
+            parts.append(encoders.AutoEncoder())
+    return parts
+
+
+def encoding_peak(cfg, batch, area, precision):
+    """Bytes the frozen parts need while they encode a micro-batch (T5 and CLIP on its captions, the
+    autoencoder on its images), counted on the meta device: the largest of the three, since they run one
+    after the other and their temporaries are freed before the denoiser's forward."""
+    t5, clip, *ae = frozen_parts(cfg, precision)
+    most = 0
+    with torch.device("meta"), torch.no_grad():
+        ids = torch.zeros(batch, cfg.t5_max_len, dtype=torch.long)
+        clip_ids = torch.zeros(batch, cfg.clip.max_position_embeddings, dtype=torch.long)
+        calls = [lambda: t5(ids), lambda: clip(clip_ids)]
+        if ae:
+            images = torch.zeros(batch, 3, *[int(area ** 0.5)] * 2)
+            calls.append(lambda: ae[0].encode(images))
+        for call in calls:
+            with FusedAttention(), Peak() as peak:
+                out = call()
+            most = max(most, peak.peak)
+            del out
+    return most
+
+
+def memory_plan(cfg, batch, area, world=1, act_ckpt=False, precision="bf16", objective="selfe", *,
+                shard=None, accum=1, aux=True, frozen=False):
     """Bytes per device for training `cfg` at per-device micro-batch `batch` on squares of `area` pixels over
     `world` ranks -> dict of the parts and their 'total'. Parameters, gradients, Adam's two moments and the
-    EMA are fp32 and sharded; under FSDP (N ranks, or bf16) two blocks' weights are gathered at a time in the
-    compute dtype, with one block's fp32 gradient before its reduce-scatter. Activations: what the step's
-    forward keeps for backward, plus one block's recomputation under act_ckpt. Temporaries are not counted
-    (train.py leaves them 15%)."""
+    EMA are fp32 and sharded over `shard` ranks (default: all; train.py --shard). Under FSDP (N ranks, or
+    bf16) a shard group of several ranks gathers two blocks' weights at a time in the compute dtype, one of
+    one device keeps the whole model gathered through a step (train.parallelize), with one block's fp32
+    gradient before its reduce-scatter; on N ranks `accum` > 1 micro-steps keep a full-size fp32 gradient, in
+    place of the sharded one, until the last one reduces it (train.micro_steps). Activations: what the step's
+    forward keeps for backward (with the auxiliary pass only with `aux`), plus one block's recomputation under
+    act_ckpt. `frozen`: training online also holds the frozen parts, and their temporaries while they encode
+    (before the denoiser's forward: the larger of the two counts). Other temporaries are not counted (train.py
+    leaves them 15%)."""
     with torch.device("meta"):
         net = MMDiT(cfg)
     n = sum(p.numel() for p in net.parameters())
+    shard = shard or world
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     fsdp = world > 1 or precision == "bf16"
     block = max(sum(p.numel() for p in b.parameters()) for b in (net.double_blocks[0], net.single_blocks[0]))
-    plan = {"parameters": 4 * n / world, "gradients": 4 * n / world, "Adam moments": 8 * n / world,
-            "EMA": 4 * n / world,
-            "gathered weights": (2 * block * dtype.itemsize + 4 * block) if fsdp else 0,
-            "activations": step_activations(cfg, batch, area, dtype, act_ckpt, objective),
-            "block recomputed in backward": block_recompute(cfg, batch, area, dtype) if act_ckpt else 0}
-    plan["total"] = sum(plan.values())
+    gathered = (n if shard == 1 else 2 * block) * dtype.itemsize + 4 * block
+    frozen_bytes = sum(p.numel() * p.element_size() for m in frozen_parts(cfg, precision)
+                       for p in m.parameters()) if frozen else 0
+    plan = {"parameters": 4 * n / shard, "gradients": 4 * n / shard, "Adam moments": 8 * n / shard,
+            "EMA": 4 * n / shard,
+            "gradient kept over micro-steps": 4 * n - 4 * n / shard if world > 1 and accum > 1 else 0,
+            "gathered weights": gathered if fsdp else 0,
+            "frozen parts": frozen_bytes,
+            "activations": step_activations(cfg, batch, area, dtype, act_ckpt, objective, aux),
+            "block recomputed in backward": block_recompute(cfg, batch, area, dtype) if act_ckpt else 0,
+            "frozen parts encoding": encoding_peak(cfg, batch, area, precision) if frozen else 0}
+    step = plan["activations"] + plan["block recomputed in backward"]
+    plan["total"] = sum(plan.values()) - step - plan["frozen parts encoding"] + max(
+        step, plan["frozen parts encoding"])
     return plan
 
 
 def print_plan(args, world):
     cfg = CONFIGS[args.size]
     area = max(args.resolution)
-    plans = [memory_plan(cfg, args.batch, area, world, ckpt, args.precision, args.objective)
-             for ckpt in (False, True)]
+    aux = args.objective == "selfe" and not args.no_aux
+    plans = [memory_plan(cfg, args.batch, area, world, ckpt, args.precision, args.objective, shard=args.shard,
+                         accum=args.accum, aux=aux, frozen=args.online) for ckpt in (False, True)]
     h, w = tokens(cfg, area)
+    step = ("FM step" if args.objective == "fm" else
+            f"Self-E step{' + aux' if aux else ' before the auxiliary term'}, every sample evaluated")
     print(f"memory plan: --size {args.size}, micro-batch {args.batch} per device at {area} px ({h * w} image "
-          f"+ {cfg.t5_max_len} text tokens), {world} device(s), {args.precision}, "
-          f"{'Self-E + aux step, every sample evaluated' if args.objective == 'selfe' else 'FM step'}")
+          f"+ {cfg.t5_max_len} text tokens) x {args.accum} micro-steps, {world} device(s) sharding over "
+          f"{args.shard or world}, {args.precision}, {step}, "
+          f"{'frozen parts online' if args.online else 'from a cache (no frozen parts)'}")
     print("| GiB per device | without act-ckpt | with --act-ckpt |\n|---|---|---|")
     for part in plans[0]:
         print(f"| {part} | {plans[0][part] / 2 ** 30:.3g} | {plans[1][part] / 2 ** 30:.3g} |")
@@ -206,6 +277,25 @@ def measure(fn, iters, device):
     return (time.perf_counter() - t0) / iters * 1e3, mem
 
 
+def trained_like(model, ema, std=0.02):
+    """Weights as a trained network has them rather than as init_weights leaves them: adaLN-Zero's zero
+    modulation and output layers make every block's gradient zero, and zeros run faster through bf16
+    matmuls, so a benchmark on them measures less work than training does. N(0, std) is added to every
+    parameter (under FSDP each rank to its own shard); the EMA copies them."""
+    local = lambda m: [p.to_local() if hasattr(p, "to_local") else p for p in m.parameters()]
+    with torch.no_grad():
+        for p, e in zip(local(model), local(ema)):
+            p.add_(torch.randn_like(p) * std)
+            e.copy_(p)
+
+
+def setup(targs):
+    """train.setup's system, network, EMA and Adam (no frozen parts), with trained-like weights."""
+    system, model, ema, opt, peak = train.setup(targs, frozen_parts=False)
+    trained_like(model, ema)
+    return system, model, ema, opt, peak
+
+
 def bench_rows(args, targs, world, system, model, ema, opt, area, say):
     """The four measurements at one resolution; each row goes to `say` as soon as it is measured."""
     cfg, dev, b = system.cfg, system.device, args.batch
@@ -225,10 +315,11 @@ def bench_rows(args, targs, world, system, model, ema, opt, area, say):
     G = functools.partial(system.G, model, h=grid[0], w=grid[1])
     G_ema = functools.partial(system.G, ema, h=grid[0], w=grid[1])
     fake = lambda idx: tuple(c[idx] for c in cond)
-    skip = torch.zeros((), dtype=torch.bool, device=dev)
+    streak = torch.zeros((), dtype=torch.long, device=dev)                # no step is skipped (none fails)
 
-    def fwd_bwd():
+    def fwd_bwd():  # with the resharding of train.update: the weights are cast once per step, as there
         system.velocity(model, x0, t, s, cond, *grid).float().square().mean().backward()
+        selfe.reshard(model)
         opt.zero_grad(set_to_none=True)
 
     def step(objective, aux):  # train.py's iteration: objective, backward, clip, Adam, EMA
@@ -237,7 +328,7 @@ def bench_rows(args, targs, world, system, model, ema, opt, area, say):
                                   eps=eps, eps_self=eps_self, evaluate=evaluate,
                                   fake_norm=max(n_eval, 1), eval_size=size)
         loss.backward()
-        train.update(model, opt, system, targs, 10 ** 6, skip)
+        train.update(model, opt, system, targs, 10 ** 6, streak)
 
     F_ = system.denoiser.flops(L, Lt)
     rows = (("denoiser fwd+bwd", fwd_bwd, train.step_flops(F_, b, 0, False)),
@@ -283,7 +374,7 @@ def benchmark(args, rank, world):
         targs = train.get_args(["--size", args.size, "--device", args.device, "--precision", args.precision,
                                 "--seed", "0", *(["--compile"] if compiled else []),
                                 *(["--act-ckpt"] if args.act_ckpt else [])])
-        system, model, ema, opt, peak = train.setup(targs, frozen_parts=False)
+        system, model, ema, opt, peak = setup(targs)
         peak = args.peak_tflops or peak
         if rank == 0 and not rows:
             print(f"{args.size} on {world} x {train.device_name(system.device)}, micro-batch {args.batch} "
@@ -515,11 +606,18 @@ def main(argv=None):
     p.add_argument("--precision", default=None, choices=("bf16", "fp32"), help="default: bf16 on GPU and for "
                    "--plan, fp32 on CPU")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="per-device peak for MFU (default: H100 789)")
+                   help="per-device peak for MFU (default: H100 and H200 789)")
     p.add_argument("--plan", action="store_true", help="print the memory plan and exit (meta device only)")
     p.add_argument("--world", type=int, default=None, help="devices the states are sharded over, for --plan "
                    "(default: torchrun's WORLD_SIZE, or 1)")
     p.add_argument("--objective", default="selfe", choices=("selfe", "fm"), help="the step --plan counts")
+    p.add_argument("--no-aux", action="store_true",
+                   help="--plan: the part of a Self-E run before the auxiliary term starts")
+    p.add_argument("--shard", type=int, default=None,
+                   help="--plan: ranks the states are sharded over (train.py --shard; default: --world)")
+    p.add_argument("--accum", type=int, default=1, help="--plan: micro-steps per step")
+    p.add_argument("--online", action="store_true",
+                   help="--plan: the frozen encoders run in training (data not from a cache)")
     t = p.add_argument_group("frozen-part load memory (--t5-load)")
     t.add_argument("--t5-load", action="store_true",
                    help="peak host memory of loading a T5-XXL-shaped checkpoint")

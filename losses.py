@@ -73,6 +73,15 @@ def pair_loss(x0_hat, x0, x_self, lam_st, *, target_norm=True):
     return per_sample_mse(x0_hat, x0) + lam_st * per_sample_mse(x0_hat, x_self)
 
 
+def eval_indices(evaluate, eval_size=None):
+    """Which samples the evaluation passes run on: those `evaluate` (B,) bool marks, in batch order, then
+    (with `eval_size`) unmarked ones as zero-weight padding up to eval_size samples. The same on the host as
+    on the device, so a caller can know them without reading the device."""
+    if eval_size is None:
+        return evaluate.nonzero().squeeze(1)
+    return torch.argsort((~evaluate).to(torch.uint8), stable=True)[:eval_size]
+
+
 def selfe_loss(G, G_ema, x0, t, s, cond, null, *, evaluate=None, eval_size=None, fake=None,
                fake_norm=None, k=0.9, target_norm=True, t_min=1e-3, fake_weight=1.0, fresh_noise=True,
                eps=None, eps_self=None):
@@ -100,10 +109,7 @@ def selfe_loss(G, G_ema, x0, t, s, cond, null, *, evaluate=None, eval_size=None,
     self_term = torch.zeros(len(t), device=x0.device)
     loss_fake = x0.new_zeros(())
     evaluate = (s < t) if evaluate is None else evaluate
-    if eval_size is None:
-        idx = evaluate.nonzero().squeeze(1)
-    else:  # the marked samples first (in batch order, as nonzero gives them), then unmarked ones as padding
-        idx = torch.argsort((~evaluate).to(torch.uint8), stable=True)[:eval_size]
+    idx = eval_indices(evaluate, eval_size)
     real = evaluate[idx].float()                                        # 0 for padding
     renoise = eps_self if fresh_noise else eps                          # A 3: fresh noise by default
     if len(idx):

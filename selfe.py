@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
@@ -253,7 +254,10 @@ class SelfE:
         img_ids = image_ids(h, w, x.device)
         txt_ids = torch.zeros(1, txt.shape[1], 3, device=x.device)
         guidance = torch.full_like(t, self.guidance) if self.cfg.guidance_embed else None
-        return net(x, img_ids, txt, txt_ids, t, s, vec, guidance)
+        v = net(x, img_ids, txt, txt_ids, t, s, vec, guidance)
+        if net is self.ema:
+            forget_forward(net)
+        return v
 
     def G(self, net, x, t, s, cond, h, w):
         """Eq. 6: G_theta(x_t, t, s, c) = x_t - t V_theta(x_t, t, s, c), in fp32."""
@@ -336,10 +340,32 @@ STEP_NAME = re.compile(r"step-\d+")
 
 
 def reshard(module):
-    """Under FSDP2 the root's parameters stay gathered after a forward that no backward follows (the EMA's):
-    shard them again, so parameters, EMA and state dicts are all sharded alike."""
-    if hasattr(module, "reshard"):
-        module.reshard()
+    """Under FSDP2 the root's parameters stay gathered after a forward that no backward follows (the EMA's),
+    and a one-device shard group keeps every block's through a step (train.parallelize): shard them all
+    again, so parameters, EMA and state dicts are all sharded alike."""
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def forget_forward(module):
+    """FSDP2 records every forward of its modules, for the prefetching of the backward that follows, and
+    forgets the record when that backward ends. The EMA runs forward only, so it would keep a record of every
+    forward of the run (about 1 GB per rank over the paper's). Forget it, and reshard as a backward would.
+    torch 2.13 names this reset_iter_state; torch 2.11-2.12 keep the same two records under these names."""
+    if not isinstance(module, FSDPModule):
+        return
+    if hasattr(module, "reset_iter_state"):
+        module.reset_iter_state()
+        return
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            state = m._get_fsdp_state()
+            for group in getattr(state, "_fsdp_param_groups", None) or [state._fsdp_param_group]:
+                if group is not None:
+                    group._post_forward_indices.clear()
+                    group.comm_ctx.post_forward_order.clear()
+            m.reshard()
 
 
 def training_state(system, optimizer=None):
@@ -665,12 +691,18 @@ def read_weights(file, device="cpu"):
         raise encoders.CheckpointError(f"{file}: cannot read: {e}") from e
 
 
+def inference_dtype(device):
+    """The dtype a loaded denoiser samples in: bf16 on an accelerator (as it trained: FSDP2's bf16 weights
+    over the fp32 ones; half the memory and the bf16 matmul rate), fp32 on the CPU."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
 def load_checkpoint(path, device="cpu", weights="ema", pretrained=None, t5=None, clip=None, vae=None,
-                    resolution=None):
-    """Rebuild the system from the config saved in a checkpoint and load its weights ('ema' or 'model'). The
-    real frozen parts come from the given paths, else from those the run was trained with; `resolution`
-    overrides the image size (the denoiser is resolution-free). config.json is checked against the weights'
-    headers before the network is built."""
+                    resolution=None, dtype=None):
+    """Rebuild the system from the config saved in a checkpoint and load its weights ('ema' or 'model'), cast
+    to `dtype` (default: inference_dtype(device)). The real frozen parts come from the given paths, else from
+    those the run was trained with; `resolution` overrides the image size (the denoiser is
+    resolution-free). config.json is checked against the weights' headers before the network is built."""
     path = resolve_checkpoint(path)
     cfg, meta = read_meta(path)
     flags = meta["flags"]
@@ -688,7 +720,9 @@ def load_checkpoint(path, device="cpu", weights="ema", pretrained=None, t5=None,
     frozen = os.path.join(path, "frozen.safetensors")
     if cfg.tokenizer == "words":
         system.load_frozen_state(read_weights(frozen, system.device), frozen)
-    system.denoiser.eval()
+    # the network casts its inputs to its weights' dtype and keeps t, s and RoPE in fp32 (model.MMDiT)
+    system.denoiser.to(dtype or inference_dtype(system.device)).eval()
+    system.dtype = next(system.denoiser.parameters()).dtype
     return system, meta
 
 

@@ -5,6 +5,7 @@
     python train.py --resume                          # continue the run in --out from its latest checkpoint
     python train.py --init-from runs/tiny --out runs/tiny-ft   # another run's weights, a fresh optimizer
     torchrun --nproc_per_node 8 train.py --size 2b --data manifest.tsv --pretrained FLUX_DIR
+    torchrun --nnodes 4 --nproc_per_node 8 ... train.py --size 2b --data CACHE   # HSDP: sharded within a node
     torchrun --nproc_per_node 2 train.py              # also on CPU (gloo), for testing
     python train.py --size 2b --data manifest.tsv --pretrained FLUX_DIR --build-cache CACHE  # encoders once
     python train.py --size 2b --data CACHE            # then train from the cache, no frozen encoders loaded
@@ -26,11 +27,14 @@ by (seed, step), the same on every rank, and each sample's noises from one seede
 follow the 1-process trajectory, and a resumed run continues exactly.
 
 Precision: fp32 throughout by default on CPU. bf16 (the default on GPU) is FSDP2's mixed precision, in one
-process too (a one-rank process group): bf16 weights and activations in the network; fp32 sharded parameters,
-gradient reduction, Adam and EMA; t, s and the RoPE positions are never cast (model.MMDiT.forward). Nothing in
-a step waits on the device: the per-sample terms stay there until a log step, and a non-finite gradient makes
-Adam skip its update (and every update after it until that log step stops the run), so the weights saved then
-are those from before the step that went wrong.
+process too (a one-rank process group), so that 1 and N processes compute alike: bf16 weights and activations
+in the network; fp32 sharded parameters, gradient reduction, Adam and EMA; t, s and the RoPE positions are
+never cast (model.MMDiT.forward). Where a shard group is one device, its bf16 weights are cast once per step
+and kept through every pass of it (docs/scaling.md §2). Over nodes the states are sharded within a node and
+replicated across nodes (HSDP, --shard). Nothing in a step waits on the device: the per-sample terms stay
+there until a log step, and a step with a non-finite gradient is skipped on the device (Adam and the EMA leave
+it out); --max-skips of them in a row stop the run at the next read, with the weights from before them
+(docs/scaling.md §5).
 """
 import argparse
 import concurrent.futures
@@ -53,8 +57,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.staging import BlockingAsyncStager
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     set_model_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
@@ -77,7 +81,8 @@ PREVIEW_PROMPTS = ["a red circle to the left of a blue square", "a photo of a gr
 warnings.filterwarnings("ignore", message=".*returned a view tensor")
 # dcp warns that one process saves alone; that is intended
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-H100_PEAK = 789.0  # TFLOP/s: dense bf16 matmul measured on one H100 (the datasheet says 989)
+# TFLOP/s: dense bf16 matmul measured on one H100 (the datasheet says 989); the H200 is the same chip
+H100_PEAK = 789.0
 # share of a device's memory the memory plan may fill: temporaries and the allocator's slack need the rest
 FIT = 0.85
 
@@ -149,13 +154,19 @@ def get_args(argv=None):
     p.add_argument("--dist-timeout", type=number(int, 1, cli.MAX_TIMEOUT), default=1800,
                    help="seconds a rank waits on the others (also when connecting), before the job fails and "
                    "torchrun may restart it (at most a week)")
+    p.add_argument("--shard", type=number(int, 1), default=None,
+                   help="ranks that shard one copy of the weights, gradients and optimizer state: HSDP, "
+                   "sharded within --shard ranks and replicated across world / --shard copies (default: "
+                   "the ranks of one node, torchrun's LOCAL_WORLD_SIZE; the world size shards over all)")
+    p.add_argument("--max-skips", type=number(int, 1), default=3,
+                   help="steps in a row with a non-finite gradient (each skipped) that stop the run")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     p.add_argument("--compile-fallback", action="store_true",
                    help="with --compile: run a block that fails to compile uncompiled (with dynamo's "
                    "warning) instead of stopping")
     p.add_argument("--act-ckpt", action="store_true", help="activation checkpointing per transformer block")
     p.add_argument("--peak-tflops", type=number(float, 0), default=None,
-                   help="per-device peak for MFU (default: H100 789)")
+                   help="per-device peak for MFU (default: H100 and H200 789)")
     p.add_argument("--log-every", type=number(int, 1), default=50)
     p.add_argument("--ckpt-every", type=number(int, 1), default=500)
     p.add_argument("--ckpt-sync", action="store_true", help="write checkpoints in the loop, which waits for "
@@ -333,52 +344,89 @@ def init_distributed(args):
     return dist.get_rank(), dist.get_world_size()
 
 
+def shard_size(args, world):
+    """Ranks per shard group (--shard, default one node's: torchrun's LOCAL_WORLD_SIZE); one that does not
+    divide the world size stops here, before any weight is built."""
+    shard = args.shard or min(world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if world % shard:
+        raise SystemExit(f"--shard {shard} does not divide the world size {world}: pass a divisor of it "
+                         f"(--shard {world} shards over all ranks)")
+    return shard
+
+
+def device_mesh(args, world):
+    """The ranks as a (replicate, shard) grid (torch's DeviceMesh): FSDP2 shards each state over a row and
+    all-reduces gradients down the columns (HSDP: within a node, then across nodes), or a 1-D mesh when one
+    row holds every rank. None without a process group."""
+    if not dist.is_initialized():
+        return None
+    shard = shard_size(args, world)
+    device_type = torch.device(args.device).type
+    if shard == world:
+        return init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
+    return init_device_mesh(device_type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
+
+
+def one_device_shards(mesh):
+    """Whether a shard group is one device (one GPU, or pure replication): its bf16 copy of the weights then
+    costs no communication to make, and is made once per step and kept (docs/scaling.md §2)."""
+    return mesh is None or mesh.shape[-1] == 1
+
+
 def checkpoint_activations(block):
     """Activation checkpointing of one block: it keeps its inputs and recomputes the rest in backward. The
     checkpoint sits inside the block's call, so the recomputation does not run the block's hooks
-    (FSDP's gather) again. (A function, not a functools.partial: torch.compile leaves a module whose forward
-    is a partial uncompiled.)"""
+    (FSDP's gather) again, and around its compiled forward, not inside it: inductor's partitioner fails on
+    the checkpointed single-stream block's attention backward with symbolic sizes (docs/scaling.md §4)."""
     forward = block.forward
     block.forward = lambda *args: checkpoint(forward, *args, use_reentrant=False)
 
 
-def parallelize(model, args):
-    """Per block: activation checkpointing and torch.compile; then FSDP2 under a process group, each
-    block its own shard group, so one block's parameters are gathered at a time. bf16 parameters for
-    compute, fp32 gradient reduction (A 9); the sharded fp32 parameters are what the optimizer and the
-    EMA see. FSDP casts no input (cast_forward_inputs=False): the network casts its activations itself
-    and keeps t, s and RoPE in fp32."""
+def parallelize(model, args, mesh=None, ema=False):
+    """Per block: torch.compile of its forward, then activation checkpointing around it; then FSDP2 under a
+    process group on `mesh` (default: every rank), each block its own shard group, so one block's
+    parameters are gathered at a time. bf16 parameters for compute, fp32 gradient reduction (A 9); the
+    sharded fp32 parameters are what the optimizer and the EMA see. FSDP casts no input
+    (cast_forward_inputs=False): the network casts its activations itself and keeps t, s and RoPE in fp32.
+    Where a shard group is one device the trained model keeps its gathered weights after forward (the passes
+    of a step share one cast); the EMA (`ema`), which only runs forward and changes every step, reshards."""
     blocks = [*model.double_blocks, *model.single_blocks]
     for block in blocks:
-        if args.act_ckpt:
-            checkpoint_activations(block)
         # sizes symbolic from the start: one graph serves every evaluation sub-batch and bucket
         if args.compile:
-            block.compile(dynamic=True)
+            block.forward = torch.compile(block.forward, dynamic=True)
+        if args.act_ckpt:
+            checkpoint_activations(block)
     if dist.is_initialized():
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if args.precision == "bf16" else None,
                                   reduce_dtype=torch.float32, cast_forward_inputs=False)
+        mesh = mesh or init_device_mesh(torch.device(args.device).type, (dist.get_world_size(),))
+        keep = one_device_shards(mesh) and not ema
         for block in blocks:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=not keep)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        if keep:  # through every backward of the step too (a block used twice re-gathers otherwise); update
+            model.set_reshard_after_backward(False)  # reshards before the optimizer reads the shards
     return model
 
 
 def setup(args, frozen_parts=True):
     """The system (denoiser, real frozen parts unless `frozen_parts` is False), the denoiser and its EMA
-    sharded alike, Adam (its state sharded with them) and the per-device peak for MFU; train and bench.py
-    share it. Adam is the fused one: it can skip a step on the device (found_inf), so no step waits on the
-    host to read the gradient norm."""
+    sharded alike on the device mesh, Adam (its state sharded with them) and the per-device peak for MFU;
+    train and bench.py share it. Adam is the fused one: it can skip a step on the device (found_inf), so no
+    step waits on the host to read the gradient norm."""
     if args.device.startswith("cuda"):
         torch.backends.cuda.enable_cudnn_sdp(False)  # its backward failed with torch 2.11 + CUDA 13
     torch.manual_seed(args.seed)                                      # the same initial weights on every rank
     system = selfe.SelfE(preset_config(args), args.device, args.seed, args.pretrained, args.t5, args.clip,
                          args.vae, frozen_parts=frozen_parts)
     ema = system.make_ema()
-    model = parallelize(system.denoiser, args)
-    parallelize(ema, args)                                              # the fp32 EMA, sharded like the model
+    mesh = device_mesh(args, dist.get_world_size() if dist.is_initialized() else 1)
+    model = parallelize(system.denoiser, args, mesh)
+    parallelize(ema, args, mesh, ema=True)                             # the fp32 EMA, sharded like the model
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
-    peak = args.peak_tflops or (H100_PEAK if "H100" in device_name(system.device) else None)
+    name = device_name(system.device)
+    peak = args.peak_tflops or (H100_PEAK if "H100" in name or "H200" in name else None)
     return system, model, ema, opt, peak
 
 
@@ -468,10 +516,11 @@ def device_memory(args):
     return None
 
 
-def choose_accum(args, world):
-    """--accum, or the fewest micro-steps with which the memory plan fits the
-    device (1 when its memory is unknown). A batch that does not split, or a micro-batch that does not fit,
-    stops here, naming the flags that would fit."""
+def choose_accum(args, world, aux=True):
+    """--accum, or the fewest micro-steps with which the memory plan fits the device (1 when its memory is
+    unknown), for the part of the run with the auxiliary term (`aux`) or the part before it: train.py
+    chooses each. The plan counts the frozen encoders when they run online. A batch that does not split, or
+    a micro-batch that does not fit, stops here, naming the flags that would fit."""
     B, A = args.batch, args.accum
     if B % (world * (A or 1)):
         raise SystemExit(f"--batch {B} is not divisible by world size {world} x --accum {A or 1}")
@@ -481,9 +530,10 @@ def choose_accum(args, world):
         return A or 1
     import bench  # the memory plan lives with the benchmarks
     gib = lambda x: f"{x / 2 ** 30:.1f} GiB"
-    need = functools.cache(lambda a, ckpt: bench.memory_plan(preset_config(args), per_rank // a,
-                                                             max(args.resolution), world, ckpt,
-                                                             args.precision, args.objective)["total"])
+    frozen = not data.is_cache(args.data)
+    need = functools.cache(lambda a, ckpt: bench.memory_plan(
+        preset_config(args), per_rank // a, max(args.resolution), world, ckpt, args.precision, args.objective,
+        shard=shard_size(args, world), accum=a, aux=aux, frozen=frozen)["total"])
     options = [a for a in range(1, per_rank + 1) if per_rank % a == 0]
     first_fit = lambda ckpt: next((a for a in options if need(a, ckpt) <= FIT * capacity), None)
     if A and need(A, args.act_ckpt) <= FIT * capacity:
@@ -498,10 +548,11 @@ def choose_accum(args, world):
             flags = ("--act-ckpt " if ckpt and not args.act_ckpt else "") + (f"--accum {a}" if a > 1 else "")
             hints.append(f"{flags.strip()} ({gib(need(a, ckpt))})")
     a = A or options[-1]
+    part = ("a Self-E step with the auxiliary term" if aux and args.objective == "selfe" else "a step")
     raise SystemExit(f"--size {args.size} --batch {B} on {world} device(s), --accum {a}"
                      f"{' --act-ckpt' if args.act_ckpt else ''}: a micro-batch of {per_rank // a} at "
                      f"{max(args.resolution)} px needs {gib(need(a, args.act_ckpt))} by the memory plan "
-                     f"(python bench.py --plan), over {FIT:.0%} of the device's {gib(capacity)}; "
+                     f"(python bench.py --plan; {part}), over {FIT:.0%} of the device's {gib(capacity)}; "
                      + (f"fits with {' or '.join(hints)}" if hints else "nothing fits: use more devices"))
 
 
@@ -509,12 +560,19 @@ def choose_accum(args, world):
 # Training
 
 def train(args, rank, world):
+    shard_size(args, world)                                                # before anything is written
     # before anything is built or written; a resumed run's flags are its own from here on
     resume_from, start = prepare_out(args, rank)
+    if resume_from:
+        start = skip_past_failure(args.out, start, rank)
     cfg = preset_config(args)
-    args.accum = choose_accum(args, world)                                 # before any weight is built
-    B, A = args.batch, args.accum
-    b = B // (world * A)                                                   # per-rank micro-batch
+    # micro-steps before the auxiliary term and with it (its pass keeps activations too: docs/scaling.md §3)
+    has_aux = args.objective == "selfe" and not args.delta_zero
+    reaches_aux = has_aux and round(args.aux_start_frac * args.schedule_steps) < args.steps
+    accums = [choose_accum(args, world, aux=False),                        # before any weight is built
+              choose_accum(args, world, aux=True) if reaches_aux else None]
+    B = args.batch
+    args.accum = accums[0]                                               # (as the checkpoint's flags record it)
     init_from = init_source(args) if args.init_from and not resume_from else None
     cached = data.is_cache(args.data)
     if cached:                                         # every file of the cache is checked before building
@@ -540,6 +598,8 @@ def train(args, rank, world):
         null = system.null_cond()                                          # phi, batch 1
     tau_steps = round(args.tau_frac * args.schedule_steps)
     aux_start = round(args.aux_start_frac * args.schedule_steps)
+    aux_at = lambda step: has_aux and step >= aux_start                  # L_fake late (s.6-s.8)
+    accum_at = lambda step: accums[1] if aux_at(step) else accums[0]
     flags = vars(args)
     if resume_from:
         selfe.load_training_state(resume_from, system, opt)
@@ -555,9 +615,12 @@ def train(args, rank, world):
     os.makedirs(args.out, exist_ok=True)
     n_params = sum(p.numel() for p in model.parameters())
     sample_flops = functools.lru_cache(system.denoiser.flops)            # forward FLOPs of one sample (L, Lt)
+    phases = [accum_at(start), accum_at(args.steps - 1)]                 # the first step's, the last's
+    split = " then ".join(f"{B // (world * a)} x {world} ranks x {a} accum" for a in dict.fromkeys(phases))
     log0(f"{args.size}: {n_params / 1e6:.2f}M denoiser parameters, objective {args.objective}, {args.steps} "
-         f"steps x batch {B} (= {b} x {world} ranks x {A} accum) on {args.device}"
-         f"{cpu_threads_note() if system.device.type == 'cpu' else ''} in {args.precision}; data "
+         f"steps x batch {B} (= {split}) on {args.device}"
+         f"{cpu_threads_note() if system.device.type == 'cpu' else ''} in {args.precision}"
+         + (f", sharded over {shard_size(args, world)} of {world} ranks" if world > 1 else "") + "; data "
          f"{args.data} ({len(source) if hasattr(source, '__len__') else 'unlimited'} items); tau over "
          f"{tau_steps} steps, aux from {aux_start}", rank=rank)
     # the first log record of this process says what runs: the commit, the preset and every flag
@@ -566,22 +629,24 @@ def train(args, rank, world):
 
     # The next step's batch is read (rendered, decoded, pinned) on a thread while this step computes.
     prefetch = concurrent.futures.ThreadPoolExecutor(1)
-    ahead = prefetch.submit(fetch, source, start, rank, b, A, system.device)
-    # whether an update was skipped since the last read (on the device: no sync)
-    skip = torch.zeros((), dtype=torch.bool, device=system.device)
+    slices = lambda step: (B // (world * accum_at(step)), accum_at(step))  # (per-rank batch, micro-steps)
+    ahead = prefetch.submit(fetch, source, start, rank, *slices(start), system.device)
+    # steps skipped in a row so far, on the device (no sync); the first of them, once read back
+    streak, first_skipped = torch.zeros((), dtype=torch.long, device=system.device), None
     history, pending, window = [], [], []                           # steps not yet read back; not yet logged
     t0 = t_window = time.time()
     for step in range(start, args.steps):
         items, parts = ahead.result()
         if step + 1 < args.steps:
-            ahead = prefetch.submit(fetch, source, step + 1, rank, b, A, system.device)
+            ahead = prefetch.submit(fetch, source, step + 1, rank, *slices(step + 1), system.device)
+        b, A = slices(step)
         lr = lr_at(step, args)
         for group in opt.param_groups:
             group["lr"] = lr
         # the step's dropout, t and s: one generator for the global batch, the same on every rank
         gen = torch.Generator().manual_seed(data.stream_seed(args.seed, step))
         dropped = selfe.caption_dropout(B, args.p_drop, gen)                # (B,) bool
-        aux = args.objective == "selfe" and step >= aux_start and not args.delta_zero  # L_fake late (s.6-s.8)
+        aux = aux_at(step)
         terms = []
         for micro in range(A):
             off = (rank * A + micro) * b                                    # this slice's place in the batch
@@ -597,9 +662,11 @@ def train(args, rank, world):
                 n_self = int(evaluate_all.sum())                            # on the host: no device sync
             eps, eps_self = noise(args.seed, step, range(off, off + b), L, x0.shape[2], system.device)
             if dist.is_initialized():
-                model.set_requires_gradient_sync(micro == A - 1)           # reduce-scatter once per step
+                micro_steps(model, micro, A, world)
             dev = lambda x: x.to(system.device, non_blocking=True)
             n_eval = eval_size(int(evaluate_all[sl].sum()), b, world, args.compile)
+            if aux and not cached:  # c_fake's prompts chosen on the host, as selfe_loss chooses them
+                fake = on_host(fake, losses.eval_indices(evaluate_all[sl], n_eval))
             with compile_errors(args):
                 loss, micro_terms = objective(args, G, G_ema, x0, dev(t_all[sl]), dev(s_all[sl]), cond, null,
                                               fake=fake if aux else None, eps=eps, eps_self=eps_self,
@@ -607,19 +674,20 @@ def train(args, rank, world):
                                               fake_norm=max(n_self, 1) * b / B)
                 (loss / A).backward()
             terms.append(micro_terms)
-        skip, grad_norm = update(model, opt, system, args, step, skip)
+        streak, grad_norm = update(model, opt, system, args, step, streak)
 
         n_flops = step_flops(sample_flops(L, cond[0].shape[1]), B, n_self, aux)
-        pending.append(dict(step=step, lr=lr, items=items, t=t_all, s=s_all, dropped=dropped,
+        pending.append(dict(step=step, lr=lr, items=items, t=t_all, s=s_all, dropped=dropped, accum=A,
                             evaluate=evaluate_all, terms=torch.cat(terms, 1), grad_norm=grad_norm,
-                            flops=n_flops, tokens=B * (L + cond[0].shape[1])))
+                            streak=streak, flops=n_flops, tokens=B * (L + cond[0].shape[1])))
         last = step + 1 == args.steps
         checkpointing = (step + 1) % args.ckpt_every == 0 or last
         finish_checkpoint(wait=False)                       # one written on a thread, once every rank is done
         # the pending steps to the host: one sync per window
         if (step + 1) % args.log_every == 0 or checkpointing:
-            history += read_back(pending, world, A, args)
-            nonfinite_stop(history[-len(pending):], pending, system, flags, opt, args, rank)
+            history += read_back(pending, world, args)
+            first_skipped = nonfinite_stop(history[-len(pending):], pending, first_skipped, system, flags,
+                                           opt, args, rank)
             window, pending = window + pending, []
             if (step + 1) % args.log_every == 0 or last:
                 if rank == 0:
@@ -640,7 +708,8 @@ def train(args, rank, world):
 # The run folder: resume a run, or start one afresh without mixing it with another's files
 
 # What a run writes in its folder; a fresh run refuses a folder that holds any of these unless --overwrite.
-RUN_FILE = re.compile(r"latest(\.tmp)?|log\.(jsonl|png)|preview-\d+\.png|(nonfinite-)?step-\d+(\.tmp)?")
+RUN_FILE = re.compile(r"latest(\.tmp)?|log\.(jsonl|png)|preview-\d+\.png|(nonfinite-)?step-\d+(\.tmp)?"
+                      r"|nonfinite\.json(\.tmp)?")
 SCHEDULE = ("schedule_steps", "warmup", "tau_frac", "aux_start_frac")
 
 
@@ -812,8 +881,8 @@ def fetch(source, step, rank, b, A, device):
 
 def load_batch(part, source, system, dropped, fake_prefix, cached):
     """A fetched slice -> (x0 tokens (b, L, C), cond (txt, vec), fake, token grid (h, w)); fake(idx)
-    gives c_fake's encoding (s.8) for the samples idx. Online: images through the autoencoder
-    (or pixels), captions with dropout applied through T5 and CLIP. Cached: the rows, with phi's
+    gives c_fake's encoding (s.8) for the samples idx (on the host when online). Online: images through the
+    autoencoder (or pixels), captions with dropout applied through T5 and CLIP. Cached: the rows, with phi's
     encodings where the caption was dropped."""
     p = system.cfg.patch
     dev = lambda x: x.to(system.device, non_blocking=True)
@@ -831,6 +900,7 @@ def load_batch(part, source, system, dropped, fake_prefix, cached):
         captions = [selfe.NULL_PROMPT if d else c for c, d in zip(captions, dropped.tolist())]
         lat = system.encode_latents(images)                                # (b, C, H/8, W/8) or pixels
         cond = system.encode_text(captions)                                # (b, Lt, d_txt), (b, d_vec)
+        # idx: host indices (train passes them: reading the device's would make the step wait on it)
         fake = lambda idx: system.encode_text([fake_prefix + captions[i] for i in idx.tolist()])
     grid = (lat.shape[2] // p, lat.shape[3] // p)
     return selfe.patchify(lat.float(), p), cond, fake, grid
@@ -866,6 +936,20 @@ def eval_size(count, b, world, compiled):
     return min(b, max(count, 2 if compiled else 1))
 
 
+def on_host(fake, idx):
+    """fake(idx) for the samples the evaluation passes take, with their indices `idx` computed on the host by
+    selfe_loss's own rule (losses.eval_indices): the prompts of c_fake are strings, and reading the
+    indices back from the device would make every step with the auxiliary term wait on it."""
+    return lambda device_idx: fake(idx)
+
+
+def micro_steps(model, micro, A, world):
+    """FSDP2 over a step's A micro-steps. On N ranks gradients are reduced once, after the last one (no
+    communication before; FSDP then keeps a full-size fp32 gradient, which the memory plan counts); one
+    process reduces every micro-step, which costs nothing and keeps no such copy."""
+    model.set_requires_gradient_sync(world == 1 or micro == A - 1)
+
+
 # A step's per-sample terms, as the rows of one tensor so that logging gathers them in one call: the weighted
 # total (what the loss averages), the data term, the self-evaluation term, and L_fake and the loss, which are
 # scalars of a micro-batch repeated over its samples.
@@ -889,19 +973,24 @@ def objective(args, G, G_ema, x0, t, s, cond, null, *, fake, eps, eps_self, eval
     return out["loss"], torch.stack([terms[name] for name in TERMS])
 
 
-def update(model, opt, system, args, step, skip):
-    """Clip, Adam, EMA. A non-finite gradient norm (the same on every rank) turns `skip` on, on the device:
-    fused Adam then leaves weights and state as they were
-    (its found_inf, the protocol of torch.amp.GradScaler), and so does the EMA, for this step and each one
-    after it until the log step reads it. -> (skip, grad norm)."""
+def update(model, opt, system, args, step, streak):
+    """Clip, Adam, EMA. A step whose gradient norm is not finite (the same on every rank) is skipped on the
+    device, without the host reading it: fused Adam leaves weights and state as they were (its found_inf, the
+    protocol of torch.amp.GradScaler), and so does the EMA. `streak` (0-dim, on the device) counts the steps
+    skipped in a row; from --max-skips on, every update is skipped until the next read stops the run
+    (nonfinite_stop), so the weights saved then are those from before the streak. -> (streak, grad norm).
+    First every shard group gives back the weights it gathered (a one-device group keeps them through the
+    step: parallelize), so that the clip, Adam and the next step's cast all see the sharded fp32 ones."""
+    selfe.reshard(model)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    skip = skip | ~torch.isfinite(grad_norm)
+    skip = ~torch.isfinite(grad_norm) | (streak >= args.max_skips)
+    streak = torch.where(skip, streak + 1, 0)
     opt.found_inf = skip.float()
     opt.step()
     opt.zero_grad(set_to_none=True)
     system.update_ema(args.ema, step, args.ema_warmup, skip=skip)
-    return skip, grad_norm.detach()
+    return streak, grad_norm.detach()
 
 
 def step_flops(flops, batch, n_self, aux):
@@ -924,18 +1013,18 @@ def gather(x, world):
     return torch.cat(parts, -1)
 
 
-def read_back(pending, world, A, args):
-    """The steps since the last read: every rank's per-sample terms and the grad norms to the
-    host in one copy, then one record per step
-    (the loss and each term over the global batch, lambda, the share of s < t)."""
+def read_back(pending, world, args):
+    """The steps since the last read: every rank's per-sample terms, the grad norms and the skip counts to
+    the host in one copy, then one record per step
+    (the loss and each term over the global batch, lambda, the share of s < t, whether it was skipped)."""
     # (n, len(TERMS), B): each pending step's terms, in global-batch order
     stacked = gather(torch.stack([p["terms"] for p in pending]), world).cpu()
-    grad_norms = torch.stack([p["grad_norm"] for p in pending]).float().cpu()
+    scalars = torch.stack([torch.stack((p["grad_norm"].float(), p["streak"].float())) for p in pending]).cpu()
     records = []
-    for p, rows, gn in zip(pending, stacked, grad_norms):
+    for p, rows, (gn, streak) in zip(pending, stacked, scalars):
         terms = dict(zip(TERMS, rows))                                     # each (B,)
         # a micro-batch's scalar, once per slice
-        per_slice = lambda name: terms[name].view(world * A, -1)[:, 0]
+        per_slice = lambda name: terms[name].view(world * p["accum"], -1)[:, 0]
         rec = {"step": p["step"] + 1, "loss": per_slice("loss").mean().item(),
                "data": terms["data"].mean().item(), "grad_norm": gn.item(), "lr": p["lr"]}
         if args.objective == "selfe":
@@ -945,26 +1034,62 @@ def read_back(pending, world, A, args):
                        lam=lam[sel].mean().item() if sel.any() else 0.0,
                        frac_s_lt_t=sel.float().mean().item(),
                        fake=per_slice("fake").mean().item())               # the slices' mean is the batch's
+        p["streak"] = int(streak)
+        if p["streak"]:
+            rec["skipped"] = True
         p["per_sample"] = terms["total"]
         records.append(rec)
     return records
 
 
-def nonfinite_stop(records, pending, system, flags, opt, args, rank):
-    """The first step with a non-finite loss or gradient stops the run: its update and every later one
-    were skipped, so the weights saved now are those from before it; its batch
-    (items, t, s, dropped captions) is saved beside."""
+# Where a run that stopped on non-finite steps resumes: <out>/nonfinite.json (docs/formats.md §1)
+NONFINITE = "nonfinite.json"
+
+
+def nonfinite_stop(records, pending, first, system, flags, opt, args, rank):
+    """Skipped steps (a non-finite loss or gradient) are counted; --max-skips of them in a row stop the run.
+    Their updates and every later one were skipped, so the weights saved now (nonfinite-step-N/, N the
+    streak's first step) are those from before the streak, with that step's batch beside them; the steps run
+    are written to nonfinite.json, so that a resume (or torchrun's restart) goes on past them instead of
+    replaying into the same failure (skip_past_failure). `first`: (record, pending step) of the streak's
+    first step if one is running. -> the same after these steps."""
     for rec, p in zip(records, pending):
-        if math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"]):
+        first = None if p["streak"] == 0 else first if p["streak"] > 1 else (rec, p)
+        if p["streak"] < args.max_skips:
             continue
-        step = p["step"]
+        (rec0, p0), step = first, first[1]["step"]
         debug = os.path.join(args.out, f"nonfinite-step-{step}")
         save_checkpoint(debug, system, step, flags, opt)
+        ran = pending[-1]["step"]                                           # skipped since the streak began
         if rank == 0:
-            torch.save({"items": p["items"], "t": p["t"], "s": p["s"], "dropped": p["dropped"]},
+            torch.save({"items": p0["items"], "t": p0["t"], "s": p0["s"], "dropped": p0["dropped"]},
                        os.path.join(debug, "batch.pt"))
-        raise SystemExit(f"step {step}: loss {rec['loss']}, gradient norm {rec['grad_norm']}; weights before "
-                         f"this step and its batch are in {debug}")
+            path = os.path.join(args.out, NONFINITE)
+            done = encoders.read_json(path)["steps"] if os.path.isfile(path) else []
+            with open(path + ".tmp", "w") as f:
+                json.dump({"steps": done + [[step, ran]]}, f)
+            os.replace(path + ".tmp", path)
+        after = f" and the {args.max_skips - 1} after it" if args.max_skips > 1 else ""
+        raise SystemExit(f"step {step}: loss {rec0['loss']}, gradient norm {rec0['grad_norm']}{after}: "
+                         f"{args.max_skips} steps in a row not finite (--max-skips {args.max_skips}), "
+                         f"skipped; weights before step {step} and its batch are in {debug}; --resume "
+                         f"goes on at step {ran + 1}, past the batches that led here")
+    return first
+
+
+def skip_past_failure(out, start, rank):
+    """A run resumed from a checkpoint before a stop of nonfinite_stop goes on after the steps that stop
+    ran, not from the checkpoint: replaying them would lead to the same weights and the same failure. It
+    skips their batches, as large runs restarted past a loss spike do; its weights are the checkpoint's."""
+    path = os.path.join(out, NONFINITE)
+    if not os.path.isfile(path):
+        return start
+    for first, ran in encoders.read_json(path)["steps"]:
+        if start <= ran:
+            log0(f"resuming at step {ran + 1}, not {start}: the steps from {start} on led to non-finite "
+                 f"steps from step {first} on ({path})", rank=rank)
+            start = ran + 1
+    return start
 
 
 def device_name(device):
@@ -1020,9 +1145,10 @@ def log(records, window, args, step, t_window, world, peak, device, run=None):
         rec["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         speed += f" mem {rec['mem_gib']:.1f} GiB"
     by_bin = " ".join("-" if v is None else f"{v:.3f}" for v in rec["loss_by_t"])
+    skipped = sum(1 for p in window if p["streak"])
     print(f"step {rec['step']:>6} loss {rec['loss']:.4f} data {rec['data']:.4f}{extra} | gnorm "
           f"{rec['grad_norm']:.2f} lr {rec['lr']:.2e} | {speed} ETA {eta / 60:.1f} min | loss by t-bin "
-          f"{by_bin}", flush=True)
+          f"{by_bin}" + (f" | {skipped} step(s) skipped: not finite" if skipped else ""), flush=True)
     if run:
         rec["run"] = run
     with open(os.path.join(args.out, "log.jsonl"), "a") as f:

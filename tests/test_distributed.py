@@ -25,15 +25,17 @@ ARGS = ["--steps", "4", "--batch", "8", "--log-every", "1", "--ckpt-every", "2",
         "--tau-frac", "0.25", "--aux-start-frac", "0.5"]
 
 
-def run(out, *extra, procs=1, script="train.py", env=None):
+def run(out, *extra, procs=1, script="train.py", env=None, printed=None):
     """train.py in a fresh process (torchrun --nproc_per_node procs when procs > 1);
-    returns its log records."""
+    returns its log records (and appends what it printed to the list `printed`)."""
     launcher = [sys.executable, script] if procs == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--standalone", script]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})}
     p = subprocess.run([*launcher, *ARGS, "--out", str(out), *extra], cwd=ROOT, env=full_env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    if printed is not None:
+        printed.append(p.stdout)
     log = os.path.join(out, "log.jsonl")
     return [json.loads(line) for line in open(log)] if os.path.exists(log) else []
 
@@ -81,6 +83,27 @@ def test_two_processes_with_accumulation_match_one(one_proc, tmp_path):
     assert_same_weights(weights(out1, 4, "model"), weights(tmp_path, 4, "model"))
     # it did train
     assert not torch.equal(weights(out1, 4)["img_in.weight"], weights(out1, 2)["img_in.weight"])
+
+
+def test_hsdp_over_four_processes_matches_one(one_proc, tmp_path):
+    """--shard 2 over 4 processes: FSDP2 on a 2-D device mesh, each state sharded over 2 ranks and
+    replicated over the 2 pairs (HSDP, as over 2 nodes of 2 GPUs): the same run as one process, every
+    term, and the same parameters and EMA."""
+    printed = []
+    log4 = run(tmp_path, "--shard", "2", procs=4, printed=printed)
+    assert "sharded over 2 of 4 ranks" in printed[0]
+    out1, log1 = one_proc
+    assert_same_run(log1, log4)
+    assert_same_weights(weights(out1, 4), weights(tmp_path, 4))
+    assert_same_weights(weights(out1, 4, "model"), weights(tmp_path, 4, "model"))
+
+
+def test_a_shard_size_that_does_not_divide_the_world_is_refused_before_any_weight(tmp_path, monkeypatch):
+    def built(*a, **k):
+        raise AssertionError("a weight was built")
+    monkeypatch.setattr(selfe, "SelfE", built)
+    with pytest.raises(SystemExit, match=r"--shard 2 does not divide the world size 1"):
+        train.main([*ARGS, "--shard", "2", "--out", str(tmp_path)])
 
 
 def test_two_nodes_match_one_process(one_proc, tmp_path):

@@ -2,6 +2,8 @@
 in fp32, a compile that stays compiled, a step that runs on another device type, the memory plan against
 measured memory, the benchmark, the cache builder, and bad
 input (a batch that cannot fit, a compile that fails, a non-finite step)."""
+import collections
+import dataclasses
 import functools
 import os
 import subprocess
@@ -10,6 +12,8 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import bench
 import data
@@ -297,3 +301,340 @@ def test_manifest_images_decode_in_threads_off_the_training_thread(tmp_path, mon
                         real(self, i))
     train.main([*ARGS, "--steps", "2", "--out", str(tmp_path / "run")])
     assert threading.main_thread() not in threads                  # read a step ahead, on the prefetch thread
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the GPU path's second review (docs/scaling.md): compile with checkpointing, host syncs, one device's casts,
+# the EMA's record of forwards, non-finite steps, bench weights, the plan's parts, bf16 sampling
+
+@pytest.mark.filterwarnings("ignore:.*returned a view tensor")
+def test_compile_with_activation_checkpointing_runs_under_fsdp_with_inductor(one_rank_group):
+    """--compile --act-ckpt under FSDP2 bf16 with the real inductor backend, on the smallest network that has
+    the block where it failed (one single-stream block), at two batch sizes (one graph with symbolic sizes):
+    the gradients are those of the uncompiled network (within bf16's rounding)."""
+    cfg = dataclasses.replace(model.CONFIGS["tiny"], depth=0, depth_single_blocks=1)
+    torch.manual_seed(0)
+    nets = [perturbed(model.MMDiT(cfg))]
+    nets.append(model.MMDiT(cfg))
+    nets[1].load_state_dict(nets[0].state_dict())
+    for net, flags in zip(nets, (["--compile", "--act-ckpt"], ["--act-ckpt"])):
+        train.parallelize(net, train.get_args(["--precision", "bf16", *flags]))
+    args = train.get_args(["--precision", "bf16", "--compile", "--act-ckpt"])
+    torch._dynamo.reset()
+    grads = []
+    try:
+        with train.compile_config(args), train.compile_errors(args):
+            for net in nets:
+                for b in (3, 2):
+                    g = torch.Generator().manual_seed(b)
+                    x = torch.randn(b, 64, cfg.in_channels, generator=g)
+                    txt = torch.randn(b, 16, cfg.context_in_dim, generator=g)
+                    t = torch.rand(b, generator=g)
+                    v = net(x, selfe.image_ids(8, 8), txt, torch.zeros(1, 16, 3), t, t * 0.5,
+                            torch.randn(b, cfg.vec_in_dim, generator=g))
+                    v.float().square().mean().backward()
+                selfe.reshard(net)                                      # as train.update does
+                grads.append(torch.cat([p.grad.full_tensor().flatten() for p in net.parameters()]))
+    finally:
+        torch._dynamo.reset()
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], rtol=0.05, atol=2e-3)
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts what makes the host wait on the device: reading a value (item, bool), copying to the CPU
+    (tolist), an output whose size depends on values (nonzero). On the meta device, where nothing can be
+    read, the reads get zeros and the step goes on."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        off_cpu = any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in tree_leaves(args))
+        aten = torch.ops.aten
+        if off_cpu and func is aten._local_scalar_dense.default:
+            self.syncs.append(func)
+            return 0
+        if off_cpu and func is aten._to_copy.default and kwargs.get("device") == torch.device("cpu"):
+            self.syncs.append(func)
+            return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
+        if off_cpu and func in (aten.nonzero.default, aten.masked_select.default):
+            self.syncs.append(func)
+        return func(*args, **kwargs)
+
+
+def test_an_online_step_with_the_auxiliary_term_never_waits_on_the_device():
+    """A training step's batch, objective (every pass, L_fake's c_fake encoded online from the captions) and
+    backward on the meta device, the way a GPU is not the CPU: no operation makes the host wait on the
+    device (c_fake's prompts are chosen on the host, by selfe_loss's own rule)."""
+    torch.manual_seed(0)
+    system = selfe.SelfE(model.CONFIGS["tiny"], "meta")
+    source = data.ShapesData(data.WORLDS["small"], 8, seed=0)
+    part = source.batch(source.indices(0)[:4])
+    args = train.get_args(ARGS)
+    dropped = torch.tensor([False, True, False, False])
+    t, s = torch.rand(4), torch.rand(4) * 0.5
+    evaluate = (s < t) & ~dropped
+    n_eval = train.eval_size(int(evaluate.sum()), 4, 1, False)
+    with HostSyncs() as mode:
+        x0, cond, fake, (h, w) = train.load_batch(part, source, system, dropped, args.fake_prefix, False)
+        fake = train.on_host(fake, losses.eval_indices(evaluate, n_eval))
+        G = functools.partial(system.G, system.denoiser, h=h, w=w)
+        eps = torch.randn(4, 2, *x0.shape[1:], device="meta")
+        loss, terms = train.objective(args, G, G, x0, t.to("meta"), s.to("meta"), cond, system.null_cond(),
+                                      fake=fake, eps=eps[:, 0], eps_self=eps[:, 1],
+                                      evaluate=evaluate.to("meta"), eval_size=n_eval, fake_norm=n_eval)
+        loss.backward()
+    assert terms.shape == (5, 4) and mode.syncs == []
+
+
+def test_one_device_casts_the_weights_once_per_step(tmp_path, monkeypatch):
+    """bf16 in one process (a one-rank FSDP2 group): over a Self-E step with the auxiliary term and 2
+    micro-steps, the trained model's fp32 weights are cast to bf16 once (each pass of the step shares the
+    cast), and the EMA's once per micro-step (its one pass there)."""
+    masters, casts, per_step = [], collections.Counter(), []   # the storages of each net's sharded weights
+    real_parallelize, real_update = train.parallelize, train.update
+
+    def parallelize(*a, **k):
+        net = real_parallelize(*a, **k)
+        masters.append({p.to_local().untyped_storage().data_ptr() for p in net.parameters()})
+        return net
+
+    def update(*a, **k):
+        per_step.append(dict(casts))
+        casts.clear()
+        return real_update(*a, **k)
+    monkeypatch.setattr(train, "parallelize", parallelize)
+    monkeypatch.setattr(train, "update", update)
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16:
+                ptr = args[0].untyped_storage().data_ptr()
+                for name, master in zip(("model", "ema"), masters):
+                    casts[name] += ptr in master
+            return func(*args, **kwargs)
+    with Casts():
+        train.main([*ARGS, "--steps", "2", "--aux-start-frac", "0", "--precision", "bf16", "--accum", "2",
+                    "--out", str(tmp_path)])
+    n = len(masters[0])
+    assert per_step == [{"model": n, "ema": 2 * n}] * 2
+
+
+@pytest.mark.filterwarnings("ignore:.*returned a view tensor")
+@pytest.mark.parametrize("torch_2_11", [False, True])
+def test_the_ema_keeps_no_record_of_its_forwards(one_rank_group, monkeypatch, torch_2_11):
+    """The EMA under FSDP2 runs forward only; FSDP2 records each forward for a backward that never comes.
+    After 100 warm-up passes, 200 more add less than 12 KB of Python memory (traced by tracemalloc; the
+    record grew by about 47 KB over them at the tiny preset's 5 shard groups). Also by the path torch 2.11
+    takes."""
+    import tracemalloc
+    from torch.distributed.fsdp import FSDPModule
+    if torch_2_11:
+        monkeypatch.delattr(FSDPModule, "reset_iter_state", raising=False)
+    torch.manual_seed(0)
+    system = selfe.SelfE(model.CONFIGS["tiny"])
+    system.make_ema()
+    train.parallelize(system.ema, train.get_args(["--precision", "bf16"]), ema=True)
+    x, cond, t = torch.randn(2, 64, 48), system.null_cond(2), torch.rand(2)
+    traced = []
+    tracemalloc.start()
+    try:
+        with torch.no_grad():
+            for i in range(300):
+                system.G(system.ema, x, t, t, cond, 8, 8)
+                if i in (99, 299):
+                    traced.append(tracemalloc.get_traced_memory()[0])
+    finally:
+        tracemalloc.stop()
+    assert traced[1] - traced[0] < 12_000, traced
+
+
+def nan_at_steps(monkeypatch, steps):
+    """The Self-E loss is NaN at these steps (counted from 0). -> the list of steps begun, in order."""
+    real_draw, real_loss, step_of = train.draw, losses.selfe_loss, []
+
+    def draw(gen, args, step, *a):
+        step_of.append(step)
+        return real_draw(gen, args, step, *a)
+
+    def broken(*a, **k):
+        out = real_loss(*a, **k)
+        if step_of[-1] in steps:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+    monkeypatch.setattr(train, "draw", draw)
+    monkeypatch.setattr(losses, "selfe_loss", broken)
+    return step_of
+
+
+def test_a_nonfinite_step_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch):
+    """One step (index 1) with a NaN loss: its update is skipped on the device (Adam's state and the
+    weights stay as they were after step 0), the log marks it, and the run finishes."""
+    step_of = nan_at_steps(monkeypatch, {1})
+    states = []
+    real_update = train.update
+    monkeypatch.setattr(train, "update", lambda model, *a: (lambda out: states.append(
+        {k: v.full_tensor().clone() if hasattr(v, "full_tensor") else v.clone()
+         for k, v in model.state_dict().items()}) or out)(real_update(model, *a)))
+    log = train.main([*ARGS, "--out", str(tmp_path / "run")])
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and [r.get("skipped", False) for r in log] == [
+        False, True, False, False]
+    assert_same_weights(states[0], states[1], tol=1e-12)                  # step 1 changed nothing
+    assert not torch.equal(states[1]["img_in.weight"], states[2]["img_in.weight"])
+
+
+def test_consecutive_nonfinite_steps_stop_and_a_resume_goes_past_them(tmp_path, monkeypatch):
+    """NaN at steps 1-3 with --max-skips 3: the run stops at the read after step 3 with the weights from
+    before step 1; --resume (from the checkpoint after step 2, whose weights are those too) goes on at
+    step 4 instead of replaying the batches that led to the failure."""
+    step_of = nan_at_steps(monkeypatch, {1, 2, 3})
+    run_dir = tmp_path / "run"
+    flags = [*ARGS, "--steps", "6", "--ckpt-every", "3", "--out", str(run_dir)]
+    with pytest.raises(SystemExit, match=r"step 1: loss nan.*3 steps in a row.*nonfinite-step-1.*--resume "
+                                         r"goes on at step 4"):
+        train.main(flags)
+    assert selfe.resolve_checkpoint(str(run_dir)).endswith("step-0000003")
+    before = weights(run_dir / "nonfinite-step-1", 1, "model")              # saved at the stop
+    assert_same_weights(weights(run_dir, 3, "model"), before, tol=1e-12)
+    step_of.clear()
+    log = train.main([*flags, "--resume"])
+    assert step_of[0] == 4 and [r["step"] for r in log] == [5, 6]
+
+
+def test_bench_weights_are_not_zero():
+    """bench.py's network and EMA are trained-like: after one forward+backward every parameter of every
+    block has a non-zero gradient (adaLN-Zero's zero init would leave them all zero), and the EMA equals the
+    weights."""
+    targs = train.get_args(["--size", "tiny", "--device", "cpu", "--precision", "fp32", "--seed", "0"])
+    system, net, ema, opt, _ = bench.setup(targs)
+    cfg = system.cfg
+    x, cond, t = torch.randn(2, 64, cfg.in_channels), system.null_cond(2), torch.rand(2)
+    system.velocity(net, x, t, t * 0.5, cond, 8, 8).float().square().mean().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), ema.state_dict().values()))
+
+
+def test_the_plan_counts_the_auxiliary_pass_only_where_it_runs(tmp_path, monkeypatch):
+    """--memory-gib between what a micro-batch of 8 needs before the auxiliary term and with it: the run
+    takes 1 micro-step before it and 2 with it (its log line says so), and follows the same trajectory as the
+    run with one micro-step throughout."""
+    cfg = model.CONFIGS["tiny"]
+    need = lambda aux: bench.memory_plan(cfg, 8, 32, 1, False, "fp32", aux=aux, frozen=True)["total"]
+    assert need(False) < need(True)
+    gib = (need(False) + need(True)) / 2 / train.FIT / 2 ** 30
+    lines = []
+    monkeypatch.setattr(train, "log0", lambda *a, rank=0: lines.append(" ".join(map(str, a))))
+    log = train.main([*ARGS, "--memory-gib", str(gib), "--out", str(tmp_path / "fit")])
+    assert "(= 8 x 1 ranks x 1 accum then 4 x 1 ranks x 2 accum)" in lines[0]
+    assert_same_run(train.main([*ARGS, "--out", str(tmp_path / "one")]), log)
+
+
+MEASURE_KEPT_GRADIENT = '''
+import dataclasses, os, torch, torch.distributed as dist
+import model, selfe, train
+torch.set_num_threads(1)
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+cfg = dataclasses.replace(model.CONFIGS["tiny"], hidden_size=256, num_heads=4, axes_dim=(8, 28, 28))
+torch.manual_seed(0)
+net = train.parallelize(model.MMDiT(cfg), train.get_args(["--precision", "bf16"]))
+x, txt, t = torch.randn(2, 64, cfg.in_channels), torch.randn(2, 16, cfg.context_in_dim), torch.rand(2)
+vec = torch.randn(2, cfg.vec_in_dim)
+step = lambda: net(x, selfe.image_ids(8, 8), txt, torch.zeros(1, 16, 3), t, t, vec).float().sum()
+for sync in (True, False):  # the first warms kernels and buffers up
+    net.set_requires_gradient_sync(sync)
+    before = rss()
+    step().backward()
+    selfe.reshard(net)
+    kept = rss() - before
+    for p in net.parameters():
+        p.grad = None
+print(kept)
+'''
+
+
+def test_the_plan_counts_the_full_gradient_fsdp_keeps_over_micro_steps():
+    """A micro-step without gradient reduction (train.py's on N ranks before the last one): what FSDP2 then
+    keeps, measured as the resident memory it adds (glibc mapping each allocation of 16 KiB or more on its
+    own), is the plan's gradient on 2 ranks with 2 micro-steps: a full-size fp32 one, within 5%."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "16384", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    p = subprocess.run([sys.executable, "-c", MEASURE_KEPT_GRADIENT], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    cfg = dataclasses.replace(model.CONFIGS["tiny"], hidden_size=256, num_heads=4, axes_dim=(8, 28, 28))
+    plan = bench.memory_plan(cfg, 2, 32, world=2, accum=2)
+    kept = plan["gradients"] + plan["gradient kept over micro-steps"]
+    assert int(p.stdout.split()[-1]) == pytest.approx(kept, rel=0.05)
+    assert bench.memory_plan(cfg, 2, 32, world=2, accum=1)["gradient kept over micro-steps"] == 0
+
+
+MEASURE_ENCODING = '''
+import os, torch
+import model, selfe
+torch.set_num_threads(1)
+field = lambda name: next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(name))
+system, out = selfe.SelfE(model.CONFIGS["tiny"]), {}
+for b in (256, 1024, 256, 1024):  # the first pair warms up
+    prompts = ["a photo of a red circle to the left of a blue square"] * b
+    peaks = []
+    for encoder, tokenize in ((system.t5, system.t5_tokenizer), (system.clip, system.clip_tokenizer)):
+        ids = tokenize(prompts)
+        before = field("VmRSS")
+        open("/proc/self/clear_refs", "w").write("5")  # the high-water mark from here
+        with torch.no_grad():
+            y = encoder(ids)
+        peaks.append(field("VmHWM") - before)
+        del y
+    out[b] = max(peaks)
+print(out[1024] - out[256])
+'''
+
+
+def test_the_plan_counts_the_frozen_parts_training_online_holds():
+    """Online training holds the frozen encoders, and while they encode a micro-batch, their temporaries:
+    the plan's weights are the built encoders' bytes, and its encoding peak (on the meta device) matches the
+    peak resident memory T5 and CLIP add on the CPU (VmHWM, at micro-batch 1024 minus 256), within 10%."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "16384", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    p = subprocess.run([sys.executable, "-c", MEASURE_ENCODING], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    cfg = model.CONFIGS["tiny"]
+    peak = lambda b: bench.encoding_peak(cfg, b, 32, "fp32")
+    assert peak(1024) - peak(256) == pytest.approx(int(p.stdout.split()[-1]), rel=0.1)
+    system = selfe.SelfE(cfg)
+    held = sum(p.numel() * p.element_size() for m in (system.t5, system.clip) for p in m.parameters())
+    plan = bench.memory_plan(cfg, 8, 32, precision="fp32", frozen=True)
+    assert plan["frozen parts"] == held
+    assert bench.memory_plan(cfg, 8, 32, precision="fp32")["frozen parts"] == 0        # training from a cache
+    assert plan["total"] >= sum(v for k, v in plan.items() if k not in ("total", "frozen parts encoding"))
+
+
+def test_a_checkpoint_samples_in_bf16_off_the_cpu(tmp_path):
+    """sample.py and evaluate.py load the EMA through selfe.load_checkpoint: cast to bf16 on an accelerator
+    (selfe.inference_dtype), fp32 on the CPU; a bf16 load samples as the fp32 one does, within bf16's
+    rounding."""
+    assert selfe.inference_dtype(torch.device("cuda", 0)) == torch.bfloat16
+    assert selfe.inference_dtype("cpu") == torch.float32
+    torch.manual_seed(0)
+    system = selfe.SelfE(model.CONFIGS["tiny"])
+    perturbed(system.make_ema())
+    train.save_checkpoint(str(tmp_path), system, 1, {"seed": 0, "objective": "selfe"})
+    fp32, _ = selfe.load_checkpoint(str(tmp_path))
+    bf16, _ = selfe.load_checkpoint(str(tmp_path), dtype=torch.bfloat16)
+    assert next(fp32.denoiser.parameters()).dtype == torch.float32
+    assert next(bf16.denoiser.parameters()).dtype == torch.bfloat16
+    images = [sampler.sample(s, ["a red circle", "three squares"], 2, seeds=[0, 1]) for s in (fp32, bf16)]
+    assert images[1].dtype == torch.float32 and (images[1] - images[0]).abs().mean() < 0.02
+
+
+def test_requirements_keep_a_users_torch_and_pin_the_tests_one():
+    """requirements.txt takes any torch from 2.11 on (a CUDA build a user installed stays); the tests pin
+    one exactly (requirements-test.txt), so CI always runs on the same torch."""
+    lines = lambda name: [line.split("#")[0].strip() for line in open(os.path.join(ROOT, name))]
+    assert "torch>=2.11" in lines("requirements.txt")
+    assert not [x for x in lines("requirements.txt") if x.startswith("torch") and x != "torch>=2.11"]
+    assert "torch==2.13.0" in lines("requirements-test.txt")
