@@ -590,7 +590,8 @@ def train(args, rank, world):
         if shapes.resolution != cfg.resolution or args.resolution != [cfg.resolution]:
             raise SystemExit(f"world {shapes.name!r} is {shapes.resolution} px; preset {args.size!r} is "
                              f"{cfg.resolution} px and --resolution {args.resolution}")
-        source = data.ShapesData(shapes, B, seed=args.seed, typed=args.typed, max_words=cfg.prompt_words)
+        room = cfg.prompt_words - len(encoders.WordTokenizer.words(args.fake_prefix))   # c_fake fits too
+        source = data.ShapesData(shapes, B, seed=args.seed, typed=args.typed, max_words=room)
     else:
         source = data.ManifestData(args.data, args.resolution, bucket_step(system), B, args.seed,
                                    args.base_dir, args.skip_bad, args.max_ratio, workers=args.workers)

@@ -521,6 +521,16 @@ def test_typed_captions_keep_the_facts_in_the_worlds_words():
     assert sum(a == b for a, b in zip(plain[1], typed[1])) >= 8                # about half kept as templates
 
 
+def test_typed_captions_leave_room_for_the_fake_prefix(tmp_path, capsys):
+    """The auxiliary term encodes c_fake = prefix + caption: training's typed captions are short enough that
+    the prefixed caption is not truncated either (every caption typed, the auxiliary term from step 1)."""
+    train.main(["--steps", "3", "--batch", "16", "--typed", "1", "--aux-start-frac", "0", "--tau-frac", "0",
+                "--log-every", "1", "--ckpt-every", "3", "--sample-every", "0", "--world", "small",
+                "--out", str(tmp_path / "run")])
+    printed = capsys.readouterr()
+    assert "truncated" not in printed.out + printed.err
+
+
 def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
     """One thread per core not already busy: two on two idle cores, one when another job keeps a core busy,
     and at least one; a --threads flag wins; torchrun's processes on one machine share the idle cores."""
