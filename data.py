@@ -595,7 +595,8 @@ class ShapesData:
     """The shapes world as an unending stream: step k's global batch is samples k B ... (k + 1) B - 1."""
 
     def __init__(self, world, batch, seed=0, typed=0.0, max_words=None):
-        self.world, self.batch_size, self.seed, self.typed, self.max_words = world, batch, seed, typed, max_words
+        self.world, self.batch_size, self.seed = world, batch, seed
+        self.typed, self.max_words = typed, max_words
 
     def indices(self, step):
         return list(range(step * self.batch_size, (step + 1) * self.batch_size))

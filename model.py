@@ -62,7 +62,8 @@ class Config:
 
     @property
     def prompt_words(self):
-        """Words (tokens) of a prompt the stand-in encoders keep: T5 adds an end token, CLIP a start and an end."""
+        """Words (tokens) of a prompt the stand-in encoders keep: T5 adds an end token, CLIP a start and an
+        end."""
         return min(self.t5_max_len - 1, self.clip.max_position_embeddings - 2)
 
     @property

@@ -91,8 +91,9 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="tiny", choices=list(CONFIGS), help="model preset")
     p.add_argument("--set", type=preset_field, action="append", default=[], metavar="FIELD=VALUE",
-                   help="change one field of the preset (model.Config), e.g. --set theta=100 --set mlp_ratio=2; "
-                   "saved with the checkpoint, which sample.py and evaluate.py rebuild from")
+                   help="change one field of the preset (model.Config), e.g. --set theta=100 "
+                   "--set mlp_ratio=2; saved with the checkpoint, which sample.py and evaluate.py "
+                   "rebuild from")
     p.add_argument("--data", default="shapes",
                    help="'shapes' (built-in world), a TSV manifest (image path<TAB>prompt) or a cache folder "
                    "made by --build-cache")
@@ -276,7 +277,8 @@ def preset_field(text):
     try:
         return name, kinds[fields[name].type](value)
     except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not a {fields[name].type.__name__}") from None
+        kind = fields[name].type.__name__
+        raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not a {kind}") from None
 
 
 def preset_config(args):
@@ -496,7 +498,8 @@ def build_cache(args, rank, world):
     def encode_text(prompts):  # -> (txt, vec, how many of txt's states to keep)
         txt, vec = system.encode_text(prompts)
         return txt.to(low), vec.to(low), system.text_lengths(system.t5_tokenizer(prompts))
-    meta = {**data.cache_meta(cfg, args.seed, args.resolution, args.max_ratio, args.fake_prefix, args.t5_mask),
+    meta = {**data.cache_meta(cfg, args.seed, args.resolution, args.max_ratio, args.fake_prefix,
+                              args.t5_mask),
             "downsample": system.downsample}
     data.write_cache(args.build_cache, source, system.encode_latents, encode_text,
                      fake_prefix=args.fake_prefix, meta=meta, batch=args.cache_batch, rank=rank, world=world)
@@ -572,7 +575,7 @@ def train(args, rank, world):
     accums = [choose_accum(args, world, aux=False),                        # before any weight is built
               choose_accum(args, world, aux=True) if reaches_aux else None]
     B = args.batch
-    args.accum = accums[0]                                               # (as the checkpoint's flags record it)
+    args.accum = accums[0]                                     # (as the checkpoint's flags record it)
     init_from = init_source(args) if args.init_from and not resume_from else None
     cached = data.is_cache(args.data)
     if cached:                                         # every file of the cache is checked before building

@@ -531,7 +531,8 @@ def test_cli_compares_arms_of_several_runs_and_refuses_other_worlds(ckpt, tmp_pa
                      f"two={ok},{ok}", "--baseline", "two,one", "--bootstrap", "200")
     assert [m["tag"] for m in report["models"]] == ["one", "two#1", "two#2"]
     entry, back = report["comparisons"]                                   # one - two, then two - one
-    assert (entry["label"], entry["baseline"], back["label"], back["baseline"]) == ("one", "two", "two", "one")
+    pairs = (entry["label"], entry["baseline"], back["label"], back["baseline"])
+    assert pairs == ("one", "two", "two", "one")
     assert entry["steps"][2]["seen"]["overall"] == {"diff": 0, "lo": 0, "hi": 0}   # the same model
     out = capsys.readouterr().out
     assert "one minus two: paired differences" in out and "overall" in out

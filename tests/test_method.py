@@ -396,7 +396,8 @@ def test_preset_fields_set_by_flag_are_saved_and_sampled_from(tmp_path):
     system, meta = selfe.load_checkpoint(str(tmp_path / "run"))
     assert system.cfg.theta == 100 and system.cfg.mlp_ratio == 2
     assert system.denoiser.single_blocks[0].mlp_hidden == 2 * system.cfg.hidden_size
-    sampler.main(["--ckpt", str(tmp_path / "run"), "--steps", "1", "--out", str(tmp_path / "s.png"), "a circle"])
+    sampler.main(["--ckpt", str(tmp_path / "run"), "--steps", "1", "--out", str(tmp_path / "s.png"),
+                  "a circle"])
     for bad in ("num_heads=5", "patch=2", "colour=red", "theta=ten"):
         with pytest.raises(SystemExit) as e:
             train.get_args(["--set", bad])

@@ -473,7 +473,7 @@ def nan_at_steps(monkeypatch, steps):
 def test_a_nonfinite_step_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch):
     """One step (index 1) with a NaN loss: its update is skipped on the device (Adam's state and the
     weights stay as they were after step 0), the log marks it, and the run finishes."""
-    step_of = nan_at_steps(monkeypatch, {1})
+    nan_at_steps(monkeypatch, {1})
     states = []
     real_update = train.update
     monkeypatch.setattr(train, "update", lambda model, *a: (lambda out: states.append(
