@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -520,8 +521,8 @@ class CLIPTokenizer:
     lower-cased, as OpenAI's tokenizer with ftfy reduced to NFC, and as transformers' CLIPTokenizer, the
     reference FLUX pipelines use. Where the two differ we follow transformers: HTML entities are not
     unescaped; '<|startoftext|>' and '<|endoftext|>' typed in a prompt are those tokens only as written
-    (matched before lower-casing, so '<|ENDOFTEXT|>' is text); a capital sigma becomes σ, never the word-final
-    ς of Python's str.lower()."""
+    (matched before lower-casing, so '<|ENDOFTEXT|>' is text); a capital sigma becomes σ, never the
+    word-final ς of Python's str.lower()."""
 
     def __init__(self, vocab_path, merges_path, max_len=77):
         for p in (vocab_path, merges_path):
@@ -625,10 +626,11 @@ class WordTokenizer:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Reading safetensors by hand: the header first (every key, shape and dtype checked before any weight is
-# read), then each tensor read straight into its parameter, so a 9.5 GB T5 costs 9.5 GB of memory, not twice
-# that. The format: 8 bytes little-endian header length N, N bytes of JSON
-# {key: {dtype, shape, data_offsets}}, the data.
+# Reading safetensors, strictly, with the safetensors library. read_header takes a file's header alone (the
+# library checks the format on opening: the JSON, the offsets, every tensor's bytes inside the file); every
+# key, shape and dtype of every file is checked against the module before any weight is read; then the tensors
+# are read one at a time, each copied into its parameter, so a 9.5 GB T5 costs 9.5 GB of memory plus its
+# largest tensor, not twice that.
 
 class CheckpointError(ValueError):
     pass
@@ -639,41 +641,41 @@ FILE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat1
 
 @dataclass
 class Entry:
-    """Where one tensor lives: file, dtype name, shape, absolute byte offset, byte length."""
+    """One tensor, from its file's header: file, dtype name, shape (as loaded), its name in the file."""
     path: str
     dtype: str
     shape: tuple
-    offset: int
-    nbytes: int
+    key: str
+
+    @property
+    def nbytes(self):  # as the library checked on opening; F32, F8_E4M3, ...: the bits; BOOL: a byte
+        bits = re.match(r"\D+(\d+)", self.dtype)
+        return math.prod(self.shape) * (int(bits[1]) if bits else 8) // 8
+
+
+def _open(path):
+    """safe_open(path), its errors made one line that names the file and says what is wrong."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        return safe_open(path, framework="pt")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open ({e})") from e
+    except SafetensorError as e:  # "Error while deserializing header: header too large", ...
+        said = str(e).removeprefix("Error while deserializing header: ")
+        what = ("truncated, or with bytes past its last tensor" if "incomplete metadata" in said else
+                "truncated in its header, or not a safetensors file" if "invalid header length" in said else
+                "not a safetensors file")
+        why = "bad JSON header" if said.startswith(("invalid JSON", "invalid UTF-8")) else "safetensors"
+        raise CheckpointError(f"{path}: {what} ({why}: {said})") from e
 
 
 def read_header(path):
     """{key: Entry} of one .safetensors file, from its header alone. A missing, truncated or
     foreign file -> error."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: file not found")
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if size < 8 or n > size - 8:
-            raise CheckpointError(f"{path}: not a safetensors file (header length {n}, file {size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise CheckpointError(f"{path}: not a safetensors file (bad JSON header: {e})") from e
-    entries = {}
-    for k, v in header.items():
-        if k == "__metadata__":
-            continue
-        try:
-            (a, b), dtype, shape = v["data_offsets"], v["dtype"], tuple(v["shape"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a safetensors file (bad header entry {k!r}: {v!r})") from e
-        entries[k] = Entry(path, dtype, shape, 8 + n + a, b - a)
-        if 8 + n + b > size:
-            raise CheckpointError(f"{path}: truncated: tensor {k!r} ends at byte {8 + n + b}, "
-                                  f"the file has {size}")
-    return entries
+    with _open(path) as f:
+        slices = {k: f.get_slice(k) for k in f.keys()}
+        return {k: Entry(path, s.get_dtype(), tuple(s.get_shape()), k) for k, s in slices.items()}
 
 
 def check_entries(module, entries, where):
@@ -714,38 +716,25 @@ def load_strict(module, sd, where):
 
 
 def _read_into(f, entry, out):
-    """Read one tensor's bytes into the contiguous CPU tensor `out` (its dtype is the file's)."""
-    f.seek(entry.offset)
-    buf = memoryview(out.view(-1).view(torch.uint8).numpy())
-    got = 0
-    while got < entry.nbytes:
-        n = f.readinto(buf[got:])
-        if not n:
-            raise CheckpointError(f"{entry.path}: truncated while reading")
-        got += n
+    """One tensor from the open file `f` into `out`, converting its dtype and moving it to out's device."""
+    out.copy_(f.get_tensor(entry.key).view(entry.shape))
 
 
 def materialize(module, entries, where, dtype, device):
     """Check `entries` against `module` (built on the meta device), then allocate it on `device` in
-    `dtype` and read every tensor into place, file by file. Nothing is read before the check passes;
-    no second copy is held."""
+    `dtype` and copy every tensor into place, one at a time, file by file. Nothing is read before the check
+    passes; no second copy of the weights is held."""
     check_entries(module, entries, where)
     module = module.to(dtype).to_empty(device=device)
     own = module.state_dict()
     by_file = {}
     for k, e in entries.items():
-        by_file.setdefault(e.path, []).append((e.offset, k, e))
+        by_file.setdefault(e.path, []).append((k, e))
     with torch.no_grad():
         for path, items in by_file.items():
-            with open(path, "rb") as f:
-                for _, k, e in sorted(items):
-                    dst, src_dtype = own[k], FILE_DTYPES[e.dtype]
-                    if dst.device.type == "cpu" and dst.dtype == src_dtype and dst.is_contiguous():
-                        _read_into(f, e, dst)  # straight into the parameter
-                    else:
-                        tmp = torch.empty(e.shape, dtype=src_dtype)
-                        _read_into(f, e, tmp)
-                        dst.copy_(tmp)  # converts dtype, moves device; one tensor at a time
+            with _open(path) as f:
+                for k, e in items:
+                    _read_into(f, e, own[k])
     return module.eval()
 
 
@@ -899,7 +888,7 @@ def load_autoencoder(path, dtype=torch.float32, device="cpu", config=None):
             k = ae_key_from_diffusers(k, len(config.ch_mult))
             if re.search(r"attn_1\.(q|k|v|proj_out)\.weight$", k) and len(e.shape) == 2:
                 # Linear -> 1x1 conv, same bytes
-                e = Entry(e.path, e.dtype, e.shape + (1, 1), e.offset, e.nbytes)
+                e = Entry(e.path, e.dtype, e.shape + (1, 1), e.key)
             renamed[k] = e
         entries = renamed
     with torch.device("meta"):
