@@ -3,15 +3,15 @@ before any device is rented.
 
     python bench.py --size 2b                          # one GPU: the table below, eager and compiled
     torchrun --nproc_per_node 8 bench.py --size 2b     # each of 8 GPUs, sharded as train.py shards them
-    python bench.py --plan --size 2b --batch 16 --world 8        # memory plan per device: no GPU, no weights
-    python bench.py --plan --size 2b --batch 8 --online --no-aux  # frozen encoders held, before the aux term
+    python bench.py --plan --size 2b --micro-batch 16 --world 8        # memory plan per device: no GPU, no weights
+    python bench.py --plan --size 2b --micro-batch 8 --online --no-aux  # frozen encoders held, before the aux term
     python bench.py --t5-load                          # frozen-part load memory (T5-XXL, host RSS)
     python bench.py --t5-load --layers 6 --keep        # smaller, for a disk that cannot take 9.5 GB
     python bench.py --cache-cost --size 2b             # cache bytes per image and read time, T5 mask or not
     python bench.py --save-cost --size 2b --world 8    # what a checkpoint writes per rank; the loop's wait
 
 The table: at each resolution (2b: 256^2 = 256 image + 512 text tokens, and 512^2), per-device micro-batch
---batch: the denoiser's forward+backward, an FM step, a Self-E step and a Self-E step with the auxiliary term
+--micro-batch: the denoiser's forward+backward, an FM step, a Self-E step and a Self-E step with the auxiliary term
 (half the batch at s < t), each as ms, model TFLOP/s per device, MFU, peak memory and its ratio to the FM
 step; eager, then with the blocks compiled. A step is train.py's: train.setup's network
 (FSDP2 bf16 mixed precision, also in one process), train.objective, backward, train.update (clip, Adam, EMA),
@@ -44,211 +44,32 @@ import shutil
 import subprocess
 import sys
 import time
-import weakref
 
 import safetensors
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import encoders
-import losses
+import memory
 import selfe
 import train
 from model import CONFIGS, MMDiT
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The memory plan
-
-class Alive(TorchDispatchMode):
-    """Remembers (weakly) every tensor made inside it; `bytes()` sums the storages of those still alive."""
-
-    def __init__(self):
-        super().__init__()
-        self.made = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.made += [weakref.ref(x) for x in tree_leaves(out) if isinstance(x, torch.Tensor)]
-        return out
-
-    def bytes(self):
-        storages = {}  # by the storage's address (_cdata), so views of one storage count once
-        for ref in self.made:
-            x = ref()
-            if x is not None:
-                storages[x.untyped_storage()._cdata] = x.untyped_storage().nbytes()
-        return sum(storages.values())
-
-
-class Peak(Alive):
-    """Alive that also keeps the most bytes alive at once (after any operation inside it): what a forward
-    without gradient (the frozen encoders) needs while it runs."""
-
-    def __init__(self):
-        super().__init__()
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = super().__torch_dispatch__(func, types, args, kwargs)
-        self.peak = max(self.peak, self.bytes())
-        return out
-
-
-class FusedAttention(TorchFunctionMode):
-    """Meta tensors take SDPA's math path, which keeps the (L, L) attention matrix; count what a fused kernel
-    keeps (the output and the log-sum-exp) instead, as flash attention on a GPU does."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.scaled_dot_product_attention:
-            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*args, **(kwargs or {}))[0]
-        return func(*args, **(kwargs or {}))
-
-
-def tokens(cfg, area):
-    """Image tokens of a square of `area` pixels: FLUX latents (/8) or pixels, then patches."""
-    side = area // (8 if cfg.latent == "flux-vae" else 1) // cfg.patch
-    return side, side
-
-
-def training_forward(cfg, batch, area, dtype, act_ckpt, objective, device, aux=True):
-    """The forward of a training step at micro-batch `batch` on random inputs, weights in `dtype`: -> a
-    function that runs it and returns the loss. Self-E with every sample evaluated (its worst case: every
-    pass that keeps activations runs on the whole batch) and, with `aux`, the auxiliary term, or FM."""
-    with torch.device(device):
-        net = MMDiT(cfg).to(dtype)
-        h, w = tokens(cfg, area)
-        x0 = torch.randn(batch, h * w, cfg.in_channels)
-        cond = (torch.randn(batch, cfg.t5_max_len, cfg.context_in_dim), torch.randn(batch, cfg.vec_in_dim))
-        t = torch.rand(batch)
-        ids, txt_ids = selfe.image_ids(h, w, device), torch.zeros(1, cfg.t5_max_len, 3)
-    if act_ckpt:
-        for block in [*net.double_blocks, *net.single_blocks]:
-            train.checkpoint_activations(block)
-    G = lambda x, t_, s_, c: selfe.g_head(x, t_, net(x, ids, c[0], txt_ids, t_, s_, c[1]).float())
-    if objective == "fm":
-        return lambda: losses.fm_loss(G, x0, t, cond)["loss"]
-    null, every = tuple(c[:1] for c in cond), torch.ones_like(t, dtype=torch.bool)
-    fake = (lambda idx: tuple(c[idx] for c in cond)) if aux else None
-    return lambda: losses.selfe_loss(G, G, x0, t, t * 0.5, cond, null, evaluate=every, eval_size=batch,
-                                     fake=fake)["loss"]
-
-
-def step_activations(cfg, batch, area, dtype, act_ckpt, objective, aux=True):
-    """Bytes a training step keeps for backward, counted on the meta device: what its forward
-    made and still holds."""
-    forward = training_forward(cfg, batch, area, dtype, act_ckpt, objective, "meta", aux)
-    with FusedAttention(), Alive() as alive:
-        loss = forward()
-        kept = alive.bytes()
-    del loss
-    return kept
-
-
-def block_recompute(cfg, batch, area, dtype):
-    """Bytes one block's recomputation holds in backward under activation checkpointing: the larger of the
-    double- and single-stream block's activations at micro-batch `batch`, counted on the meta device."""
-    h, w = tokens(cfg, area)
-    with torch.device("meta"):
-        net = MMDiT(cfg).to(dtype)
-        img = torch.randn(batch, h * w, cfg.hidden_size, dtype=dtype)
-        txt = torch.randn(batch, cfg.t5_max_len, cfg.hidden_size, dtype=dtype)
-        vec = torch.randn(batch, cfg.hidden_size, dtype=dtype)
-        pe = net.pe_embedder(torch.cat((torch.zeros(1, cfg.t5_max_len, 3), selfe.image_ids(h, w, "meta")), 1))
-    most = 0
-    for block, inputs in ((net.double_blocks[0], (img, txt)),
-                          (net.single_blocks[0], (torch.cat((txt, img), 1),))):
-        with FusedAttention(), Alive() as alive:
-            out = block(*inputs, vec, pe)
-            most = max(most, alive.bytes())
-        del out
-    return most
-
-
-def frozen_parts(cfg, precision):
-    """The frozen parts training online holds, on the meta device, in the dtypes they load in (selfe.SelfE):
-    the real T5 and CLIP in bf16 on GPU, the autoencoder in fp32; the tiny preset's fp32 stand-ins."""
-    pretrained = cfg.tokenizer != "words"
-    dtype = torch.bfloat16 if precision == "bf16" and pretrained else torch.float32
-    with torch.device("meta"):
-        parts = [encoders.T5Encoder(cfg.t5).to(dtype), encoders.CLIPTextEncoder(cfg.clip).to(dtype)]
-        if cfg.latent == "flux-vae":
-            parts.append(encoders.AutoEncoder())
-    return parts
-
-
-def encoding_peak(cfg, batch, area, precision):
-    """Bytes the frozen parts need while they encode a micro-batch (T5 and CLIP on its captions, the
-    autoencoder on its images), counted on the meta device: the largest of the three, since they run one
-    after the other and their temporaries are freed before the denoiser's forward."""
-    t5, clip, *ae = frozen_parts(cfg, precision)
-    most = 0
-    with torch.device("meta"), torch.no_grad():
-        ids = torch.zeros(batch, cfg.t5_max_len, dtype=torch.long)
-        clip_ids = torch.zeros(batch, cfg.clip.max_position_embeddings, dtype=torch.long)
-        calls = [lambda: t5(ids), lambda: clip(clip_ids)]
-        if ae:
-            images = torch.zeros(batch, 3, *[int(area ** 0.5)] * 2)
-            calls.append(lambda: ae[0].encode(images))
-        for call in calls:
-            with FusedAttention(), Peak() as peak:
-                out = call()
-            most = max(most, peak.peak)
-            del out
-    return most
-
-
-def memory_plan(cfg, batch, area, world=1, act_ckpt=False, precision="bf16", objective="selfe", *,
-                shard=None, accum=1, aux=True, frozen=False):
-    """Bytes per device for training `cfg` at per-device micro-batch `batch` on squares of `area` pixels over
-    `world` ranks -> dict of the parts and their 'total'. Parameters, gradients, Adam's two moments and the
-    EMA are fp32 and sharded over `shard` ranks (default: all; train.py --shard). Under FSDP (N ranks, or
-    bf16) a shard group of several ranks gathers two blocks' weights at a time in the compute dtype, one of
-    one device keeps the whole model gathered through a step (train.parallelize), with one block's fp32
-    gradient before its reduce-scatter; on N ranks `accum` > 1 micro-steps keep a full-size fp32 gradient, in
-    place of the sharded one, until the last one reduces it (train.micro_steps). Activations: what the step's
-    forward keeps for backward (with the auxiliary pass only with `aux`), plus one block's recomputation under
-    act_ckpt. `frozen`: training online also holds the frozen parts, and their temporaries while they encode
-    (before the denoiser's forward: the larger of the two counts). Other temporaries are not counted (train.py
-    leaves them 15%)."""
-    with torch.device("meta"):
-        net = MMDiT(cfg)
-    n = sum(p.numel() for p in net.parameters())
-    shard = shard or world
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    fsdp = world > 1 or precision == "bf16"
-    block = max(sum(p.numel() for p in b.parameters()) for b in (net.double_blocks[0], net.single_blocks[0]))
-    gathered = (n if shard == 1 else 2 * block) * dtype.itemsize + 4 * block
-    frozen_bytes = sum(p.numel() * p.element_size() for m in frozen_parts(cfg, precision)
-                       for p in m.parameters()) if frozen else 0
-    plan = {"parameters": 4 * n / shard, "gradients": 4 * n / shard, "Adam moments": 8 * n / shard,
-            "EMA": 4 * n / shard,
-            "gradient kept over micro-steps": 4 * n - 4 * n / shard if world > 1 and accum > 1 else 0,
-            "gathered weights": gathered if fsdp else 0,
-            "frozen parts": frozen_bytes,
-            "activations": step_activations(cfg, batch, area, dtype, act_ckpt, objective, aux),
-            "block recomputed in backward": block_recompute(cfg, batch, area, dtype) if act_ckpt else 0,
-            "frozen parts encoding": encoding_peak(cfg, batch, area, precision) if frozen else 0}
-    step = plan["activations"] + plan["block recomputed in backward"]
-    plan["total"] = sum(plan.values()) - step - plan["frozen parts encoding"] + max(
-        step, plan["frozen parts encoding"])
-    return plan
-
+# The memory plan (memory.py), as a table
 
 def print_plan(args, world):
     cfg = CONFIGS[args.size]
     area = max(args.resolution)
     aux = args.objective == "selfe" and not args.no_aux
-    plans = [memory_plan(cfg, args.batch, area, world, ckpt, args.precision, args.objective, shard=args.shard,
-                         accum=args.accum, aux=aux, frozen=args.online) for ckpt in (False, True)]
-    h, w = tokens(cfg, area)
+    plans = [memory.memory_plan(cfg, args.micro_batch, area, world, ckpt, args.precision, args.objective,
+                                shard=args.shard, accum=args.accum, aux=aux, frozen=args.online)
+             for ckpt in (False, True)]
+    h, w = memory.tokens(cfg, area)
     step = ("FM step" if args.objective == "fm" else
             f"Self-E step{' + aux' if aux else ' before the auxiliary term'}, every sample evaluated")
-    print(f"memory plan: --size {args.size}, micro-batch {args.batch} per device at {area} px ({h * w} image "
+    print(f"memory plan: --size {args.size}, micro-batch {args.micro_batch} per device at {area} px ({h * w} image "
           f"+ {cfg.t5_max_len} text tokens) x {args.accum} micro-steps, {world} device(s) sharding over "
           f"{args.shard or world}, {args.precision}, {step}, "
           f"{'frozen parts online' if args.online else 'from a cache (no frozen parts)'}")
@@ -277,30 +98,30 @@ def measure(fn, iters, device):
     return (time.perf_counter() - t0) / iters * 1e3, mem
 
 
-def trained_like(model, ema, std=0.02):
+def trained_like(net, ema, std=0.02):
     """Weights as a trained network has them rather than as init_weights leaves them: adaLN-Zero's zero
     modulation and output layers make every block's gradient zero, and zeros run faster through bf16
     matmuls, so a benchmark on them measures less work than training does. N(0, std) is added to every
     parameter (under FSDP each rank to its own shard); the EMA copies them."""
     local = lambda m: [p.to_local() if hasattr(p, "to_local") else p for p in m.parameters()]
     with torch.no_grad():
-        for p, e in zip(local(model), local(ema)):
+        for p, e in zip(local(net), local(ema)):
             p.add_(torch.randn_like(p) * std)
             e.copy_(p)
 
 
 def setup(targs):
     """train.setup's system, network, EMA and Adam (no frozen parts), with trained-like weights."""
-    system, model, ema, opt, peak = train.setup(targs, frozen_parts=False)
-    trained_like(model, ema)
-    return system, model, ema, opt, peak
+    system, net, ema, opt, peak = train.setup(targs, frozen_parts=False)
+    trained_like(net, ema)
+    return system, net, ema, opt, peak
 
 
-def bench_rows(args, targs, world, system, model, ema, opt, area, say):
+def bench_rows(args, targs, world, system, net, ema, opt, area, say):
     """The four measurements at one resolution; each row goes to `say` as soon as it is measured."""
-    cfg, dev, b = system.cfg, system.device, args.batch
+    cfg, dev, b = system.cfg, system.device, args.micro_batch
     Lt = cfg.t5_max_len
-    grid = tokens(cfg, area)
+    grid = memory.tokens(cfg, area)
     L = grid[0] * grid[1]
     torch.manual_seed(0)
     x0 = torch.randn(b, L, cfg.in_channels, device=dev)
@@ -309,26 +130,24 @@ def bench_rows(args, targs, world, system, model, ema, opt, area, say):
     eps, eps_self = torch.randn_like(x0), torch.randn_like(x0)
     t = torch.rand(b, device=dev) * 0.9 + 0.05
     s = torch.where(torch.arange(b, device=dev) < b // 2, t * 0.5, t)   # half the batch at s < t
-    evaluate = s < t
-    n_eval = int(evaluate.sum())
-    size = train.eval_size(n_eval, b, world, targs.compile)
-    G = functools.partial(system.G, model, h=grid[0], w=grid[1])
-    G_ema = functools.partial(system.G, ema, h=grid[0], w=grid[1])
-    fake = lambda idx: tuple(c[idx] for c in cond)
+    n_eval = b // 2
+    idx, weight = (x.to(dev) for x in train.evaluated((s < t).cpu(), b, world, targs.compile))
+    G = functools.partial(system.predict, net, h=grid[0], w=grid[1])
+    G_ema = functools.partial(system.predict, ema, h=grid[0], w=grid[1])
+    fake = tuple(c[idx] for c in cond)
     streak = torch.zeros((), dtype=torch.long, device=dev)                # no step is skipped (none fails)
 
     def fwd_bwd():  # with the resharding of train.update: the weights are cast once per step, as there
-        system.velocity(model, x0, t, s, cond, *grid).float().square().mean().backward()
-        selfe.reshard(model)
+        system.velocity(net, x0, t, s, cond, *grid).float().square().mean().backward()
+        selfe.reshard(net)
         opt.zero_grad(set_to_none=True)
 
     def step(objective, aux):  # train.py's iteration: objective, backward, clip, Adam, EMA
         a = argparse.Namespace(**{**vars(targs), "objective": objective})
-        loss, _ = train.objective(a, G, G_ema, x0, t, s, cond, null, fake=fake if aux else None,
-                                  eps=eps, eps_self=eps_self, evaluate=evaluate,
-                                  fake_norm=max(n_eval, 1), eval_size=size)
+        loss, _ = train.objective(a, G, G_ema, x0, t, s, cond, null, eps=eps, eps_self=eps_self, evaluated=idx,
+                                  weight=weight, fake=fake if aux else None, fake_norm=max(n_eval, 1))
         loss.backward()
-        train.update(model, opt, system, targs, 10 ** 6, streak)
+        train.update(net, opt, system, targs, 10 ** 6, streak)
 
     F_ = system.denoiser.flops(L, Lt)
     rows = (("denoiser fwd+bwd", fwd_bwd, train.step_flops(F_, b, 0, False)),
@@ -374,18 +193,18 @@ def benchmark(args, rank, world):
         targs = train.get_args(["--size", args.size, "--device", args.device, "--precision", args.precision,
                                 "--seed", "0", *(["--compile"] if compiled else []),
                                 *(["--act-ckpt"] if args.act_ckpt else [])])
-        system, model, ema, opt, peak = setup(targs)
+        system, net, ema, opt, peak = setup(targs)
         peak = args.peak_tflops or peak
         if rank == 0 and not rows:
-            print(f"{args.size} on {world} x {train.device_name(system.device)}, micro-batch {args.batch} "
+            print(f"{args.size} on {world} x {train.device_name(system.device)}, micro-batch {args.micro_batch} "
                   f"per device, {cfg.t5_max_len} text tokens, {args.precision}"
                   f"{', act-ckpt' if args.act_ckpt else ''}; peak {peak or 'unknown'} TFLOP/s")
             print("| pixels | image tokens | compiled | measurement | ms | TFLOP/s | MFU % | peak mem GiB | "
                   "vs FM |\n|---|---|---|---|---|---|---|---|---|", flush=True)
         with train.compile_config(targs), train.compile_errors(targs):
             for area in areas:
-                bench_rows(args, targs, world, system, model, ema, opt, area, say)
-        del system, model, ema, opt
+                bench_rows(args, targs, world, system, net, ema, opt, area, say)
+        del system, net, ema, opt
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -508,14 +327,14 @@ def t5_load(args):
 
 def cache_cost(args):
     """--cache-cost: bytes per image of a cache (data.write_cache) of --size's shapes at 256^2, and the time
-    data.CachedData takes to read one batch of --batch items from disk (the shards evicted from the page
+    data.CachedData takes to read one batch of --micro-batch items from disk (the shards evicted from the page
     cache first), with all t5_max_len T5 states per caption (no mask: padding attends, so all are stored)
     and with --caption-tokens of them (--t5-mask). Random values of the real sizes and dtypes (bf16 text, as
     the encoders give on a GPU); no encoder runs."""
     import data
-    cfg, n, side = CONFIGS[args.size], 2 * args.batch, 256 // 8
+    cfg, n, side = CONFIGS[args.size], 2 * args.micro_batch, 256 // 8
     print(f"cache of --size {args.size} at 256^2 ({n} items, latents 16x{side}x{side} fp32, T5 states "
-          f"{cfg.context_in_dim} wide in bf16, t5_max_len {cfg.t5_max_len}), read {args.batch} items:")
+          f"{cfg.context_in_dim} wide in bf16, t5_max_len {cfg.t5_max_len}), read {args.micro_batch} items:")
     print("| T5 states per caption | bytes per image | of which text | read a batch (ms) |")
     print("|---|---|---|---|")
     for mask, kept in ((False, cfg.t5_max_len), (True, args.caption_tokens)):
@@ -539,12 +358,12 @@ def cache_cost(args):
         meta = data.cache_meta(cfg, 0, [256], 1.0, "fake image, ", mask)
         with contextlib.redirect_stdout(io.StringIO()):
             data.write_cache(folder, Source(), lambda x: torch.randn(len(x), 16, side, side),
-                             encode_text, fake_prefix="fake image, ", meta=meta, batch=args.batch)
+                             encode_text, fake_prefix="fake image, ", meta=meta, batch=args.micro_batch)
         shards = [os.path.join(folder, f) for f in os.listdir(folder) if f.startswith("shard-")]
         size = sum(os.path.getsize(f) for f in shards) / n
         with safetensors.safe_open(shards[0], "pt") as f:
             text = sum(f.get_slice(k).get_shape()[0] for k in ("txt", "fake_txt")) * cfg.context_in_dim * 2
-        cached = data.CachedData(folder, meta, args.batch)
+        cached = data.CachedData(folder, meta, args.micro_batch)
         times = []
         for _ in range(3):
             for f in shards:  # from the disk, not the page cache
@@ -594,7 +413,9 @@ def save_cost(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="2b", choices=list(CONFIGS))
-    p.add_argument("--batch", type=int, default=8, help="per-device micro-batch")
+    p.add_argument("--micro-batch", type=int, default=8,
+                   help="samples per device in one forward and backward (train.py's --batch is the global batch)")
+    p.add_argument("--batch", type=int, default=None, dest="global_batch", help=argparse.SUPPRESS)
     p.add_argument("--resolution", default=None,
                    help="square sides in pixels, e.g. 256,512 (default: 256,512; the preset's "
                    "for tiny and --plan)")
@@ -627,7 +448,7 @@ def main(argv=None):
     t.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
     t.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
     t.add_argument("--touch-only", type=int, help=argparse.SUPPRESS)
-    f = p.add_argument_group("what files cost (--cache-cost, --save-cost; --dir, --keep, --batch, --world)")
+    f = p.add_argument_group("what files cost (--cache-cost, --save-cost; --dir, --keep, --micro-batch, --world)")
     f.add_argument("--cache-cost", action="store_true", help="bytes per image and read time of a cache, "
                    "with and without the T5 mask")
     f.add_argument("--caption-tokens", type=int, default=77,
@@ -647,8 +468,11 @@ def main(argv=None):
     default_res = str(cfg.resolution) if args.size == "tiny" or args.plan else "256,512"
     args.resolution = [int(r) for r in (args.resolution or default_res).split(",")]
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") or args.plan else "fp32")
-    if args.batch < 1 or args.iters < 1:
-        p.error("--batch and --iters must be >= 1")
+    if args.global_batch is not None:
+        p.error(f"argument --batch: bench.py measures one device's micro-batch: pass --micro-batch "
+                f"{args.global_batch} (train.py's --batch is the global batch, split over devices and --accum)")
+    if args.micro_batch < 1 or args.iters < 1:
+        p.error("--micro-batch and --iters must be >= 1")
     if args.plan:
         return print_plan(args, args.world or int(os.environ.get("WORLD_SIZE", "1")))
     targs = train.get_args(["--device", args.device, "--precision", args.precision])

@@ -71,7 +71,7 @@ def cpu_threads(requested=None):
 
 
 seed = number(int, 0, MAX_SEED)
-# mu(L) runs from 0.5 at the anchor length to 1.15 at 4096 tokens (selfe.mu_of_length):
+# mu(L) runs from 0.5 at the anchor length to 1.15 at 4096 tokens (losses.mu_of_length):
 # the anchor lies below 4096
 anchor = number(int, 1, 4095)
 

@@ -543,8 +543,9 @@ def sweep(system, meta, world, specs, steps_list, args, tag):
         t0, images = time.time(), []
         for b in range(0, len(jobs), args.batch):
             chunk = jobs[b:b + args.batch]
-            images.append(sample.sample(system, [specs[i]["prompt"] for i, _ in chunk], n, args.cfg, args.eta,
-                                        args.s_schedule, [noise_seed(args.seed, i, j) for i, j in chunk],
+            prompts = [specs[i]["prompt"] for i, _ in chunk]
+            images.append(sample.sample(system, prompts, n, args.guidance, args.eta, args.s_schedule,
+                                        [noise_seed(args.seed, i, j) for i, j in chunk],
                                         anchor=meta["flags"].get("anchor", 512),
                                         objective=meta["flags"].get("objective", "selfe")).cpu())
             print(f"\r{tag}: {n} step(s): {min(b + args.batch, len(jobs))}/{len(jobs)} images", end="",
@@ -580,7 +581,7 @@ def denoising(system, world, n=256, seed=0, times=DENOISE_TIMES, batch=64):
     (Eq. 3, = ||G - x0||^2 / t^2) with the prompt and with phi, and the prompt's share of the error it
     removes, 1 - cond / uncond. A share near 0 means the network ignores the prompt at that t. Same scenes and
     noise for every model. -> {t: {cond, uncond, gain}}."""
-    import selfe
+    import losses
     images, captions = data.shapes_batch(world, range(n), seed + 7919)
     x0 = system.encode_images(images)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
@@ -593,7 +594,7 @@ def denoising(system, world, n=256, seed=0, times=DENOISE_TIMES, batch=64):
         for b in range(0, n, batch):
             x, e = x0[b:b + batch], eps[b:b + batch]
             tt = torch.full((len(x),), t, device=x.device)
-            x_t = selfe.forward_process(x, tt, e)
+            x_t = losses.forward_process(x, tt, e)
             for key, cond in conds.items():
                 v = system.velocity(model, x_t, tt, tt, tuple(c[b:b + batch] for c in cond), h, w).float()
                 err[key] += (v - (e - x)).pow(2).flatten(1).mean(1).sum().item() / n
@@ -803,7 +804,7 @@ def main(argv=None):
     p.add_argument("--seed", type=cli.seed, default=0, help="prompt set and noise seed")
     p.add_argument("--out", type=cli.writable_folder, default=None, help="folder for eval.json and grid.png "
                    "(default: <ckpt>/eval)")
-    p.add_argument("--cfg", type=number(float), default=None,
+    p.add_argument("--guidance", "--cfg", dest="guidance", type=number(float), default=None,
                    help="EP-CFG scale (sample.py's default: 5; 1 step: 1)")
     p.add_argument("--eta", type=number(float, 0, 1), default=1.0, help="DDIM eta")
     p.add_argument("--s-schedule", type=cli.s_schedule, default=None,

@@ -31,14 +31,15 @@ import torch.distributed as dist
 import cli
 import data
 import encoders
+import losses
 import selfe
 from cli import number
 
 
 def time_grid(steps, L, anchor=512, shift=True):
     """t_0 = 1 > t_1 > ... > t_N = 0: linspace(1, 0, N + 1) warped with mu(L) (s.12). (N + 1,)"""
-    mu = selfe.mu_of_length(L, anchor) if shift else 0.0
-    return selfe.warp(torch.linspace(1, 0, steps + 1, dtype=torch.float64), mu).float()
+    mu = losses.mu_of_length(L, anchor) if shift else 0.0
+    return losses.warp(torch.linspace(1, 0, steps + 1, dtype=torch.float64), mu).float()
 
 
 def second_times(ts, schedule="next"):
@@ -73,27 +74,27 @@ def ddim_step(x, v, t, t_next, eta, noise):
     return x if eta == 0 else x + math.sqrt(max(t_next ** 2 - b ** 2, 0.0)) * noise
 
 
-def resolve_defaults(steps, cfg, s_schedule, objective="selfe"):
+def resolve_defaults(steps, guidance, s_schedule, objective="selfe"):
     """The paper's settings where none are given: w = 5 and s_k = t_{k+1}; one step without guidance at
     s = 0.5 (S.3.1, Fig. S.4). A model trained by plain flow matching only ever saw s = t, so it samples with
     s_k = t_k at every step count (S.3.1: s_k = t_k *is* flow matching)."""
     if s_schedule is None:
         s_schedule = "current" if objective == "fm" else "0.5" if steps == 1 else "next"
-    if cfg is None:
-        cfg = 1.0 if steps == 1 else 5.0
-    return cfg, s_schedule
+    if guidance is None:
+        guidance = 1.0 if steps == 1 else 5.0
+    return guidance, s_schedule
 
 
 @torch.no_grad()
-def sample(system, prompts, steps=4, cfg=None, eta=1.0, s_schedule=None, seeds=None, model=None, anchor=512,
+def sample(system, prompts, steps=4, guidance=None, eta=1.0, s_schedule=None, seeds=None, net=None, anchor=512,
            shift=True, progress=False, objective="selfe", cond=None, null=None):
     """prompts (B) -> images (B, 3, H, W) in [-1, 1]. Each image's noise comes from its own seed
-    (default 0..B-1), so an image does not depend on what else is in the batch. `model` defaults
-    to the EMA weights if present; `objective` ('selfe' or 'fm': what the model was trained with)
-    picks the default s_k. `cond` and `null` are the prompts' and phi's encodings (txt, vec) where no text
-    encoder is loaded (train.py's previews from a cache): batch B and batch 1."""
-    model = model or system.ema or system.denoiser
-    cfg, s_schedule = resolve_defaults(steps, cfg, s_schedule, objective)
+    (default 0..B-1), so an image does not depend on what else is in the batch. `guidance` is the EP-CFG
+    scale w (1: none); the network `net` defaults to the EMA weights if present; `objective` ('selfe' or 'fm':
+    what the model was trained with) picks the default s_k. `cond` and `null` are the prompts' and phi's
+    encodings (txt, vec) where no text encoder is loaded (train.py's previews from a cache): batch B and 1."""
+    net = net or system.ema or system.denoiser
+    guidance, s_schedule = resolve_defaults(steps, guidance, s_schedule, objective)
     dev = system.device
     B = len(prompts)
     h, w = system.grid
@@ -102,7 +103,7 @@ def sample(system, prompts, steps=4, cfg=None, eta=1.0, s_schedule=None, seeds=N
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     randn = lambda: torch.stack([torch.randn(L, C, generator=g) for g in gens]).to(dev)  # (B, L, C)
     cond = system.encode_text(prompts) if cond is None else cond
-    if cfg != 1:  # both guidance branches in one batched call per step
+    if guidance != 1:  # both guidance branches in one batched call per step
         null = system.null_cond(B) if null is None else selfe.expand(null, B)
         cond = tuple(torch.cat(pair) for pair in zip(cond, null))
     ts = time_grid(steps, L, anchor, shift)
@@ -110,11 +111,11 @@ def sample(system, prompts, steps=4, cfg=None, eta=1.0, s_schedule=None, seeds=N
     x = randn()
     for k in range(steps):
         t, t_next, s = ts[k].item(), ts[k + 1].item(), ss[k].item()
-        xin = torch.cat((x, x)) if cfg != 1 else x
+        xin = torch.cat((x, x)) if guidance != 1 else x
         tt = torch.full((len(xin),), t, device=dev)
-        v = system.velocity(model, xin, tt, torch.full_like(tt, s), cond, h, w).float()
-        if cfg != 1:
-            v = ep_cfg(v[:B], v[B:], cfg)
+        v = system.velocity(net, xin, tt, torch.full_like(tt, s), cond, h, w).float()
+        if guidance != 1:
+            v = ep_cfg(v[:B], v[B:], guidance)
         x = ddim_step(x, v, t, t_next, eta, randn() if (eta > 0 and t_next > 0) else None)
         # a live counter on a terminal, one line in a log
         if progress and (sys.stderr.isatty() or k + 1 == steps):
@@ -167,7 +168,7 @@ def load_system(args):
         weights = encoders.find_pretrained(args.pretrained, transformer=True)["transformer"]
         system = selfe.SelfE(cfg, args.device, pretrained=args.pretrained, t5=args.t5, clip=args.clip,
                              vae=args.vae, transformer=weights)
-        system.guidance = args.guidance
+        system.guidance = args.flux_guidance
         return system, {"step": 0, "flags": FLUX_SAMPLING[args.size], "source": weights}
     system, meta = selfe.load_checkpoint(args.ckpt, args.device, args.weights, args.pretrained, args.t5,
                                          args.clip, args.vae, args.resolution)
@@ -314,8 +315,8 @@ def main(argv=None):
                    help="prompts from FILE: one per line, or GenEval metadata lines (.jsonl)")
     p.add_argument("--ckpt", default="runs/tiny", help="run folder (uses its `latest`) or a step folder")
     p.add_argument("--steps", type=number(int, 1, cli.MAX_STEPS), default=4, help="sampling steps (A 15)")
-    p.add_argument("--cfg", type=number(float), default=None,
-                   help="EP-CFG scale (default 5; 1 = no guidance; 1 step: 1; A 21, A 24)")
+    p.add_argument("--guidance", "--cfg", dest="guidance", type=number(float), default=None,
+                   help="EP-CFG guidance scale w (default 5; 1 = no guidance; 1 step: 1; A 21, A 24)")
     p.add_argument("--eta", type=number(float, 0, 1), default=None,
                    help="DDIM eta (1 = the paper's setting, 0 = Euler, Eq. 22; A 7)")
     p.add_argument("--s-schedule", type=cli.s_schedule, default=None,
@@ -351,7 +352,8 @@ def main(argv=None):
     f.add_argument("--clip", default=None,
                    help="CLIP ViT-L/14 text folder (weights, config.json, vocab, merges)")
     f.add_argument("--vae", default=None, help="FLUX autoencoder file (ae.safetensors or diffusers layout)")
-    f.add_argument("--guidance", type=number(float), default=3.5, help="flux-dev's distilled guidance input")
+    f.add_argument("--flux-guidance", type=number(float), default=3.5,
+                   help="flux-dev's distilled guidance input (not EP-CFG's --guidance)")
     args = p.parse_args(argv)
     if bool(args.prompts) == bool(args.from_file):
         p.error("give the prompts as arguments or --from-file FILE (one of the two)")
@@ -385,20 +387,20 @@ def sample_cli(p, args, rank, world):
     flags = meta["flags"]
     anchor = args.anchor or flags.get("anchor", 512)
     shift = flags.get("shift", True)
-    cfg = args.cfg if args.cfg is not None else flags.get("cfg")
+    guidance = args.guidance if args.guidance is not None else flags.get("cfg")
     eta = args.eta if args.eta is not None else flags.get("eta", 1.0)
     objective = flags.get("objective", "selfe")
     if rank == 0:
         print(f"sampling {meta['source']}", file=sys.stderr)
 
     def draw(texts, seeds, steps=args.steps, progress=False):  # -> (B, 3, H, W), --batch images per call
-        return torch.cat([sample(system, texts[b:b + args.batch], steps, cfg, eta, args.s_schedule,
+        return torch.cat([sample(system, texts[b:b + args.batch], steps, guidance, eta, args.s_schedule,
                                  seeds[b:b + args.batch], anchor=anchor, shift=shift, progress=progress,
                                  objective=objective).cpu() for b in range(0, len(texts), args.batch)])
     if args.outdir:
-        used_cfg, used_s = resolve_defaults(args.steps, cfg, args.s_schedule, objective)
+        used_w, used_s = resolve_defaults(args.steps, guidance, args.s_schedule, objective)
         h, w = system.grid
-        record = {"steps": args.steps, "cfg": used_cfg, "eta": eta, "s_schedule": used_s,
+        record = {"steps": args.steps, "cfg": used_w, "eta": eta, "s_schedule": used_s,
                   "resolution": [h * side, w * side], "checkpoint": meta["source"]}
         args.upscale = args.upscale or 1
         return write_images(draw, prompts, n, args, record, rank, world)

@@ -2,9 +2,8 @@
 
 - `SelfE`: the dual-time denoiser and its frozen parts, built from a preset: text -> (T5 tokens, CLIP pooled),
   image <-> latent tokens (patchify), V and the sample head G = x_t - t V (Eq. 6).
-- The forward process x_t = (1 - t) x_0 + t eps (Eq. 1), logit-normal time with the
-  length-dependent warp (s.11-s.12), the second time s with its tau anneal (s.13), caption
-  dropout (A 1), EMA, and the checkpoint format.
+- The EMA, and the checkpoint format (reading, checking, loading). The objective and the randomness it is
+  defined by (Eq. 1, s.11-s.13, caption dropout) are losses.py's.
 Equation numbers are the paper's; docs/method.md keys every citation (Eq. N, s.N, S.N, A N).
 """
 import dataclasses
@@ -20,6 +19,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.fsdp import FSDPModule
+from torch.utils.checkpoint import checkpoint
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
@@ -34,65 +34,11 @@ NULL_PROMPT = ""  # phi: the empty prompt, through both encoders (docs/method.md
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Forward process, sample head, time sampling
-
-def forward_process(x0, t, eps):
-    """Eq. 1 with (alpha_t, sigma_t) = (1 - t, t): x_t = (1 - t) x_0 + t eps. x0, eps (B, L, C); t (B,)."""
-    t = t.view(-1, 1, 1)
-    return (1 - t) * x0 + t * eps
-
+# The sample head (the forward process and the times of a training sample are the objective's: losses.py)
 
 def g_head(x_t, t, v):
     """Eq. 6: G = x_t - t V, the x_0 prediction."""
     return x_t - t.view(-1, 1, 1) * v
-
-
-def mu_of_length(L, anchor=512, mu_anchor=0.5, mu_4096=1.15):
-    """Length-dependent shift (docs/method.md §6): linear in the patch count L, 0.5 at `anchor`
-    (paper 512, A 6; minFM/FLUX 256), 1.15 at 4096, extrapolated linearly outside."""
-    if not 0 < anchor < 4096:
-        raise ValueError(f"anchor {anchor}: mu(L) is 0.5 there and 1.15 at 4096 tokens, so it "
-                         "must lie in (0, 4096)")
-    return mu_anchor + (mu_4096 - mu_anchor) * (L - anchor) / (4096 - anchor)
-
-
-def warp(t, mu):
-    """s.12: t -> e^mu / (e^mu + 1/t - 1), written to be exact at t = 0 and t = 1;
-    mu > 0 pushes t toward noise."""
-    return math.exp(mu) * t / (math.exp(mu) * t + 1 - t)
-
-
-def sample_t(n, L, anchor=512, device="cpu", generator=None, uniform=0.0):
-    """s.11-s.12: t_raw = sigmoid(z), z ~ N(0, 1), then warped by mu(L). `uniform` > 0 (not in the paper,
-    A 25) draws that share of the t from U(0, 1) instead, so that t near 1, where one-step sampling starts,
-    is trained at all on a short run: the warped logit-normal puts about 2e-5 of its draws above 0.99 at
-    L = 64."""
-    t = warp(torch.sigmoid(torch.randn(n, device=device, generator=generator)), mu_of_length(L, anchor))
-    if uniform > 0:
-        u = torch.rand(2, n, device=device, generator=generator)
-        t = torch.where(u[0] < uniform, u[1], t)
-    return t
-
-
-def tau_at(step, tau_steps):
-    """s.13: tau anneals linearly from 0 to 1 over the first `tau_steps` iterations (paper: 300k of 710k)."""
-    return 1.0 if tau_steps <= 0 else min(1.0, step / tau_steps)
-
-
-def sample_s(t, tau, p_equal=0.5, force_equal=None, generator=None):
-    """s.13: s = t with probability p_equal, else s ~ U((1 - tau) t, t). `force_equal` (B,) bool marks samples
-    that must keep s = t (caption-dropped samples under train.py --dropped equal, A 2)."""
-    u = torch.rand(2, *t.shape, device=t.device, generator=generator)
-    equal = u[0] < p_equal
-    if force_equal is not None:
-        equal |= force_equal
-    s = t - tau * t * u[1]
-    return torch.where(equal, t, s)
-
-
-def caption_dropout(n, p, generator=None):
-    """Classifier-free-guidance dropout (A 1: p = 0.1): which of n captions become phi, the empty prompt."""
-    return torch.rand(n, generator=generator) < p
 
 
 def expand(cond, n):
@@ -259,8 +205,9 @@ class SelfE:
             forget_forward(net)
         return v
 
-    def G(self, net, x, t, s, cond, h, w):
-        """Eq. 6: G_theta(x_t, t, s, c) = x_t - t V_theta(x_t, t, s, c), in fp32."""
+    def predict(self, net, x, t, s, cond, h, w):
+        """Eq. 6: the sample prediction x0_hat = G_theta(x_t, t, s, c) = x_t - t V_theta(x_t, t, s, c) of `net`,
+        in fp32 (losses.py takes it as the callable G, with the network and the grid bound)."""
         return g_head(x.float(), t, self.velocity(net, x, t, s, cond, h, w).float())
 
     # -- EMA
@@ -337,6 +284,15 @@ def frozen_paths(pretrained=None, t5=None, clip=None, vae=None):
 # admits what torch.distributed.checkpoint writes (docs/formats.md §1, "What a checkpoint may run").
 
 STEP_NAME = re.compile(r"step-\d+")
+
+
+def checkpoint_activations(block):
+    """Activation checkpointing of one block: it keeps its inputs and recomputes the rest in backward. The
+    checkpoint sits inside the block's call, so the recomputation does not run the block's hooks
+    (FSDP's gather) again, and around its compiled forward, not inside it: inductor's partitioner fails on
+    the checkpointed single-stream block's attention backward with symbolic sizes (docs/scaling.md §4)."""
+    forward = block.forward
+    block.forward = lambda *args: checkpoint(forward, *args, use_reentrant=False)
 
 
 def reshard(module):

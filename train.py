@@ -9,7 +9,7 @@
     torchrun --nproc_per_node 2 train.py              # also on CPU (gloo), for testing
     python train.py --size 2b --data manifest.tsv --pretrained FLUX_DIR --build-cache CACHE  # encoders once
     python train.py --size 2b --data CACHE            # then train from the cache, no frozen encoders loaded
-    python bench.py --plan --size 2b --batch 1024 --world 8   # memory per GPU, before renting any
+    python bench.py --plan --size 2b --micro-batch 16 --world 8   # memory per GPU, before renting any
 
 Read top to bottom: flags, distributed set-up (torchrun's environment; FSDP2 per block), the memory check, the
 loop (`train`: batch -> encode -> t, s -> losses.py -> backward, step, EMA), then its parts in the order it
@@ -60,12 +60,12 @@ from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.utils.checkpoint import checkpoint
 
 import cli
 import data
 import encoders
 import losses
+import memory
 import model
 import sample as sampler
 import selfe
@@ -238,16 +238,25 @@ def get_args(argv=None):
                 model.MMDiT(cfg)
         except (AssertionError, ValueError, RuntimeError) as e:
             p.error(f"argument --set: {e}")
+    # What the run uses where the command line left a flag out, each named in `derived` with where it comes
+    # from; config.json saves every flag, `passed` (what was asked for) and `derived`.
+    derived = {}
+
+    def derive(name, value, why):
+        setattr(args, name, value)
+        derived[name] = why
     for name, default in (("steps", cfg.steps), ("batch", cfg.batch), ("lr", cfg.lr), ("ema", cfg.ema_decay),
                           ("world", cfg.world), ("resolution", [cfg.resolution])):
         if getattr(args, name) is None:
-            setattr(args, name, default)
+            derive(name, default, f"preset {args.size}")
     if args.warmup is None:
-        args.warmup = min(1000, args.steps // 20)
+        derive("warmup", min(1000, args.steps // 20), "min(1000, steps / 20)")
     # the length warm-up, decay and the method's fractions span (see --reschedule)
-    args.schedule_steps = args.steps
+    derive("schedule_steps", args.steps, "steps")
     if args.precision is None:
-        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
+        derive("precision", "bf16" if args.device.startswith("cuda") else "fp32", "device")
+    if args.device.startswith("cuda") and "LOCAL_RANK" in os.environ:   # under torchrun: the process's GPU
+        derive("device", f"cuda:{int(os.environ['LOCAL_RANK'])}", "LOCAL_RANK")
     if args.delta_zero and args.objective != "selfe":
         p.error("--delta-zero is a control of the selfe objective")
     if args.overwrite and args.resume:
@@ -260,8 +269,10 @@ def get_args(argv=None):
     if args.compile_fallback and not args.compile:
         p.error("--compile-fallback goes with --compile")
     check_backend(p, args)
-    args.out = args.out or os.path.join("runs", args.size + ("-fm" if args.objective == "fm" else "")
-                                        + ("-delta0" if args.delta_zero else ""))
+    if args.out is None:
+        derive("out", os.path.join("runs", args.size + ("-fm" if args.objective == "fm" else "")
+                                   + ("-delta0" if args.delta_zero else "")), "size, objective")
+    args.derived = derived
     return args
 
 
@@ -335,8 +346,7 @@ def init_distributed(args):
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         return 0, 1
     if args.device.startswith("cuda"):
-        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(args.device)
+        torch.cuda.set_device(args.device)                                  # cuda:LOCAL_RANK (get_args)
     # torchrun's store outlives a restart: keys under this attempt's prefix, so no worker
     # reads a dead one's address
     store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
@@ -375,15 +385,6 @@ def one_device_shards(mesh):
     return mesh is None or mesh.shape[-1] == 1
 
 
-def checkpoint_activations(block):
-    """Activation checkpointing of one block: it keeps its inputs and recomputes the rest in backward. The
-    checkpoint sits inside the block's call, so the recomputation does not run the block's hooks
-    (FSDP's gather) again, and around its compiled forward, not inside it: inductor's partitioner fails on
-    the checkpointed single-stream block's attention backward with symbolic sizes (docs/scaling.md §4)."""
-    forward = block.forward
-    block.forward = lambda *args: checkpoint(forward, *args, use_reentrant=False)
-
-
 def parallelize(model, args, mesh=None, ema=False):
     """Per block: torch.compile of its forward, then activation checkpointing around it; then FSDP2 under a
     process group on `mesh` (default: every rank), each block its own shard group, so one block's
@@ -398,7 +399,7 @@ def parallelize(model, args, mesh=None, ema=False):
         if args.compile:
             block.forward = torch.compile(block.forward, dynamic=True)
         if args.act_ckpt:
-            checkpoint_activations(block)
+            selfe.checkpoint_activations(block)
     if dist.is_initialized():
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if args.precision == "bf16" else None,
                                   reduce_dtype=torch.float32, cast_forward_inputs=False)
@@ -424,12 +425,12 @@ def setup(args, frozen_parts=True):
                          args.vae, frozen_parts=frozen_parts)
     ema = system.make_ema()
     mesh = device_mesh(args, dist.get_world_size() if dist.is_initialized() else 1)
-    model = parallelize(system.denoiser, args, mesh)
-    parallelize(ema, args, mesh, ema=True)                             # the fp32 EMA, sharded like the model
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    net = parallelize(system.denoiser, args, mesh)
+    parallelize(ema, args, mesh, ema=True)                             # the fp32 EMA, sharded like the net
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
     name = device_name(system.device)
     peak = args.peak_tflops or (H100_PEAK if "H100" in name or "H200" in name else None)
-    return system, model, ema, opt, peak
+    return system, net, ema, opt, peak
 
 
 def compile_config(args):
@@ -531,10 +532,9 @@ def choose_accum(args, world, aux=True):
     capacity = device_memory(args)
     if capacity is None:
         return A or 1
-    import bench  # the memory plan lives with the benchmarks
     gib = lambda x: f"{x / 2 ** 30:.1f} GiB"
     frozen = not data.is_cache(args.data)
-    need = functools.cache(lambda a, ckpt: bench.memory_plan(
+    need = functools.cache(lambda a, ckpt: memory.memory_plan(
         preset_config(args), per_rank // a, max(args.resolution), world, ckpt, args.precision, args.objective,
         shard=shard_size(args, world), accum=a, aux=aux, frozen=frozen)["total"])
     options = [a for a in range(1, per_rank + 1) if per_rank % a == 0]
@@ -575,7 +575,8 @@ def train(args, rank, world):
     accums = [choose_accum(args, world, aux=False),                        # before any weight is built
               choose_accum(args, world, aux=True) if reaches_aux else None]
     B = args.batch
-    args.accum = accums[0]                                     # (as the checkpoint's flags record it)
+    if args.accum is None:                                     # (as the checkpoint's flags record it)
+        args.accum, args.derived["accum"] = accums[0], "memory plan"
     init_from = init_source(args) if args.init_from and not resume_from else None
     cached = data.is_cache(args.data)
     if cached:                                         # every file of the cache is checked before building
@@ -583,7 +584,7 @@ def train(args, rank, world):
                                args.t5_mask)
         source = data.CachedData(args.data, meta, B, args.seed)
     previews = preview_source(args, cached, rank)                          # a bad prompt file stops here
-    system, model, ema, opt, peak = setup(args, frozen_parts=not cached)
+    system, net, ema, opt, peak = setup(args, frozen_parts=not cached)
     system.t5_mask = args.t5_mask                                          # before any text is encoded
 
     if cached:
@@ -617,7 +618,7 @@ def train(args, rank, world):
              rank=rank)
     previews = preview_decoder(previews, args, system, null, rank)
     os.makedirs(args.out, exist_ok=True)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in net.parameters())
     sample_flops = functools.lru_cache(system.denoiser.flops)            # forward FLOPs of one sample (L, Lt)
     phases = [accum_at(start), accum_at(args.steps - 1)]                 # the first step's, the last's
     split = " then ".join(f"{B // (world * a)} x {world} ranks x {a} accum" for a in dict.fromkeys(phases))
@@ -647,43 +648,41 @@ def train(args, rank, world):
         lr = lr_at(step, args)
         for group in opt.param_groups:
             group["lr"] = lr
-        # the step's dropout, t and s: one generator for the global batch, the same on every rank
-        gen = torch.Generator().manual_seed(data.stream_seed(args.seed, step))
-        dropped = selfe.caption_dropout(B, args.p_drop, gen)                # (B,) bool
+        # draw: the step's caption dropout, t and s for the whole global batch (the same on every rank)
+        h, w = token_grid(parts[0], system, cached)                         # (buckets vary h, w)
+        dropped, t, s = draw(args, step, B, h * w, tau_steps)
+        evaluate = (s < t) & ~dropped & (not args.delta_zero)               # Delta = 0 for the rest
+        n_self = int(evaluate.sum())                                        # on the host: no device sync
         aux = aux_at(step)
+        G = functools.partial(system.predict, net, h=h, w=w)                     # current weights, with grad
+        G_ema = functools.partial(system.predict, ema, h=h, w=w)                 # EMA: the conditional pass (S.2)
         terms = []
         for micro in range(A):
-            off = (rank * A + micro) * b                                    # this slice's place in the batch
-            sl = slice(off, off + b)
-            x0, cond, fake, (h, w) = load_batch(parts[micro], source, system, dropped[sl], args.fake_prefix,
-                                                cached)
-            L = x0.shape[1]                                                 # h w tokens (buckets vary h, w)
-            G = functools.partial(system.G, model, h=h, w=w)               # current weights, with grad
-            G_ema = functools.partial(system.G, ema, h=h, w=w)             # EMA: the conditional pass (S.2)
-            if micro == 0:
-                t_all, s_all = draw(gen, args, step, B, L, tau_steps, dropped)
-                evaluate_all = (s_all < t_all) & ~dropped & (not args.delta_zero)  # Delta = 0 for the rest
-                n_self = int(evaluate_all.sum())                            # on the host: no device sync
-            eps, eps_self = noise(args.seed, step, range(off, off + b), L, x0.shape[2], system.device)
+            first = (rank * A + micro) * b                                  # this slice's place in the batch
+            sl = slice(first, first + b)
+            # encode: images to latent tokens, captions (dropped ones as phi) through the text encoders
+            x0, cond, fake, _ = load_batch(parts[micro], source, system, dropped[sl], args.fake_prefix, cached)
+            eps, eps_self = noise(args.seed, step, range(first, first + b), *x0.shape[1:], system.device)
+            idx, weight = evaluated(evaluate[sl], b, world, args.compile)   # on the host
             if dist.is_initialized():
-                micro_steps(model, micro, A, world)
+                micro_steps(net, micro, A, world)
             dev = lambda x: x.to(system.device, non_blocking=True)
-            n_eval = eval_size(int(evaluate_all[sl].sum()), b, world, args.compile)
-            if aux and not cached:  # c_fake's prompts chosen on the host, as selfe_loss chooses them
-                fake = on_host(fake, losses.eval_indices(evaluate_all[sl], n_eval))
             with compile_errors(args):
-                loss, micro_terms = objective(args, G, G_ema, x0, dev(t_all[sl]), dev(s_all[sl]), cond, null,
-                                              fake=fake if aux else None, eps=eps, eps_self=eps_self,
-                                              evaluate=dev(evaluate_all[sl]), eval_size=n_eval,
+                # the loss (Eq. 21, or Eq. 3), then backward
+                loss, micro_terms = objective(args, G, G_ema, x0, dev(t[sl]), dev(s[sl]), cond, null, eps=eps,
+                                              eps_self=eps_self, evaluated=dev(idx), weight=dev(weight),
+                                              fake=fake(idx) if aux and len(idx) else None,
                                               fake_norm=max(n_self, 1) * b / B)
                 (loss / A).backward()
             terms.append(micro_terms)
-        streak, grad_norm = update(model, opt, system, args, step, streak)
+        # update: clip, Adam, EMA (a non-finite step is skipped on the device)
+        streak, grad_norm = update(net, opt, system, args, step, streak)
 
+        L = h * w
         n_flops = step_flops(sample_flops(L, cond[0].shape[1]), B, n_self, aux)
-        pending.append(dict(step=step, lr=lr, items=items, t=t_all, s=s_all, dropped=dropped, accum=A,
-                            evaluate=evaluate_all, terms=torch.cat(terms, 1), grad_norm=grad_norm,
-                            streak=streak, flops=n_flops, tokens=B * (L + cond[0].shape[1])))
+        pending.append(dict(step=step, lr=lr, items=items, t=t, s=s, dropped=dropped, accum=A,
+                            evaluate=evaluate, terms={k: torch.cat([m[k] for m in terms]) for k in TERMS},
+                            grad_norm=grad_norm, streak=streak, flops=n_flops, tokens=B * (L + cond[0].shape[1])))
         last = step + 1 == args.steps
         checkpointing = (step + 1) % args.ckpt_every == 0 or last
         finish_checkpoint(wait=False)                       # one written on a thread, once every rank is done
@@ -759,7 +758,7 @@ MAY_CHANGE = ("steps", "log_every", "ckpt_every", "sample_every", "preview_promp
               "clip", "vae", "init_from")
 MACHINE = ("device", "threads", "precision", "accum", "memory_gib", "peak_tflops", "dist_timeout", "workers",
            "compile", "compile_fallback", "act_ckpt", "ckpt_sync", "out", "resume", "overwrite", "reschedule",
-           "build_cache", "cache_batch", "passed")
+           "build_cache", "cache_batch", "passed", "derived")
 
 
 def shown(key, value):
@@ -788,6 +787,7 @@ def keep_run_flags(args, saved, path, rank):
             if now != was and not (key == "warmup" and args.reschedule):  # refit below
                 restored.append(shown(key, was))
                 setattr(args, key, was)
+                args.derived[key] = "the resumed run"
         elif now == was or key == "steps" or (key in SCHEDULE and args.reschedule):
             continue
         elif key in MAY_CHANGE:
@@ -885,7 +885,8 @@ def fetch(source, step, rank, b, A, device):
 
 def load_batch(part, source, system, dropped, fake_prefix, cached):
     """A fetched slice -> (x0 tokens (b, L, C), cond (txt, vec), fake, token grid (h, w)); fake(idx)
-    gives c_fake's encoding (s.8) for the samples idx (on the host when online). Online: images through the
+    gives c_fake's encoding (s.8) for the samples idx, host indices (c_fake's prompts are strings: indices
+    read back from the device would make the step wait on it). Online: images through the
     autoencoder (or pixels), captions with dropout applied through T5 and CLIP. Cached: the rows, with phi's
     encodings where the caption was dropped."""
     p = system.cfg.patch
@@ -898,25 +899,38 @@ def load_batch(part, source, system, dropped, fake_prefix, cached):
                                      dev(source.null[k])).float() for k in keys)
         lat = dev(part["latent"])
         cond, fake_cond = select(("txt", "vec")), select(("fake_txt", "fake_vec"))
-        fake = lambda idx: tuple(c[idx] for c in fake_cond)
+        fake = lambda idx: tuple(c[dev(idx)] for c in fake_cond)
     else:
         images, captions = part
         captions = [selfe.NULL_PROMPT if d else c for c, d in zip(captions, dropped.tolist())]
         lat = system.encode_latents(images)                                # (b, C, H/8, W/8) or pixels
         cond = system.encode_text(captions)                                # (b, Lt, d_txt), (b, d_vec)
-        # idx: host indices (train passes them: reading the device's would make the step wait on it)
         fake = lambda idx: system.encode_text([fake_prefix + captions[i] for i in idx.tolist()])
     grid = (lat.shape[2] // p, lat.shape[3] // p)
     return selfe.patchify(lat.float(), p), cond, fake, grid
 
 
-def draw(gen, args, step, B, L, tau_steps, dropped):
-    """The step's per-sample times for the whole global batch (B floats, on every rank):
-    t (s.11-s.12), s (s.13)."""
-    t = selfe.sample_t(B, L, args.anchor, generator=gen, uniform=args.t_uniform)
-    s = selfe.sample_s(t, selfe.tau_at(step, tau_steps), args.p_equal,
-                       dropped if args.dropped == "equal" else None, generator=gen)
-    return t, (t if args.objective == "fm" else s)
+def token_grid(part, system, cached):
+    """The token grid (h, w) of a fetched slice, before anything is encoded: its bucket's latent size (the
+    cached latents', or the images' over the autoencoder's downsampling) over the patch size."""
+    p = system.cfg.patch
+    if cached:
+        H, W = part["latent"].shape[2:]
+        return H // p, W // p
+    H, W = part[0].shape[2:]
+    return H // system.downsample // p, W // system.downsample // p
+
+
+def draw(args, step, B, L, tau_steps):
+    """The step's randomness for the whole global batch, from one generator seeded by (seed, step), the same
+    on every rank: -> which captions are dropped (A 1), t (s.11-s.12) and s (s.13), (B,) each on the host
+    (s = t for flow matching)."""
+    gen = torch.Generator().manual_seed(data.stream_seed(args.seed, step))
+    dropped = losses.caption_dropout(B, args.p_drop, gen)
+    t = losses.sample_t(B, L, args.anchor, generator=gen, uniform=args.t_uniform)
+    s = losses.sample_s(t, losses.tau_at(step, tau_steps), args.p_equal,
+                        dropped if args.dropped == "equal" else None, generator=gen)
+    return dropped, t, (t if args.objective == "fm" else s)
 
 
 def noise(seed, step, positions, L, C, device):
@@ -930,54 +944,49 @@ def noise(seed, step, positions, L, C, device):
     return out[:, 0], out[:, 1]
 
 
-def eval_size(count, b, world, compiled):
-    """How many samples the evaluation passes of a slice run on, `count` of them needing it
-    (losses.selfe_loss pads with zero-weight samples): on N ranks every rank makes the same forward calls
-    (FSDP gathers each block's weights in them), so never 0 there; a compiled block never sees a batch of 1,
-    for which dynamo specialises a graph."""
-    if count == 0 and world == 1:
-        return 0
-    return min(b, max(count, 2 if compiled else 1))
+def evaluated(marked, b, world, compiled):
+    """Which samples of a slice of b the evaluation passes run on, `marked` (b,) bool on the host: -> (their
+    indices, their weights in the loss), both on the host. The marked samples, weight 1; on N ranks every rank
+    must make the same forward calls (FSDP gathers each block's weights in them), so a slice with none
+    evaluates one unmarked sample with weight 0 (Delta = 0 for it, as if it were not evaluated: losses.py);
+    a compiled block never sees a batch of 1, for which dynamo specialises a graph, so a lone sample gets a
+    weight-0 companion."""
+    count = int(marked.sum())
+    n = 0 if count == 0 and world == 1 else min(b, max(count, 2 if compiled else 1))
+    idx = torch.argsort((~marked).to(torch.uint8), stable=True)[:n]       # the marked ones first, in order
+    return idx, marked[idx].float()
 
 
-def on_host(fake, idx):
-    """fake(idx) for the samples the evaluation passes take, with their indices `idx` computed on the host by
-    selfe_loss's own rule (losses.eval_indices): the prompts of c_fake are strings, and reading the
-    indices back from the device would make every step with the auxiliary term wait on it."""
-    return lambda device_idx: fake(idx)
-
-
-def micro_steps(model, micro, A, world):
+def micro_steps(net, micro, A, world):
     """FSDP2 over a step's A micro-steps. On N ranks gradients are reduced once, after the last one (no
     communication before; FSDP then keeps a full-size fp32 gradient, which the memory plan counts); one
     process reduces every micro-step, which costs nothing and keeps no such copy."""
-    model.set_requires_gradient_sync(world == 1 or micro == A - 1)
+    net.set_requires_gradient_sync(world == 1 or micro == A - 1)
 
 
-# A step's per-sample terms, as the rows of one tensor so that logging gathers them in one call: the weighted
-# total (what the loss averages), the data term, the self-evaluation term, and L_fake and the loss, which are
-# scalars of a micro-batch repeated over its samples.
+# A step's per-sample terms, by name: the weighted total (what the loss averages), the data term, the
+# self-evaluation term, and L_fake and the loss, which are scalars of a micro-batch repeated over its samples.
 TERMS = ("total", "data", "self", "fake", "loss")
 
 
-def objective(args, G, G_ema, x0, t, s, cond, null, *, fake, eps, eps_self, evaluate, fake_norm, eval_size):
-    """One micro-batch: the loss (Eq. 21, or Eq. 3 for --objective fm) and its terms as a (len(TERMS), b)
-    tensor on the loss's device, so that logging reads them back later without a sync here."""
+def objective(args, G, G_ema, x0, t, s, cond, null, *, eps, eps_self, evaluated=None, weight=None, fake=None,
+              fake_norm=None):
+    """One micro-batch: the loss (Eq. 21, or Eq. 3 for --objective fm) and its TERMS, each (b,) on the loss's
+    device, so that logging reads them back later without a sync here."""
     if args.objective == "fm":
         out = losses.fm_loss(G, x0, t, cond, t_min=args.t_min, eps=eps)
     else:
-        out = losses.selfe_loss(G, G_ema, x0, t, s, cond, null, evaluate=evaluate, eval_size=eval_size,
-                                fake=fake, fake_norm=fake_norm, k=args.k, target_norm=not args.no_target_norm,
-                                t_min=args.t_min, fake_weight=args.fake_weight,
-                                fresh_noise=not args.reuse_noise, eps=eps, eps_self=eps_self)
-    zero = torch.zeros_like(out["per_sample"])
-    terms = {"total": out["per_sample"].float(), "data": out["data"].float(),
-             "self": out.get("self", zero).float(), "fake": zero + out.get("fake", 0),
-             "loss": zero + out["loss"].detach()}
-    return out["loss"], torch.stack([terms[name] for name in TERMS])
+        out = losses.selfe_loss(G, G_ema, x0, t, s, cond, null, evaluated=evaluated, weight=weight, fake=fake,
+                                fake_norm=fake_norm, k=args.k, target_norm=not args.no_target_norm,
+                                t_min=args.t_min, fake_weight=args.fake_weight, eps=eps,
+                                eps_self=eps if args.reuse_noise else eps_self)
+    zero = torch.zeros_like(out["total"])
+    return out["loss"], {"total": out["total"].float(), "data": out["data"].float(),
+                         "self": out.get("self", zero).float(), "fake": zero + out.get("fake", 0),
+                         "loss": zero + out["loss"].detach()}
 
 
-def update(model, opt, system, args, step, streak):
+def update(net, opt, system, args, step, streak):
     """Clip, Adam, EMA. A step whose gradient norm is not finite (the same on every rank) is skipped on the
     device, without the host reading it: fused Adam leaves weights and state as they were (its found_inf, the
     protocol of torch.amp.GradScaler), and so does the EMA. `streak` (0-dim, on the device) counts the steps
@@ -985,8 +994,8 @@ def update(model, opt, system, args, step, streak):
     (nonfinite_stop), so the weights saved then are those from before the streak. -> (streak, grad norm).
     First every shard group gives back the weights it gathered (a one-device group keeps them through the
     step: parallelize), so that the clip, Adam and the next step's cast all see the sharded fp32 ones."""
-    selfe.reshard(model)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    selfe.reshard(net)
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     skip = ~torch.isfinite(grad_norm) | (streak >= args.max_skips)
     streak = torch.where(skip, streak + 1, 0)
@@ -1022,7 +1031,7 @@ def read_back(pending, world, args):
     the host in one copy, then one record per step
     (the loss and each term over the global batch, lambda, the share of s < t, whether it was skipped)."""
     # (n, len(TERMS), B): each pending step's terms, in global-batch order
-    stacked = gather(torch.stack([p["terms"] for p in pending]), world).cpu()
+    stacked = gather(torch.stack([torch.stack([p["terms"][k] for k in TERMS]) for p in pending]), world).cpu()
     scalars = torch.stack([torch.stack((p["grad_norm"].float(), p["streak"].float())) for p in pending]).cpu()
     records = []
     for p, rows, (gn, streak) in zip(pending, stacked, scalars):
@@ -1033,7 +1042,7 @@ def read_back(pending, world, args):
                "data": terms["data"].mean().item(), "grad_norm": gn.item(), "lr": p["lr"]}
         if args.objective == "selfe":
             sel, ev = p["s"] < p["t"], p["evaluate"]
-            lam = losses.lam(p["t"], p["s"])
+            lam = losses.lam(p["t"], p["s"])                                # Eq. 17
             rec.update(self=terms["self"][ev].mean().item() if ev.any() else 0.0,
                        lam=lam[sel].mean().item() if sel.any() else 0.0,
                        frac_s_lt_t=sel.float().mean().item(),

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import data
 import encoders
+import losses
 import model
 import selfe
 import train
@@ -261,8 +262,8 @@ def test_buckets_one_resolution_per_batch_disjoint_and_resumable(tmp_path):
 def test_training_on_buckets_feeds_the_token_count_to_the_time_warp(tmp_path, monkeypatch):
     manifest = make_manifest(tmp_path, [(64, 32), (40, 40)], 8)
     lengths = []
-    real = selfe.sample_t
-    monkeypatch.setattr(selfe, "sample_t", lambda n, L, *a, **k: lengths.append(L) or real(n, L, *a, **k))
+    real = losses.sample_t
+    monkeypatch.setattr(losses, "sample_t", lambda n, L, *a, **k: lengths.append(L) or real(n, L, *a, **k))
     train.main([*ARGS, "--data", manifest, "--out", str(tmp_path / "run"), "--steps", "6"])
     assert set(lengths) == {6 * 10, 8 * 8}  # 24 x 40 px -> 6 x 10 patches; 32 x 32 -> 8 x 8
 
@@ -368,7 +369,7 @@ def test_activation_checkpointing_changes_nothing_but_memory():
     blocks = [*nets[1].double_blocks, *nets[1].single_blocks]
     calls = []
     for block in blocks:
-        train.checkpoint_activations(block)
+        selfe.checkpoint_activations(block)
         block.register_forward_pre_hook(lambda m, a: calls.append(m))
     x, txt = torch.randn(2, 64, cfg.in_channels), torch.randn(2, 9, cfg.context_in_dim)
     args = (selfe.image_ids(8, 8), txt, torch.zeros(1, 9, 3), torch.rand(2), torch.rand(2) * 0.1,

@@ -13,6 +13,7 @@ import torch
 import cli
 import data
 import encoders
+import losses
 import sample as sampler
 import selfe
 import train
@@ -237,9 +238,9 @@ def test_train_flags_are_checked_before_any_work(argv, capsys):
 
 
 def test_time_warp_anchor_must_lie_below_4096():
-    assert selfe.mu_of_length(4096, 4095) == pytest.approx(1.15)
+    assert losses.mu_of_length(4096, 4095) == pytest.approx(1.15)
     with pytest.raises(ValueError, match="anchor 4096"):
-        selfe.mu_of_length(4096, 4096)
+        losses.mu_of_length(4096, 4096)
 
 
 # ------------------------------------------------------------------------------------------------------------

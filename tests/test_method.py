@@ -120,13 +120,14 @@ def test_self_evaluation_gradient_is_classifier_score(aux):
     t = torch.tensor([0.9, 0.7, 0.5, 0.3])
     s = torch.tensor([0.5, 0.7, 0.2, 0.3])  # samples 0 and 2 self-evaluate
     torch.manual_seed(123)
-    fake_fn = (lambda idx: tuple(c[idx] for c in fake)) if aux else None
-    out = losses.selfe_loss(G, G_ema, x0, t, s, cond, null, fake=fake_fn, k=0.9, target_norm=False)
+    idx = (s < t).nonzero().squeeze(1)
+    fake_i = tuple(c[idx] for c in fake) if aux else None
+    out = losses.selfe_loss(G, G_ema, x0, t, s, cond, null, fake=fake_i, k=0.9, target_norm=False)
     got = torch.autograd.grad(out["loss"], params)
     want, _ = _expected_grads(G, G_ema, params, x0, t, s, cond, null, fake if aux else None, 0.9, False)
     for g_, w_ in zip(got, want):
         torch.testing.assert_close(g_, w_, rtol=1e-5, atol=1e-6)
-    assert out["selfeval"].tolist() == [True, False, True, False]
+    assert (out["self"] > 0).tolist() == [True, False, True, False]          # the samples with s < t
 
 
 def test_self_eval_target_uses_ema_for_conditional_and_current_for_unconditional():
@@ -151,12 +152,12 @@ def test_s_equals_t_is_exactly_flow_matching():
     x0 = system.encode_images(data.shapes_batch(data.WORLDS["small"], range(4))[0])
     cond = system.encode_text(["a red circle", "", "a photo of two squares", "a blue square"])
     t = torch.tensor([0.2, 0.5, 0.7, 0.95])
-    G = lambda x, t_, s_, c: system.G(system.denoiser, x, t_, s_, c, h, w)
+    G = lambda x, t_, s_, c: system.predict(system.denoiser, x, t_, s_, c, h, w)
     torch.manual_seed(5)
     out = losses.selfe_loss(G, G, x0, t, t.clone(), cond, system.null_cond())
     torch.manual_seed(5)
     eps = torch.randn_like(x0)
-    x_t = selfe.forward_process(x0, t, eps)
+    x_t = losses.forward_process(x0, t, eps)
     v = system.velocity(system.denoiser, x_t, t, t, cond, h, w)
     want = (v - (eps - x0)).pow(2).flatten(1).mean(1).mean()
     torch.testing.assert_close(out["loss"], want, rtol=1e-5, atol=1e-6)
@@ -186,29 +187,29 @@ def test_evaluation_passes_run_only_on_samples_that_need_them():
 
 def test_time_sampling():
     torch.manual_seed(0)
-    assert abs(selfe.mu_of_length(512) - 0.5) < 1e-9 and abs(selfe.mu_of_length(4096) - 1.15) < 1e-9
-    assert abs(selfe.mu_of_length(1024) - 0.5929) < 1e-3                     # docs/method.md §6
-    assert abs(selfe.mu_of_length(256, anchor=256) - 0.5) < 1e-9
+    assert abs(losses.mu_of_length(512) - 0.5) < 1e-9 and abs(losses.mu_of_length(4096) - 1.15) < 1e-9
+    assert abs(losses.mu_of_length(1024) - 0.5929) < 1e-3                     # docs/method.md §6
+    assert abs(losses.mu_of_length(256, anchor=256) - 0.5) < 1e-9
     t = torch.tensor([0.0, 0.25, 0.5, 1.0])
     mu = 0.7
-    torch.testing.assert_close(selfe.warp(t, mu)[1:3], math.exp(mu) / (math.exp(mu) + 1 / t[1:3] - 1))
-    assert selfe.warp(t, mu)[0] == 0 and selfe.warp(t, mu)[-1] == 1
-    t = selfe.sample_t(20000, 1024)
+    torch.testing.assert_close(losses.warp(t, mu)[1:3], math.exp(mu) / (math.exp(mu) + 1 / t[1:3] - 1))
+    assert losses.warp(t, mu)[0] == 0 and losses.warp(t, mu)[-1] == 1
+    t = losses.sample_t(20000, 1024)
     assert 0 < t.min() and t.max() < 1 and t.median() > 0.5  # mu > 0 pushes toward noise
-    s = selfe.sample_s(t, tau=0.5, p_equal=0.5)
+    s = losses.sample_s(t, tau=0.5, p_equal=0.5)
     assert (s <= t).all() and (s >= 0.5 * t - 1e-6).all()
     assert abs((s == t).float().mean().item() - 0.5) < 0.02
     forced = torch.zeros(len(t), dtype=torch.bool)
     forced[:100] = True
-    assert (selfe.sample_s(t, 1.0, 0.5, forced)[:100] == t[:100]).all()   # dropped captions keep s = t
-    assert (selfe.sample_s(t, 0.0) == t).all()                           # tau = 0: s = t (self-eval fades in)
-    assert selfe.tau_at(150, 300) == 0.5 and selfe.tau_at(900, 300) == 1.0
+    assert (losses.sample_s(t, 1.0, 0.5, forced)[:100] == t[:100]).all()   # dropped captions keep s = t
+    assert (losses.sample_s(t, 0.0) == t).all()                           # tau = 0: s = t (self-eval fades in)
+    assert losses.tau_at(150, 300) == 0.5 and losses.tau_at(900, 300) == 1.0
     # --t-uniform: the paper's draws unchanged at 0; a share p from U(0, 1) puts about p/100 of t above 0.99
     g = lambda: torch.Generator().manual_seed(3)
-    paper = selfe.sample_t(1000, 64, generator=g())
-    torch.testing.assert_close(selfe.sample_t(1000, 64, generator=g(), uniform=0.0), paper)
-    t = selfe.sample_t(200_000, 64, generator=g(), uniform=0.2)
-    assert (selfe.sample_t(200_000, 64, generator=g()) > 0.99).float().mean() < 1e-4
+    paper = losses.sample_t(1000, 64, generator=g())
+    torch.testing.assert_close(losses.sample_t(1000, 64, generator=g(), uniform=0.0), paper)
+    t = losses.sample_t(200_000, 64, generator=g(), uniform=0.2)
+    assert (losses.sample_t(200_000, 64, generator=g()) > 0.99).float().mean() < 1e-4
     assert abs((t > 0.99).float().mean().item() - 0.002) < 5e-4 and 0 <= t.min() and t.max() < 1
 
 
@@ -283,22 +284,22 @@ def test_time_grid_runs_from_one_to_zero():
         sampler.second_times(ts, "1.5")
 
 
-@pytest.mark.parametrize("cfg", [1.0, 5.0])
-def test_n_steps_make_n_calls_per_branch(cfg):
+@pytest.mark.parametrize("guidance", [1.0, 5.0])
+def test_n_steps_make_n_calls_per_branch(guidance):
     system = tiny_system()
     calls = []
     hook = system.denoiser.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0]))
-    sampler.sample(system, ["a red circle", "a blue square"], steps=3, cfg=cfg, model=system.denoiser)
+    sampler.sample(system, ["a red circle", "a blue square"], steps=3, guidance=guidance, net=system.denoiser)
     hook.remove()
-    assert calls == [2 if cfg == 1 else 4] * 3  # both guidance branches ride in one batched call per step
+    assert calls == [2 if guidance == 1 else 4] * 3  # both guidance branches ride in one batched call per step
 
 
 def test_eta_zero_with_current_s_is_euler():
     system = tiny_system()
     h, w = system.grid
     prompts = ["a photo of a red circle"]
-    got = sampler.sample(system, prompts, steps=3, cfg=1.0, eta=0.0, s_schedule="current", seeds=[7],
-                         model=system.denoiser)
+    got = sampler.sample(system, prompts, steps=3, guidance=1.0, eta=0.0, s_schedule="current", seeds=[7],
+                         net=system.denoiser)
     x = torch.randn(h * w, 48, generator=torch.Generator().manual_seed(7))[None]
     ts = sampler.time_grid(3, h * w)
     cond = system.encode_text(prompts)
@@ -320,10 +321,10 @@ def test_ep_cfg_keeps_conditional_energy():
 def test_fixed_seed_reproduces_the_image_whatever_the_batch():
     system = tiny_system()
     a = sampler.sample(system, ["a red circle", "a blue square"], steps=2, seeds=[3, 4],
-                       model=system.denoiser)
-    b = sampler.sample(system, ["a blue square"], steps=2, seeds=[4], model=system.denoiser)
+                       net=system.denoiser)
+    b = sampler.sample(system, ["a blue square"], steps=2, seeds=[4], net=system.denoiser)
     c = sampler.sample(system, ["a red circle", "a blue square"], steps=2, seeds=[3, 5],
-                       model=system.denoiser)
+                       net=system.denoiser)
     torch.testing.assert_close(a[1:], b)
     assert (a[1] - c[1]).abs().max() > 1e-3
 
@@ -338,13 +339,13 @@ def test_loss_falls_on_a_fixed_batch():
     images, captions = data.shapes_batch(data.WORLDS["small"], range(8))
     x0, cond = system.encode_images(images), system.encode_text(captions)
     opt = torch.optim.Adam(system.denoiser.parameters(), lr=2e-3)
-    G = lambda x, t, s, c: system.G(system.denoiser, x, t, s, c, h, w)
-    G_ema = lambda x, t, s, c: system.G(system.ema, x, t, s, c, h, w)
+    G = lambda x, t, s, c: system.predict(system.denoiser, x, t, s, c, h, w)
+    G_ema = lambda x, t, s, c: system.predict(system.ema, x, t, s, c, h, w)
     hist = []
     for i in range(40):
         torch.manual_seed(0)  # the same t, s and noise every step: only the weights change
-        t = selfe.sample_t(8, h * w)
-        s = selfe.sample_s(t, 1.0)
+        t = losses.sample_t(8, h * w)
+        s = losses.sample_s(t, 1.0)
         loss = losses.selfe_loss(G, G_ema, x0, t, s, cond, system.null_cond())["loss"]
         opt.zero_grad()
         loss.backward()

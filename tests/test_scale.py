@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import bench
+import memory
 import data
 import losses
 import model
@@ -94,9 +95,9 @@ def test_a_bf16_transformer_samples_in_one_process():
     system = selfe.SelfE(model.CONFIGS["tiny"])
     perturbed(system.denoiser)
     prompts = ["a red circle", "a photo of two squares"]
-    want = sampler.sample(system, prompts, 2, seeds=[0, 1], model=system.denoiser)
+    want = sampler.sample(system, prompts, 2, seeds=[0, 1], net=system.denoiser)
     system.denoiser.to(torch.bfloat16)
-    got = sampler.sample(system, prompts, 2, seeds=[0, 1], model=system.denoiser)
+    got = sampler.sample(system, prompts, 2, seeds=[0, 1], net=system.denoiser)
     assert got.dtype == torch.float32 and (got - want).abs().mean() < 0.01, (got - want).abs().mean()
 
 
@@ -114,8 +115,8 @@ def test_compile_stays_compiled_over_self_e_steps_with_buckets(tmp_path, monkeyp
     torch._dynamo.reset()
     counters.clear()
     lengths = []
-    real = selfe.sample_t
-    monkeypatch.setattr(selfe, "sample_t", lambda n, L, *a, **k: lengths.append(L) or real(n, L, *a, **k))
+    real = losses.sample_t
+    monkeypatch.setattr(losses, "sample_t", lambda n, L, *a, **k: lengths.append(L) or real(n, L, *a, **k))
     try:
         log = train.main([*ARGS, "--steps", "6", "--data", manifest, "--compile", "--out",
                           str(tmp_path / "run")])
@@ -158,15 +159,16 @@ def test_a_training_step_runs_on_another_device_type(objective):
         eps, eps_self = torch.randn(4, 64, 48), torch.randn(4, 64, 48)
         cond = (torch.randn(4, 16, cfg.context_in_dim), torch.randn(4, cfg.vec_in_dim))
         t = torch.rand(4)
-        evaluate = torch.tensor([True, False, True, False])
     ids, txt_ids = selfe.image_ids(8, 8, "meta"), torch.zeros(1, 16, 3, device="meta")
     G = lambda x, t_, s_, c: selfe.g_head(x, t_, net(x, ids, c[0], txt_ids, t_, s_, c[1]).float())
     args = train.get_args(["--objective", objective])
+    idx, weight = train.evaluated(torch.tensor([True, False, True, False]), 4, 1, False)   # on the host
     loss, terms = train.objective(args, G, G, x0, t, t * 0.5, cond, tuple(c[:1] for c in cond),
-                                  fake=lambda idx: tuple(c[idx] for c in cond), eps=eps, eps_self=eps_self,
-                                  evaluate=evaluate, fake_norm=2, eval_size=2)
+                                  fake=tuple(c[idx.to("meta")] for c in cond), eps=eps, eps_self=eps_self,
+                                  evaluated=idx.to("meta"), weight=weight.to("meta"), fake_norm=2)
     loss.backward()
-    assert loss.device.type == terms.device.type == "meta" and terms.shape == (5, 4)
+    assert loss.device.type == "meta" and list(terms) == list(train.TERMS)
+    assert all(v.device.type == "meta" and v.shape == (4,) for v in terms.values())
 
 
 def test_nonfinite_step_is_skipped_and_saved_at_the_next_read(tmp_path, monkeypatch):
@@ -195,12 +197,12 @@ def test_nonfinite_step_is_skipped_and_saved_at_the_next_read(tmp_path, monkeypa
 
 MEASURE = '''
 import os, sys, torch
-import bench, model
+import memory, model
 torch.set_num_threads(1)
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 cfg, ckpt, out = model.CONFIGS["tiny"], sys.argv[1] == "1", {}
 for b in (4, 16, 4, 16):  # the first pair warms kernels and buffers up
-    forward = bench.training_forward(cfg, b, cfg.resolution, torch.float32, ckpt, "selfe", "cpu")
+    forward = memory.training_forward(cfg, b, cfg.resolution, torch.float32, ckpt, "selfe", "cpu")
     before = rss()
     loss = forward()
     out[b] = rss() - before
@@ -222,19 +224,19 @@ def test_memory_plan_activations_match_measured_memory(act_ckpt):
     assert p.returncode == 0, p.stderr[-3000:]
     measured = int(p.stdout.split()[-1])
     cfg = model.CONFIGS["tiny"]
-    plan = [bench.step_activations(cfg, b, cfg.resolution, torch.float32, act_ckpt, "selfe") for b in (4, 16)]
+    plan = [memory.step_activations(cfg, b, cfg.resolution, torch.float32, act_ckpt, "selfe") for b in (4, 16)]
     assert plan[1] - plan[0] == pytest.approx(measured, rel=0.05)
 
 
 def test_memory_plan_prints_its_table(capsys):
-    plans = bench.main(["--plan", "--size", "tiny", "--batch", "8", "--precision", "fp32"])
+    plans = bench.main(["--plan", "--size", "tiny", "--micro-batch", "8", "--precision", "fp32"])
     out = capsys.readouterr().out
     assert "| activations |" in out and "| total |" in out
     no_ckpt, ckpt = plans
     assert ckpt["activations"] < no_ckpt["activations"] / 4 and ckpt["block recomputed in backward"] > 0
     n = sum(p.numel() for p in model.MMDiT(model.CONFIGS["tiny"]).parameters())
     assert no_ckpt["parameters"] == no_ckpt["EMA"] == 4 * n and no_ckpt["Adam moments"] == 8 * n
-    sharded = bench.memory_plan(model.CONFIGS["tiny"], 8, 32, world=4, precision="bf16")
+    sharded = memory.memory_plan(model.CONFIGS["tiny"], 8, 32, world=4, precision="bf16")
     assert sharded["parameters"] == n and sharded["gathered weights"] > 0
 
 
@@ -249,7 +251,7 @@ def test_a_batch_that_cannot_fit_stops_before_any_weight_is_built(monkeypatch):
     with pytest.raises(SystemExit, match="nothing fits"):
         train.main([*ARGS, "--memory-gib", "0.01"])
     cfg = model.CONFIGS["tiny"]
-    need = lambda b: bench.memory_plan(cfg, b, 32, 1, False, "fp32")["total"] / 2 ** 30
+    need = lambda b: memory.memory_plan(cfg, b, 32, 1, False, "fp32")["total"] / 2 ** 30
     args = train.get_args([*ARGS, "--batch", "64", "--memory-gib",
                            str((need(16) + need(32)) / 2 / train.FIT)])
     # the fewest micro-steps that fit: micro-batch 16 fits, 32 does not
@@ -269,7 +271,7 @@ def test_benchmark_prints_each_row_as_measured_and_survives_an_oom(capsys, monke
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(fn, iters, device)
     monkeypatch.setattr(bench, "measure", measure)
-    rows = bench.main(["--size", "tiny", "--batch", "4", "--iters", "1", "--compile", "off"])
+    rows = bench.main(["--size", "tiny", "--micro-batch", "4", "--iters", "1", "--compile", "off"])
     assert [r[3] for r in rows] == ["denoiser fwd+bwd", "FM step", "Self-E step", "Self-E step + aux"]
     assert "| 32^2 | 64 | no | FM step |" in said[2]                     # printed before the next row ran
     assert rows[2][4] is None and "| Self-E step | OOM |" in said[3]
@@ -376,17 +378,16 @@ def test_an_online_step_with_the_auxiliary_term_never_waits_on_the_device():
     dropped = torch.tensor([False, True, False, False])
     t, s = torch.rand(4), torch.rand(4) * 0.5
     evaluate = (s < t) & ~dropped
-    n_eval = train.eval_size(int(evaluate.sum()), 4, 1, False)
+    idx, weight = train.evaluated(evaluate, 4, 1, False)
     with HostSyncs() as mode:
         x0, cond, fake, (h, w) = train.load_batch(part, source, system, dropped, args.fake_prefix, False)
-        fake = train.on_host(fake, losses.eval_indices(evaluate, n_eval))
-        G = functools.partial(system.G, system.denoiser, h=h, w=w)
+        G = functools.partial(system.predict, system.denoiser, h=h, w=w)
         eps = torch.randn(4, 2, *x0.shape[1:], device="meta")
         loss, terms = train.objective(args, G, G, x0, t.to("meta"), s.to("meta"), cond, system.null_cond(),
-                                      fake=fake, eps=eps[:, 0], eps_self=eps[:, 1],
-                                      evaluate=evaluate.to("meta"), eval_size=n_eval, fake_norm=n_eval)
+                                      fake=fake(idx), eps=eps[:, 0], eps_self=eps[:, 1],
+                                      evaluated=idx.to("meta"), weight=weight.to("meta"), fake_norm=len(idx))
         loss.backward()
-    assert terms.shape == (5, 4) and mode.syncs == []
+    assert all(v.shape == (4,) for v in terms.values()) and mode.syncs == []
 
 
 def test_one_device_casts_the_weights_once_per_step(tmp_path, monkeypatch):
@@ -444,7 +445,7 @@ def test_the_ema_keeps_no_record_of_its_forwards(one_rank_group, monkeypatch, to
     try:
         with torch.no_grad():
             for i in range(300):
-                system.G(system.ema, x, t, t, cond, 8, 8)
+                system.predict(system.ema, x, t, t, cond, 8, 8)
                 if i in (99, 299):
                     traced.append(tracemalloc.get_traced_memory()[0])
     finally:
@@ -456,9 +457,9 @@ def nan_at_steps(monkeypatch, steps):
     """The Self-E loss is NaN at these steps (counted from 0). -> the list of steps begun, in order."""
     real_draw, real_loss, step_of = train.draw, losses.selfe_loss, []
 
-    def draw(gen, args, step, *a):
+    def draw(args, step, *a):
         step_of.append(step)
-        return real_draw(gen, args, step, *a)
+        return real_draw(args, step, *a)
 
     def broken(*a, **k):
         out = real_loss(*a, **k)
@@ -523,7 +524,7 @@ def test_the_plan_counts_the_auxiliary_pass_only_where_it_runs(tmp_path, monkeyp
     takes 1 micro-step before it and 2 with it (its log line says so), and follows the same trajectory as the
     run with one micro-step throughout."""
     cfg = model.CONFIGS["tiny"]
-    need = lambda aux: bench.memory_plan(cfg, 8, 32, 1, False, "fp32", aux=aux, frozen=True)["total"]
+    need = lambda aux: memory.memory_plan(cfg, 8, 32, 1, False, "fp32", aux=aux, frozen=True)["total"]
     assert need(False) < need(True)
     gib = (need(False) + need(True)) / 2 / train.FIT / 2 ** 30
     lines = []
@@ -566,10 +567,10 @@ def test_the_plan_counts_the_full_gradient_fsdp_keeps_over_micro_steps():
                        text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     cfg = dataclasses.replace(model.CONFIGS["tiny"], hidden_size=256, num_heads=4, axes_dim=(8, 28, 28))
-    plan = bench.memory_plan(cfg, 2, 32, world=2, accum=2)
+    plan = memory.memory_plan(cfg, 2, 32, world=2, accum=2)
     kept = plan["gradients"] + plan["gradient kept over micro-steps"]
     assert int(p.stdout.split()[-1]) == pytest.approx(kept, rel=0.05)
-    assert bench.memory_plan(cfg, 2, 32, world=2, accum=1)["gradient kept over micro-steps"] == 0
+    assert memory.memory_plan(cfg, 2, 32, world=2, accum=1)["gradient kept over micro-steps"] == 0
 
 
 MEASURE_ENCODING = '''
@@ -603,13 +604,13 @@ def test_the_plan_counts_the_frozen_parts_training_online_holds():
                        text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     cfg = model.CONFIGS["tiny"]
-    peak = lambda b: bench.encoding_peak(cfg, b, 32, "fp32")
+    peak = lambda b: memory.encoding_peak(cfg, b, 32, "fp32")
     assert peak(1024) - peak(256) == pytest.approx(int(p.stdout.split()[-1]), rel=0.1)
     system = selfe.SelfE(cfg)
     held = sum(p.numel() * p.element_size() for m in (system.t5, system.clip) for p in m.parameters())
-    plan = bench.memory_plan(cfg, 8, 32, precision="fp32", frozen=True)
+    plan = memory.memory_plan(cfg, 8, 32, precision="fp32", frozen=True)
     assert plan["frozen parts"] == held
-    assert bench.memory_plan(cfg, 8, 32, precision="fp32")["frozen parts"] == 0        # training from a cache
+    assert memory.memory_plan(cfg, 8, 32, precision="fp32")["frozen parts"] == 0        # training from a cache
     assert plan["total"] >= sum(v for k, v in plan.items() if k not in ("total", "frozen parts encoding"))
 
 
