@@ -205,7 +205,7 @@ def a_file(tmp_path):
 @pytest.mark.parametrize("flag, value", [
     ("--eta", "-1"), ("--n", "0"), ("--seed", "18000000000000000000"), ("--seed", "-1"),
     ("--s-schedule", "abc"), ("--s-schedule", "1.5"), ("--anchor", "4096"), ("--upscale", "-1"),
-    ("--steps", "0"), ("--cfg", "nan"), ("--sweep", "1,x"), ("--sweep", "0,2"), ("--resolution", "0"),
+    ("--steps", "0"), ("--guidance", "nan"), ("--sweep", "1,x"), ("--sweep", "0,2"), ("--resolution", "0"),
     ("--out", "noext"), ("--out", "FILE/x.png"), ("--out", "DIR/folder.png")])
 def test_sampler_flags_are_checked_before_any_work(flag, value, a_file, tmp_path, capsys):
     (tmp_path / "folder.png").mkdir()
