@@ -3,16 +3,16 @@ before any device is rented.
 
     python bench.py --size 2b                          # one GPU: the table below, eager and compiled
     torchrun --nproc_per_node 8 bench.py --size 2b     # each of 8 GPUs, sharded as train.py shards them
-    python bench.py --plan --size 2b --micro-batch 16 --world 8        # memory plan per device: no GPU, no weights
-    python bench.py --plan --size 2b --micro-batch 8 --online --no-aux  # frozen encoders held, before the aux term
+    python bench.py --plan --size 2b --micro-batch 16 --world 8    # memory plan per device, no GPU or weights
+    python bench.py --plan --size 2b --micro-batch 8 --online --no-aux   # frozen encoders held, before aux
     python bench.py --t5-load                          # frozen-part load memory (T5-XXL, host RSS)
     python bench.py --t5-load --layers 6 --keep        # smaller, for a disk that cannot take 9.5 GB
     python bench.py --cache-cost --size 2b             # cache bytes per image and read time, T5 mask or not
     python bench.py --save-cost --size 2b --world 8    # what a checkpoint writes per rank; the loop's wait
 
 The table: at each resolution (2b: 256^2 = 256 image + 512 text tokens, and 512^2), per-device micro-batch
---micro-batch: the denoiser's forward+backward, an FM step, a Self-E step and a Self-E step with the auxiliary term
-(half the batch at s < t), each as ms, model TFLOP/s per device, MFU, peak memory and its ratio to the FM
+--micro-batch: the denoiser's forward+backward, an FM step, a Self-E step and a Self-E step with the auxiliary
+term (half the batch at s < t), each as ms, model TFLOP/s per device, MFU, peak memory and its ratio to the FM
 step; eager, then with the blocks compiled. A step is train.py's: train.setup's network
 (FSDP2 bf16 mixed precision, also in one process), train.objective, backward, train.update (clip, Adam, EMA),
 with trained-like weights (trained_like: init_weights' zeros would make every block's gradient zero).
@@ -69,9 +69,9 @@ def print_plan(args, world):
     h, w = memory.tokens(cfg, area)
     step = ("FM step" if args.objective == "fm" else
             f"Self-E step{' + aux' if aux else ' before the auxiliary term'}, every sample evaluated")
-    print(f"memory plan: --size {args.size}, micro-batch {args.micro_batch} per device at {area} px ({h * w} image "
-          f"+ {cfg.t5_max_len} text tokens) x {args.accum} micro-steps, {world} device(s) sharding over "
-          f"{args.shard or world}, {args.precision}, {step}, "
+    print(f"memory plan: --size {args.size}, micro-batch {args.micro_batch} per device at {area} px "
+          f"({h * w} image + {cfg.t5_max_len} text tokens) x {args.accum} micro-steps, {world} device(s) "
+          f"sharding over {args.shard or world}, {args.precision}, {step}, "
           f"{'frozen parts online' if args.online else 'from a cache (no frozen parts)'}")
     print("| GiB per device | without act-ckpt | with --act-ckpt |\n|---|---|---|")
     for part in plans[0]:
@@ -144,8 +144,9 @@ def bench_rows(args, targs, world, system, net, ema, opt, area, say):
 
     def step(objective, aux):  # train.py's iteration: objective, backward, clip, Adam, EMA
         a = argparse.Namespace(**{**vars(targs), "objective": objective})
-        loss, _ = train.objective(a, G, G_ema, x0, t, s, cond, null, eps=eps, eps_self=eps_self, evaluated=idx,
-                                  weight=weight, fake=fake if aux else None, fake_norm=max(n_eval, 1))
+        loss, _ = train.objective(a, G, G_ema, x0, t, s, cond, null, eps=eps, eps_self=eps_self,
+                                  evaluated=idx, weight=weight, fake=fake if aux else None,
+                                  fake_norm=max(n_eval, 1))
         loss.backward()
         train.update(net, opt, system, targs, 10 ** 6, streak)
 
@@ -196,8 +197,8 @@ def benchmark(args, rank, world):
         system, net, ema, opt, peak = setup(targs)
         peak = args.peak_tflops or peak
         if rank == 0 and not rows:
-            print(f"{args.size} on {world} x {train.device_name(system.device)}, micro-batch {args.micro_batch} "
-                  f"per device, {cfg.t5_max_len} text tokens, {args.precision}"
+            print(f"{args.size} on {world} x {train.device_name(system.device)}, "
+                  f"micro-batch {args.micro_batch} per device, {cfg.t5_max_len} text tokens, {args.precision}"
                   f"{', act-ckpt' if args.act_ckpt else ''}; peak {peak or 'unknown'} TFLOP/s")
             print("| pixels | image tokens | compiled | measurement | ms | TFLOP/s | MFU % | peak mem GiB | "
                   "vs FM |\n|---|---|---|---|---|---|---|---|---|", flush=True)
@@ -414,7 +415,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="2b", choices=list(CONFIGS))
     p.add_argument("--micro-batch", type=int, default=8,
-                   help="samples per device in one forward and backward (train.py's --batch is the global batch)")
+                   help="samples per device in one forward and backward "
+                   "(train.py's --batch is the global batch)")
     p.add_argument("--batch", type=int, default=None, dest="global_batch", help=argparse.SUPPRESS)
     p.add_argument("--resolution", default=None,
                    help="square sides in pixels, e.g. 256,512 (default: 256,512; the preset's "
@@ -448,7 +450,8 @@ def main(argv=None):
     t.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
     t.add_argument("--load-only", action="store_true", help=argparse.SUPPRESS)
     t.add_argument("--touch-only", type=int, help=argparse.SUPPRESS)
-    f = p.add_argument_group("what files cost (--cache-cost, --save-cost; --dir, --keep, --micro-batch, --world)")
+    f = p.add_argument_group("what files cost (--cache-cost, --save-cost; --dir, --keep, --micro-batch, "
+                             "--world)")
     f.add_argument("--cache-cost", action="store_true", help="bytes per image and read time of a cache, "
                    "with and without the T5 mask")
     f.add_argument("--caption-tokens", type=int, default=77,
@@ -470,7 +473,8 @@ def main(argv=None):
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") or args.plan else "fp32")
     if args.global_batch is not None:
         p.error(f"argument --batch: bench.py measures one device's micro-batch: pass --micro-batch "
-                f"{args.global_batch} (train.py's --batch is the global batch, split over devices and --accum)")
+                f"{args.global_batch} (train.py's --batch is the global batch, split over devices and "
+                "--accum)")
     if args.micro_batch < 1 or args.iters < 1:
         p.error("--micro-batch and --iters must be >= 1")
     if args.plan:

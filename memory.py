@@ -2,13 +2,13 @@
 
     python bench.py --plan --size 2b --micro-batch 16 --world 8    # the plan as a table (bench.py prints it)
 
-Per device: the fp32 parameters, gradients, Adam moments and EMA (sharded over --shard ranks of --world), the
-weights FSDP gathers at a time, the full-size gradient of --accum micro-steps on N ranks, the frozen encoders and
-their encoding peak when training online, and the activations a training step keeps for backward (the auxiliary
-pass's unless aux=False), with or without activation checkpointing (docs/scaling.md §3). The activations are
-counted by running that step on the meta device (shapes and dtypes, no memory): every tensor the step makes and
-that is still alive when backward starts. train.py checks the plan against the GPU's memory before it builds a
-weight (train.choose_accum); bench.py prints it.
+Per device: the fp32 parameters, gradients, Adam moments and EMA (sharded over --shard ranks of --world),
+the weights FSDP gathers at a time, the full-size gradient of --accum micro-steps on N ranks, the frozen
+encoders and their encoding peak when training online, and the activations a training step keeps for backward
+(the auxiliary pass's unless aux=False), with or without activation checkpointing (docs/scaling.md §3). The
+activations are counted by running that step on the meta device (shapes and dtypes, no memory): every tensor
+the step makes and that is still alive when backward starts. train.py checks the plan against the GPU's
+memory before it builds a weight (train.choose_accum); bench.py prints it.
 """
 import weakref
 

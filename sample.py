@@ -86,8 +86,8 @@ def resolve_defaults(steps, guidance, s_schedule, objective="selfe"):
 
 
 @torch.no_grad()
-def sample(system, prompts, steps=4, guidance=None, eta=1.0, s_schedule=None, seeds=None, net=None, anchor=512,
-           shift=True, progress=False, objective="selfe", cond=None, null=None):
+def sample(system, prompts, steps=4, guidance=None, eta=1.0, s_schedule=None, seeds=None, net=None,
+           anchor=512, shift=True, progress=False, objective="selfe", cond=None, null=None):
     """prompts (B) -> images (B, 3, H, W) in [-1, 1]. Each image's noise comes from its own seed
     (default 0..B-1), so an image does not depend on what else is in the batch. `guidance` is the EP-CFG
     scale w (1: none); the network `net` defaults to the EMA weights if present; `objective` ('selfe' or 'fm':

@@ -206,8 +206,8 @@ class SelfE:
         return v
 
     def predict(self, net, x, t, s, cond, h, w):
-        """Eq. 6: the sample prediction x0_hat = G_theta(x_t, t, s, c) = x_t - t V_theta(x_t, t, s, c) of `net`,
-        in fp32 (losses.py takes it as the callable G, with the network and the grid bound)."""
+        """Eq. 6: the sample prediction x0_hat = G_theta(x_t, t, s, c) = x_t - t V_theta(x_t, t, s, c) of
+        `net`, in fp32 (losses.py takes it as the callable G, with the network and the grid bound)."""
         return g_head(x.float(), t, self.velocity(net, x, t, s, cond, h, w).float())
 
     # -- EMA

@@ -654,14 +654,14 @@ def train(args, rank, world):
         evaluate = (s < t) & ~dropped & (not args.delta_zero)               # Delta = 0 for the rest
         n_self = int(evaluate.sum())                                        # on the host: no device sync
         aux = aux_at(step)
-        G = functools.partial(system.predict, net, h=h, w=w)                     # current weights, with grad
-        G_ema = functools.partial(system.predict, ema, h=h, w=w)                 # EMA: the conditional pass (S.2)
+        G = functools.partial(system.predict, net, h=h, w=w)                # current weights, with grad
+        G_ema = functools.partial(system.predict, ema, h=h, w=w)            # EMA: the conditional pass (S.2)
         terms = []
         for micro in range(A):
             first = (rank * A + micro) * b                                  # this slice's place in the batch
             sl = slice(first, first + b)
             # encode: images to latent tokens, captions (dropped ones as phi) through the text encoders
-            x0, cond, fake, _ = load_batch(parts[micro], source, system, dropped[sl], args.fake_prefix, cached)
+            x0, cond, fake = load_batch(parts[micro], source, system, dropped[sl], args.fake_prefix, cached)
             eps, eps_self = noise(args.seed, step, range(first, first + b), *x0.shape[1:], system.device)
             idx, weight = evaluated(evaluate[sl], b, world, args.compile)   # on the host
             if dist.is_initialized():
@@ -682,7 +682,8 @@ def train(args, rank, world):
         n_flops = step_flops(sample_flops(L, cond[0].shape[1]), B, n_self, aux)
         pending.append(dict(step=step, lr=lr, items=items, t=t, s=s, dropped=dropped, accum=A,
                             evaluate=evaluate, terms={k: torch.cat([m[k] for m in terms]) for k in TERMS},
-                            grad_norm=grad_norm, streak=streak, flops=n_flops, tokens=B * (L + cond[0].shape[1])))
+                            grad_norm=grad_norm, streak=streak, flops=n_flops,
+                            tokens=B * (L + cond[0].shape[1])))
         last = step + 1 == args.steps
         checkpointing = (step + 1) % args.ckpt_every == 0 or last
         finish_checkpoint(wait=False)                       # one written on a thread, once every rank is done
@@ -884,7 +885,7 @@ def fetch(source, step, rank, b, A, device):
 
 
 def load_batch(part, source, system, dropped, fake_prefix, cached):
-    """A fetched slice -> (x0 tokens (b, L, C), cond (txt, vec), fake, token grid (h, w)); fake(idx)
+    """A fetched slice -> (x0 tokens (b, L, C), cond (txt, vec), fake); fake(idx)
     gives c_fake's encoding (s.8) for the samples idx, host indices (c_fake's prompts are strings: indices
     read back from the device would make the step wait on it). Online: images through the
     autoencoder (or pixels), captions with dropout applied through T5 and CLIP. Cached: the rows, with phi's
@@ -906,8 +907,7 @@ def load_batch(part, source, system, dropped, fake_prefix, cached):
         lat = system.encode_latents(images)                                # (b, C, H/8, W/8) or pixels
         cond = system.encode_text(captions)                                # (b, Lt, d_txt), (b, d_vec)
         fake = lambda idx: system.encode_text([fake_prefix + captions[i] for i in idx.tolist()])
-    grid = (lat.shape[2] // p, lat.shape[3] // p)
-    return selfe.patchify(lat.float(), p), cond, fake, grid
+    return selfe.patchify(lat.float(), p), cond, fake
 
 
 def token_grid(part, system, cached):

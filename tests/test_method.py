@@ -202,7 +202,7 @@ def test_time_sampling():
     forced = torch.zeros(len(t), dtype=torch.bool)
     forced[:100] = True
     assert (losses.sample_s(t, 1.0, 0.5, forced)[:100] == t[:100]).all()   # dropped captions keep s = t
-    assert (losses.sample_s(t, 0.0) == t).all()                           # tau = 0: s = t (self-eval fades in)
+    assert (losses.sample_s(t, 0.0) == t).all()                        # tau = 0: s = t (self-eval fades in)
     assert losses.tau_at(150, 300) == 0.5 and losses.tau_at(900, 300) == 1.0
     # --t-uniform: the paper's draws unchanged at 0; a share p from U(0, 1) puts about p/100 of t above 0.99
     g = lambda: torch.Generator().manual_seed(3)
@@ -291,7 +291,7 @@ def test_n_steps_make_n_calls_per_branch(guidance):
     hook = system.denoiser.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0]))
     sampler.sample(system, ["a red circle", "a blue square"], steps=3, guidance=guidance, net=system.denoiser)
     hook.remove()
-    assert calls == [2 if guidance == 1 else 4] * 3  # both guidance branches ride in one batched call per step
+    assert calls == [2 if guidance == 1 else 4] * 3  # both guidance branches in one batched call per step
 
 
 def test_eta_zero_with_current_s_is_euler():

@@ -224,7 +224,8 @@ def test_memory_plan_activations_match_measured_memory(act_ckpt):
     assert p.returncode == 0, p.stderr[-3000:]
     measured = int(p.stdout.split()[-1])
     cfg = model.CONFIGS["tiny"]
-    plan = [memory.step_activations(cfg, b, cfg.resolution, torch.float32, act_ckpt, "selfe") for b in (4, 16)]
+    plan = [memory.step_activations(cfg, b, cfg.resolution, torch.float32, act_ckpt, "selfe")
+            for b in (4, 16)]
     assert plan[1] - plan[0] == pytest.approx(measured, rel=0.05)
 
 
@@ -380,7 +381,8 @@ def test_an_online_step_with_the_auxiliary_term_never_waits_on_the_device():
     evaluate = (s < t) & ~dropped
     idx, weight = train.evaluated(evaluate, 4, 1, False)
     with HostSyncs() as mode:
-        x0, cond, fake, (h, w) = train.load_batch(part, source, system, dropped, args.fake_prefix, False)
+        h, w = train.token_grid(part, system, False)
+        x0, cond, fake = train.load_batch(part, source, system, dropped, args.fake_prefix, False)
         G = functools.partial(system.predict, system.denoiser, h=h, w=w)
         eps = torch.randn(4, 2, *x0.shape[1:], device="meta")
         loss, terms = train.objective(args, G, G, x0, t.to("meta"), s.to("meta"), cond, system.null_cond(),
@@ -610,7 +612,7 @@ def test_the_plan_counts_the_frozen_parts_training_online_holds():
     held = sum(p.numel() * p.element_size() for m in (system.t5, system.clip) for p in m.parameters())
     plan = memory.memory_plan(cfg, 8, 32, precision="fp32", frozen=True)
     assert plan["frozen parts"] == held
-    assert memory.memory_plan(cfg, 8, 32, precision="fp32")["frozen parts"] == 0        # training from a cache
+    assert memory.memory_plan(cfg, 8, 32, precision="fp32")["frozen parts"] == 0     # training from a cache
     assert plan["total"] >= sum(v for k, v in plan.items() if k not in ("total", "frozen parts encoding"))
 
 
