@@ -1,6 +1,7 @@
 """The frozen parts of Self-E, hand-written: the T5 v1.1 encoder, the CLIP text encoder, the
 FLUX.1 autoencoder, their tokenizers, the strict readers of their public safetensors, and finding
-a FLUX.1 snapshot folder.
+a FLUX.1 snapshot folder; last, `TextEncoders`, the one interface through which the rest of selfe
+encodes text.
 
 Self-E trains only the denoiser (model.py). These parts turn prompts into T5 token states and a pooled CLIP
 vector, and images into latents and back (docs/method.md §8.1). Parameter names are Hugging Face's
@@ -927,3 +928,88 @@ def find_pretrained(folder, transformer=False):
     # T5 and CLIP as folders: their config.json sits beside the weights
     parts["t5"], parts["clip"] = os.path.dirname(parts["t5"]), os.path.dirname(parts["clip"])
     return parts
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The text conditioner: the one seam between prompts and the denoiser
+
+class TextEncoders(nn.Module):
+    """Prompts -> the denoiser's text conditioning, as FLUX has it: (txt (B, Lt, d_txt) T5 token states,
+    vec (B, d_vec) pooled CLIP). The rest of selfe meets the text encoders only here: selfe.SelfE encodes
+    through it, the cache builder stores what it returns and `lengths`, a tiny checkpoint carries its
+    state_dict (frozen.safetensors: t5.*, clip.*), and the memory plan counts its parameters and the peak of
+    `encode(*example_ids(b))` on the meta device. Another text encoder is another class with these members
+    (and the widths it returns in the preset's context_in_dim / vec_in_dim); model.Config's t5 and clip
+    fields size this one.
+
+    `mask` (train.py --t5-mask, A 26): T5 does not attend to a caption's padding and its states there are
+    zero, so each caption's encoding is that of its own tokens (a cache stores them without the padding).
+    Without it padding attends, as in FLUX."""
+
+    def __init__(self, t5, clip, max_len, t5_tokenizer=None, clip_tokenizer=None, mask=False):
+        super().__init__()
+        self.t5, self.clip = t5, clip
+        self.max_len = max_len                                        # (T5 positions, CLIP positions)
+        self.t5_tokenizer, self.clip_tokenizer, self.mask = t5_tokenizer, clip_tokenizer, mask
+
+    @classmethod
+    def shaped(cls, cfg, dtype=torch.float32):
+        """Modules of the preset's sizes (cfg.t5, cfg.clip), uninitialised and without tokenizers, on the
+        current device: what checkpoint checks and the memory plan build on the meta device."""
+        return cls(T5Encoder(cfg.t5).to(dtype), CLIPTextEncoder(cfg.clip).to(dtype),
+                   (cfg.t5_max_len, cfg.clip.max_position_embeddings))
+
+    @classmethod
+    def stand_ins(cls, cfg, vocabulary, seed, device="cpu", mask=False):
+        """The tiny preset's frozen stand-ins: the real classes at cfg's small sizes, random (T5 seeded by
+        `seed`, CLIP by seed + 1, init_text_encoder), reading the words of `vocabulary` (WordTokenizer)."""
+        t5 = init_text_encoder(T5Encoder(cfg.t5), seed)
+        clip = init_text_encoder(CLIPTextEncoder(cfg.clip), seed + 1)
+        lengths = (cfg.t5_max_len, cfg.clip.max_position_embeddings)
+        text = cls(t5, clip, lengths, WordTokenizer(vocabulary, lengths[0], "pad-end"),
+                   WordTokenizer(vocabulary, lengths[1], "start-end"), mask)
+        return text.to(device).requires_grad_(False)
+
+    @classmethod
+    def pretrained(cls, paths, cfg, dtype, device, mask=False):
+        """T5 v1.1 XXL and CLIP ViT-L/14's text model from `paths` (find_pretrained's keys: 't5' and 'clip'
+        folders, 't5_tokenizer', 'clip_vocab', 'clip_merges' files), in `dtype` on `device`."""
+        lengths = (cfg.t5_max_len, cfg.clip.max_position_embeddings)
+        return cls(load_t5(paths["t5"], dtype, device), load_clip(paths["clip"], dtype, device), lengths,
+                   T5Tokenizer(paths["t5_tokenizer"], lengths[0]),
+                   CLIPTokenizer(paths["clip_vocab"], paths["clip_merges"], lengths[1]), mask)
+
+    def forward(self, prompts):
+        """prompts -> (txt, vec) in the encoders' dtype."""
+        return self.encode(*self.tokenize(prompts))
+
+    def tokenize(self, prompts):
+        """prompts -> (T5 ids (B, Lt), CLIP ids (B, Lc)) on the encoders' device."""
+        device = self.t5.shared.weight.device
+        return self.t5_tokenizer(prompts).to(device), self.clip_tokenizer(prompts).to(device)
+
+    @torch.no_grad()
+    def encode(self, ids, clip_ids):
+        if self.mask:
+            keep = torch.arange(ids.shape[1], device=ids.device) < self.filled(ids)[:, None]  # (B, Lt)
+            txt = self.t5(ids, keep) * keep[..., None]
+        else:
+            txt = self.t5(ids)
+        _, vec = self.clip(clip_ids)
+        return txt, vec
+
+    def lengths(self, prompts):
+        """prompts -> (B,) how many of txt's positions the encoding fills (see `filled`)."""
+        return self.filled(self.t5_tokenizer(prompts))
+
+    def filled(self, ids):
+        """T5 ids (B, Lt) -> (B,): with `mask`, each caption's tokens and its end token (up to the last one
+        that is not padding); without it all Lt, since padding attends."""
+        if not self.mask:
+            return torch.full((ids.shape[0],), ids.shape[1], device=ids.device)
+        filled = (ids != self.t5_tokenizer.pad_id).long().cumsum(1)         # (B, Lt), flat after the last
+        return filled.argmax(1) + 1
+
+    def example_ids(self, batch):
+        """Token ids of a micro-batch's shapes (zeros), on the current device: the memory plan's input."""
+        return tuple(torch.zeros(batch, n, dtype=torch.long) for n in self.max_len)

@@ -131,26 +131,26 @@ def block_recompute(cfg, batch, area, dtype):
 
 def frozen_parts(cfg, precision):
     """The frozen parts training online holds, on the meta device, in the dtypes they load in (selfe.SelfE):
-    the real T5 and CLIP in bf16 on GPU, the autoencoder in fp32; the tiny preset's fp32 stand-ins."""
+    the text conditioner (the real T5 and CLIP in bf16 on GPU; the tiny preset's fp32 stand-ins) and the
+    autoencoder in fp32."""
     pretrained = cfg.tokenizer != "words"
     dtype = torch.bfloat16 if precision == "bf16" and pretrained else torch.float32
     with torch.device("meta"):
-        parts = [encoders.T5Encoder(cfg.t5).to(dtype), encoders.CLIPTextEncoder(cfg.clip).to(dtype)]
+        parts = [encoders.TextEncoders.shaped(cfg, dtype)]
         if cfg.latent == "flux-vae":
             parts.append(encoders.AutoEncoder())
     return parts
 
 
 def encoding_peak(cfg, batch, area, precision):
-    """Bytes the frozen parts need while they encode a micro-batch (T5 and CLIP on its captions, the
-    autoencoder on its images), counted on the meta device: the largest of the three, since they run one
-    after the other and their temporaries are freed before the denoiser's forward."""
-    t5, clip, *ae = frozen_parts(cfg, precision)
+    """Bytes the frozen parts need while they encode a micro-batch (the text conditioner on its captions, the
+    autoencoder on its images), counted on the meta device: the larger of the two, since they run one after
+    the other and their temporaries are freed before the denoiser's forward."""
+    text, *ae = frozen_parts(cfg, precision)
     most = 0
     with torch.device("meta"), torch.no_grad():
-        ids = torch.zeros(batch, cfg.t5_max_len, dtype=torch.long)
-        clip_ids = torch.zeros(batch, cfg.clip.max_position_embeddings, dtype=torch.long)
-        calls = [lambda: t5(ids), lambda: clip(clip_ids)]
+        ids = text.example_ids(batch)
+        calls = [lambda: text.encode(*ids)]
         if ae:
             images = torch.zeros(batch, 3, *[int(area ** 0.5)] * 2)
             calls.append(lambda: ae[0].encode(images))

@@ -88,8 +88,8 @@ class SelfE:
         FLUX.1 transformer (BFL layout) as the denoiser. `frozen_parts=False` skips the real frozen parts
         (training from a cache, benchmarks); the tiny preset's stand-ins are always built, since its
         checkpoints carry them. `denoiser=False` builds the frozen parts alone (the cache builder). The text
-        encoders run in bf16 on GPU, the autoencoder in `ae_dtype`. `t5_mask`: see encode_text."""
-        self.cfg, self.device, self.t5_mask = cfg, torch.device(device), t5_mask
+        encoders run in bf16 on GPU, the autoencoder in `ae_dtype`. `t5_mask`: encoders.TextEncoders' mask."""
+        self.cfg, self.device = cfg, torch.device(device)
         self.guidance = 3.5  # FLUX.1-dev's distilled guidance input; unused by Self-E presets
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32  # of the pretrained parts
         self.denoiser = None
@@ -102,58 +102,32 @@ class SelfE:
         # the text encodings' dtype: the denoiser's parameters' (it casts its inputs itself)
         self.dtype = next(self.denoiser.parameters()).dtype if self.denoiser is not None else torch.float32
         self.ema, self.ae, self._null = None, None, None
-        # the tiny preset's stand-ins: same classes as the real encoders, random, seeded
+        # the text conditioner (encoders.TextEncoders): the tiny preset's seeded random stand-ins, always
+        # built (its checkpoints carry them), or the real T5 and CLIP
         if cfg.tokenizer == "words":
-            self.t5_tokenizer = encoders.WordTokenizer(data.WORDS, cfg.t5_max_len, "pad-end")
-            self.clip_tokenizer = encoders.WordTokenizer(data.WORDS, cfg.clip.max_position_embeddings,
-                                                         "start-end")
-            t5 = encoders.init_text_encoder(encoders.T5Encoder(cfg.t5), frozen_seed)
-            clip = encoders.init_text_encoder(encoders.CLIPTextEncoder(cfg.clip), frozen_seed + 1)
-            self.t5 = t5.to(self.device).requires_grad_(False)
-            self.clip = clip.to(self.device).requires_grad_(False)
+            self.text = encoders.TextEncoders.stand_ins(cfg, data.WORDS, frozen_seed, self.device, t5_mask)
         elif not frozen_parts:
-            self.t5 = self.clip = None
+            self.text = None
         else:
             p = frozen_paths(pretrained, t5, clip, vae)
-            self.t5 = encoders.load_t5(p["t5"], dtype, self.device).requires_grad_(False)
-            self.clip = encoders.load_clip(p["clip"], dtype, self.device).requires_grad_(False)
-            self.t5_tokenizer = encoders.T5Tokenizer(p["t5_tokenizer"], cfg.t5_max_len)
-            self.clip_tokenizer = encoders.CLIPTokenizer(p["clip_vocab"], p["clip_merges"],
-                                                         cfg.clip.max_position_embeddings)
+            self.text = encoders.TextEncoders.pretrained(p, cfg, dtype, self.device, t5_mask)
         if cfg.latent == "flux-vae" and frozen_parts:
             if cfg.tokenizer == "words":
                 raise ValueError("a flux-vae preset needs the pretrained frozen parts")
             self.ae = encoders.load_autoencoder(p["ae"], ae_dtype, self.device).requires_grad_(False)
 
     # -- text
-    @torch.no_grad()
     def encode_text(self, prompts):
-        """prompts -> (txt (B, Lt, d_txt) T5 states, vec (B, d_vec) pooled CLIP), in the denoiser's dtype.
-        By default padding attends, as in FLUX. With `t5_mask` (train.py --t5-mask, A 26) T5 does not attend
-        to the padding and its states there are zero: each caption's encoding is that of its own tokens,
-        which a cache then stores without the padding (docs/formats.md §2)."""
-        ids = self.t5_tokenizer(prompts).to(self.device)
-        if self.t5_mask:
-            keep = torch.arange(ids.shape[1], device=self.device) < self.text_lengths(ids)[:, None]  # (B, Lt)
-            txt = self.t5(ids, keep) * keep[..., None]
-        else:
-            txt = self.t5(ids)
-        _, vec = self.clip(self.clip_tokenizer(prompts).to(self.device))
+        """prompts -> (txt (B, Lt, d_txt) T5 states, vec (B, d_vec) pooled CLIP) through the text conditioner
+        (encoders.TextEncoders, which says what --t5-mask changes), in the denoiser's dtype."""
+        txt, vec = self.text(prompts)
         return txt.to(self.dtype), vec.to(self.dtype)
 
-    def text_lengths(self, ids):
-        """T5 ids (B, Lt) -> (B,) how many positions encode_text's states fill: each caption's tokens and its
-        end token with `t5_mask` (up to the last one that is not padding), all Lt without it."""
-        if not self.t5_mask:
-            return torch.full((ids.shape[0],), ids.shape[1], device=ids.device)
-        filled = (ids != self.t5_tokenizer.pad_id).long().cumsum(1)         # (B, Lt), flat after the last
-        return filled.argmax(1) + 1
-
     def null_cond(self, n=1):
-        """The empty prompt's encoding (txt, vec), computed once, as batch n."""
-        if self._null is None:
-            self._null = self.encode_text([NULL_PROMPT])
-        return expand(self._null, n)
+        """The empty prompt's encoding (txt, vec), computed once per text conditioner, as batch n."""
+        if self._null is None or self._null[0] is not self.text:
+            self._null = (self.text, self.encode_text([NULL_PROMPT]))
+        return expand(self._null[1], n)
 
     # -- images
     @property
@@ -236,14 +210,9 @@ class SelfE:
         else:
             torch._foreach_lerp_(ema, new, [(1 - d) * (~skip).float()] * len(ema))
 
-    def frozen_state(self):
-        return {**{f"t5.{k}": v for k, v in self.t5.state_dict().items()},
-                **{f"clip.{k}": v for k, v in self.clip.state_dict().items()}}
-
     def load_frozen_state(self, sd, where):
-        for name, mod in (("t5", self.t5), ("clip", self.clip)):
-            part = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
-            encoders.load_strict(mod, part, f"{where} ({name}.*)")
+        """The tiny preset's stand-ins from a checkpoint's frozen.safetensors (keys t5.*, clip.*)."""
+        encoders.load_strict(self.text, sd, where)
 
 
 def frozen_paths(pretrained=None, t5=None, clip=None, vae=None):
@@ -631,8 +600,7 @@ def check_weights(cfg, path, weights="ema"):
                                            f"{tuple(own[k].shape)} by {config} ({len(wrong)} tensors differ)")
     if cfg.tokenizer == "words":
         with torch.device("meta"):
-            stand_ins = torch.nn.ModuleDict({"t5": encoders.T5Encoder(cfg.t5),
-                                             "clip": encoders.CLIPTextEncoder(cfg.clip)})
+            stand_ins = encoders.TextEncoders.shaped(cfg)
         frozen = os.path.join(path, "frozen.safetensors")
         encoders.check_entries(stand_ins, encoders.read_header(frozen), f"{frozen} (against {config})")
 

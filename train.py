@@ -498,7 +498,7 @@ def build_cache(args, rank, world):
 
     def encode_text(prompts):  # -> (txt, vec, how many of txt's states to keep)
         txt, vec = system.encode_text(prompts)
-        return txt.to(low), vec.to(low), system.text_lengths(system.t5_tokenizer(prompts))
+        return txt.to(low), vec.to(low), system.text.lengths(prompts)
     meta = {**data.cache_meta(cfg, args.seed, args.resolution, args.max_ratio, args.fake_prefix,
                               args.t5_mask),
             "downsample": system.downsample}
@@ -585,7 +585,8 @@ def train(args, rank, world):
         source = data.CachedData(args.data, meta, B, args.seed)
     previews = preview_source(args, cached, rank)                          # a bad prompt file stops here
     system, net, ema, opt, peak = setup(args, frozen_parts=not cached)
-    system.t5_mask = args.t5_mask                                          # before any text is encoded
+    if system.text is not None:
+        system.text.mask = args.t5_mask                                    # before any text is encoded
 
     if cached:
         null = tuple(source.null[k].to(system.device).float() for k in ("txt", "vec"))
@@ -1383,7 +1384,7 @@ def save_checkpoint(out, system, step, flags, optimizer=None, keep=2, background
     head, offsets, ema_size = ema_layout(state["ema"])
     frozen = None
     if system.cfg.tokenizer == "words" and _rank0():  # random stand-ins travel with the checkpoint
-        frozen = {k: v.detach().cpu().contiguous() for k, v in system.frozen_state().items()}
+        frozen = {k: v.detach().cpu().contiguous() for k, v in system.text.state_dict().items()}
     need = _bytes_here(state) + _bytes_here(state["ema"]) + (len(head) + _bytes_here(frozen or {}) + 2 ** 16
                                                               if _rank0() else 0)
     os.makedirs(out, exist_ok=True)

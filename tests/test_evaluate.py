@@ -310,7 +310,7 @@ def ckpt(tmp_path_factory, untrained_tiny):
     # the same network making 64 px images of the full world: a checkpoint of another world
     wide = selfe.SelfE(dataclasses.replace(system.cfg, resolution=64))
     wide.denoiser, wide.ema = system.denoiser, system.ema
-    wide.t5, wide.clip = system.t5, system.clip
+    wide.text = system.text
     train.save_checkpoint(str(root / "wide"), wide, 1, dict(flags, world="full"))
     return root
 

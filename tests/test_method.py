@@ -488,6 +488,42 @@ def test_word_tokenizer_round_trips_captions_and_encodes_any_prompt():
     assert torch.isfinite(txt).all() and torch.isfinite(vec).all()
 
 
+class LetterCounts(torch.nn.Module):
+    """Another text conditioner, with no T5 and no CLIP: each prompt's letter counts, projected."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.tokens = torch.nn.Linear(26, cfg.context_in_dim, bias=False)
+        self.pooled = torch.nn.Linear(26, cfg.vec_in_dim, bias=False)
+        self.Lt, self.seen = cfg.t5_max_len, []
+
+    def forward(self, prompts):
+        self.seen += prompts
+        counts = torch.tensor([[p.lower().count(chr(97 + i)) for i in range(26)] for p in prompts],
+                              dtype=torch.float)
+        return self.tokens(counts)[:, None].expand(-1, self.Lt, -1), self.pooled(counts)
+
+    def lengths(self, prompts):
+        return torch.full((len(prompts),), self.Lt)
+
+
+def test_the_text_encoders_are_one_seam():
+    """Swapping the text encoder is one assignment: a system whose `text` is another conditioner encodes,
+    guides (phi through it, not the stand-ins' cached phi) and samples through it alone, and its encodings
+    reach the denoiser."""
+    system = tiny_system()
+    images = sampler.sample(system, ["a red circle", "two blue squares"], steps=2, guidance=2.0)
+    system.text = LetterCounts(system.cfg)
+    with torch.no_grad():
+        other = sampler.sample(system, ["a red circle", "two blue squares"], steps=2, guidance=2.0)
+    assert system.text.seen == ["a red circle", "two blue squares", selfe.NULL_PROMPT]
+    assert torch.isfinite(other).all() and other.shape == images.shape
+    assert not torch.equal(other, images)                # the new encodings, not the stand-ins', conditioned
+    txt, vec = system.encode_text(["ab"])
+    assert txt.shape == (1, system.cfg.t5_max_len, system.cfg.context_in_dim)
+    assert vec.shape == (1, system.cfg.vec_in_dim)
+
+
 def test_typed_captions_keep_the_facts_in_the_worlds_words():
     """A typed caption names the same objects, colours, counts and relation (or its converse, subject and
     reference swapped) as the template caption, in words the stand-in tokenizer knows; the scenes of a

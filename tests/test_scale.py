@@ -583,16 +583,12 @@ field = lambda name: next(int(l.split()[1]) * 1024 for l in open("/proc/self/sta
 system, out = selfe.SelfE(model.CONFIGS["tiny"]), {}
 for b in (256, 1024, 256, 1024):  # the first pair warms up
     prompts = ["a photo of a red circle to the left of a blue square"] * b
-    peaks = []
-    for encoder, tokenize in ((system.t5, system.t5_tokenizer), (system.clip, system.clip_tokenizer)):
-        ids = tokenize(prompts)
-        before = field("VmRSS")
-        open("/proc/self/clear_refs", "w").write("5")  # the high-water mark from here
-        with torch.no_grad():
-            y = encoder(ids)
-        peaks.append(field("VmHWM") - before)
-        del y
-    out[b] = max(peaks)
+    ids = system.text.tokenize(prompts)
+    before = field("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")  # the high-water mark from here
+    y = system.text.encode(*ids)                   # T5, then CLIP while T5's states are held
+    out[b] = field("VmHWM") - before
+    del y
 print(out[1024] - out[256])
 '''
 
@@ -600,7 +596,8 @@ print(out[1024] - out[256])
 def test_the_plan_counts_the_frozen_parts_training_online_holds():
     """Online training holds the frozen encoders, and while they encode a micro-batch, their temporaries:
     the plan's weights are the built encoders' bytes, and its encoding peak (on the meta device) matches the
-    peak resident memory T5 and CLIP add on the CPU (VmHWM, at micro-batch 1024 minus 256), within 10%."""
+    peak resident memory the text conditioner's T5 and CLIP add on the CPU (VmHWM, at micro-batch 1024
+    minus 256), within 10%."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "16384", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     p = subprocess.run([sys.executable, "-c", MEASURE_ENCODING], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
@@ -609,7 +606,7 @@ def test_the_plan_counts_the_frozen_parts_training_online_holds():
     peak = lambda b: memory.encoding_peak(cfg, b, 32, "fp32")
     assert peak(1024) - peak(256) == pytest.approx(int(p.stdout.split()[-1]), rel=0.1)
     system = selfe.SelfE(cfg)
-    held = sum(p.numel() * p.element_size() for m in (system.t5, system.clip) for p in m.parameters())
+    held = sum(p.numel() * p.element_size() for p in system.text.parameters())
     plan = memory.memory_plan(cfg, 8, 32, precision="fp32", frozen=True)
     assert plan["frozen parts"] == held
     assert memory.memory_plan(cfg, 8, 32, precision="fp32")["frozen parts"] == 0     # training from a cache
