@@ -475,8 +475,9 @@ def main(argv=None):
     try:
         if args.build_cache:
             return build_cache(args, rank, world)
+        run = settle_flags(args, rank, world)                  # a resumed run's flags; the micro-steps
         with compile_config(args):
-            return train(args, rank, world)
+            return train(args, rank, world, *run)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -562,21 +563,32 @@ def choose_accum(args, world, aux=True):
 # ------------------------------------------------------------------------------------------------------------
 # Training
 
-def train(args, rank, world):
+def settle_flags(args, rank, world):
+    """The rest of parsing, once the run folder and the devices are known, before anything is built: a
+    resumed run's own flags (prepare_out, keep_run_flags) and the micro-steps the memory plan fits, before
+    the auxiliary term and with it (choose_accum; its pass keeps activations too: docs/scaling.md §3), each
+    value not passed named in args.derived. From here on `args` is what the run uses and its checkpoints
+    save. -> (the step folder to resume from or None, the first step, [micro-steps, with the aux term])"""
     shard_size(args, world)                                                # before anything is written
-    # before anything is built or written; a resumed run's flags are its own from here on
     resume_from, start = prepare_out(args, rank)
     if resume_from:
         start = skip_past_failure(args.out, start, rank)
-    cfg = preset_config(args)
-    # micro-steps before the auxiliary term and with it (its pass keeps activations too: docs/scaling.md §3)
-    has_aux = args.objective == "selfe" and not args.delta_zero
-    reaches_aux = has_aux and round(args.aux_start_frac * args.schedule_steps) < args.steps
-    accums = [choose_accum(args, world, aux=False),                        # before any weight is built
+    reaches_aux = has_aux(args) and round(args.aux_start_frac * args.schedule_steps) < args.steps
+    accums = [choose_accum(args, world, aux=False),
               choose_accum(args, world, aux=True) if reaches_aux else None]
-    B = args.batch
     if args.accum is None:                                     # (as the checkpoint's flags record it)
         args.accum, args.derived["accum"] = accums[0], "memory plan"
+    return resume_from, start, accums
+
+
+def has_aux(args):
+    """Whether the objective has the auxiliary fake-prompt term at all (s.6-s.8; not under Delta = 0)."""
+    return args.objective == "selfe" and not args.delta_zero
+
+
+def train(args, rank, world, resume_from, start, accums):
+    cfg = preset_config(args)
+    B = args.batch
     init_from = init_source(args) if args.init_from and not resume_from else None
     cached = data.is_cache(args.data)
     if cached:                                         # every file of the cache is checked before building
@@ -604,7 +616,7 @@ def train(args, rank, world):
         null = system.null_cond()                                          # phi, batch 1
     tau_steps = round(args.tau_frac * args.schedule_steps)
     aux_start = round(args.aux_start_frac * args.schedule_steps)
-    aux_at = lambda step: has_aux and step >= aux_start                  # L_fake late (s.6-s.8)
+    aux_at = lambda step: has_aux(args) and step >= aux_start            # L_fake late (s.6-s.8)
     accum_at = lambda step: accums[1] if aux_at(step) else accums[0]
     flags = vars(args)
     if resume_from:
