@@ -13,8 +13,8 @@
 
 Read top to bottom: flags (get_args; settle_flags adds a resumed run's own and the micro-steps the memory
 plan fits, then they stay as saved), distributed set-up (torchrun's environment; FSDP2 per block), the memory
-check, the loop (`train`: draw dropout, t, s -> encode -> losses.py -> backward -> update, EMA -> log), then its
-parts in the order it calls them: the run folder, one step, logging, checkpoints.
+check, the loop (`train`: draw dropout, t, s -> encode -> losses.py -> backward -> update, EMA -> log), then
+its parts in the order it calls them: the run folder, one step, logging, checkpoints.
 (--build-cache hands the frozen parts to data.write_cache.) The recipe is docs/method.md §9: Adam (0.9, 0.95),
 warmup then linear decay to 1e-5, EMA; the tau anneal and the auxiliary-term start are fractions of the run
 (paper: 300k and 550k of 710k iterations); §9 also gives the paper's runs as commands. log.jsonl holds one
