@@ -952,12 +952,16 @@ class TextEncoders(nn.Module):
         self.max_len = max_len                                        # (T5 positions, CLIP positions)
         self.t5_tokenizer, self.clip_tokenizer, self.mask = t5_tokenizer, clip_tokenizer, mask
 
+    @staticmethod
+    def positions(cfg):
+        """(T5 positions, CLIP positions) of the preset: the tokenizers' lengths."""
+        return cfg.t5_max_len, cfg.clip.max_position_embeddings
+
     @classmethod
     def shaped(cls, cfg, dtype=torch.float32):
         """Modules of the preset's sizes (cfg.t5, cfg.clip), uninitialised and without tokenizers, on the
         current device: what checkpoint checks and the memory plan build on the meta device."""
-        return cls(T5Encoder(cfg.t5).to(dtype), CLIPTextEncoder(cfg.clip).to(dtype),
-                   (cfg.t5_max_len, cfg.clip.max_position_embeddings))
+        return cls(T5Encoder(cfg.t5).to(dtype), CLIPTextEncoder(cfg.clip).to(dtype), cls.positions(cfg))
 
     @classmethod
     def stand_ins(cls, cfg, vocabulary, seed, device="cpu", mask=False):
@@ -965,19 +969,19 @@ class TextEncoders(nn.Module):
         `seed`, CLIP by seed + 1, init_text_encoder), reading the words of `vocabulary` (WordTokenizer)."""
         t5 = init_text_encoder(T5Encoder(cfg.t5), seed)
         clip = init_text_encoder(CLIPTextEncoder(cfg.clip), seed + 1)
-        lengths = (cfg.t5_max_len, cfg.clip.max_position_embeddings)
-        text = cls(t5, clip, lengths, WordTokenizer(vocabulary, lengths[0], "pad-end"),
-                   WordTokenizer(vocabulary, lengths[1], "start-end"), mask)
+        Lt, Lc = cls.positions(cfg)
+        text = cls(t5, clip, (Lt, Lc), WordTokenizer(vocabulary, Lt, "pad-end"),
+                   WordTokenizer(vocabulary, Lc, "start-end"), mask)
         return text.to(device).requires_grad_(False)
 
     @classmethod
     def pretrained(cls, paths, cfg, dtype, device, mask=False):
         """T5 v1.1 XXL and CLIP ViT-L/14's text model from `paths` (find_pretrained's keys: 't5' and 'clip'
         folders, 't5_tokenizer', 'clip_vocab', 'clip_merges' files), in `dtype` on `device`."""
-        lengths = (cfg.t5_max_len, cfg.clip.max_position_embeddings)
-        return cls(load_t5(paths["t5"], dtype, device), load_clip(paths["clip"], dtype, device), lengths,
-                   T5Tokenizer(paths["t5_tokenizer"], lengths[0]),
-                   CLIPTokenizer(paths["clip_vocab"], paths["clip_merges"], lengths[1]), mask)
+        Lt, Lc = cls.positions(cfg)
+        return cls(load_t5(paths["t5"], dtype, device), load_clip(paths["clip"], dtype, device), (Lt, Lc),
+                   T5Tokenizer(paths["t5_tokenizer"], Lt),
+                   CLIPTokenizer(paths["clip_vocab"], paths["clip_merges"], Lc), mask)
 
     def forward(self, prompts):
         """prompts -> (txt, vec) in the encoders' dtype."""

@@ -423,7 +423,7 @@ def setup(args, frozen_parts=True):
         torch.backends.cuda.enable_cudnn_sdp(False)  # its backward failed with torch 2.11 + CUDA 13
     torch.manual_seed(args.seed)                                      # the same initial weights on every rank
     system = selfe.SelfE(preset_config(args), args.device, args.seed, args.pretrained, args.t5, args.clip,
-                         args.vae, frozen_parts=frozen_parts)
+                         args.vae, frozen_parts=frozen_parts, t5_mask=args.t5_mask)
     ema = system.make_ema()
     mesh = device_mesh(args, dist.get_world_size() if dist.is_initialized() else 1)
     net = parallelize(system.denoiser, args, mesh)
@@ -598,8 +598,6 @@ def train(args, rank, world, resume_from, start, accums):
         source = data.CachedData(args.data, meta, B, args.seed)
     previews = preview_source(args, cached, rank)                          # a bad prompt file stops here
     system, net, ema, opt, peak = setup(args, frozen_parts=not cached)
-    if system.text is not None:
-        system.text.mask = args.t5_mask                                    # before any text is encoded
 
     if cached:
         null = tuple(source.null[k].to(system.device).float() for k in ("txt", "vec"))

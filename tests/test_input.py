@@ -302,6 +302,21 @@ def test_resume_with_a_flag_that_changes_the_run_is_refused_before_any_weight_lo
     assert {p.relative_to(resumable): p.read_bytes() for p in resumable.rglob("*") if p.is_file()} == before
 
 
+def test_a_resumed_t5_mask_run_encodes_with_the_mask(tmp_path):
+    """--t5-mask reaches the text encoders through setup, and a resume that leaves the flag out takes the
+    run's: settle_flags restores it before the system (and its text conditioner) is built."""
+    _train(tmp_path / "run", "--t5-mask", "--steps", "2")
+    args = train.get_args(["--resume", "--out", str(tmp_path / "run"), "--steps", "4"])
+    train.settle_flags(args, 0, 1)
+    assert args.t5_mask
+    system = train.setup(args)[0]
+    assert system.text.mask
+    ids = system.text.tokenize(["a red circle"])[0]
+    assert int(system.text.filled(ids)[0]) == 4                       # three words and the end token
+    fresh = train.setup(train.get_args(["--out", str(tmp_path / "new")]))[0]
+    assert not fresh.text.mask and int(fresh.text.filled(ids)[0]) == ids.shape[1]
+
+
 def test_resume_restores_the_runs_flags_and_says_what_changed(tmp_path, capsys):
     """A flow-matching run of seed 3, batch 8 and 4 steps, resumed with none of those flags: it continues as
     that run, exactly (the uninterrupted run's losses), and says which flags came from the run and which

@@ -503,9 +503,6 @@ class LetterCounts(torch.nn.Module):
                               dtype=torch.float)
         return self.tokens(counts)[:, None].expand(-1, self.Lt, -1), self.pooled(counts)
 
-    def lengths(self, prompts):
-        return torch.full((len(prompts),), self.Lt)
-
 
 def test_the_text_encoders_are_one_seam():
     """Swapping the text encoder is one assignment: a system whose `text` is another conditioner encodes,
