@@ -817,6 +817,8 @@ def main(argv=None):
                    help="also measure each model as a denoiser on N unseen ground-truth scenes: velocity "
                    "error by t with the prompt and with phi (0: skip)")
     p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=number(int, 1), default=None,
+                   help="CPU threads for sampling (default: one per idle core, cli.cpu_threads)")
     p.add_argument("--validate", action="store_true",
                    help="score ground truth, hard negatives and perturbations")
     p.add_argument("--bench", action="store_true", help="checker speed on 64 px ground-truth renders")
@@ -824,6 +826,8 @@ def main(argv=None):
     if args.prompts < 1 or args.seeds < 1 or args.seeds > 1000 or args.batch < 1 or args.denoise < 0:
         p.error("--prompts and --batch must be >= 1, --seeds in [1, 1000], --denoise >= 0: an empty prompt "
                 "set measures nothing")
+    if args.device == "cpu":
+        cli.cpu_threads(args.threads)
     if args.bench:
         return bench()
     if args.validate:

@@ -343,6 +343,8 @@ def main(argv=None):
     p.add_argument("--resolution", type=number(int, 1), default=None,
                    help="image side in pixels (default: the preset's)")
     p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=number(int, 1), default=None,
+                   help="CPU threads (default: one per idle core, cli.cpu_threads)")
     f = p.add_argument_group("real frozen parts and the public FLUX.1 transformers")
     f.add_argument("--size", default=None,
                    help="flux-schnell or flux-dev: sample the public FLUX.1 transformer")
@@ -363,6 +365,8 @@ def main(argv=None):
         p.error("--overwrite goes with --outdir")
     if "RANK" in os.environ and not args.outdir:
         p.error("under torchrun sample.py shares the images out: pass --outdir DIR")
+    if args.device == "cpu":
+        cli.cpu_threads(args.threads)
     rank, world = distributed(args)
     try:
         return sample_cli(p, args, rank, world)

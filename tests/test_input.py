@@ -13,6 +13,7 @@ import torch
 import cli
 import data
 import encoders
+import evaluate
 import losses
 import sample as sampler
 import selfe
@@ -206,7 +207,7 @@ def a_file(tmp_path):
     ("--eta", "-1"), ("--n", "0"), ("--seed", "18000000000000000000"), ("--seed", "-1"),
     ("--s-schedule", "abc"), ("--s-schedule", "1.5"), ("--anchor", "4096"), ("--upscale", "-1"),
     ("--steps", "0"), ("--guidance", "nan"), ("--sweep", "1,x"), ("--sweep", "0,2"), ("--resolution", "0"),
-    ("--out", "noext"), ("--out", "FILE/x.png"), ("--out", "DIR/folder.png")])
+    ("--threads", "0"), ("--out", "noext"), ("--out", "FILE/x.png"), ("--out", "DIR/folder.png")])
 def test_sampler_flags_are_checked_before_any_work(flag, value, a_file, tmp_path, capsys):
     (tmp_path / "folder.png").mkdir()
     value = value.replace("FILE", str(a_file)).replace("DIR", str(tmp_path))
@@ -226,6 +227,27 @@ def test_resolution_that_is_not_a_whole_number_of_patches_is_refused(ckpt, tmp_p
                   "--out", str(tmp_path / "x.png"), "a red circle"])
     from PIL import Image
     assert Image.open(tmp_path / "x.png").size == (28 + 4, 28 + 4)  # one image and the grid's 2 px padding
+
+
+def test_sampling_on_a_busy_cpu_takes_one_thread(ckpt, tmp_path, monkeypatch):
+    """sample.py and evaluate.py, like train.py, leave a core that another job keeps busy alone: two threads
+    on two cores of which one is busy stall each other at every parallel op (cli.cpu_threads)."""
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    try:
+        torch.set_num_threads(2)
+        sampler.main(["--ckpt", str(ckpt), "--steps", "1", "--out", str(tmp_path / "x.png"), "a red circle"])
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        evaluate.main(["--ckpt", str(ckpt), "--steps", "1", "--prompts", "1", "--seeds", "1", "--denoise", "0",
+                       "--out", str(tmp_path / "e")])
+        assert torch.get_num_threads() == 1
+        sampler.main(["--ckpt", str(ckpt), "--steps", "1", "--threads", "2", "--out", str(tmp_path / "y.png"),
+                      "a red circle"])
+        assert torch.get_num_threads() == 2                             # a --threads flag wins
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("argv", [["--anchor", "4096"], ["--ckpt-every", "0"], ["--seed", "-3"],
