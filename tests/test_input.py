@@ -240,8 +240,8 @@ def test_sampling_on_a_busy_cpu_takes_one_thread(ckpt, tmp_path, monkeypatch):
         sampler.main(["--ckpt", str(ckpt), "--steps", "1", "--out", str(tmp_path / "x.png"), "a red circle"])
         assert torch.get_num_threads() == 1
         torch.set_num_threads(2)
-        evaluate.main(["--ckpt", str(ckpt), "--steps", "1", "--prompts", "1", "--seeds", "1", "--denoise", "0",
-                       "--out", str(tmp_path / "e")])
+        evaluate.main(["--ckpt", str(ckpt), "--steps", "1", "--prompts", "1", "--seeds", "1",
+                       "--denoise", "0", "--out", str(tmp_path / "e")])
         assert torch.get_num_threads() == 1
         sampler.main(["--ckpt", str(ckpt), "--steps", "1", "--threads", "2", "--out", str(tmp_path / "y.png"),
                       "a red circle"])
