@@ -473,15 +473,33 @@ def main(argv=None):
     if args.device == "cpu":
         cli.cpu_threads(args.threads)
     rank, world = init_distributed(args)
+    finished = False
     try:
         if args.build_cache:
-            return build_cache(args, rank, world)
-        run = settle_flags(args, rank, world)                  # a resumed run's flags; the micro-steps
-        with compile_config(args):
-            return train(args, rank, world, *run)
+            result = build_cache(args, rank, world)
+        else:
+            run = settle_flags(args, rank, world)              # a resumed run's flags; the micro-steps
+            with compile_config(args):
+                result = train(args, rank, world, *run)
+        finished = True
+        return result
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close_distributed(finished)
+
+
+def close_distributed(finished):
+    """The end of a process: the checkpoint thread joined and our gloo groups let go first, then, after a
+    clean finish, every rank meets at a barrier before the process group is destroyed, so that no rank tears
+    down its connections while another still uses them (an exit without it was seen to abort a rank under
+    torchrun). After a failure there is no barrier: the other ranks may never reach it."""
+    global _writer, _stager, _groups
+    if _writer is not None:
+        _writer.shutdown(wait=True)
+    _writer = _stager = _groups = None
+    if dist.is_initialized():
+        if finished:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def build_cache(args, rank, world):
