@@ -638,3 +638,15 @@ def test_requirements_keep_a_users_torch_and_pin_the_tests_one():
     assert "torch>=2.11" in lines("requirements.txt")
     assert not [x for x in lines("requirements.txt") if x.startswith("torch") and x != "torch>=2.11"]
     assert "torch==2.13.0" in lines("requirements-test.txt")
+
+
+def test_two_bf16_runs_in_one_process_each_save_their_checkpoints(tmp_path):
+    """A bf16 run makes its own process group (one rank) and the checkpoint's gloo groups on it; the end of
+    the run lets both go, writer thread joined, so a second run in the same process saves through groups of
+    its own process group, not the destroyed ones of the first."""
+    args = ["--steps", "2", "--batch", "4", "--log-every", "1", "--ckpt-every", "1", "--sample-every", "0",
+            "--precision", "bf16"]
+    for name in ("a", "b"):
+        train.main([*args, "--out", str(tmp_path / name)])
+        assert not dist.is_initialized() and train._groups is None and train._writer is None
+        assert open(tmp_path / name / "latest").read().strip() == "step-0000002"
