@@ -60,6 +60,18 @@ def test_bf16_two_processes_match_one(tmp_path):
     assert_same_run(fp32, one, tol=1e-2)
 
 
+def test_two_bf16_runs_in_one_process_each_save_their_checkpoints(tmp_path):
+    """A bf16 run makes its own process group (one rank) and the checkpoint's gloo groups on it; the end of
+    the run lets both go, writer thread joined, so a second run in the same process saves through groups of
+    its own process group, not the destroyed ones of the first."""
+    args = ["--steps", "2", "--batch", "4", "--log-every", "1", "--ckpt-every", "1", "--sample-every", "0",
+            "--precision", "bf16"]
+    for name in ("a", "b"):
+        train.main([*args, "--out", str(tmp_path / name)])
+        assert not dist.is_initialized() and train._groups is None and train._writer is None
+        assert open(tmp_path / name / "latest").read().strip() == "step-0000002"
+
+
 @pytest.mark.filterwarnings("ignore:.*returned a view tensor")
 def test_time_inputs_reach_the_embedding_and_rope_in_fp32_under_fsdp(one_rank_group):
     """Hooks after FSDP's own: the network under FSDP2 bf16 sees t and s in fp32, its time MLPs get the
@@ -638,15 +650,3 @@ def test_requirements_keep_a_users_torch_and_pin_the_tests_one():
     assert "torch>=2.11" in lines("requirements.txt")
     assert not [x for x in lines("requirements.txt") if x.startswith("torch") and x != "torch>=2.11"]
     assert "torch==2.13.0" in lines("requirements-test.txt")
-
-
-def test_two_bf16_runs_in_one_process_each_save_their_checkpoints(tmp_path):
-    """A bf16 run makes its own process group (one rank) and the checkpoint's gloo groups on it; the end of
-    the run lets both go, writer thread joined, so a second run in the same process saves through groups of
-    its own process group, not the destroyed ones of the first."""
-    args = ["--steps", "2", "--batch", "4", "--log-every", "1", "--ckpt-every", "1", "--sample-every", "0",
-            "--precision", "bf16"]
-    for name in ("a", "b"):
-        train.main([*args, "--out", str(tmp_path / name)])
-        assert not dist.is_initialized() and train._groups is None and train._writer is None
-        assert open(tmp_path / name / "latest").read().strip() == "step-0000002"
